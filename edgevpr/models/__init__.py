@@ -1,0 +1,6 @@
+from .aggregators import AGGREGATORS
+from .backbones import BACKBONES
+from .model import VPRModel, build_model, load_model, preset_config, preset_names, save_model
+
+__all__ = ["AGGREGATORS", "BACKBONES", "VPRModel", "build_model", "load_model", "preset_config",
+           "preset_names", "save_model"]

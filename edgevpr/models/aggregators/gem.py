@@ -1,0 +1,30 @@
+"""GeM: generalised-mean pooling over any token set (Radenovic et al.; p learnable, init 3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...tokens import Tokens
+from .base import AGGREGATORS, Aggregator, HeadContext
+
+
+class GeM(Aggregator):
+    """mean_i(clamp(x_i, eps)^p)^(1/p) over tokens; [B, N, C] -> [B, C] (or [B, out_dim] with a projection)."""
+
+    def __init__(self, in_dim: int, p: float = 3.0, eps: float = 1e-6, learn_p: bool = True,
+                 out_dim: int | None = None) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)), requires_grad=learn_p)
+        self.eps = eps
+        self.proj = nn.Linear(in_dim, out_dim) if out_dim else nn.Identity()
+        self.out_dim = out_dim or in_dim
+
+    def aggregate(self, tokens: Tokens) -> torch.Tensor:
+        x = tokens.patches.clamp(min=self.eps).pow(self.p).mean(1).pow(1.0 / self.p)
+        return self.proj(x)
+
+
+@AGGREGATORS.register("gem")
+def _build(ctx: HeadContext, **cfg) -> GeM:
+    return GeM(ctx.in_dim, **cfg)

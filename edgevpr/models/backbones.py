@@ -1,0 +1,248 @@
+"""Backbones behind a registry. Every backbone returns ``Tokens`` (see edgevpr.tokens).
+
+ViTs (DINOv2 S/B/L with or without registers, any timm ViT) expose their stages
+(``embed`` -> ``run_blocks`` -> ``finish``) so that prompts, token pruning and cached frozen prefixes
+plug in between blocks. CNNs (ResNet50 cropped at layer3, EfficientNet-lite, MobileNetV2, Tiny-ViT)
+return their last feature map as a token grid without a CLS token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import timm
+import torch
+from torch import nn
+
+from ..registry import Registry
+from ..tokens import Tokens
+from .weights import WeightsError, load_into, offline_file, read_state_dict
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images must be prepared for a backbone."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+
+
+class Backbone(nn.Module):
+    """Base: images [B, 3, H, W] -> Tokens. Subclasses set out_dim, stride, has_cls, preprocess."""
+
+    out_dim: int
+    stride: int
+    has_cls: bool
+    preprocess: Preprocess
+
+    def grid_for(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """Token grid (H, W) for an input of image_size (H, W)."""
+        return (-(-image_size[0] // self.stride), -(-image_size[1] // self.stride))
+
+    def stages(self) -> list[nn.Module]:
+        """Ordered trainable stages; ``freeze(n)`` freezes the stem and the first n of them."""
+        raise NotImplementedError
+
+    def stem(self) -> list[nn.Module | nn.Parameter]:
+        raise NotImplementedError
+
+    def freeze(self, n_stages: int) -> None:
+        """Freeze the stem and the first ``n_stages`` stages (-1: everything)."""
+        stages = self.stages()
+        n = len(stages) if n_stages < 0 else n_stages
+        for part in [*self.stem(), *stages[:n]]:
+            params = [part] if isinstance(part, nn.Parameter) else list(part.parameters())
+            for p in params:
+                p.requires_grad_(False)
+
+
+def _load_weights(model: nn.Module, weights: str | None, hub_url: str | None, offline_key: str | None,
+                  filter_fn=None) -> None:
+    """Apply a weights spec other than 'timm' (which timm.create_model handles)."""
+    if weights in (None, "random", "timm"):
+        return
+    if weights == "offline":
+        if offline_key is None:
+            raise WeightsError("no offline weights exist for this backbone; use 'timm', 'hub' or a file path")
+        path = offline_file(offline_key)
+        load_into(model, read_state_dict(path), str(path), filter_fn)
+    elif weights == "hub":
+        if hub_url is None:
+            raise WeightsError("no hub URL is known for this backbone; use 'timm' or a file path")
+        try:
+            sd = torch.hub.load_state_dict_from_url(hub_url, map_location="cpu", weights_only=True, progress=False)
+        except Exception as e:  # noqa: BLE001 - network errors come in many types
+            raise WeightsError(f"cannot fetch {hub_url} (offline? put the file in torch.hub's cache "
+                               f"or pass its path): {type(e).__name__}") from None
+        load_into(model, sd, hub_url, filter_fn)
+    else:
+        load_into(model, read_state_dict(weights), str(weights), filter_fn)
+
+
+class ViTBackbone(Backbone):
+    """A timm VisionTransformer as stages: tokens [B, 1+R+N, C] flow through ``blocks``.
+
+    final_norm: apply the final LayerNorm (SALAD does, BoQ's DINOv2 does not).
+    The timm model keeps its native position-embedding grid (518 px for DINOv2) and interpolates it for
+    any input whose sides are multiples of the patch size (``dynamic_img_size``).
+    """
+
+    has_cls = True
+
+    def __init__(self, timm_name: str, weights: str | None = None, final_norm: bool = True,
+                 frozen_blocks: int = 0, hub_url: str | None = None,
+                 preprocess: Preprocess = Preprocess(), **timm_kwargs) -> None:
+        super().__init__()
+        self.vit = timm.create_model(timm_name, pretrained=weights == "timm", num_classes=0,
+                                     dynamic_img_size=True, **timm_kwargs)
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        _load_weights(self.vit, weights, hub_url, None, checkpoint_filter_fn)
+        self.final_norm = final_norm
+        self.out_dim = self.vit.embed_dim
+        self.stride = self.vit.patch_embed.patch_size[0]
+        self.num_prefix = self.vit.num_prefix_tokens
+        self.preprocess = preprocess
+        self.freeze(frozen_blocks)
+
+    @property
+    def blocks(self) -> nn.Sequential:
+        return self.vit.blocks
+
+    def stages(self) -> list[nn.Module]:
+        return list(self.vit.blocks)
+
+    def stem(self) -> list[nn.Module | nn.Parameter]:
+        v = self.vit
+        return [v.patch_embed, *(p for p in (v.cls_token, v.reg_token, v.pos_embed) if p is not None)]
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """[B, 3, H, W] -> (tokens [B, 1+R+N, C] with position embeddings, grid (H/p, W/p))."""
+        h, w = x.shape[-2:]
+        if h % self.stride or w % self.stride:
+            raise ValueError(f"ViT input {h}x{w} is not a multiple of the patch size {self.stride}")
+        v = self.vit
+        t = v._pos_embed(v.patch_embed(x))
+        return v.norm_pre(v.patch_drop(t)), (h // self.stride, w // self.stride)
+
+    def run_blocks(self, t: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        for blk in self.vit.blocks[start:end]:
+            t = blk(t)
+        return t
+
+    def finish(self, t: torch.Tensor, grid: tuple[int, int], index: torch.Tensor | None = None) -> Tokens:
+        """Final norm (optional) and split into CLS and patch tokens (registers dropped)."""
+        if self.final_norm:
+            t = self.vit.norm(t)
+        return Tokens(patches=t[:, self.num_prefix:], cls=t[:, 0], grid=grid, index=index)
+
+    def forward(self, x: torch.Tensor) -> Tokens:
+        t, grid = self.embed(x)
+        return self.finish(self.run_blocks(t), grid)
+
+
+class CNNBackbone(Backbone):
+    """A timm CNN's last feature map as tokens; ``crop`` removes trailing stages (ResNet50 layer4)."""
+
+    has_cls = False
+
+    def __init__(self, timm_name: str, weights: str | None = None, frozen_stages: int = 0,
+                 crop: tuple[str, ...] = (), offline_key: str | None = None, hub_url: str | None = None,
+                 preprocess: Preprocess = Preprocess(), **timm_kwargs) -> None:
+        super().__init__()
+        self.net = timm.create_model(timm_name, pretrained=weights == "timm", **timm_kwargs)
+        _load_weights(self.net, weights, hub_url, offline_key)  # full model incl. classifier: keys match
+        for name in crop:
+            setattr(self.net, name, nn.Identity())
+        self.net.reset_classifier(0)
+        self.preprocess = preprocess
+        with torch.no_grad():
+            was_training = self.net.training
+            fmap = self.net.eval().forward_features(torch.zeros(1, 3, 64, 64))
+            self.net.train(was_training)
+        self.out_dim = fmap.shape[1]
+        self.stride = 64 // fmap.shape[-1]
+        self.freeze(frozen_stages)
+
+    def stages(self) -> list[nn.Module]:
+        n = self.net
+        if hasattr(n, "layer1"):  # ResNet
+            return [m for m in (n.layer1, n.layer2, n.layer3, n.layer4) if not isinstance(m, nn.Identity)]
+        if hasattr(n, "stages"):  # Tiny-ViT
+            return list(n.stages)
+        return [*n.blocks, *(m for m in (n.conv_head, n.bn2) if not isinstance(m, nn.Identity))]
+
+    def stem(self) -> list[nn.Module]:
+        n = self.net
+        if hasattr(n, "layer1"):
+            return [n.conv1, n.bn1]
+        if hasattr(n, "patch_embed"):
+            return [n.patch_embed]
+        return [n.conv_stem, n.bn1]
+
+    def forward(self, x: torch.Tensor) -> Tokens:
+        return Tokens.from_map(self.net.forward_features(x))
+
+
+BACKBONES: Registry[Backbone] = Registry("backbone")
+
+_DINO_URL = "https://dl.fbaipublicfiles.com/dinov2/{0}/{0}{1}_pretrain.pth"
+_DINO = {"s": "small", "b": "base", "l": "large"}
+
+for _size, _word in _DINO.items():
+    for _reg in (False, True):
+        _name = f"dinov2_vit{_size}14" + ("_reg" if _reg else "")
+        _timm = f"vit_{_word}_patch14_{'reg4_' if _reg else ''}dinov2.lvd142m"
+        _url = _DINO_URL.format(f"dinov2_vit{_size}14", "_reg4" if _reg else "")
+
+        def _make(timm_name=_timm, url=_url, **cfg) -> Backbone:
+            return ViTBackbone(timm_name, hub_url=url, **cfg)
+
+        BACKBONES.register(_name)(_make)
+
+
+@BACKBONES.register("vit")
+def _vit(timm_name: str = "vit_small_patch16_224", **cfg) -> Backbone:
+    """Any timm ViT by name (e.g. a randomly initialised student)."""
+    return ViTBackbone(timm_name, **cfg)
+
+
+for _name in ("5m", "11m", "21m"):
+
+    def _tiny(timm_name=f"tiny_vit_{_name}_224.dist_in22k_ft_in1k", **cfg) -> Backbone:
+        return CNNBackbone(timm_name, **cfg)
+
+    BACKBONES.register(f"tinyvit_{_name}")(_tiny)
+
+
+@BACKBONES.register("resnet50")
+def _resnet50(**cfg) -> Backbone:
+    """ResNet50 cropped after layer3 (1024 channels, stride 16) as in MixVPR / BoQ; torchvision V1 weights."""
+    return CNNBackbone("resnet50.tv_in1k", crop=("layer4",), preprocess=Preprocess(interpolation="bilinear"),
+                       hub_url="https://download.pytorch.org/models/resnet50-0676ba61.pth", **cfg)
+
+
+for _i in range(3):
+
+    def _lite(timm_name=f"tf_efficientnet_lite{_i}.in1k", key=f"efficientnet_lite{_i}", **cfg) -> Backbone:
+        return CNNBackbone(timm_name, offline_key=key, preprocess=Preprocess((0.5,) * 3, (0.5,) * 3, "bicubic"), **cfg)
+
+    BACKBONES.register(f"efficientnet_lite{_i}")(_lite)
+
+
+@BACKBONES.register("mobilenetv2")
+def _mobilenetv2(**cfg) -> Backbone:
+    """timm mobilenetv2_100 holding torchvision's ImageNet checkpoint (offline package)."""
+    return CNNBackbone("mobilenetv2_100", offline_key="mobilenetv2",
+                       hub_url="https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+                       preprocess=Preprocess(interpolation="bilinear"), **cfg)
+
+
+@BACKBONES.register("cnn")
+def _cnn(timm_name: str = "mobilenetv3_small_100", **cfg) -> Backbone:
+    """Any timm CNN by name."""
+    return CNNBackbone(timm_name, **cfg)

@@ -1,0 +1,167 @@
+"""VPRModel = backbone + aggregator, described entirely by a JSON-able config.
+
+A saved model is a folder with ``config.json`` and ``model.safetensors``; ``load_model`` rebuilds it
+from those alone (no pickle). ``fingerprint`` identifies the architecture and the exact weights, so
+descriptor caches and place indexes can refuse descriptors made by another model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from ..data.transforms import ToModelInput
+from ..tokens import Tokens
+from ..utils import atomic_write, write_json
+from .aggregators import AGGREGATORS, HeadContext
+from .backbones import BACKBONES, Backbone, Preprocess
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+class VPRModel(nn.Module):
+    """images [B, 3, H, W] (normalised) -> L2-normalised descriptors [B, D].
+
+    config keys: ``backbone`` {name, weights, ...}, ``aggregator`` {name, ...}, ``image_size`` [H, W],
+    optional ``mean``/``std``/``interpolation`` overriding the backbone's preprocessing, ``name``.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = copy.deepcopy(config)
+        bcfg = dict(self.config["backbone"])
+        self.backbone: Backbone = BACKBONES.get(bcfg.pop("name"))(**bcfg)
+        acfg = dict(self.config["aggregator"])
+        ctx = HeadContext(self.backbone.out_dim, self.backbone.has_cls, self.backbone.grid_for(self.image_size))
+        self.aggregator = AGGREGATORS.get(acfg.pop("name"))(ctx, **acfg)
+
+    @property
+    def name(self) -> str:
+        return self.config.get("name") or f"{self.config['backbone']['name']}-{self.config['aggregator']['name']}"
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = self.config.get("image_size", [224, 224])
+        return (int(size[0]), int(size[1]))
+
+    @property
+    def out_dim(self) -> int:
+        return self.aggregator.out_dim
+
+    @property
+    def preprocess(self) -> Preprocess:
+        p = self.backbone.preprocess
+        c = self.config
+        return Preprocess(tuple(c.get("mean", p.mean)), tuple(c.get("std", p.std)), c.get("interpolation", p.interpolation))
+
+    def transform(self, image_size: tuple[int, int] | None = None) -> ToModelInput:
+        p = self.preprocess
+        return ToModelInput(image_size or self.image_size, p.mean, p.std, p.interpolation)
+
+    def forward_tokens(self, x: torch.Tensor) -> Tokens:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.aggregator(self.forward_tokens(x))
+
+    def train(self, mode: bool = True) -> VPRModel:
+        """Like nn.Module.train, but normalisation layers whose parameters are all frozen stay in eval
+        mode, so their running statistics never drift while the rest trains."""
+        super().train(mode)
+        if mode:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._NormBase):
+                    params = list(m.parameters(recurse=False))
+                    if params and not any(p.requires_grad for p in params):
+                        m.eval()
+        return self
+
+    def fingerprint(self) -> str:
+        """sha256 (16 hex) of the architecture config (weights source excluded) and every tensor's bytes."""
+        arch = copy.deepcopy(self.config)
+        arch.pop("name", None)
+        arch.get("backbone", {}).pop("weights", None)
+        arch.pop("provenance", None)
+        h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
+        for k, v in sorted(self.state_dict().items()):
+            t = v.detach().cpu().contiguous()
+            h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()[:16]
+
+
+def build_model(config: dict[str, Any]) -> VPRModel:
+    return VPRModel(config)
+
+
+def save_model(model: VPRModel, path: str | os.PathLike) -> Path:
+    """Write ``path/model.safetensors`` and ``path/config.json`` atomically (weights first)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(sd, tmp, metadata={"format": "edgevpr"}))
+    cfg = copy.deepcopy(model.config)
+    cfg["format_version"] = FORMAT_VERSION
+    cfg["fingerprint"] = model.fingerprint()
+    write_json(path / CONFIG_FILE, cfg)
+    return path
+
+
+PRESET_DIR = "configs/models"
+
+
+def preset_names() -> list[str]:
+    files = resources.files("edgevpr").joinpath(PRESET_DIR).iterdir()
+    return sorted(f.name[:-5] for f in files if f.name.endswith(".yaml"))
+
+
+def preset_config(name: str) -> dict[str, Any]:
+    f = resources.files("edgevpr").joinpath(f"{PRESET_DIR}/{name}.yaml")
+    if not f.is_file():
+        raise KeyError(f"unknown model '{name}': not a folder with {CONFIG_FILE}, not a config file, "
+                       f"and not a named model ({', '.join(preset_names())})")
+    cfg = yaml.safe_load(f.read_text())
+    cfg.setdefault("name", name)
+    return cfg
+
+
+def load_model(spec: str | os.PathLike | dict, device: str | torch.device = "cpu") -> VPRModel:
+    """A model from a named preset, a config file (.yaml/.json), a saved folder, or a config dict."""
+    from safetensors.torch import load_file
+
+    if isinstance(spec, dict):
+        return build_model(spec).to(device).eval()
+    p = Path(spec)
+    if p.is_dir():
+        cfg_file, weights = p / CONFIG_FILE, p / WEIGHTS_FILE
+        if not cfg_file.exists() or not weights.exists():
+            raise FileNotFoundError(f"{p}: a saved model folder needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+        cfg = json.loads(cfg_file.read_text())
+        expected = cfg.pop("fingerprint", None)
+        cfg.pop("format_version", None)
+        cfg["backbone"] = {**cfg["backbone"], "weights": None}
+        model = build_model(cfg)
+        sd = load_file(str(weights))
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{weights}: does not match {cfg_file} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        if expected and model.fingerprint() != expected:
+            raise ValueError(f"{p}: weights fingerprint {model.fingerprint()} differs from the recorded {expected}")
+        return model.to(device).eval()
+    if p.suffix in (".yaml", ".yml", ".json") and p.is_file():
+        cfg = yaml.safe_load(p.read_text())
+        cfg.setdefault("name", p.stem)
+        return build_model(cfg).to(device).eval()
+    return build_model(preset_config(str(spec))).to(device).eval()

