@@ -67,7 +67,8 @@ class VPRDataset:
         db_keep = np.array([mean_intensity(p) >= threshold for p in self.db_paths])
         q_keep = np.array([mean_intensity(p) >= threshold for p in self.q_paths])
         out = self.subset(db_keep, q_keep)
-        out.info["dropped_dark"] = {"db": int((~db_keep).sum()), "queries": int((~q_keep).sum()), "threshold": threshold}
+        out.info["dropped_dark"] = {"db": int((~db_keep).sum()), "queries": int((~q_keep).sum()),
+                                    "threshold": threshold}
         return out
 
 

@@ -63,7 +63,8 @@ class VPRModel(nn.Module):
     def preprocess(self) -> Preprocess:
         p = self.backbone.preprocess
         c = self.config
-        return Preprocess(tuple(c.get("mean", p.mean)), tuple(c.get("std", p.std)), c.get("interpolation", p.interpolation))
+        return Preprocess(tuple(c.get("mean", p.mean)), tuple(c.get("std", p.std)),
+                          c.get("interpolation", p.interpolation))
 
     def transform(self, image_size: tuple[int, int] | None = None) -> ToModelInput:
         p = self.preprocess
@@ -95,7 +96,7 @@ class VPRModel(nn.Module):
         arch.pop("provenance", None)
         h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
         for k, v in sorted(self.state_dict().items()):
-            t = v.detach().cpu().contiguous()
+            t = v.detach().cpu().contiguous().reshape(-1)
             h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()[:16]
@@ -156,7 +157,8 @@ def load_model(spec: str | os.PathLike | dict, device: str | torch.device = "cpu
         sd = load_file(str(weights))
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{weights}: does not match {cfg_file} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise ValueError(f"{weights}: does not match {cfg_file} "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         if expected and model.fingerprint() != expected:
             raise ValueError(f"{p}: weights fingerprint {model.fingerprint()} differs from the recorded {expected}")
         return model.to(device).eval()

@@ -1,0 +1,151 @@
+"""The stages of edgevpr as plain functions; the CLI is a thin layer over them."""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.datasets import VPRDataset
+from .data.images import list_images, load_image
+from .eval import efficiency, report
+from .eval.extract import Extraction, default_cache_dir, extract
+from .eval.recall import first_hit_rank, pr_curve, recall_at_n, search
+from .models.aggregators.netvlad import NetVLAD
+from .models.model import VPRModel
+from .utils import write_json, write_text
+
+DEFAULT_NS = (1, 5, 10, 20)
+
+
+@dataclass
+class EvalConf:
+    """Options of ``evaluate``; every field is also a CLI flag."""
+
+    batch_size: int = 32
+    num_workers: int = 0
+    cache_dir: str | None = str(default_cache_dir())
+    skip_bad: bool = False
+    ns: tuple[int, ...] = DEFAULT_NS
+    top_k: int = 20
+    plot: bool = False
+    show_failures: int = 0
+    efficiency: bool = True
+    image_size: tuple[int, int] | None = None
+    progress: bool = True
+
+
+def _extract(model: VPRModel, paths: list[Path], conf: EvalConf, desc: str, device) -> Extraction:
+    return extract(model, paths, conf.batch_size, conf.cache_dir, conf.skip_bad, conf.num_workers, device,
+                   conf.image_size, desc=desc, progress=conf.progress)
+
+
+def evaluate_dataset(model: VPRModel, ds: VPRDataset, conf: EvalConf, device="cpu",
+                     out_dir: Path | None = None) -> tuple[dict, dict]:
+    """Recall@N, PR curve and per-query matches of ``model`` on one dataset -> (metrics, curves)."""
+    t0 = time.perf_counter()
+    db = _extract(model, ds.db_paths, conf, f"{ds.name} db", device)
+    q = _extract(model, ds.q_paths, conf, f"{ds.name} queries", device)
+    failed = db.failed + q.failed
+    if failed:
+        ds = ds.subset(db.ok, q.ok)
+    db_desc, q_desc = db.descriptors[db.ok], q.descriptors[q.ok]
+    k = max(max(conf.ns), conf.top_k)
+    scores, idx = search(db_desc, q_desc, k)
+    ranks = first_hit_rank(idx, ds.positives)
+    has_pos = np.array([len(p) > 0 for p in ds.positives])
+    recall = recall_at_n(ranks, has_pos, conf.ns)
+    pr = pr_curve(scores[:, 0], ranks == 0, has_pos)
+    metrics = {
+        "num_db": ds.num_db, "num_queries": ds.num_queries, "queries_with_positive": int(has_pos.sum()),
+        "recall": recall, "pr_auc": pr["auc"], "recall_at_100p": pr["recall_at_100p"],
+        "failed_images": [{"path": p, "reason": r} for p, r in failed], "ground_truth": ds.info,
+        "seconds": time.perf_counter() - t0,
+    }
+    r_at = [float(np.mean((ranks[has_pos] >= 0) & (ranks[has_pos] < n))) for n in range(1, k + 1)]
+    curves = {"recall_at": r_at, "pr": pr}
+    if out_dir is not None:
+        _write_matches(out_dir / f"{ds.name}_matches.csv", ds, scores, idx, ranks, conf.top_k)
+        if conf.show_failures:
+            wrong = [i for i in np.nonzero(has_pos & (ranks != 0))[0][: conf.show_failures]]
+            if wrong:
+                rows = [(str(ds.q_paths[i]), str(ds.db_paths[idx[i, 0]]),
+                         str(ds.db_paths[ds.positives[i][0]]), float(scores[i, 0])) for i in wrong]
+                report.failure_grid(rows, out_dir / f"{ds.name}_failures.png",
+                                    f"{ds.name}: {int((has_pos & (ranks != 0)).sum())} wrong top-1, first {len(rows)}")
+    return metrics, curves
+
+
+def _write_matches(path: Path, ds: VPRDataset, scores, idx, ranks, top_k: int) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            cols = [c for r in range(1, top_k + 1) for c in (f"match{r}", f"score{r}", f"correct{r}")]
+            w.writerow(["query", "first_correct_rank", *cols])
+            for qi in range(len(idx)):
+                pos = set(ds.positives[qi].tolist())
+                row = [str(ds.q_paths[qi]), int(ranks[qi]) + 1 if ranks[qi] >= 0 else ""]
+                for r in range(min(top_k, idx.shape[1])):
+                    row += [str(ds.db_paths[idx[qi, r]]), f"{scores[qi, r]:.5f}", int(idx[qi, r] in pos)]
+                w.writerow(row)
+
+    from .utils import atomic_write
+
+    atomic_write(path, write)
+
+
+def evaluate(model: VPRModel, datasets: list[VPRDataset], conf: EvalConf | None = None,
+             out_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> dict:
+    """Evaluate on every dataset; write results.json, results.md (and plots) to ``out_dir``."""
+    conf = conf or EvalConf()
+    out = Path(out_dir) if out_dir else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    model = model.to(device).eval()
+    size = conf.image_size or model.image_size
+    results = {"model": {"name": model.name, "fingerprint": model.fingerprint(), "descriptor_dim": model.out_dim,
+                         "image_size": list(size), "config": model.config},
+               "datasets": {}}
+    curves = {}
+    for ds in datasets:
+        results["datasets"][ds.name], curves[ds.name] = evaluate_dataset(model, ds, conf, device, out)
+    if conf.efficiency:
+        results["efficiency"] = efficiency.profile(model, size, model.out_dim)
+    if out:
+        write_json(out / "results.json", results)
+        write_text(out / "results.md", report.results_table(results))
+        if conf.plot:
+            report.plot_curves(results, curves, out)
+    return results
+
+
+@torch.inference_mode()
+def init_netvlad(model: VPRModel, images: list[Path], max_images: int = 500, per_image: int = 100,
+                 seed: int = 0) -> None:
+    """k-means initialisation of a NetVLAD head from local features of (up to) ``max_images`` images."""
+    head = model.aggregator
+    if not isinstance(head, NetVLAD):
+        raise TypeError(f"init_netvlad needs a NetVLAD head, the model has {type(head).__name__}")
+    rng = np.random.default_rng(seed)
+    chosen = [images[i] for i in sorted(rng.choice(len(images), min(max_images, len(images)), replace=False))]
+    tf = model.transform()
+    feats = []
+    model.eval()
+    for p in chosen:
+        tok = model.forward_tokens(tf(load_image(p)).unsqueeze(0))
+        x = tok.patches[0].float().numpy()
+        feats.append(x[rng.choice(len(x), min(per_image, len(x)), replace=False)])
+    head.init_from_features(np.concatenate(feats), seed=seed)
+
+
+def images_of(source: str | os.PathLike) -> list[Path]:
+    """Images of a folder or of a CSV manifest."""
+    from .data.datasets import read_manifest
+
+    p = Path(source)
+    return read_manifest(p)[0] if p.suffix.lower() == ".csv" else list_images(p)

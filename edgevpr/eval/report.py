@@ -1,0 +1,93 @@
+"""Human-readable results: markdown tables, recall and PR plots, failure grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..data.images import load_image
+
+
+def results_table(results: dict) -> str:
+    """Markdown table of recall metrics (one row per dataset) and one of efficiency."""
+    ds = results["datasets"]
+    ns = [k for k in next(iter(ds.values()))["recall"]] if ds else []
+    lines = [f"Model: `{results['model']['name']}` (fingerprint {results['model']['fingerprint']}, "
+             f"{results['model']['descriptor_dim']}-D, {results['model']['image_size'][0]}x"
+             f"{results['model']['image_size'][1]} px)", "",
+             "| dataset | db | queries | " + " | ".join(ns) + " | PR-AUC | R@100%P |",
+             "|---|---:|---:|" + "---:|" * (len(ns) + 2)]
+    for name, r in ds.items():
+        vals = " | ".join(f"{r['recall'][n]:.3f}" for n in ns)
+        lines.append(f"| {name} | {r['num_db']} | {r['num_queries']} | {vals} | {r['pr_auc']:.3f} | "
+                     f"{r['recall_at_100p']:.3f} |")
+    eff = results.get("efficiency")
+    if eff:
+        lines += ["", "| params (M) | GFLOPs | ms/img b1 | ms/img batched | peak RSS MB (b1) | inference MB (b1) "
+                  "| model MB | desc bytes fp32 |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        batched = next(k for k in eff if k.startswith("ms_per_img_b") and k != "ms_per_img_b1")
+        lines.append(f"| {eff['params'] / 1e6:.2f} | {eff['gflops']:.2f} | {eff['ms_per_img_b1']:.1f} | "
+                     f"{eff[batched]:.1f} ({batched.split('_b')[-1]}) | "
+                     f"{eff.get('peak_rss_mb_b1', eff.get('peak_mem_mb_b1', float('nan'))):.0f} | "
+                     f"{eff.get('inference_mem_mb_b1', float('nan')):.0f} | "
+                     f"{eff['model_bytes'] / 2**20:.1f} | {eff['descriptor_bytes_fp32']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(results: dict, curves: dict[str, dict], out: Path) -> list[Path]:
+    """recall@N (N = 1..max) and precision-recall curves per dataset as PNG files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, c in curves.items():
+        ax.plot(np.arange(1, len(c["recall_at"]) + 1), c["recall_at"], marker=".", label=name)
+    ax.set(xlabel="N", ylabel="Recall@N", title=results["model"]["name"], ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    paths.append(out / "recall_at_n.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, c in curves.items():
+        ax.plot(c["pr"]["recall"], c["pr"]["precision"], label=f"{name} (AUC {c['pr']['auc']:.3f})")
+    ax.set(xlabel="recall", ylabel="precision", title="precision-recall (top-1 score threshold)",
+           xlim=(0, 1), ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    paths.append(out / "pr_curve.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def failure_grid(rows: list[tuple[str, str, str | None, float]], out: Path, title: str) -> Path:
+    """PNG grid: one row per failed query: query | wrong top-1 (score) | a correct match."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 2.2 * len(rows)), squeeze=False)
+    for r, (q, wrong, right, score) in enumerate(rows):
+        for c, (path, label) in enumerate(((q, "query"), (wrong, f"wrong top-1 ({score:.3f})"),
+                                           (right, "a correct match"))):
+            ax = axes[r, c]
+            ax.axis("off")
+            if path:
+                img = load_image(path)
+                img.thumbnail((320, 320))
+                ax.imshow(img)
+                ax.set_title(f"{label}\n{Path(path).name}", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
