@@ -174,7 +174,8 @@ class CNNBackbone(Backbone):
             return [m for m in (n.layer1, n.layer2, n.layer3, n.layer4) if not isinstance(m, nn.Identity)]
         if hasattr(n, "stages"):  # Tiny-ViT
             return list(n.stages)
-        return [*n.blocks, *(m for m in (n.conv_head, n.bn2) if not isinstance(m, nn.Identity))]
+        head = (getattr(n, a, None) for a in ("conv_head", "bn2"))  # EfficientNet / MobileNetV2 1x1 head
+        return [*n.blocks, *(m for m in head if isinstance(m, nn.Module) and not isinstance(m, nn.Identity))]
 
     def stem(self) -> list[nn.Module]:
         n = self.net

@@ -34,16 +34,16 @@ class NetVLAD(Aggregator):
         return nn.functional.normalize(vlad, dim=-1).flatten(1)
 
     @torch.no_grad()
-    def init_from_features(self, feats: np.ndarray, seed: int = 0, niter: int = 100) -> None:
+    def init_from_features(self, feats: np.ndarray, seed: int = 0, niter: int = 100, nredo: int = 1) -> None:
         """k-means on local features [M, C] (float32) sets centroids and assignment weights."""
         import faiss
 
-        feats = np.ascontiguousarray(feats, dtype=np.float32)
+        feats = np.array(feats, dtype=np.float32, order="C")  # a copy: the caller's array is left alone
         if self.normalize_input:
             feats /= np.linalg.norm(feats, axis=1, keepdims=True) + 1e-12
         if len(feats) < self.num_clusters:
             raise ValueError(f"NetVLAD init needs at least {self.num_clusters} features, got {len(feats)}")
-        km = faiss.Kmeans(feats.shape[1], self.num_clusters, niter=niter, seed=seed, verbose=False)
+        km = faiss.Kmeans(feats.shape[1], self.num_clusters, niter=niter, nredo=nredo, seed=seed, verbose=False)
         km.train(feats)
         c = km.centroids / (np.linalg.norm(km.centroids, axis=1, keepdims=True) + 1e-12)
         dots = np.sort(feats @ c.T, axis=1)

@@ -1,0 +1,38 @@
+"""Shared fixtures. Real-data tests read ../shared/data (or EDGEVPR_DATA) in place and fail loudly without it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data() -> Path:
+    root = Path(os.environ.get("EDGEVPR_DATA", ROOT.parent / "shared" / "data"))
+    if not (root / "gardens_point" / "day_right").is_dir():
+        pytest.fail(f"real data missing: {root} has no gardens_point/day_right (set EDGEVPR_DATA)")
+    return root
+
+
+@pytest.fixture
+def data_root() -> Path:
+    return shared_data()
+
+
+def make_image(path: Path, seed: int, size=(48, 64), mode="RGB") -> Path:
+    """A small random-texture image (H, W) written to ``path``."""
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((size[0] // 8, size[1] // 8, 3)) * 255).astype(np.uint8)
+    img = Image.fromarray(arr).resize((size[1], size[0]), Image.BILINEAR).convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+TINY_MODEL = {"backbone": {"name": "cnn", "timm_name": "mobilenetv3_small_100"},
+              "aggregator": {"name": "gem"}, "image_size": [64, 64], "name": "tiny-test"}
