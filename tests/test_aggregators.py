@@ -15,7 +15,8 @@ CTX = HeadContext(in_dim=32, has_cls=True, grid=(6, 8))
 
 def _tokens(b=3, grid=(6, 8), c=32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return Tokens(patches=torch.randn(b, grid[0] * grid[1], c, generator=g), cls=torch.randn(b, c, generator=g), grid=grid)
+    patches = torch.randn(b, grid[0] * grid[1], c, generator=g)
+    return Tokens(patches=patches, cls=torch.randn(b, c, generator=g), grid=grid)
 
 
 SMALL = {"gem": {}, "cls": {}, "netvlad": {"num_clusters": 8}, "mixvpr": {"out_channels": 16, "mix_depth": 2},
@@ -103,8 +104,8 @@ def test_netvlad_kmeans_init():
     ({"backbone": {"name": "dinov2_vitb14"}, "aggregator": {"name": "salad"}, "image_size": [224, 224]}, 8448),
     ({"backbone": {"name": "dinov2_vitb14", "final_norm": False}, "aggregator": {"name": "boq"},
       "image_size": [322, 322]}, 12288),
-    ({"backbone": {"name": "resnet50"}, "aggregator": {"name": "mixvpr", "out_channels": 1024}, "image_size": [320, 320]},
-     4096),
+    ({"backbone": {"name": "resnet50"}, "aggregator": {"name": "mixvpr", "out_channels": 1024},
+      "image_size": [320, 320]}, 4096),
 ])
 def test_published_shapes(cfg, dim):
     torch.manual_seed(0)

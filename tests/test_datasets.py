@@ -44,7 +44,8 @@ def test_csv_manifest_latlon_to_utm(tmp_path):
     make_image(tmp_path / "img" / "a.jpg", 1)
     make_image(tmp_path / "img" / "b.jpg", 2)
     make_image(tmp_path / "img" / "q.jpg", 3)
-    (tmp_path / "db.csv").write_text(f"path,lat,lon\nimg/a.jpg,{lat + d_lat},{lon}\nimg/b.jpg,{lat + 5 * d_lat},{lon}\n")
+    rows = f"img/a.jpg,{lat + d_lat},{lon}\nimg/b.jpg,{lat + 5 * d_lat},{lon}\n"
+    (tmp_path / "db.csv").write_text("path,lat,lon\n" + rows)
     (tmp_path / "q.csv").write_text(f"path,utm_east,utm_north\nimg/q.jpg,{east},{north}\n")
     ds = manifest(tmp_path / "db.csv", tmp_path / "q.csv", radius=25)
     assert ds.positives[0].tolist() == [0]
