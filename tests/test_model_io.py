@@ -45,3 +45,16 @@ def test_unknown_model_lists_presets():
     with pytest.raises(KeyError, match="effnet-lite0-gem"):
         load_model("no-such-model")
     assert "effnet-lite0-gem" in preset_names()
+
+
+def test_backbone_weights_from_a_saved_model(tmp_path):
+    torch.manual_seed(0)
+    donor = load_model({"backbone": {"name": "vit", "timm_name": "vit_tiny_patch16_224"},
+                        "aggregator": {"name": "cls"}, "image_size": [64, 64]})
+    save_model(donor, tmp_path / "donor")
+    torch.manual_seed(1)
+    student = load_model({"backbone": {"name": "vit", "timm_name": "vit_tiny_patch16_224",
+                                       "weights": str(tmp_path / "donor")},
+                          "aggregator": {"name": "gem"}, "image_size": [64, 64]})
+    for k, v in donor.backbone.state_dict().items():
+        assert torch.equal(v, student.backbone.state_dict()[k])

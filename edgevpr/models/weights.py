@@ -7,7 +7,8 @@ Weight sources (the ``weights`` field of a backbone config):
 * ``"hub"``: the original URL (Meta's DINOv2 checkpoint, torchvision's ResNet50) through torch.hub's
   cache (``~/.cache/torch/hub/checkpoints``), so it works offline once cached.
 * a path: a local ``.pth``/``.pt`` (loaded with ``weights_only=True``) or ``.safetensors`` file, in
-  Meta's DINOv2 key format, timm's format, or (for CNNs) any checkpoint whose tensors match by order.
+  Meta's DINOv2 key format, timm's format, or (for CNNs) any checkpoint whose tensors match by order;
+  or a saved edgevpr model folder, whose backbone weights are taken (e.g. a distilled student).
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"{path}: weights file not found")
+    if path.is_dir():  # a saved edgevpr model: its backbone's wrapped timm model ("backbone.vit.*" / "backbone.net.*")
+        from safetensors.torch import load_file
+
+        if not (path / "model.safetensors").exists():
+            raise WeightsError(f"{path}: a folder of weights must be a saved edgevpr model (model.safetensors)")
+        sd = load_file(str(path / "model.safetensors"))
+        out = {k.split(".", 2)[2]: v for k, v in sd.items() if k.startswith(("backbone.vit.", "backbone.net."))}
+        if not out:
+            raise WeightsError(f"{path}: the saved model holds no backbone weights")
+        return out
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
