@@ -70,6 +70,34 @@ def cmd_build(args) -> int:
     return 0
 
 
+def _parse_override(text: str) -> tuple[list[str], object]:
+    import yaml
+
+    if "=" not in text:
+        raise ValueError(f"--set {text}: expected KEY=VALUE, e.g. optimizer.lr=1e-4")
+    key, value = text.split("=", 1)
+    return key.split("."), yaml.safe_load(value)
+
+
+def cmd_train(args) -> int:
+    import yaml
+
+    from .train.loop import train
+
+    conf = yaml.safe_load(Path(args.config).read_text()) or {}
+    for item in args.set or []:
+        keys, value = _parse_override(item)
+        node = conf
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    result = train(conf, out, resume=args.resume, progress=not args.quiet)
+    print(json.dumps(result, indent=2))
+    print(f"run folder: {out} (final model: {out / 'final'}, best on validation: {out / 'best'})")
+    return 0
+
+
 def cmd_models(args) -> int:
     from .models import AGGREGATORS, BACKBONES, preset_names
 
@@ -118,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=cmd_build)
+
+    t = sub.add_parser("train", help="train a model on places (P x K batches, Multi-Similarity)")
+    t.add_argument("--config", required=True, help="YAML training config (see configs/)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config entry, e.g. steps=200")
+    t.add_argument("--out", help="run folder (default runs/<config name>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
 
     m = sub.add_parser("models", help="list named models, backbones and aggregators")
     m.set_defaults(func=cmd_models)

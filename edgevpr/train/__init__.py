@@ -1,0 +1,6 @@
+from .loop import DEFAULTS, train
+from .losses import LOSSES, MultiSimilarity
+from .places import PlaceSet, aligned_places, gsv_cities, manifest_places
+
+__all__ = ["DEFAULTS", "LOSSES", "MultiSimilarity", "PlaceSet", "aligned_places", "gsv_cities",
+           "manifest_places", "train"]

@@ -1,0 +1,151 @@
+"""Place-labelled training data and the P x K batch sampler.
+
+A ``PlaceSet`` is a list of places, each a list of image paths of that place. Builders read the formats
+users have: GSV-Cities (``Images/<City>/...jpg`` + ``Dataframes/<City>.csv``), aligned traversals
+(image i of every folder = place i: Nordland summer+winter gives 2 images per place, Gardens Point 3),
+and CSV manifests (a ``place_id`` column, or places formed by grouping images within a radius).
+
+Batches are a pure function of (seed, step, rank): step s draws P places and K images per place with a
+generator seeded by (seed, s). Resuming at step s therefore replays exactly the batches an uninterrupted
+run would have seen, and under DDP each rank draws its own share of the places of the global batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..data.datasets import read_manifest
+from ..data.images import list_images, load_image, mean_intensity
+
+
+@dataclass
+class PlaceSet:
+    """places[i]: image paths of place i (at least one)."""
+
+    places: list[list[Path]]
+    name: str = "places"
+
+    def __len__(self) -> int:
+        return len(self.places)
+
+    def filter(self, min_images: int) -> PlaceSet:
+        return PlaceSet([p for p in self.places if len(p) >= min_images], self.name)
+
+    def __add__(self, other: PlaceSet) -> PlaceSet:
+        return PlaceSet(self.places + other.places, f"{self.name}+{other.name}")
+
+
+def aligned_places(folders: list[str | os.PathLike], start: int = 0, stop: int | None = None,
+                   drop_dark: float | None = None) -> PlaceSet:
+    """Image i (sorted by name) of every folder shows place i; keep places ``start <= i < stop``.
+
+    drop_dark: leave out images darker than this mean gray level (0-255); places left with no image go.
+    """
+    lists = [list_images(f) for f in folders]
+    n = len(lists[0])
+    if any(len(x) != n for x in lists):
+        counts = ", ".join(f"{f}={len(x)}" for f, x in zip(folders, lists, strict=True))
+        raise ValueError(f"aligned folders differ in length: {counts}")
+    places = []
+    for i in range(start, n if stop is None else min(stop, n)):
+        imgs = [x[i] for x in lists]
+        if drop_dark:
+            imgs = [p for p in imgs if mean_intensity(p) >= drop_dark]
+        if imgs:
+            places.append(imgs)
+    return PlaceSet(places, "+".join(Path(f).name for f in folders))
+
+
+def gsv_cities(root: str | os.PathLike, cities: list[str] | None = None) -> PlaceSet:
+    """GSV-Cities: ``Dataframes/<City>.csv`` rows (place_id, year, month, northdeg, lat, lon, panoid)
+    name the images ``Images/<City>/<city>_<place:07d>_<year:04d>_<month:02d>_<north:03d>_<lat>_<lon>_<pano>.jpg``."""
+    root = Path(root)
+    frames = sorted((root / "Dataframes").glob("*.csv"))
+    if cities:
+        frames = [root / "Dataframes" / f"{c}.csv" for c in cities]
+    if not frames:
+        raise FileNotFoundError(f"{root}: no Dataframes/*.csv (is this GSV-Cities?)")
+    places: dict[tuple[str, int], list[Path]] = defaultdict(list)
+    for f in frames:
+        city = f.stem
+        with open(f, newline="") as fh:
+            for row in csv.DictReader(fh):
+                pid = int(row["place_id"])
+                name = (f"{city}_{pid:07d}_{int(row['year']):04d}_{int(row['month']):02d}_"
+                        f"{int(row['northdeg']):03d}_{row['lat']}_{row['lon']}_{row['panoid']}.jpg")
+                places[(city, pid)].append(root / "Images" / city / name)
+    return PlaceSet([places[k] for k in sorted(places)], "gsv-cities")
+
+
+def manifest_places(csv_path: str | os.PathLike, radius: float | None = None) -> PlaceSet:
+    """Places from a CSV manifest: by its ``place_id`` column, or (``radius``) by greedy grouping of
+    images within ``radius`` metres of a group's first image, in file order."""
+    paths, utm, place_ids = read_manifest(csv_path)
+    if place_ids is not None and radius is None:
+        groups: dict[str, list[Path]] = defaultdict(list)
+        for p, pid in zip(paths, place_ids, strict=True):
+            groups[pid].append(p)
+        return PlaceSet([groups[k] for k in sorted(groups)], Path(csv_path).stem)
+    if radius is None:
+        raise ValueError(f"{csv_path}: no place_id column; give a grouping radius in metres")
+    unassigned = np.ones(len(paths), bool)
+    places = []
+    for i in range(len(paths)):
+        if unassigned[i]:
+            near = unassigned & (((utm - utm[i]) ** 2).sum(1) <= radius * radius)
+            places.append([paths[j] for j in np.nonzero(near)[0]])
+            unassigned &= ~near
+    return PlaceSet(places, Path(csv_path).stem)
+
+
+def draw_batch(num_places: int, places_per_batch: int, sizes: list[int], images_per_place: int, seed: int,
+               step: int, rank: int = 0, world: int = 1) -> list[tuple[int, int]]:
+    """(place, image) pairs of this rank's share of the global batch of ``step``.
+
+    The P places are drawn without replacement; K images per place without replacement when the place
+    has K or more (else with). Rank r takes places r, r+world, ... of the global draw.
+    """
+    if places_per_batch > num_places:
+        raise ValueError(f"places_per_batch={places_per_batch} exceeds the {num_places} training places")
+    rng = np.random.default_rng([seed, step])
+    chosen = rng.choice(num_places, places_per_batch, replace=False)
+    pairs = []
+    for p in chosen:
+        k = sizes[p]
+        imgs = rng.choice(k, images_per_place, replace=k < images_per_place)
+        pairs.append([(int(p), int(i)) for i in imgs])
+    return [pair for place in pairs[rank::world] for pair in place]
+
+
+class PlaceBatches(Dataset):
+    """Item s = the batch of step s: (images [P*K, 3, H, W], place labels [P*K])."""
+
+    def __init__(self, places: PlaceSet, places_per_batch: int, images_per_place: int, transform, seed: int,
+                 rank: int = 0, world: int = 1, augment=None, num_steps: int = 10**9) -> None:
+        self.places, self.P, self.K = places, places_per_batch, images_per_place
+        self.transform, self.augment, self.seed = transform, augment, seed
+        self.rank, self.world, self.num_steps = rank, world, num_steps
+        self.sizes = [len(p) for p in places.places]
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = draw_batch(len(self.places), self.P, self.sizes, self.K, self.seed, step, self.rank, self.world)
+        xs = []
+        for j, (p, i) in enumerate(pairs):
+            img = load_image(self.places.places[p][i])
+            if self.augment is not None:
+                random.seed(hash((self.seed, step, self.rank, j)))  # timm RandAugment draws from `random`
+                img = self.augment(img)
+            xs.append(self.transform(img))
+        return torch.stack(xs), torch.tensor([p for p, _ in pairs])
