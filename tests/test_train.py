@@ -97,3 +97,4 @@ def test_killed_run_resumes_bit_exact(data_root, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = (tmp_path / "killed" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == [str(s) for s in range(1, 11)]  # no replayed duplicates
+    assert list((tmp_path / "killed" / "tensorboard").iterdir())

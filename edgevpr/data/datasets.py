@@ -125,15 +125,15 @@ def utm_names(db: str | os.PathLike, queries: str | os.PathLike, radius: float =
     db_paths, q_paths = list_images(db), list_images(queries)
     db_utm = np.array([parse_utm_name(p) for p in db_paths], dtype=np.float64).reshape(-1, 2)
     q_utm = np.array([parse_utm_name(p) for p in q_paths], dtype=np.float64).reshape(-1, 2)
-    return VPRDataset(
-        name=f"{Path(queries).name}_vs_{Path(db).name}",
-        db_paths=db_paths,
-        q_paths=q_paths,
-        positives=radius_positives(q_utm, db_utm, radius),
-        db_utm=db_utm,
-        q_utm=q_utm,
-        info={"format": "utm", "radius_m": radius},
-    )
+    return _geo_dataset(f"{Path(queries).name}_vs_{Path(db).name}", db_paths, db_utm, q_paths, q_utm, radius, "utm")
+
+
+def _geo_dataset(name: str, db_paths: list[Path], db_utm: np.ndarray, q_paths: list[Path], q_utm: np.ndarray,
+                 radius: float, fmt: str) -> VPRDataset:
+    """A dataset whose positives are the database images within ``radius`` metres of each query."""
+    return VPRDataset(name=name, db_paths=db_paths, q_paths=q_paths,
+                      positives=radius_positives(q_utm, db_utm, radius), db_utm=db_utm, q_utm=q_utm,
+                      info={"format": fmt, "radius_m": radius})
 
 
 def read_manifest(csv_path: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[str] | None]:
@@ -179,15 +179,8 @@ def manifest(db_csv: str | os.PathLike, queries_csv: str | os.PathLike, radius: 
     """Two CSV manifests; positives are database images within ``radius`` metres."""
     db_paths, db_utm, _ = read_manifest(db_csv)
     q_paths, q_utm, _ = read_manifest(queries_csv)
-    return VPRDataset(
-        name=f"{Path(queries_csv).stem}_vs_{Path(db_csv).stem}",
-        db_paths=db_paths,
-        q_paths=q_paths,
-        positives=radius_positives(q_utm, db_utm, radius),
-        db_utm=db_utm,
-        q_utm=q_utm,
-        info={"format": "csv", "radius_m": radius},
-    )
+    return _geo_dataset(f"{Path(queries_csv).stem}_vs_{Path(db_csv).stem}", db_paths, db_utm, q_paths, q_utm,
+                        radius, "csv")
 
 
 def vprbench(db: str | os.PathLike, queries: str | os.PathLike, gt_file: str | os.PathLike) -> VPRDataset:

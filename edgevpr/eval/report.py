@@ -36,36 +36,35 @@ def results_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(results: dict, curves: dict[str, dict], out: Path) -> list[Path]:
-    """recall@N (N = 1..max) and precision-recall curves per dataset as PNG files."""
+def _line_plot(path: Path, series: list[tuple[np.ndarray, np.ndarray, str]], **axes) -> Path:
+    """One PNG with a line per (x, y, label) series; ``axes`` go to ``Axes.set``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
     fig, ax = plt.subplots(figsize=(5, 4))
-    for name, c in curves.items():
-        ax.plot(np.arange(1, len(c["recall_at"]) + 1), c["recall_at"], marker=".", label=name)
-    ax.set(xlabel="N", ylabel="Recall@N", title=results["model"]["name"], ylim=(0, 1.02))
+    for x, y, label in series:
+        ax.plot(x, y, marker="." if len(x) < 50 else None, label=label)
+    ax.set(**axes)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    paths.append(out / "recall_at_n.png")
     fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for name, c in curves.items():
-        ax.plot(c["pr"]["recall"], c["pr"]["precision"], label=f"{name} (AUC {c['pr']['auc']:.3f})")
-    ax.set(xlabel="recall", ylabel="precision", title="precision-recall (top-1 score threshold)",
-           xlim=(0, 1), ylim=(0, 1.02))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    paths.append(out / "pr_curve.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+    return path
+
+
+def plot_curves(results: dict, curves: dict[str, dict], out: Path) -> list[Path]:
+    """recall@N (N = 1..max) and precision-recall curves per dataset as PNG files."""
+    recall = [(np.arange(1, len(c["recall_at"]) + 1), np.asarray(c["recall_at"]), name) for name, c in curves.items()]
+    pr = [(c["pr"]["recall"], c["pr"]["precision"], f"{name} (AUC {c['pr']['auc']:.3f})") for name, c in curves.items()]
+    return [
+        _line_plot(out / "recall_at_n.png", recall, xlabel="N", ylabel="Recall@N", title=results["model"]["name"],
+                   ylim=(0, 1.02)),
+        _line_plot(out / "pr_curve.png", pr, xlabel="recall", ylabel="precision",
+                   title="precision-recall (top-1 score threshold)", xlim=(0, 1), ylim=(0, 1.02)),
+    ]
 
 
 def failure_grid(rows: list[tuple[str, str, str | None, float]], out: Path, title: str) -> Path:

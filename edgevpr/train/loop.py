@@ -205,6 +205,7 @@ def train(conf: dict, out_dir: str | os.PathLike, resume: bool = False, progress
     _truncate_csv(log_path, start)  # rows logged after the checkpoint we resume from are replayed
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(batches, range(start, conf["steps"])),
                                          batch_size=None, num_workers=d["workers"])
+    tb = _tensorboard(out / "tensorboard")
     bar = tqdm(total=conf["steps"], initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     metrics: dict[str, float] = {}
     step = start
@@ -225,6 +226,10 @@ def train(conf: dict, out_dir: str | os.PathLike, resume: bool = False, progress
                 best = metrics["val_R@1"]
                 save_model(model, out / "best")
         _append_csv(log_path, metrics)
+        if tb is not None:
+            for k, v in metrics.items():
+                if k != "step":
+                    tb.add_scalar(k, v, step)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", bacc=f"{bacc:.2f}",
                         **({"val": f"{metrics['val_R@1']:.3f}"} if "val_R@1" in metrics else {}))
         bar.update(1)
@@ -232,10 +237,23 @@ def train(conf: dict, out_dir: str | os.PathLike, resume: bool = False, progress
             _save_checkpoint(out, step, model, opt, sched, conf, best)
         if stop_after is not None and step - start >= stop_after:
             bar.close()
+            if tb is not None:
+                tb.close()
             return {**metrics, "stopped": True}
     bar.close()
+    if tb is not None:
+        tb.close()
     save_model(model, out / "final")
     return {**metrics, "best_val_R@1": best if best >= 0 else None}
+
+
+def _tensorboard(path: Path):
+    """A SummaryWriter when the ``tensorboard`` package is installed, else None (metrics.csv has it all)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
 
 
 CSV_FIELDS = ["step", "loss", "batch_acc", "lr", "val_R@1"]
