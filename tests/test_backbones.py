@@ -128,3 +128,17 @@ def test_weights_by_order_rejects_shape_mismatch(tmp_path):
     torch.save(sd, tmp_path / "w.pth")
     with pytest.raises(WeightsError, match="has shape"):
         CNNBackbone("mobilenetv3_small_100", weights=str(tmp_path / "w.pth"))
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "mobilenetv2", "resnet50", "tinyvit_5m", "dinov2_vits14"])
+def test_prefix_plus_suffix_equals_forward(name):
+    torch.manual_seed(0)
+    bb = BACKBONES.get(name)().eval()
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        want = bb(x)
+        for k in (0, 2, len(bb.stages())):
+            got = bb.forward_suffix(bb.forward_prefix(x, k), k, (112, 112))
+            assert got.grid == want.grid
+            assert torch.equal(got.patches, want.patches)
+            assert (got.cls is None) == (want.cls is None) and (got.cls is None or torch.equal(got.cls, want.cls))

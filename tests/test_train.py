@@ -98,3 +98,14 @@ def test_killed_run_resumes_bit_exact(data_root, tmp_path):
     rows = (tmp_path / "killed" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == [str(s) for s in range(1, 11)]  # no replayed duplicates
     assert list((tmp_path / "killed" / "tensorboard").iterdir())
+
+
+def test_cached_frozen_prefix_trains_the_same_weights(data_root, tmp_path):
+    conf = _nordland_conf(data_root, 6, "effnet-lite0-gem", [64, 128], every=6)
+    train(conf, tmp_path / "cached", progress=False)
+    train({**conf, "data": {**conf["data"], "cache_frozen": False}}, tmp_path / "plain", progress=False)
+    a = load_file(str(tmp_path / "cached" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))
+    assert any(not torch.equal(a[k], load_model("effnet-lite0-gem").state_dict()[k]) for k in a)  # it trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

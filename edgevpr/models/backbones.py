@@ -50,6 +50,14 @@ class Backbone(nn.Module):
     def stem(self) -> list[nn.Module | nn.Parameter]:
         raise NotImplementedError
 
+    def forward_prefix(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Stem and the first ``k`` stages: images [B, 3, H, W] -> intermediate state (cacheable when frozen)."""
+        raise NotImplementedError
+
+    def forward_suffix(self, h: torch.Tensor, k: int, image_size: tuple[int, int]) -> Tokens:
+        """The stages after the first ``k`` on a ``forward_prefix`` state; prefix + suffix == forward."""
+        raise NotImplementedError
+
     def freeze(self, n_stages: int) -> None:
         """Freeze the stem and the first ``n_stages`` stages (-1: everything)."""
         stages = self.stages()
@@ -144,6 +152,13 @@ class ViTBackbone(Backbone):
         t, grid = self.embed(x)
         return self.finish(self.run_blocks(t), grid)
 
+    def forward_prefix(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """-> tokens [B, 1+R+N, C] after block k-1."""
+        return self.run_blocks(self.embed(x)[0], 0, k)
+
+    def forward_suffix(self, h: torch.Tensor, k: int, image_size: tuple[int, int]) -> Tokens:
+        return self.finish(self.run_blocks(h, k), self.grid_for(image_size))
+
 
 class CNNBackbone(Backbone):
     """A timm CNN's last feature map as tokens; ``crop`` removes trailing stages (ResNet50 layer4)."""
@@ -187,6 +202,26 @@ class CNNBackbone(Backbone):
 
     def forward(self, x: torch.Tensor) -> Tokens:
         return Tokens.from_map(self.net.forward_features(x))
+
+    def _stem_forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        if hasattr(n, "layer1"):
+            return n.maxpool(n.act1(n.bn1(n.conv1(x))))
+        if hasattr(n, "patch_embed"):
+            return n.patch_embed(x)
+        return n.bn1(n.conv_stem(x))  # timm's bn1 is BatchNormAct2d: norm + activation
+
+    def forward_prefix(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """-> feature map [B, C', H', W'] after stage k-1."""
+        h = self._stem_forward(x)
+        for stage in self.stages()[:k]:
+            h = stage(h)
+        return h
+
+    def forward_suffix(self, h: torch.Tensor, k: int, image_size: tuple[int, int]) -> Tokens:
+        for stage in self.stages()[k:]:
+            h = stage(h)
+        return Tokens.from_map(h)
 
 
 BACKBONES: Registry[Backbone] = Registry("backbone")

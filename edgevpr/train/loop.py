@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "model": "effnet-lite0-gem",
     "data": {"places": [], "places_per_batch": 16, "images_per_place": 2, "min_images": 2,
-             "image_size": None, "augment": None, "workers": 0},
+             "image_size": None, "augment": None, "workers": 0, "cache_frozen": True},
     "trainable": {"mode": "tail", "stages": 2},
     "optimizer": {"name": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "lr_mult": {}},
     "schedule": {"name": "constant", "warmup_steps": 0},
@@ -75,20 +75,47 @@ def build_places(specs: list[dict]) -> PlaceSet:
     return total
 
 
-def set_trainable(model: VPRModel, mode: str, stages: int = 2) -> None:
-    """all | tail (last ``stages`` backbone stages + head) | head. Frozen BatchNorm stays in eval mode."""
+def set_trainable(model: VPRModel, mode: str, stages: int = 2) -> int:
+    """all | tail (last ``stages`` backbone stages + head) | head. Frozen BatchNorm stays in eval mode.
+
+    Returns k, the number of leading backbone stages frozen with the stem (their outputs can be cached).
+    """
     for p in model.parameters():
         p.requires_grad_(True)
     n = len(model.backbone.stages())
     if mode == "all":
-        return
+        return 0
     if mode == "tail":
         model.backbone.freeze(max(0, n - stages))
-    elif mode == "head":
+        return max(0, n - stages)
+    if mode == "head":
         for p in model.backbone.parameters():
             p.requires_grad_(False)
-    else:
-        raise ValueError(f"trainable.mode '{mode}' is not one of all, tail, head")
+        return n
+    raise ValueError(f"trainable.mode '{mode}' is not one of all, tail, head")
+
+
+class PrefixCache:
+    """Outputs of the frozen stem + first k stages, computed once per training image (no augmentation).
+
+    Assumes the frozen prefix is deterministic (no dropout or drop-path in it), which holds for the
+    registered backbones at their defaults; the cache lives in memory.
+    """
+
+    def __init__(self, model: VPRModel, k: int, image_size: tuple[int, int]) -> None:
+        self.model, self.k, self.size = model, k, image_size
+        self.store: dict[int, torch.Tensor] = {}
+
+    def descriptors(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] images (only the uncached ones are used) -> [B, D], training only the suffix."""
+        keys = ids.tolist()
+        todo = [j for j, key in enumerate(keys) if key not in self.store]
+        if todo:
+            with torch.no_grad():
+                h = self.model.backbone.forward_prefix(x[todo], self.k)
+            self.store.update({keys[j]: h[i] for i, j in enumerate(todo)})
+        h = torch.stack([self.store[key] for key in keys])
+        return self.model.aggregator(self.model.backbone.forward_suffix(h, self.k, self.size))
 
 
 def build_optimizer(model: VPRModel, conf: dict) -> torch.optim.Optimizer:
@@ -176,7 +203,7 @@ def train(conf: dict, out_dir: str | os.PathLike, resume: bool = False, progress
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(conf["seed"])
     model = load_model(conf["model"])
-    set_trainable(model, conf["trainable"]["mode"], conf["trainable"].get("stages", 2))
+    frozen = set_trainable(model, conf["trainable"]["mode"], conf["trainable"].get("stages", 2))
     d = conf["data"]
     places = build_places(d["places"]).filter(d["min_images"])
     size = tuple(d["image_size"]) if d["image_size"] else model.image_size
@@ -195,6 +222,7 @@ def train(conf: dict, out_dir: str | os.PathLike, resume: bool = False, progress
         v = conf["val"]
         val = open_dataset(_path(v["db"]), _path(v["queries"]), aligned_tolerance=v.get("aligned"),
                            radius=v.get("radius", 25.0), drop_dark=v.get("drop_dark"))
+    cache = PrefixCache(model, frozen, size) if d["cache_frozen"] and augment is None and frozen > 0 else None
     start, best = 0, -1.0
     if resume and (out / "checkpoints" / "latest.json").exists():
         start, best = _load_checkpoint(out, model, opt, sched)
@@ -209,9 +237,9 @@ def train(conf: dict, out_dir: str | os.PathLike, resume: bool = False, progress
     bar = tqdm(total=conf["steps"], initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     metrics: dict[str, float] = {}
     step = start
-    for x, y in loader:
+    for x, y, ids in loader:
         model.train()
-        loss, bacc = ms(model(x), y)
+        loss, bacc = ms(model(x) if cache is None else cache.descriptors(x, ids), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

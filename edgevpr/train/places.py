@@ -127,7 +127,10 @@ def draw_batch(num_places: int, places_per_batch: int, sizes: list[int], images_
 
 
 class PlaceBatches(Dataset):
-    """Item s = the batch of step s: (images [P*K, 3, H, W], place labels [P*K])."""
+    """Item s = the batch of step s: (images [P*K, 3, H, W], place labels [P*K], image ids [P*K]).
+
+    Image ids number every image of the place set (place by place), e.g. to key a feature cache.
+    """
 
     def __init__(self, places: PlaceSet, places_per_batch: int, images_per_place: int, transform, seed: int,
                  rank: int = 0, world: int = 1, augment=None, num_steps: int = 10**9) -> None:
@@ -135,11 +138,12 @@ class PlaceBatches(Dataset):
         self.transform, self.augment, self.seed = transform, augment, seed
         self.rank, self.world, self.num_steps = rank, world, num_steps
         self.sizes = [len(p) for p in places.places]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(int).tolist()
 
     def __len__(self) -> int:
         return self.num_steps
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pairs = draw_batch(len(self.places), self.P, self.sizes, self.K, self.seed, step, self.rank, self.world)
         xs = []
         for j, (p, i) in enumerate(pairs):
@@ -148,4 +152,5 @@ class PlaceBatches(Dataset):
                 random.seed(hash((self.seed, step, self.rank, j)))  # timm RandAugment draws from `random`
                 img = self.augment(img)
             xs.append(self.transform(img))
-        return torch.stack(xs), torch.tensor([p for p, _ in pairs])
+        ids = torch.tensor([self.offsets[p] + i for p, i in pairs])
+        return torch.stack(xs), torch.tensor([p for p, _ in pairs]), ids
