@@ -248,7 +248,8 @@ def train(conf: dict, out_dir: str | os.PathLike, resume: bool = False, progress
         metrics = {"step": step, "loss": float(loss.detach()), "batch_acc": bacc, "lr": opt.param_groups[0]["lr"]}
         val_every = conf["val"].get("every", conf["checkpoint_every"]) if val is not None else 0
         if val is not None and (step % val_every == 0 or step == conf["steps"]):
-            r = evaluate_dataset(model.eval(), val, EvalConf(cache_dir=None, efficiency=False, progress=False))[0]
+            vconf = EvalConf(cache_dir=None, efficiency=False, progress=False, image_size=size)
+            r = evaluate_dataset(model.eval(), val, vconf)[0]
             metrics["val_R@1"] = r["recall"]["R@1"]
             if metrics["val_R@1"] > best:
                 best = metrics["val_R@1"]
