@@ -1,6 +1,6 @@
 from .loop import DEFAULTS, train
-from .losses import LOSSES, MultiSimilarity
+from .losses import MultiSimilarity
 from .places import PlaceSet, aligned_places, gsv_cities, manifest_places
 
-__all__ = ["DEFAULTS", "LOSSES", "MultiSimilarity", "PlaceSet", "aligned_places", "gsv_cities",
+__all__ = ["DEFAULTS", "MultiSimilarity", "PlaceSet", "aligned_places", "gsv_cities",
            "manifest_places", "train"]

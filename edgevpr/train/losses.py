@@ -1,15 +1,13 @@
 """Loss terms. The VPR metric loss is Multi-Similarity with the MS miner (pytorch-metric-learning) at the
 VPR settings used by GSV-Cities, MixVPR, SALAD, BoQ and EfficientVPR: alpha=1, beta=50, base=0,
 miner epsilon=0.1 (the library defaults alpha=2, base=0.5 differ). Extra terms (distillation,
-alignment, self-distillation) register in ``LOSSES`` and are added by config, each logged on its own.
+alignment, self-distillation) are not wired into the loop yet.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from ..registry import Registry
 
 
 class MultiSimilarity(nn.Module):
@@ -34,6 +32,3 @@ class MultiSimilarity(nn.Module):
         anchors = torch.unique(torch.cat([pairs[0], pairs[2]]))
         return self.loss(desc, labels, pairs), 1.0 - anchors.numel() / desc.shape[0]
 
-
-#: Extra loss terms: name -> factory(**cfg) returning a module called as term(batch_outputs) -> scalar.
-LOSSES: Registry[nn.Module] = Registry("loss term")
