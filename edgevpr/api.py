@@ -18,7 +18,7 @@ from .eval.extract import Extraction, default_cache_dir, extract
 from .eval.recall import first_hit_rank, pr_curve, recall_at_n, search
 from .models.aggregators.netvlad import NetVLAD
 from .models.model import VPRModel
-from .utils import write_json, write_text
+from .utils import atomic_write, write_json, write_text
 
 DEFAULT_NS = (1, 5, 10, 20)
 
@@ -93,8 +93,6 @@ def _write_matches(path: Path, ds: VPRDataset, scores, idx, ranks, top_k: int) -
                 for r in range(min(top_k, idx.shape[1])):
                     row += [str(ds.db_paths[idx[qi, r]]), f"{scores[qi, r]:.5f}", int(idx[qi, r] in pos)]
                 w.writerow(row)
-
-    from .utils import atomic_write
 
     atomic_write(path, write)
 
