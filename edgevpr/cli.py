@@ -20,11 +20,20 @@ def _datasets(args) -> list:
     if args.dataset == "gardens_point":
         root = gardens_point_root()
         tol = 2 if args.aligned is None else args.aligned
-        return [open_dataset(root / db, root / q, aligned_tolerance=tol) for q, db in GARDENS_POINT_SETS]
+        return [open_dataset(root / db, root / q, aligned_tolerance=tol, frames=args.frames)
+                for q, db in GARDENS_POINT_SETS]
     if not args.db or not args.queries:
         raise ValueError("give --db and --queries (or --dataset gardens_point)")
     return [open_dataset(args.db, q, aligned_tolerance=args.aligned, radius=args.radius, gt_file=args.gt,
-                         drop_dark=args.drop_dark) for q in args.queries]
+                         drop_dark=args.drop_dark, frames=args.frames) for q in args.queries]
+
+
+def _frames(text: str) -> tuple[int, int]:
+    try:
+        start, stop = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--frames '{text}' is not START:STOP (e.g. 70:100)") from None
+    return start, stop
 
 
 def cmd_eval(args) -> int:
@@ -70,31 +79,15 @@ def cmd_build(args) -> int:
     return 0
 
 
-def _parse_override(text: str) -> tuple[list[str], object]:
-    import yaml
-
-    if "=" not in text:
-        raise ValueError(f"--set {text}: expected KEY=VALUE, e.g. optimizer.lr=1e-4")
-    key, value = text.split("=", 1)
-    return key.split("."), yaml.safe_load(value)
-
-
 def cmd_train(args) -> int:
-    import yaml
+    from .train.loop import load_config, train
 
-    from .train.loop import train
-
-    conf = yaml.safe_load(Path(args.config).read_text()) or {}
-    for item in args.set or []:
-        keys, value = _parse_override(item)
-        node = conf
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
+    conf = load_config(args.config, args.set or [])
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     result = train(conf, out, resume=args.resume, progress=not args.quiet)
-    print(json.dumps(result, indent=2))
-    print(f"run folder: {out} (final model: {out / 'final'}, best on validation: {out / 'best'})")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result, indent=2))
+        print(f"run folder: {out} (final model: {out / 'final'}, best on validation: {out / 'best'})")
     return 0
 
 
@@ -122,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     gt = e.add_mutually_exclusive_group()
     gt.add_argument("--aligned", type=int, metavar="K", help="aligned traversals, positives within +-K frames")
     gt.add_argument("--gt", help="VPR-Bench ground_truth_new.npy")
+    e.add_argument("--frames", type=_frames, metavar="START:STOP",
+                   help="aligned traversals: evaluate places START..STOP-1 only (e.g. places held out of training)")
     e.add_argument("--radius", type=float, default=25.0, help="positive radius in metres (UTM names, CSV)")
     e.add_argument("--drop-dark", type=float, metavar="LEVEL", help="drop frames darker than LEVEL (0-255 mean)")
     e.add_argument("--skip-bad", action="store_true", help="skip and report unreadable images instead of stopping")

@@ -130,7 +130,8 @@ def test_weights_by_order_rejects_shape_mismatch(tmp_path):
         CNNBackbone("mobilenetv3_small_100", weights=str(tmp_path / "w.pth"))
 
 
-@pytest.mark.parametrize("name", ["efficientnet_lite0", "mobilenetv2", "resnet50", "tinyvit_5m", "dinov2_vits14"])
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "mobilenetv2", "cnn", "resnet50", "tinyvit_5m",
+                                  "dinov2_vits14"])
 def test_prefix_plus_suffix_equals_forward(name):
     torch.manual_seed(0)
     bb = BACKBONES.get(name)().eval()

@@ -1,8 +1,14 @@
 """Training on places: batches, schedules, learning on real data, exact resume."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from edgevpr.api import EvalConf, evaluate_dataset
@@ -109,3 +115,66 @@ def test_cached_frozen_prefix_trains_the_same_weights(data_root, tmp_path):
     assert any(not torch.equal(a[k], load_model("effnet-lite0-gem").state_dict()[k]) for k in a)  # it trained
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_two_ranks_match_one_process(data_root, tmp_path):
+    """torchrun, 2 CPU ranks (gloo), 4 places per rank: identical weights on both ranks, equal (to float
+    tolerance) to one process training on the same 8-place global batches; metrics logged once."""
+    conf = _nordland_conf(data_root, 4, TINY_MODEL, [64, 64], every=4)
+    conf["data"]["places_per_batch"] = 8
+    conf["trainable"] = {"mode": "tail", "stages": 3, "norm_stats": "frozen"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(conf))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EDGEVPR_DATA": str(data_root)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "edgevpr.cli", "train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "ddp"),
+           "--quiet"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fps = json.loads((tmp_path / "ddp" / "ddp.json").read_text())
+    assert fps["world_size"] == 2 and len(set(fps["rank_fingerprints"])) == 1
+    train(conf, tmp_path / "single", progress=False)
+    a = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "single" / "final" / "model.safetensors"))
+    start = load_model(TINY_MODEL).state_dict()
+    assert any(not torch.equal(b[k], start[k]) for k in b)  # it trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    ddp_rows = (tmp_path / "ddp" / "metrics.csv").read_text().splitlines()
+    one_rows = (tmp_path / "single" / "metrics.csv").read_text().splitlines()
+    assert len(ddp_rows) == len(one_rows) == 5
+    for r1, r2 in zip(ddp_rows[1:], one_rows[1:], strict=True):
+        assert float(r1.split(",")[1]) == pytest.approx(float(r2.split(",")[1]), rel=1e-4)  # same loss per step
+
+
+def test_teacher_and_extra_terms(data_root, tmp_path):
+    """A frozen teacher on its own input size beside the student; token distillation (with a projector, a
+    trainable part of the loss) and similarity distillation logged apart; the teacher never changes."""
+    conf = _nordland_conf(data_root, 3, TINY_MODEL, [64, 64], every=3)
+    conf["teacher"] = {"model": "effnet-lite0-gem", "image_size": [96, 96]}
+    conf["loss"] = {"ms": {"weight": 0.5}, "terms": [{"name": "token_distill", "weight": 2.0},
+                                                     {"name": "similarity_distill"}]}
+    out = train(conf, tmp_path / "run", progress=False)
+    assert {"loss/ms", "loss/token_distill", "loss/similarity_distill"} <= set(out)
+    assert out["loss"] == pytest.approx(0.5 * out["loss/ms"] + 2 * out["loss/token_distill"]
+                                        + out["loss/similarity_distill"], rel=1e-5)
+    state = load_file(str(next((tmp_path / "run" / "checkpoints").glob("step_*")) / "train_state.safetensors"))
+    assert state["terms.token_distill.proj.weight"].shape == (1280, 576)  # student 576 ch -> teacher 1280
+    saved = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    assert not any("proj" in k and "token" in k for k in saved)  # terms are not part of the model
+    with pytest.raises(ValueError, match="needs a teacher"):
+        train({**conf, "teacher": None}, tmp_path / "run2", progress=False)
+
+
+def test_token_distill_and_similarity_distill_values():
+    from edgevpr.tokens import Tokens
+    from edgevpr.train.losses import SimilarityDistill, StepContext, TokenDistill
+
+    t = Tokens(torch.randn(2, 16, 8), None, (4, 4))
+    same = StepContext(0, 1, torch.tensor([0, 1]), torch.nn.functional.normalize(torch.randn(2, 5), dim=-1), t,
+                       None, t)
+    assert float(TokenDistill(8, 8)(same)) == 0.0
+    same.teacher_desc = same.desc
+    assert float(SimilarityDistill()(same)) == 0.0
+    small = Tokens(torch.randn(2, 4, 3), None, (2, 2))  # another grid and width: resized and projected
+    value = TokenDistill(3, 8)(StepContext(0, 1, same.labels, same.desc, small, None, t))
+    assert value.ndim == 0 and float(value) > 0

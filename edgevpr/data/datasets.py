@@ -82,8 +82,12 @@ def _aligned_positives(q_frames: np.ndarray, db_frames: np.ndarray, tolerance: i
     return out
 
 
-def aligned(db: str | os.PathLike, queries: str | os.PathLike, tolerance: int = 2) -> VPRDataset:
-    """Aligned traversals: the i-th image (sorted by name) of each folder shows place i; +-tolerance frames."""
+def aligned(db: str | os.PathLike, queries: str | os.PathLike, tolerance: int = 2,
+            frames: tuple[int, int] | None = None) -> VPRDataset:
+    """Aligned traversals: the i-th image (sorted by name) of each folder shows place i; +-tolerance frames.
+
+    frames: (start, stop) keeps places start <= i < stop only, e.g. places held out of training.
+    """
     db_paths, q_paths = list_images(db), list_images(queries)
     if not db_paths or not q_paths:
         raise ValueError(f"no images in {db if not db_paths else queries}")
@@ -91,14 +95,16 @@ def aligned(db: str | os.PathLike, queries: str | os.PathLike, tolerance: int = 
         raise ValueError(
             f"aligned traversals need the same number of images: {db} has {len(db_paths)}, {queries} has {len(q_paths)}"
         )
-    frames = np.arange(len(db_paths))
-    return VPRDataset(
-        name=f"{Path(queries).name}_vs_{Path(db).name}",
-        db_paths=db_paths,
-        q_paths=q_paths,
-        positives=_aligned_positives(frames, frames, tolerance),
-        info={"format": "aligned", "tolerance_frames": tolerance},
-    )
+    name, info = f"{Path(queries).name}_vs_{Path(db).name}", {"format": "aligned", "tolerance_frames": tolerance}
+    if frames is not None:
+        start, stop = frames
+        if not 0 <= start < min(stop, len(db_paths)):
+            raise ValueError(f"frames {start}:{stop} select nothing of the {len(db_paths)} images in {db}")
+        db_paths, q_paths = db_paths[start:stop], q_paths[start:stop]
+        name, info["frames"] = f"{name}_{start}-{start + len(db_paths)}", [start, start + len(db_paths)]
+    idx = np.arange(len(db_paths))
+    return VPRDataset(name=name, db_paths=db_paths, q_paths=q_paths,
+                      positives=_aligned_positives(idx, idx, tolerance), info=info)
 
 
 def parse_utm_name(path: Path) -> tuple[float, float]:
@@ -212,6 +218,7 @@ def open_dataset(
     radius: float = 25.0,
     gt_file: str | os.PathLike | None = None,
     drop_dark: float | None = None,
+    frames: tuple[int, int] | None = None,
 ) -> VPRDataset:
     """Pick the reader from the arguments: ``gt_file`` -> VPR-Bench, ``aligned_tolerance`` -> aligned,
     CSV files -> manifest, folders of ``@``-named files -> UTM names."""
@@ -222,7 +229,9 @@ def open_dataset(
     if gt_file is not None:
         ds = vprbench(db, queries, gt_file)
     elif aligned_tolerance is not None:
-        ds = aligned(db, queries, aligned_tolerance)
+        ds = aligned(db, queries, aligned_tolerance, frames)
+    elif frames is not None:
+        raise ValueError("frames (a range of places) applies to aligned traversals only; add --aligned K")
     elif db.suffix.lower() == ".csv":
         ds = manifest(db, queries, radius)
     else:

@@ -36,7 +36,7 @@ def results_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _line_plot(path: Path, series: list[tuple[np.ndarray, np.ndarray, str]], **axes) -> Path:
+def line_plot(path: Path, series: list[tuple[np.ndarray, np.ndarray, str]], **axes) -> Path:
     """One PNG with a line per (x, y, label) series; ``axes`` go to ``Axes.set``."""
     import matplotlib
 
@@ -60,9 +60,9 @@ def plot_curves(results: dict, curves: dict[str, dict], out: Path) -> list[Path]
     recall = [(np.arange(1, len(c["recall_at"]) + 1), np.asarray(c["recall_at"]), name) for name, c in curves.items()]
     pr = [(c["pr"]["recall"], c["pr"]["precision"], f"{name} (AUC {c['pr']['auc']:.3f})") for name, c in curves.items()]
     return [
-        _line_plot(out / "recall_at_n.png", recall, xlabel="N", ylabel="Recall@N", title=results["model"]["name"],
+        line_plot(out / "recall_at_n.png", recall, xlabel="N", ylabel="Recall@N", title=results["model"]["name"],
                    ylim=(0, 1.02)),
-        _line_plot(out / "pr_curve.png", pr, xlabel="recall", ylabel="precision",
+        line_plot(out / "pr_curve.png", pr, xlabel="recall", ylabel="precision",
                    title="precision-recall (top-1 score threshold)", xlim=(0, 1), ylim=(0, 1.02)),
     ]
 

@@ -189,7 +189,12 @@ class CNNBackbone(Backbone):
             return [m for m in (n.layer1, n.layer2, n.layer3, n.layer4) if not isinstance(m, nn.Identity)]
         if hasattr(n, "stages"):  # Tiny-ViT
             return list(n.stages)
-        head = (getattr(n, a, None) for a in ("conv_head", "bn2"))  # EfficientNet / MobileNetV2 1x1 head
+        # EfficientNet / MobileNetV2 end their feature map with a 1x1 head conv (+ BN); MobileNetV3 applies its
+        # conv_head after global pooling (not part of the map), recognisable by its width != num_features.
+        conv = getattr(n, "conv_head", None)
+        if not isinstance(conv, nn.Conv2d) or conv.out_channels != n.num_features:
+            return list(n.blocks)
+        head = (getattr(n, a, None) for a in ("conv_head", "bn2"))
         return [*n.blocks, *(m for m in head if isinstance(m, nn.Module) and not isinstance(m, nn.Identity))]
 
     def stem(self) -> list[nn.Module]:

@@ -1,13 +1,19 @@
-"""The training loop: P x K place batches -> model -> Multi-Similarity (+ extra terms) -> optimizer.
+"""The training loop: P x K place batches -> model -> Multi-Similarity + extra terms -> optimizer.
 
 ``train(conf, out_dir)`` runs a config (see ``DEFAULTS``); ``resume=True`` continues from the newest
 checkpoint bit-exactly: batches are a function of (seed, step), and a checkpoint holds the weights,
-the optimizer and scheduler states and the RNG state. Checkpoints are folders written file by file
-atomically, then published by atomically rewriting ``checkpoints/latest.json``.
+the loss terms' weights, the optimizer and scheduler states and the RNG state. Checkpoints are folders
+written file by file atomically, then published by atomically rewriting ``checkpoints/latest.json``.
+
+The same function runs under ``torchrun`` (one process per rank): DistributedDataParallel with gloo on
+CPU or nccl on GPU, each rank drawing its share of every step's places. Descriptors and labels are
+gathered across ranks before the Multi-Similarity loss (differentiably), so the loss and the gradients
+equal those of one process on the whole batch; rank 0 validates, logs and writes checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -18,25 +24,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..api import EvalConf, evaluate_dataset
 from ..data.datasets import open_dataset
 from ..models.model import VPRModel, load_model, save_model
-from ..utils import atomic_write, seed_everything, write_json
-from .losses import MultiSimilarity
+from ..tokens import Tokens
+from ..utils import atomic_write, pick_device, seed_everything, write_json
+from .losses import MultiSimilarity, StepContext, TermContext, build_terms
 from .places import PlaceBatches, PlaceSet, aligned_places, gsv_cities, manifest_places
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "model": "effnet-lite0-gem",
+    "device": "auto",
+    "precision": "fp32",
     "data": {"places": [], "places_per_batch": 16, "images_per_place": 2, "min_images": 2,
              "image_size": None, "augment": None, "workers": 0, "cache_frozen": True},
-    "trainable": {"mode": "tail", "stages": 2},
+    "trainable": {"mode": "tail", "stages": 2, "norm_stats": "train"},
+    "teacher": None,
     "optimizer": {"name": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "lr_mult": {}},
     "schedule": {"name": "constant", "warmup_steps": 0},
-    "loss": {"ms": {"alpha": 1.0, "beta": 50.0, "base": 0.0, "epsilon": 0.1}},
+    "loss": {"ms": {"weight": 1.0, "alpha": 1.0, "beta": 50.0, "base": 0.0, "epsilon": 0.1}, "terms": []},
     "steps": 100,
     "checkpoint_every": 50,
     "keep_checkpoints": 2,
@@ -52,13 +64,38 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
+    """A YAML training config; ``base: other.yaml`` (relative to the file) is loaded first and overridden,
+    then ``KEY.SUB=VALUE`` overrides (values parsed as YAML) are applied."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    conf = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(conf, dict):
+        raise ValueError(f"{path}: a config must be a YAML mapping")
+    if "base" in conf:
+        conf = merge(load_config(path.parent / conf.pop("base")), conf)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item}: expected KEY=VALUE, e.g. optimizer.lr=1e-4")
+        key, value = item.split("=", 1)
+        keys = key.split(".")
+        node = conf
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = yaml.safe_load(value)
+    return conf
+
+
 def _path(p: str) -> str:
     return os.path.expandvars(os.path.expanduser(str(p)))
 
 
 def build_places(specs: list[dict]) -> PlaceSet:
     """Union of place sources: {aligned: [folders], start, stop, drop_dark} | {gsv_cities: root, cities}
-    | {manifest: csv, radius}."""
+    | {manifest: csv, radius}; each may carry ``weight`` (sampling weight of its places, default 1)."""
     total: PlaceSet | None = None
     for s in specs:
         if "aligned" in s:
@@ -69,6 +106,8 @@ def build_places(specs: list[dict]) -> PlaceSet:
             ps = manifest_places(_path(s["manifest"]), s.get("radius"))
         else:
             raise ValueError(f"data.places entry {s}: needs one of 'aligned', 'gsv_cities', 'manifest'")
+        if "weight" in s:
+            ps = ps.weighted(float(s["weight"]))
         total = ps if total is None else total + ps
     if total is None:
         raise ValueError("data.places is empty: nothing to train on")
@@ -99,15 +138,15 @@ class PrefixCache:
     """Outputs of the frozen stem + first k stages, computed once per training image (no augmentation).
 
     Assumes the frozen prefix is deterministic (no dropout or drop-path in it), which holds for the
-    registered backbones at their defaults; the cache lives in memory.
+    registered backbones at their defaults; the cache lives in memory on the training device.
     """
 
     def __init__(self, model: VPRModel, k: int, image_size: tuple[int, int]) -> None:
         self.model, self.k, self.size = model, k, image_size
         self.store: dict[int, torch.Tensor] = {}
 
-    def descriptors(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] images (only the uncached ones are used) -> [B, D], training only the suffix."""
+    def tokens(self, x: torch.Tensor, ids: torch.Tensor) -> Tokens:
+        """[B, 3, H, W] images (only the uncached ones are used) -> student tokens, training only the suffix."""
         keys = ids.tolist()
         todo = [j for j, key in enumerate(keys) if key not in self.store]
         if todo:
@@ -115,19 +154,115 @@ class PrefixCache:
                 h = self.model.backbone.forward_prefix(x[todo], self.k)
             self.store.update({keys[j]: h[i] for i, j in enumerate(todo)})
         h = torch.stack([self.store[key] for key in keys])
-        return self.model.aggregator(self.model.backbone.forward_suffix(h, self.k, self.size))
+        return self.model.backbone.forward_suffix(h, self.k, self.size)
 
 
-def build_optimizer(model: VPRModel, conf: dict) -> torch.optim.Optimizer:
-    """Parameter groups by top-level module ('backbone', 'aggregator', ...) with lr multipliers."""
-    groups: dict[str, list] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault(name.split(".")[0], []).append(p)
+class Teacher:
+    """A frozen model beside the student, fed its own view of the same images (its own input size).
+
+    Without augmentation its outputs are a function of the image alone, so they are computed once per
+    training image and kept in memory.
+    """
+
+    def __init__(self, model: VPRModel, cache: bool) -> None:
+        self.model = model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.store: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = {} if cache else None
+        self.grid: tuple[int, int] | None = None
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, Tokens]:
+        """[B, 3, H', W'] -> (descriptors [B, Dt], tokens [B, Nt, Ct])."""
+        keys = ids.tolist()
+        todo = keys if self.store is None else [k for k in keys if k not in self.store]
+        fresh: dict[int, tuple] = {}
+        if todo:
+            rows = [keys.index(k) for k in todo]
+            tok = self.model.forward_tokens(x[rows])
+            desc = self.model.aggregator(tok)
+            self.grid = tok.grid
+            fresh = {k: (desc[i], tok.patches[i], None if tok.cls is None else tok.cls[i]) for i, k in enumerate(todo)}
+            if self.store is not None:
+                self.store.update(fresh)
+        got = [fresh[k] if k in fresh else self.store[k] for k in keys]  # type: ignore[index]
+        cls = None if got[0][2] is None else torch.stack([g[2] for g in got])
+        assert self.grid is not None
+        return torch.stack([g[0] for g in got]), Tokens(torch.stack([g[1] for g in got]), cls, self.grid)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor over DDP ranks (rank order), keeping gradients to this rank's part."""
+    if not _distributed():
+        return t
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(t.contiguous()))
+
+
+class TrainStep(nn.Module):
+    """The student and the loss terms as one module (what DDP wraps): one batch -> (loss, logged values).
+
+    The frozen prefix cache and the teacher stay outside the module: they hold no trainable weights.
+    """
+
+    def __init__(self, model: VPRModel, terms: nn.ModuleDict, weights: dict[str, float], ms_conf: dict,
+                 total_steps: int, cache: PrefixCache | None, freeze_norm_stats: bool) -> None:
+        super().__init__()
+        ms_conf = dict(ms_conf)
+        self.ms_weight = float(ms_conf.pop("weight", 1.0))
+        self.model, self.terms, self.weights = model, terms, weights
+        self.ms = MultiSimilarity(**ms_conf)
+        self.total_steps, self.freeze_norm_stats = total_steps, freeze_norm_stats
+        self.cache = cache
+
+    def train(self, mode: bool = True) -> TrainStep:
+        super().train(mode)
+        self.model.train(mode)
+        if mode and self.freeze_norm_stats:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._NormBase):
+                    m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, step: int,
+                teacher: tuple[torch.Tensor, Tokens] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        tokens = self.model.forward_tokens(x) if self.cache is None else self.cache.tokens(x, ids)
+        desc, labels = gather(self.model.aggregator(tokens)), gather(labels)
+        ctx = StepContext(step, self.total_steps, labels, desc, tokens,
+                          None if teacher is None else gather(teacher[0]), None if teacher is None else teacher[1])
+        loss = desc.new_zeros(())
+        logs: dict[str, torch.Tensor] = {}
+        if self.ms_weight:
+            ms, bacc = self.ms(desc, labels)
+            loss = loss + self.ms_weight * ms
+            logs["loss/ms"], logs["batch_acc"] = ms.detach(), torch.tensor(bacc)
+        for name, term in self.terms.items():
+            value = term(ctx)
+            loss = loss + self.weights[name] * value
+            logs[f"loss/{name}"] = value.detach()
+        logs["loss"] = loss.detach()
+        return loss, logs
+
+
+def build_optimizer(model: VPRModel, conf: dict, terms: nn.Module | None = None) -> torch.optim.Optimizer:
+    """Parameter groups by the model's top-level modules ('backbone', 'aggregator', ...) plus 'terms' (the
+    loss terms' own weights), each at lr * ``lr_mult[group]``."""
+    parts: dict[str, nn.Module] = dict(model.named_children())
+    if terms is not None:
+        parts["terms"] = terms
+    groups = {g: [p for p in m.parameters() if p.requires_grad] for g, m in parts.items()}
+    groups = {g: ps for g, ps in groups.items() if ps}
     mult = conf.get("lr_mult", {})
     unknown = set(mult) - set(groups)
     if unknown:
         raise ValueError(f"optimizer.lr_mult names {sorted(unknown)}; trainable groups are {sorted(groups)}")
+    if not groups:
+        raise ValueError("nothing to train: every parameter is frozen (see 'trainable')")
     params = [{"params": ps, "lr": conf["lr"] * mult.get(g, 1.0), "name": g} for g, ps in groups.items()]
     cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[conf["name"]]
     kw = {"weight_decay": conf.get("weight_decay", 0.0)}
@@ -158,11 +293,12 @@ def lr_factor(conf: dict, total_steps: int):
     return f
 
 
-def _save_checkpoint(out: Path, step: int, model, opt, sched, conf: dict, best: float) -> Path:
+def _save_checkpoint(out: Path, step: int, model, terms, opt, sched, conf: dict, best: float) -> Path:
     ck = out / "checkpoints" / f"step_{step:07d}"
     save_model(model, ck)
     osd = opt.state_dict()
     tensors = {f"opt.{i}.{k}": v.contiguous() for i, st in osd["state"].items() for k, v in st.items()}
+    tensors.update({f"terms.{k}": v.detach().contiguous() for k, v in terms.state_dict().items()})
     tensors["rng.torch"] = torch.get_rng_state()
     atomic_write(ck / "train_state.safetensors", lambda tmp: save_file(tensors, tmp))
     write_json(ck / "train_state.json", {"step": step, "scheduler": sched.state_dict(), "best_val": best,
@@ -174,37 +310,89 @@ def _save_checkpoint(out: Path, step: int, model, opt, sched, conf: dict, best: 
     return ck
 
 
-def _load_checkpoint(out: Path, model, opt, sched) -> tuple[int, float]:
+def _load_checkpoint(out: Path, model, terms, opt, sched) -> tuple[int, float]:
     latest = json.loads((out / "checkpoints" / "latest.json").read_text())
     ck = out / "checkpoints" / latest["path"]
-    model.load_state_dict(load_file(str(ck / "model.safetensors")))
+    device = next(model.parameters()).device
+    model.load_state_dict(load_file(str(ck / "model.safetensors"), device=str(device)))
     state = json.loads((ck / "train_state.json").read_text())
-    tensors = load_file(str(ck / "train_state.safetensors"))
+    tensors = load_file(str(ck / "train_state.safetensors"), device=str(device))
     opt_state: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("opt."):
             _, i, name = k.split(".", 2)
             opt_state.setdefault(int(i), {})[name] = v
     opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    terms.load_state_dict({k[len("terms."):]: v for k, v in tensors.items() if k.startswith("terms.")})
     sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
+    torch.set_rng_state(tensors["rng.torch"].cpu())
     return state["step"], state["best_val"]
+
+
+def _init_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: nccl with one
+    GPU per local rank, else gloo on CPU."""
+    dev = pick_device(device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, dev
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), world, dev
+
+
+def _average(logs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Logged values averaged over ranks (batch-level ones are already equal on every rank)."""
+    keys = sorted(logs)
+    v = torch.stack([logs[k].float().cpu() for k in keys])
+    if _distributed():
+        dist.all_reduce(v)
+        v /= dist.get_world_size()
+    return dict(zip(keys, v.tolist(), strict=True))
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
 
 
 def train(conf: dict, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
           stop_after: int | None = None) -> dict:
     """Train per ``conf`` (merged over DEFAULTS) into ``out_dir``; returns the final metrics.
 
-    stop_after: end the run after that many steps of *this* invocation without finishing (used to
-    test resumption; a real kill behaves the same as far as the checkpoints are concerned).
+    Writes ``final/`` (the last weights), ``best/`` (the best validation R@1, step 0 included, so it is the
+    starting model when training never beat it), ``metrics.csv``, ``config.json``, ``checkpoints/`` and
+    TensorBoard logs. stop_after: end after that many steps of *this* invocation without finishing (used
+    to test resumption; a real kill behaves the same as far as the checkpoints are concerned).
     """
     conf = merge(DEFAULTS, conf)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    rank, world, device = _init_distributed(conf["device"])
+    try:
+        return _train(conf, Path(out_dir), resume, progress and rank == 0, stop_after, rank, world, device)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int | None, rank: int, world: int,
+           device: torch.device) -> dict:
+    main = rank == 0
+    if not resume and (out / "checkpoints").exists():
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     seed_everything(conf["seed"])
-    model = load_model(conf["model"])
-    frozen = set_trainable(model, conf["trainable"]["mode"], conf["trainable"].get("stages", 2))
+    model = load_model(conf["model"]).to(device)
+    tr = conf["trainable"]
+    frozen = set_trainable(model, tr["mode"], tr.get("stages", 2))
+    if tr.get("norm_stats", "train") not in ("train", "frozen"):
+        raise ValueError(f"trainable.norm_stats '{tr['norm_stats']}' is not 'train' or 'frozen'")
+    if world > 1 and device.type == "cuda" and tr.get("norm_stats") == "train":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     d = conf["data"]
+    if d["places_per_batch"] % world:
+        raise ValueError(f"data.places_per_batch={d['places_per_batch']} does not split over {world} ranks")
     places = build_places(d["places"]).filter(d["min_images"])
     size = tuple(d["image_size"]) if d["image_size"] else model.image_size
     augment = None
@@ -212,68 +400,128 @@ def train(conf: dict, out_dir: str | os.PathLike, resume: bool = False, progress
         from timm.data.auto_augment import rand_augment_transform
 
         augment = rand_augment_transform(d["augment"], {})
+    teacher, views = None, {}
+    if conf["teacher"]:
+        tconf = conf["teacher"]
+        tmodel = load_model(tconf["model"]).to(device)
+        teacher = Teacher(tmodel, cache=augment is None)
+        views["teacher"] = tmodel.transform(tuple(tconf["image_size"]) if tconf.get("image_size") else None)
+    terms, weights = build_terms(conf["loss"]["terms"], TermContext(
+        model.backbone.out_dim, model.out_dim, None if teacher is None else teacher.model.backbone.out_dim,
+        None if teacher is None else teacher.model.out_dim))
+    terms.to(device)
     batches = PlaceBatches(places, d["places_per_batch"], d["images_per_place"], model.transform(size),
-                           conf["seed"], augment=augment, num_steps=conf["steps"])
-    opt = build_optimizer(model, conf["optimizer"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(conf["schedule"], conf["steps"]))
-    ms = MultiSimilarity(**conf["loss"]["ms"])
-    val = None
-    if conf["val"]:
-        v = conf["val"]
-        val = open_dataset(_path(v["db"]), _path(v["queries"]), aligned_tolerance=v.get("aligned"),
-                           radius=v.get("radius", 25.0), drop_dark=v.get("drop_dark"))
+                           conf["seed"], rank, world, augment=augment, num_steps=conf["steps"], views=views)
     cache = PrefixCache(model, frozen, size) if d["cache_frozen"] and augment is None and frozen > 0 else None
+    step_module = TrainStep(model, terms, weights, conf["loss"]["ms"], conf["steps"], cache,
+                            tr.get("norm_stats") == "frozen")
+    runner: nn.Module = step_module
+    if world > 1:
+        runner = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    opt = build_optimizer(model, conf["optimizer"], terms)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(conf["schedule"], conf["steps"]))
+    val = open_val_sets(conf["val"]["sets"]) if conf["val"] and main else None
     start, best = 0, -1.0
     if resume and (out / "checkpoints" / "latest.json").exists():
-        start, best = _load_checkpoint(out, model, opt, sched)
-    elif not resume and (out / "checkpoints").exists():
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    write_json(out / "config.json", conf)
-    log_path = out / "metrics.csv"
-    _truncate_csv(log_path, start)  # rows logged after the checkpoint we resume from are replayed
+        start, best = _load_checkpoint(out, model, terms, opt, sched)
+    out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out / "metrics.csv", ["step", "loss", "lr", "batch_acc", "loss/ms",
+                                           *(f"loss/{k}" for k in terms),
+                                           *(["val_R@1", *(f"val_R@1/{ds.name}" for ds in val)] if val else [])])
+    tb = _tensorboard(out / "tensorboard") if main else None
+    if main:
+        write_json(out / "config.json", conf)
+        log.truncate(start)  # rows logged after the checkpoint we resume from are replayed
+    if val is not None and start == 0:
+        best = _validate_and_keep(model, val, size, 0, -1.0, out, log, tb)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(batches, range(start, conf["steps"])),
                                          batch_size=None, num_workers=d["workers"])
-    tb = _tensorboard(out / "tensorboard")
+    val_every = conf["val"].get("every", conf["checkpoint_every"]) if conf["val"] else 0
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if conf["precision"] == "bf16"
+                else contextlib.nullcontext())
     bar = tqdm(total=conf["steps"], initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     metrics: dict[str, float] = {}
     step = start
-    for x, y, ids in loader:
-        model.train()
-        loss, bacc = ms(model(x) if cache is None else cache.descriptors(x, ids), y)
+    for x, y, ids, v in loader:
+        runner.train()
+        t_out = None if teacher is None else teacher(v["teacher"].to(device), ids)
+        with autocast:
+            loss, logs = runner(x.to(device), y.to(device), ids, step, t_out)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         step += 1
-        metrics = {"step": step, "loss": float(loss.detach()), "batch_acc": bacc, "lr": opt.param_groups[0]["lr"]}
-        val_every = conf["val"].get("every", conf["checkpoint_every"]) if val is not None else 0
-        if val is not None and (step % val_every == 0 or step == conf["steps"]):
-            vconf = EvalConf(cache_dir=None, efficiency=False, progress=False, image_size=size)
-            r = evaluate_dataset(model.eval(), val, vconf)[0]
-            metrics["val_R@1"] = r["recall"]["R@1"]
-            if metrics["val_R@1"] > best:
-                best = metrics["val_R@1"]
-                save_model(model, out / "best")
-        _append_csv(log_path, metrics)
-        if tb is not None:
-            for k, v in metrics.items():
-                if k != "step":
-                    tb.add_scalar(k, v, step)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", bacc=f"{bacc:.2f}",
-                        **({"val": f"{metrics['val_R@1']:.3f}"} if "val_R@1" in metrics else {}))
-        bar.update(1)
-        if step % conf["checkpoint_every"] == 0 or step == conf["steps"]:
-            _save_checkpoint(out, step, model, opt, sched, conf, best)
-        if stop_after is not None and step - start >= stop_after:
-            bar.close()
+        metrics = {"step": step, **_average(logs), "lr": opt.param_groups[0]["lr"]}
+        if main:
+            log.append(metrics)
             if tb is not None:
-                tb.close()
-            return {**metrics, "stopped": True}
+                for k, val_ in metrics.items():
+                    if k != "step":
+                        tb.add_scalar(k, val_, step)
+        if val is not None and (step % val_every == 0 or step == conf["steps"]):
+            best = _validate_and_keep(model, val, size, step, best, out, log, tb)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", **({"best_val": f"{best:.3f}"} if val is not None else {}))
+        bar.update(1)
+        if main and (step % conf["checkpoint_every"] == 0 or step == conf["steps"]):
+            _save_checkpoint(out, step, model, terms, opt, sched, conf, best)
+        _barrier()
+        if stop_after is not None and step - start >= stop_after:
+            break
     bar.close()
     if tb is not None:
         tb.close()
-    save_model(model, out / "final")
+    if stop_after is not None and step < conf["steps"]:
+        return {**metrics, "stopped": True}
+    if main:
+        save_model(model, out / "final")
+        if world > 1:
+            write_json(out / "ddp.json", {"world_size": world, "rank_fingerprints": _rank_fingerprints(model)})
+    elif world > 1:
+        _rank_fingerprints(model)
     return {**metrics, "best_val_R@1": best if best >= 0 else None}
+
+
+def _rank_fingerprints(model: VPRModel) -> list[str]:
+    """Every rank's weight fingerprint (collective: all ranks must call it); identical under correct DDP."""
+    fp = model.fingerprint()
+    got: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(got, fp)
+    return [str(g) for g in got]
+
+
+def _validate_and_keep(model: VPRModel, val: list, size: tuple[int, int], step: int, best: float, out: Path,
+                       log: MetricsLog, tb) -> float:
+    """Validate (rank 0), log, and save ``best/`` when the mean R@1 beats ``best``; returns the new best."""
+    r = validate(model, val, size)
+    log.append({"step": step, **r}, merge_last=step > 0)
+    if tb is not None:
+        for k, v in r.items():
+            tb.add_scalar(k, v, step)
+    if r["val_R@1"] > best:
+        save_model(model, out / "best")
+        write_json(out / "best" / "step.json", {"step": step, **r})
+        return r["val_R@1"]
+    return best
+
+
+def open_val_sets(specs: list[dict]) -> list:
+    """Validation datasets: [{db, queries, aligned, frames: [start, stop], radius, drop_dark}, ...]."""
+    return [open_dataset(_path(v["db"]), _path(v["queries"]), aligned_tolerance=v.get("aligned"),
+                         radius=v.get("radius", 25.0), drop_dark=v.get("drop_dark"),
+                         frames=tuple(v["frames"]) if v.get("frames") else None) for v in specs]
+
+
+def validate(model: VPRModel, sets: list, size: tuple[int, int]) -> dict[str, float]:
+    """R@1 on each validation set at the training image size, and their mean as ``val_R@1``."""
+    vconf = EvalConf(cache_dir=None, efficiency=False, progress=False, image_size=size)
+    was_training = model.training
+    device = next(model.parameters()).device
+    r1 = {f"val_R@1/{ds.name}": evaluate_dataset(model.eval(), ds, vconf, device=device)[0]["recall"]["R@1"]
+          for ds in sets}
+    model.train(was_training)
+    return {"val_R@1": sum(r1.values()) / len(r1), **r1}
 
 
 def _tensorboard(path: Path):
@@ -285,24 +533,46 @@ def _tensorboard(path: Path):
     return SummaryWriter(str(path))
 
 
-CSV_FIELDS = ["step", "loss", "batch_acc", "lr", "val_R@1"]
+class MetricsLog:
+    """metrics.csv with a fixed header; rows appended as steps finish, truncated on resume."""
 
+    def __init__(self, path: Path, fields: list[str]) -> None:
+        self.path, self.fields = path, fields
 
-def _truncate_csv(path: Path, last_step: int) -> None:
-    if not path.exists():
-        return
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= last_step]
-    path.unlink()
-    for r in rows:
-        _append_csv(path, r)
+    def _rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
 
+    def _write(self, rows: list[dict]) -> None:
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
 
-def _append_csv(path: Path, row: dict) -> None:
-    fields = CSV_FIELDS
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, "") for k in fields})
+        atomic_write(self.path, write)
+
+    def truncate(self, last_step: int) -> None:
+        if self.path.exists():
+            self._write([r for r in self._rows() if int(r["step"]) <= last_step])
+
+    def append(self, row: dict, merge_last: bool = False) -> None:
+        """Add a row; ``merge_last`` fills the last row's empty fields instead (validation of that step)."""
+        row = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+        if merge_last:
+            rows = self._rows()
+            if rows and rows[-1]["step"] == str(row["step"]):
+                rows[-1].update({k: v for k, v in row.items() if k in self.fields})
+                self._write(rows)
+                return
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def read(self) -> list[dict]:
+        return self._rows()

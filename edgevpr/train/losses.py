@@ -1,13 +1,25 @@
 """Loss terms. The VPR metric loss is Multi-Similarity with the MS miner (pytorch-metric-learning) at the
 VPR settings used by GSV-Cities, MixVPR, SALAD, BoQ and EfficientVPR: alpha=1, beta=50, base=0,
-miner epsilon=0.1 (the library defaults alpha=2, base=0.5 differ). Extra terms (distillation,
-alignment, self-distillation) are not wired into the loop yet.
+miner epsilon=0.1 (the library defaults alpha=2, base=0.5 differ).
+
+Extra terms (distillation, alignment, self-distillation) are ``LossTerm`` modules registered in
+``LOSS_TERMS`` and named in a training config (``loss.terms: [{name, weight, ...}]``). Each sees a
+``StepContext`` (student descriptors and tokens, the frozen teacher's, labels, step) and returns a scalar;
+the loop adds ``weight * term`` to the loss and logs every term apart. A term's own parameters (projectors,
+alignment modules) train with the model and are checkpointed, but never exported with it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from ..registry import Registry
+from ..tokens import Tokens
 
 
 class MultiSimilarity(nn.Module):
@@ -32,3 +44,117 @@ class MultiSimilarity(nn.Module):
         anchors = torch.unique(torch.cat([pairs[0], pairs[2]]))
         return self.loss(desc, labels, pairs), 1.0 - anchors.numel() / desc.shape[0]
 
+
+@dataclass
+class StepContext:
+    """One training step as the loss terms see it.
+
+    desc/labels/teacher_desc cover the global batch (gathered across DDP ranks, so batch-level terms equal
+    the single-process ones); tokens/teacher_tokens cover this rank's images only.
+    """
+
+    step: int
+    total_steps: int
+    labels: torch.Tensor  # [B]
+    desc: torch.Tensor  # [B, D] student descriptors, L2-normalised
+    tokens: Tokens  # student tokens before aggregation, [b, N, C]
+    teacher_desc: torch.Tensor | None = None  # [B, Dt]
+    teacher_tokens: Tokens | None = None  # [b, Nt, Ct]
+
+
+class LossTerm(nn.Module):
+    """An extra objective: ``forward(ctx) -> scalar``. ``needs_teacher``: the config must name a teacher."""
+
+    needs_teacher: bool = False
+
+    def forward(self, ctx: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TermContext:
+    """What a term may need to know when it is built: the student's and the teacher's token widths and
+    descriptor dims (teacher fields None without a teacher)."""
+
+    student_width: int
+    student_dim: int
+    teacher_width: int | None
+    teacher_dim: int | None
+
+
+LOSS_TERMS: Registry[LossTerm] = Registry("loss term")
+
+
+def _needs(ctx: TermContext, name: str) -> tuple[int, int]:
+    if ctx.teacher_width is None or ctx.teacher_dim is None:
+        raise ValueError(f"loss term '{name}' needs a teacher: add 'teacher: {{model: ...}}' to the config")
+    return ctx.teacher_width, ctx.teacher_dim
+
+
+class TokenDistill(LossTerm):
+    """Token-level distillation (TAT-VPR stage 1): the student's patch-token map, bilinearly resized to the
+    teacher's grid and linearly projected to the teacher's width (when widths differ), regresses the
+    frozen teacher's patch-token map with MSE.
+
+    student tokens [B, Hs*Ws, Cs] -> map [B, Cs, Hs, Ws] -> [B, Cs, Ht, Wt] -> [B, Ht*Wt, Ct] vs teacher [B, Ht*Wt, Ct].
+    ``normalize``: L2-normalise both per token first (scale-free; off by default as in TAT-VPR).
+    """
+
+    needs_teacher = True
+
+    def __init__(self, student_width: int, teacher_width: int, normalize: bool = False) -> None:
+        super().__init__()
+        self.proj = nn.Linear(student_width, teacher_width) if student_width != teacher_width else nn.Identity()
+        self.normalize = normalize
+
+    def forward(self, ctx: StepContext) -> torch.Tensor:
+        s, t = ctx.tokens, ctx.teacher_tokens
+        assert t is not None
+        smap = s.as_map("token distillation")
+        if s.grid != t.grid:
+            smap = F.interpolate(smap, size=t.grid, mode="bilinear", align_corners=False)
+        sp = self.proj(smap.flatten(2).transpose(1, 2))
+        tp = t.patches
+        if self.normalize:
+            sp, tp = F.normalize(sp, dim=-1), F.normalize(tp, dim=-1)
+        return F.mse_loss(sp, tp)
+
+
+class SimilarityDistill(LossTerm):
+    """Relational distillation: MSE between the student's and the teacher's in-batch cosine similarity
+    matrices (off-diagonal). desc [B, D], teacher desc [B, Dt] -> scalar; widths need not match."""
+
+    needs_teacher = True
+
+    def forward(self, ctx: StepContext) -> torch.Tensor:
+        assert ctx.teacher_desc is not None
+        s = ctx.desc @ ctx.desc.T
+        t = ctx.teacher_desc @ ctx.teacher_desc.T
+        off = ~torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
+        return F.mse_loss(s[off], t[off])
+
+
+@LOSS_TERMS.register("token_distill")
+def _token_distill(ctx: TermContext, normalize: bool = False) -> TokenDistill:
+    return TokenDistill(ctx.student_width, _needs(ctx, "token_distill")[0], normalize)
+
+
+@LOSS_TERMS.register("similarity_distill")
+def _similarity_distill(ctx: TermContext) -> SimilarityDistill:
+    _needs(ctx, "similarity_distill")
+    return SimilarityDistill()
+
+
+def build_terms(specs: list[dict], ctx: TermContext) -> tuple[nn.ModuleDict, dict[str, float]]:
+    """Config entries {name, weight=1, as=name, ...options} -> (terms by log name, weights by log name)."""
+    terms, weights = nn.ModuleDict(), {}
+    for spec in specs:
+        spec = dict(spec)
+        name = spec.pop("name")
+        key = spec.pop("as", name)
+        if key in terms:
+            raise ValueError(f"loss term '{key}' is configured twice; give one an 'as: other_name'")
+        weights[key] = float(spec.pop("weight", 1.0))
+        builder: Callable[..., LossTerm] = LOSS_TERMS.get(name)
+        terms[key] = builder(ctx, **spec)
+    return terms, weights

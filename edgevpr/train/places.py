@@ -29,19 +29,32 @@ from ..data.images import list_images, load_image, mean_intensity
 
 @dataclass
 class PlaceSet:
-    """places[i]: image paths of place i (at least one)."""
+    """places[i]: image paths of place i (at least one); weights[i]: its relative sampling weight."""
 
     places: list[list[Path]]
     name: str = "places"
+    weights: list[float] | None = None
 
     def __len__(self) -> int:
         return len(self.places)
 
+    def _w(self) -> list[float]:
+        return self.weights if self.weights is not None else [1.0] * len(self.places)
+
     def filter(self, min_images: int) -> PlaceSet:
-        return PlaceSet([p for p in self.places if len(p) >= min_images], self.name)
+        keep = [i for i, p in enumerate(self.places) if len(p) >= min_images]
+        return PlaceSet([self.places[i] for i in keep], self.name,
+                        None if self.weights is None else [self.weights[i] for i in keep])
+
+    def weighted(self, weight: float) -> PlaceSet:
+        """Every place drawn ``weight`` times as often as an unweighted one (balances small sources)."""
+        if weight <= 0:
+            raise ValueError(f"{self.name}: a place weight must be positive, got {weight}")
+        return PlaceSet(self.places, self.name, [w * weight for w in self._w()])
 
     def __add__(self, other: PlaceSet) -> PlaceSet:
-        return PlaceSet(self.places + other.places, f"{self.name}+{other.name}")
+        weights = None if self.weights is None and other.weights is None else self._w() + other._w()
+        return PlaceSet(self.places + other.places, f"{self.name}+{other.name}", weights)
 
 
 def aligned_places(folders: list[str | os.PathLike], start: int = 0, stop: int | None = None,
@@ -108,16 +121,18 @@ def manifest_places(csv_path: str | os.PathLike, radius: float | None = None) ->
 
 
 def draw_batch(num_places: int, places_per_batch: int, sizes: list[int], images_per_place: int, seed: int,
-               step: int, rank: int = 0, world: int = 1) -> list[tuple[int, int]]:
+               step: int, rank: int = 0, world: int = 1, weights: list[float] | None = None) -> list[tuple[int, int]]:
     """(place, image) pairs of this rank's share of the global batch of ``step``.
 
-    The P places are drawn without replacement; K images per place without replacement when the place
-    has K or more (else with). Rank r takes places r, r+world, ... of the global draw.
+    The P places are drawn without replacement (with probability proportional to ``weights`` if given);
+    K images per place without replacement when the place has K or more (else with). Rank r takes places
+    r, r+world, ... of the global draw.
     """
     if places_per_batch > num_places:
         raise ValueError(f"places_per_batch={places_per_batch} exceeds the {num_places} training places")
     rng = np.random.default_rng([seed, step])
-    chosen = rng.choice(num_places, places_per_batch, replace=False)
+    p = None if weights is None else np.asarray(weights, float) / np.sum(weights)
+    chosen = rng.choice(num_places, places_per_batch, replace=False, p=p)
     pairs = []
     for p in chosen:
         k = sizes[p]
@@ -127,30 +142,38 @@ def draw_batch(num_places: int, places_per_batch: int, sizes: list[int], images_
 
 
 class PlaceBatches(Dataset):
-    """Item s = the batch of step s: (images [P*K, 3, H, W], place labels [P*K], image ids [P*K]).
+    """Item s = the batch of step s: (images [P*K, 3, H, W], place labels [P*K], image ids [P*K], views).
 
     Image ids number every image of the place set (place by place), e.g. to key a feature cache.
+    ``views`` maps a name to another transform of the same (augmented) images, e.g. a teacher's own input
+    size: {"teacher": [P*K, 3, H', W']}.
     """
 
     def __init__(self, places: PlaceSet, places_per_batch: int, images_per_place: int, transform, seed: int,
-                 rank: int = 0, world: int = 1, augment=None, num_steps: int = 10**9) -> None:
+                 rank: int = 0, world: int = 1, augment=None, num_steps: int = 10**9,
+                 views: dict | None = None) -> None:
         self.places, self.P, self.K = places, places_per_batch, images_per_place
         self.transform, self.augment, self.seed = transform, augment, seed
         self.rank, self.world, self.num_steps = rank, world, num_steps
+        self.views = views or {}
         self.sizes = [len(p) for p in places.places]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(int).tolist()
 
     def __len__(self) -> int:
         return self.num_steps
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pairs = draw_batch(len(self.places), self.P, self.sizes, self.K, self.seed, step, self.rank, self.world)
-        xs = []
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        pairs = draw_batch(len(self.places), self.P, self.sizes, self.K, self.seed, step, self.rank, self.world,
+                           self.places.weights)
+        xs: list[torch.Tensor] = []
+        vs: dict[str, list[torch.Tensor]] = {k: [] for k in self.views}
         for j, (p, i) in enumerate(pairs):
             img = load_image(self.places.places[p][i])
             if self.augment is not None:
                 random.seed(hash((self.seed, step, self.rank, j)))  # timm RandAugment draws from `random`
                 img = self.augment(img)
             xs.append(self.transform(img))
+            for k, t in self.views.items():
+                vs[k].append(t(img))
         ids = torch.tensor([self.offsets[p] + i for p, i in pairs])
-        return torch.stack(xs), torch.tensor([p for p, _ in pairs]), ids
+        return torch.stack(xs), torch.tensor([p for p, _ in pairs]), ids, {k: torch.stack(v) for k, v in vs.items()}
