@@ -17,7 +17,7 @@ from edgevpr.models.model import load_model
 from edgevpr.train.loop import lr_factor, train
 from edgevpr.train.losses import MultiSimilarity
 from edgevpr.train.places import draw_batch, manifest_places
-from tests.conftest import TINY_MODEL, make_image
+from tests.conftest import ROOT, TINY_MODEL, make_image
 
 
 def test_batches_are_a_function_of_seed_and_step_and_shard_by_rank():
@@ -137,6 +137,7 @@ def test_ddp_two_ranks_match_one_process(data_root, tmp_path):
     b = load_file(str(tmp_path / "single" / "final" / "model.safetensors"))
     start = load_model(TINY_MODEL).state_dict()
     assert any(not torch.equal(b[k], start[k]) for k in b)  # it trained
+    assert all(torch.equal(b[k], start[k]) for k in b if "running_" in k)  # norm_stats: frozen
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     ddp_rows = (tmp_path / "ddp" / "metrics.csv").read_text().splitlines()
@@ -178,3 +179,42 @@ def test_token_distill_and_similarity_distill_values():
     small = Tokens(torch.randn(2, 4, 3), None, (2, 2))  # another grid and width: resized and projected
     value = TokenDistill(3, 8)(StepContext(0, 1, same.labels, same.desc, small, None, t))
     assert value.ndim == 0 and float(value) > 0
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")))
+def test_shipped_configs_load(path):
+    from edgevpr.models import preset_names
+    from edgevpr.train.loop import DEFAULTS, load_config, lr_factor, merge
+
+    conf = merge(DEFAULTS, load_config(ROOT / path))
+    assert conf["model"] in preset_names() or isinstance(conf["model"], dict)
+    assert conf["data"]["places"] and conf["data"]["places_per_batch"] > 0
+    f = lr_factor(conf["schedule"], conf["steps"], 500)
+    assert all(0 <= f(s) <= 1 for s in range(0, 20000, 97))
+
+
+def test_config_errors_name_the_field(tmp_path):
+    from edgevpr.train.loop import load_config
+
+    (tmp_path / "a.yaml").write_text("optimzer: {lr: 1}\n")
+    with pytest.raises(ValueError, match="unknown field optimzer"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("data: {places: []}\n")
+    with pytest.raises(ValueError, match="data.places.3.x"):
+        load_config(tmp_path / "c.yaml", ["data.places.3.x=1"])
+
+
+def test_trainable_modes():
+    from edgevpr.train.loop import set_trainable
+
+    m = load_model(TINY_MODEL)
+    assert set_trainable(m, "match", patterns=[r"^aggregator\.p$", r"blocks\.5\.0\.conv\."]) == 0
+    assert sorted(n for n, p in m.named_parameters() if p.requires_grad) == [
+        "aggregator.p", "backbone.net.blocks.5.0.conv.weight"]
+    with pytest.raises(ValueError, match="match no parameter"):
+        set_trainable(m, "match", patterns=["nothing"])
+    assert set_trainable(m, "head") == len(m.backbone.stages())
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == ["aggregator.p"]

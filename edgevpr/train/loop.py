@@ -19,6 +19,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -44,16 +45,27 @@ DEFAULTS: dict[str, Any] = {
     "precision": "fp32",
     "data": {"places": [], "places_per_batch": 16, "images_per_place": 2, "min_images": 2,
              "image_size": None, "augment": None, "workers": 0, "cache_frozen": True},
-    "trainable": {"mode": "tail", "stages": 2, "norm_stats": "train"},
+    "trainable": {"mode": "tail", "stages": 2, "norm_stats": "train", "patterns": None},
     "teacher": None,
     "optimizer": {"name": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "lr_mult": {}},
     "schedule": {"name": "constant", "warmup_steps": 0},
     "loss": {"ms": {"weight": 1.0, "alpha": 1.0, "beta": 50.0, "base": 0.0, "epsilon": 0.1}, "terms": []},
     "steps": 100,
+    "epochs": None,
     "checkpoint_every": 50,
     "keep_checkpoints": 2,
     "val": None,
 }
+
+
+def check_keys(conf: dict, where: str = "config") -> None:
+    """Refuse misspelt fields: top-level, ``data`` and ``trainable`` keys must be ones DEFAULTS knows."""
+    for section, known in (("", DEFAULTS), ("data", DEFAULTS["data"]), ("trainable", DEFAULTS["trainable"])):
+        node = conf.get(section, {}) if section else conf
+        extra = sorted(set(node or {}) - set(known))
+        if extra:
+            raise ValueError(f"{where}: unknown field {(section + '.') if section else ''}{extra[0]}; "
+                             f"known: {', '.join(sorted(known))}")
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -81,11 +93,15 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
         if "=" not in item:
             raise ValueError(f"--set {item}: expected KEY=VALUE, e.g. optimizer.lr=1e-4")
         key, value = item.split("=", 1)
-        keys = key.split(".")
+        keys: list = [int(k) if k.isdigit() else k for k in key.split(".")]
         node = conf
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = yaml.safe_load(value)
+        try:
+            for k in keys[:-1]:
+                node = node[k] if isinstance(node, list) else node.setdefault(k, {})
+            node[keys[-1]] = yaml.safe_load(value)
+        except (IndexError, TypeError, AttributeError):
+            raise ValueError(f"--set {item}: '{key}' does not name a field of {path}") from None
+    check_keys(conf, str(path))
     return conf
 
 
@@ -114,13 +130,23 @@ def build_places(specs: list[dict]) -> PlaceSet:
     return total
 
 
-def set_trainable(model: VPRModel, mode: str, stages: int = 2) -> int:
-    """all | tail (last ``stages`` backbone stages + head) | head. Frozen BatchNorm stays in eval mode.
+def set_trainable(model: VPRModel, mode: str, stages: int = 2, patterns: list[str] | None = None) -> int:
+    """all | tail (last ``stages`` backbone stages + head) | head | match (only parameters whose name matches
+    one of the regular expressions ``patterns``, e.g. prompts only). Frozen BatchNorm stays in eval mode.
 
     Returns k, the number of leading backbone stages frozen with the stem (their outputs can be cached).
     """
     for p in model.parameters():
         p.requires_grad_(True)
+    if mode == "match":
+        if not patterns:
+            raise ValueError("trainable.mode 'match' needs trainable.patterns (regular expressions)")
+        regs = [re.compile(r) for r in patterns]
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(r.search(name) for r in regs))
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(f"trainable.patterns {patterns} match no parameter of the model")
+        return 0
     n = len(model.backbone.stages())
     if mode == "all":
         return 0
@@ -131,7 +157,7 @@ def set_trainable(model: VPRModel, mode: str, stages: int = 2) -> int:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
         return n
-    raise ValueError(f"trainable.mode '{mode}' is not one of all, tail, head")
+    raise ValueError(f"trainable.mode '{mode}' is not one of all, tail, head, match")
 
 
 class PrefixCache:
@@ -271,24 +297,34 @@ def build_optimizer(model: VPRModel, conf: dict, terms: nn.Module | None = None)
     return cls(params, lr=conf["lr"], **kw)
 
 
-def lr_factor(conf: dict, total_steps: int):
-    """step -> lr multiplier: constant | cosine (linear warm-up, cosine to 0) | step (gamma every N) | linear."""
-    name, warm = conf["name"], conf.get("warmup_steps", 0)
+def lr_factor(conf: dict, total_steps: int, steps_per_epoch: int = 1):
+    """step -> lr multiplier: constant | cosine (linear warm-up, cosine to 0) | step (gamma every N) |
+    multistep (gamma at each milestone) | linear (1 -> end_factor), after ``warmup_steps`` + ``warmup``.
+
+    ``unit: epoch`` counts warmup, every, milestones and total in epochs of ``steps_per_epoch`` steps (as the
+    published recipes do); the schedule still advances every optimizer step.
+    """
+    name = conf["name"]
+    scale = steps_per_epoch if conf.get("unit", "step") == "epoch" else 1
+    warm = int(conf.get("warmup", 0) * scale) + int(conf.get("warmup_steps", 0))
+    if name not in ("constant", "cosine", "step", "multistep", "linear"):
+        raise ValueError(f"schedule '{name}' is not one of constant, cosine, step, multistep, linear")
 
     def f(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        if name == "constant":
-            return 1.0
         if name == "cosine":
             t = (step - warm) / max(1, total_steps - warm)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
         if name == "step":
-            return conf.get("gamma", 0.8) ** ((step - warm) // conf["every"])
+            return conf.get("gamma", 0.8) ** ((step - warm) // int(conf["every"] * scale))
+        if name == "multistep":
+            return conf.get("gamma", 0.1) ** sum(step >= int(m * scale) for m in conf["milestones"])
         if name == "linear":
-            t = min(1.0, (step - warm) / max(1, total_steps - warm))
+            end = int(conf["total"] * scale) if "total" in conf else total_steps
+            t = min(1.0, (step - warm) / max(1, end - warm))
             return 1.0 + t * (conf.get("end_factor", 0.2) - 1.0)
-        raise ValueError(f"schedule '{name}' is not one of constant, cosine, step, linear")
+        return 1.0
 
     return f
 
@@ -368,6 +404,7 @@ def train(conf: dict, out_dir: str | os.PathLike, resume: bool = False, progress
     TensorBoard logs. stop_after: end after that many steps of *this* invocation without finishing (used
     to test resumption; a real kill behaves the same as far as the checkpoints are concerned).
     """
+    check_keys(conf)
     conf = merge(DEFAULTS, conf)
     rank, world, device = _init_distributed(conf["device"])
     try:
@@ -385,7 +422,7 @@ def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int 
     seed_everything(conf["seed"])
     model = load_model(conf["model"]).to(device)
     tr = conf["trainable"]
-    frozen = set_trainable(model, tr["mode"], tr.get("stages", 2))
+    frozen = set_trainable(model, tr["mode"], tr.get("stages", 2), tr.get("patterns"))
     if tr.get("norm_stats", "train") not in ("train", "frozen"):
         raise ValueError(f"trainable.norm_stats '{tr['norm_stats']}' is not 'train' or 'frozen'")
     if world > 1 and device.type == "cuda" and tr.get("norm_stats") == "train":
@@ -394,6 +431,9 @@ def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int 
     if d["places_per_batch"] % world:
         raise ValueError(f"data.places_per_batch={d['places_per_batch']} does not split over {world} ranks")
     places = build_places(d["places"]).filter(d["min_images"])
+    steps_per_epoch = max(1, len(places) // d["places_per_batch"])  # an epoch shows every place once
+    if conf.get("epochs"):
+        conf["steps"] = int(conf["epochs"] * steps_per_epoch)
     size = tuple(d["image_size"]) if d["image_size"] else model.image_size
     augment = None
     if d["augment"]:
@@ -420,7 +460,7 @@ def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int 
         runner = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     opt = build_optimizer(model, conf["optimizer"], terms)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(conf["schedule"], conf["steps"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(conf["schedule"], conf["steps"], steps_per_epoch))
     val = open_val_sets(conf["val"]["sets"]) if conf["val"] and main else None
     start, best = 0, -1.0
     if resume and (out / "checkpoints" / "latest.json").exists():
