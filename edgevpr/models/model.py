@@ -7,6 +7,7 @@ descriptor caches and place indexes can refuse descriptors made by another model
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -34,7 +35,11 @@ class VPRModel(nn.Module):
     """images [B, 3, H, W] (normalised) -> L2-normalised descriptors [B, D].
 
     config keys: ``backbone`` {name, weights, ...}, ``aggregator`` {name, ...}, ``image_size`` [H, W],
-    optional ``mean``/``std``/``interpolation`` overriding the backbone's preprocessing, ``name``.
+    optional ``mean``/``std``/``interpolation`` overriding the backbone's preprocessing, ``name``, and
+    ``ternary`` {patterns, full_precision_last_ffn, eps} (TAT-VPR ternary linears in the backbone).
+
+    Runtime knobs (``forward(x, sparsity=0.4)``) are attributes of the modules that declare them in a
+    ``knobs`` tuple; ``knob_names()`` lists what a model offers.
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -42,6 +47,10 @@ class VPRModel(nn.Module):
         self.config = copy.deepcopy(config)
         bcfg = dict(self.config["backbone"])
         self.backbone: Backbone = BACKBONES.get(bcfg.pop("name"))(**bcfg)
+        if self.config.get("ternary") is not None:
+            from ..compress.ternary import apply_ternary
+
+            apply_ternary(self.backbone, **self.config["ternary"])
         acfg = dict(self.config["aggregator"])
         ctx = HeadContext(self.backbone.out_dim, self.backbone.has_cls, self.backbone.grid_for(self.image_size))
         self.aggregator = AGGREGATORS.get(acfg.pop("name"))(ctx, **acfg)
@@ -73,8 +82,44 @@ class VPRModel(nn.Module):
     def forward_tokens(self, x: torch.Tensor) -> Tokens:
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.aggregator(self.forward_tokens(x))
+    def forward(self, x: torch.Tensor, **knobs) -> torch.Tensor:
+        """images [B, 3, H, W] -> descriptors [B, D]; ``knobs`` (e.g. sparsity=0.4) apply to this call only."""
+        if not knobs:
+            return self.aggregator(self.forward_tokens(x))
+        with self.using(**knobs):
+            return self.aggregator(self.forward_tokens(x))
+
+    def knob_names(self) -> list[str]:
+        return sorted({k for m in self.modules() for k in getattr(m, "knobs", ())})
+
+    @contextlib.contextmanager
+    def using(self, **knobs):
+        """Set runtime knobs on every module that has them for the duration of a ``with`` block (None: leave)."""
+        saved = []
+        try:
+            for name, value in knobs.items():
+                if value is None:
+                    continue
+                mods = [m for m in self.modules() if name in getattr(m, "knobs", ())]
+                if not mods:
+                    raise ValueError(f"model {self.name} has no runtime knob '{name}' "
+                                     f"(it has: {', '.join(self.knob_names()) or 'none'})")
+                for m in mods:
+                    saved.append((m, name, getattr(m, name)))
+                    setattr(m, name, value)
+            yield self
+        finally:
+            for m, name, old in reversed(saved):
+                setattr(m, name, old)
+
+    def state_for_identity(self) -> dict[str, torch.Tensor]:
+        """The state dict with every ternary layer's latent weight replaced by the weight it computes with
+        (delta * q), so a packed model and its fp-latent original identify as the same function."""
+        sd = dict(self.state_dict())
+        for name, m in self.named_modules():
+            if hasattr(m, "effective_weight"):
+                sd[f"{name}.weight"] = m.effective_weight().detach()
+        return sd
 
     def train(self, mode: bool = True) -> VPRModel:
         """Like nn.Module.train, but normalisation layers whose parameters are all frozen stay in eval
@@ -92,10 +137,11 @@ class VPRModel(nn.Module):
         """sha256 (16 hex) of the architecture config (weights source excluded) and every tensor's bytes."""
         arch = copy.deepcopy(self.config)
         arch.pop("name", None)
+        arch.pop("packed", None)
         arch.get("backbone", {}).pop("weights", None)
         arch.pop("provenance", None)
         h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
-        for k, v in sorted(self.state_dict().items()):
+        for k, v in sorted(self.state_for_identity().items()):
             t = v.detach().cpu().contiguous().reshape(-1)
             h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -106,18 +152,50 @@ def build_model(config: dict[str, Any]) -> VPRModel:
     return VPRModel(config)
 
 
-def save_model(model: VPRModel, path: str | os.PathLike) -> Path:
-    """Write ``path/model.safetensors`` and ``path/config.json`` atomically (weights first)."""
+def save_model(model: VPRModel, path: str | os.PathLike, packed: bool = False) -> Path:
+    """Write ``path/model.safetensors`` and ``path/config.json`` atomically (weights first).
+
+    packed: store every ternary layer's weight as 2-bit codes (``<layer>.weight_q2``, uint8) and its scale
+    (``<layer>.weight_delta``) instead of the fp32 latent weight: an inference file that reloads to exactly
+    the same computed weights (the latent weights needed to train further are not kept).
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(sd, tmp, metadata={"format": "edgevpr"}))
     cfg = copy.deepcopy(model.config)
+    if packed:
+        from ..compress.ternary import TernaryLinear, pack
+
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, TernaryLinear)}
+        if not layers:
+            raise ValueError(f"model {model.name} has no ternary layers to pack")
+        for n, m in layers.items():
+            q, delta = m.quantized()
+            del sd[f"{n}.weight"]
+            sd[f"{n}.weight_q2"] = pack(q.cpu())
+            sd[f"{n}.weight_delta"] = delta.detach().cpu().reshape(1)
+        cfg["packed"] = True
+    atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(sd, tmp, metadata={"format": "edgevpr"}))
     cfg["format_version"] = FORMAT_VERSION
     cfg["fingerprint"] = model.fingerprint()
     write_json(path / CONFIG_FILE, cfg)
     return path
+
+
+def _load_packed(model: VPRModel, sd: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """Set the ternary layers of ``model`` from 2-bit codes in ``sd``; returns the remaining tensors."""
+    from ..compress.ternary import TernaryLinear, unpack
+
+    sd = dict(sd)
+    for n, m in model.named_modules():
+        if isinstance(m, TernaryLinear):
+            if f"{n}.weight_q2" not in sd:
+                raise ValueError(f"{source}: packed model lacks {n}.weight_q2")
+            q = unpack(sd.pop(f"{n}.weight_q2"), tuple(m.weight.shape))
+            m.set_fixed(q, sd.pop(f"{n}.weight_delta"))
+            sd[f"{n}.weight"] = m.weight.detach().clone()
+    return sd
 
 
 PRESET_DIR = "configs/models"
@@ -152,9 +230,12 @@ def load_model(spec: str | os.PathLike | dict, device: str | torch.device = "cpu
         cfg = json.loads(cfg_file.read_text())
         expected = cfg.pop("fingerprint", None)
         cfg.pop("format_version", None)
+        packed = cfg.pop("packed", False)
         cfg["backbone"] = {**cfg["backbone"], "weights": None}
         model = build_model(cfg)
         sd = load_file(str(weights))
+        if packed:
+            sd = _load_packed(model, sd, weights)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise ValueError(f"{weights}: does not match {cfg_file} "

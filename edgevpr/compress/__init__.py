@@ -1,0 +1,1 @@
+"""Model compression: TAT-VPR ternary weights and activation sparsity."""
