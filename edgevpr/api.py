@@ -38,11 +38,12 @@ class EvalConf:
     efficiency: bool = True
     image_size: tuple[int, int] | None = None
     progress: bool = True
+    knobs: dict | None = None  # runtime knobs, e.g. {"sparsity": 0.4}
 
 
 def _extract(model: VPRModel, paths: list[Path], conf: EvalConf, desc: str, device) -> Extraction:
     return extract(model, paths, conf.batch_size, conf.cache_dir, conf.skip_bad, conf.num_workers, device,
-                   conf.image_size, desc=desc, progress=conf.progress)
+                   conf.image_size, knobs=conf.knobs, desc=desc, progress=conf.progress)
 
 
 def evaluate_dataset(model: VPRModel, ds: VPRDataset, conf: EvalConf, device="cpu",
@@ -107,13 +108,13 @@ def evaluate(model: VPRModel, datasets: list[VPRDataset], conf: EvalConf | None 
     model = model.to(device).eval()
     size = conf.image_size or model.image_size
     results = {"model": {"name": model.name, "fingerprint": model.fingerprint(), "descriptor_dim": model.out_dim,
-                         "image_size": list(size), "config": model.config},
+                         "image_size": list(size), "config": model.config, "knobs": conf.knobs or {}},
                "datasets": {}}
     curves = {}
     for ds in datasets:
         results["datasets"][ds.name], curves[ds.name] = evaluate_dataset(model, ds, conf, device, out)
     if conf.efficiency:
-        results["efficiency"] = efficiency.profile(model, size, model.out_dim)
+        results["efficiency"] = efficiency.profile(model, size, model.out_dim, **(conf.knobs or {}))
     if out:
         write_json(out / "results.json", results)
         write_text(out / "results.md", report.results_table(results))

@@ -28,6 +28,21 @@ def _datasets(args) -> list:
                          drop_dark=args.drop_dark, frames=args.frames) for q in args.queries]
 
 
+def _knobs(args) -> dict[str, float]:
+    knobs = {}
+    for item in args.knob or []:
+        name, sep, value = item.partition("=")
+        try:
+            knobs[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--knob {item}: expected NAME=NUMBER, e.g. sparsity=0.4") from None
+        if not sep:
+            raise ValueError(f"--knob {item}: expected NAME=NUMBER, e.g. sparsity=0.4")
+    if args.sparsity is not None:
+        knobs["sparsity"] = args.sparsity
+    return knobs
+
+
 def _frames(text: str) -> tuple[int, int]:
     try:
         start, stop = (int(v) for v in text.split(":"))
@@ -49,7 +64,7 @@ def cmd_eval(args) -> int:
                     cache_dir=None if args.no_cache else args.cache_dir, top_k=args.top_k, plot=args.plot,
                     show_failures=args.show_failures, efficiency=not args.no_efficiency,
                     image_size=tuple(args.image_size * (2 if len(args.image_size) == 1 else 1))[:2]
-                    if args.image_size else None, progress=not args.quiet)
+                    if args.image_size else None, progress=not args.quiet, knobs=_knobs(args) or None)
     out = Path(args.out or Path("outputs") / "eval" / model.name.replace("/", "_"))
     results = evaluate(model, datasets, conf, out, device)
     for name, r in results["datasets"].items():
@@ -121,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--drop-dark", type=float, metavar="LEVEL", help="drop frames darker than LEVEL (0-255 mean)")
     e.add_argument("--skip-bad", action="store_true", help="skip and report unreadable images instead of stopping")
     e.add_argument("--image-size", type=int, nargs="+", metavar="PX", help="override the model's input size (H [W])")
+    e.add_argument("--sparsity", type=float, help="TAT-VPR activation sparsity of ternary models (0-1)")
+    e.add_argument("--knob", action="append", metavar="NAME=VALUE", help="any runtime knob of the model (repeat)")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

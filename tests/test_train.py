@@ -218,3 +218,15 @@ def test_trainable_modes():
         set_trainable(m, "match", patterns=["nothing"])
     assert set_trainable(m, "head") == len(m.backbone.stages())
     assert [n for n, p in m.named_parameters() if p.requires_grad] == ["aggregator.p"]
+
+
+def test_knob_sampling_curriculum():
+    from edgevpr.train.loop import sample_knobs
+
+    spec = {"sparsity": {"uniform": [0.1, [0.1, 0.6]]}}
+    first = [sample_knobs(spec, 0, s, 100, 10)["sparsity"] for s in range(10)]  # epoch 0 of 10: U(0.1, 0.1)
+    assert first == pytest.approx([0.1] * 10)
+    last = [sample_knobs(spec, 0, s, 100, 10)["sparsity"] for s in range(90, 100)]  # epoch 9: U(0.1, 0.55)
+    assert all(0.1 <= v <= 0.55 for v in last) and max(last) > 0.3
+    assert sample_knobs(spec, 0, 95, 100, 10) == sample_knobs(spec, 0, 95, 100, 10)  # a function of (seed, step)
+    assert sample_knobs({"sparsity": 0.4}, 0, 3, 100, 10) == {"sparsity": 0.4}

@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -47,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
              "image_size": None, "augment": None, "workers": 0, "cache_frozen": True},
     "trainable": {"mode": "tail", "stages": 2, "norm_stats": "train", "patterns": None},
     "teacher": None,
+    "knobs": {},
     "optimizer": {"name": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "lr_mult": {}},
     "schedule": {"name": "constant", "warmup_steps": 0},
     "loss": {"ms": {"weight": 1.0, "alpha": 1.0, "beta": 50.0, "base": 0.0, "epsilon": 0.1}, "terms": []},
@@ -184,10 +186,9 @@ class PrefixCache:
 
 
 class Teacher:
-    """A frozen model beside the student, fed its own view of the same images (its own input size).
-
-    Without augmentation its outputs are a function of the image alone, so they are computed once per
-    training image and kept in memory.
+    """A frozen model beside the student, fed its own un-augmented view of the same images (its own input
+    size). Its outputs are then a function of the image alone, so they are computed once per training
+    image and kept in memory (``cache``).
     """
 
     def __init__(self, model: VPRModel, cache: bool) -> None:
@@ -256,9 +257,12 @@ class TrainStep(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, step: int,
-                teacher: tuple[torch.Tensor, Tokens] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        tokens = self.model.forward_tokens(x) if self.cache is None else self.cache.tokens(x, ids)
-        desc, labels = gather(self.model.aggregator(tokens)), gather(labels)
+                teacher: tuple[torch.Tensor, Tokens] | None = None,
+                knobs: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with self.model.using(**(knobs or {})):
+            tokens = self.model.forward_tokens(x) if self.cache is None else self.cache.tokens(x, ids)
+            desc = self.model.aggregator(tokens)
+        desc, labels = gather(desc), gather(labels)
         ctx = StepContext(step, self.total_steps, labels, desc, tokens,
                           None if teacher is None else gather(teacher[0]), None if teacher is None else teacher[1])
         loss = desc.new_zeros(())
@@ -273,6 +277,29 @@ class TrainStep(nn.Module):
             logs[f"loss/{name}"] = value.detach()
         logs["loss"] = loss.detach()
         return loss, logs
+
+
+def sample_knobs(spec: dict, seed: int, step: int, total_steps: int, steps_per_epoch: int) -> dict[str, float]:
+    """This step's runtime knobs: {name: value | {uniform: [low, high]} | {uniform: [low, [high_0, high_1]]}}.
+
+    A [high_0, high_1] upper bound ramps with the epoch: high = high_0 + (high_1 - high_0) * epoch / epochs
+    (TAT-VPR's stage-1 sparsity curriculum, s ~ U(0.1, 0.1 + 0.5 * epoch / E)). Draws are a function of
+    (seed, step), so a resumed run samples the same values.
+    """
+    rng = np.random.default_rng([seed, step, 17])
+    out = {}
+    for name, s in spec.items():
+        if isinstance(s, (int, float)):
+            out[name] = float(s)
+            continue
+        if not isinstance(s, dict) or "uniform" not in s:
+            raise ValueError(f"knobs.{name}: expected a number or {{uniform: [low, high]}}, got {s}")
+        low, high = s["uniform"]
+        if isinstance(high, list):
+            epochs = max(1, math.ceil(total_steps / steps_per_epoch))
+            high = high[0] + (high[1] - high[0]) * (step // steps_per_epoch) / epochs
+        out[name] = float(rng.uniform(low, high))
+    return out
 
 
 def build_optimizer(model: VPRModel, conf: dict, terms: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -406,6 +433,7 @@ def train(conf: dict, out_dir: str | os.PathLike, resume: bool = False, progress
     """
     check_keys(conf)
     conf = merge(DEFAULTS, conf)
+    conf["knobs"] = conf["knobs"] or {}  # "knobs: null" in a config clears a base config's knobs
     rank, world, device = _init_distributed(conf["device"])
     try:
         return _train(conf, Path(out_dir), resume, progress and rank == 0, stop_after, rank, world, device)
@@ -444,7 +472,7 @@ def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int 
     if conf["teacher"]:
         tconf = conf["teacher"]
         tmodel = load_model(tconf["model"]).to(device)
-        teacher = Teacher(tmodel, cache=augment is None)
+        teacher = Teacher(tmodel, cache=tconf.get("cache", True))
         views["teacher"] = tmodel.transform(tuple(tconf["image_size"]) if tconf.get("image_size") else None)
     terms, weights = build_terms(conf["loss"]["terms"], TermContext(
         model.backbone.out_dim, model.out_dim, None if teacher is None else teacher.model.backbone.out_dim,
@@ -452,7 +480,9 @@ def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int 
     terms.to(device)
     batches = PlaceBatches(places, d["places_per_batch"], d["images_per_place"], model.transform(size),
                            conf["seed"], rank, world, augment=augment, num_steps=conf["steps"], views=views)
-    cache = PrefixCache(model, frozen, size) if d["cache_frozen"] and augment is None and frozen > 0 else None
+    # Knobs (e.g. sparsity) may act inside the frozen prefix, so a sampled knob turns the prefix cache off.
+    use_cache = d["cache_frozen"] and augment is None and frozen > 0 and not conf["knobs"]
+    cache = PrefixCache(model, frozen, size) if use_cache else None
     step_module = TrainStep(model, terms, weights, conf["loss"]["ms"], conf["steps"], cache,
                             tr.get("norm_stats") == "frozen")
     runner: nn.Module = step_module
@@ -467,14 +497,14 @@ def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int 
         start, best = _load_checkpoint(out, model, terms, opt, sched)
     out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out / "metrics.csv", ["step", "loss", "lr", "batch_acc", "loss/ms",
-                                           *(f"loss/{k}" for k in terms),
+                                           *(f"loss/{k}" for k in terms), *(f"knob/{k}" for k in conf["knobs"]),
                                            *(["val_R@1", *(f"val_R@1/{ds.name}" for ds in val)] if val else [])])
     tb = _tensorboard(out / "tensorboard") if main else None
     if main:
         write_json(out / "config.json", conf)
         log.truncate(start)  # rows logged after the checkpoint we resume from are replayed
     if val is not None and start == 0:
-        best = _validate_and_keep(model, val, size, 0, -1.0, out, log, tb)
+        best = _validate_and_keep(model, val, size, 0, -1.0, out, log, tb, conf["val"].get("knobs"))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(batches, range(start, conf["steps"])),
                                          batch_size=None, num_workers=d["workers"])
     val_every = conf["val"].get("every", conf["checkpoint_every"]) if conf["val"] else 0
@@ -486,14 +516,16 @@ def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int 
     for x, y, ids, v in loader:
         runner.train()
         t_out = None if teacher is None else teacher(v["teacher"].to(device), ids)
+        knobs = sample_knobs(conf["knobs"], conf["seed"], step, conf["steps"], steps_per_epoch)
         with autocast:
-            loss, logs = runner(x.to(device), y.to(device), ids, step, t_out)
+            loss, logs = runner(x.to(device), y.to(device), ids, step, t_out, knobs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         step += 1
-        metrics = {"step": step, **_average(logs), "lr": opt.param_groups[0]["lr"]}
+        metrics = {"step": step, **_average(logs), "lr": opt.param_groups[0]["lr"],
+                   **{f"knob/{k}": v for k, v in knobs.items()}}
         if main:
             log.append(metrics)
             if tb is not None:
@@ -501,7 +533,7 @@ def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int 
                     if k != "step":
                         tb.add_scalar(k, val_, step)
         if val is not None and (step % val_every == 0 or step == conf["steps"]):
-            best = _validate_and_keep(model, val, size, step, best, out, log, tb)
+            best = _validate_and_keep(model, val, size, step, best, out, log, tb, conf["val"].get("knobs"))
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", **({"best_val": f"{best:.3f}"} if val is not None else {}))
         bar.update(1)
         if main and (step % conf["checkpoint_every"] == 0 or step == conf["steps"]):
@@ -532,9 +564,9 @@ def _rank_fingerprints(model: VPRModel) -> list[str]:
 
 
 def _validate_and_keep(model: VPRModel, val: list, size: tuple[int, int], step: int, best: float, out: Path,
-                       log: MetricsLog, tb) -> float:
+                       log: MetricsLog, tb, knobs: dict | None) -> float:
     """Validate (rank 0), log, and save ``best/`` when the mean R@1 beats ``best``; returns the new best."""
-    r = validate(model, val, size)
+    r = validate(model, val, size, knobs)
     log.append({"step": step, **r}, merge_last=step > 0)
     if tb is not None:
         for k, v in r.items():
@@ -547,15 +579,16 @@ def _validate_and_keep(model: VPRModel, val: list, size: tuple[int, int], step: 
 
 
 def open_val_sets(specs: list[dict]) -> list:
-    """Validation datasets: [{db, queries, aligned, frames: [start, stop], radius, drop_dark}, ...]."""
+    """Validation datasets: [{db, queries, aligned, frames: [start, stop], radius, drop_dark}, ...]; the val
+    block may also set ``every`` (steps) and ``knobs`` (e.g. {sparsity: 0.4}, TAT-VPR's validation setting)."""
     return [open_dataset(_path(v["db"]), _path(v["queries"]), aligned_tolerance=v.get("aligned"),
                          radius=v.get("radius", 25.0), drop_dark=v.get("drop_dark"),
                          frames=tuple(v["frames"]) if v.get("frames") else None) for v in specs]
 
 
-def validate(model: VPRModel, sets: list, size: tuple[int, int]) -> dict[str, float]:
+def validate(model: VPRModel, sets: list, size: tuple[int, int], knobs: dict | None = None) -> dict[str, float]:
     """R@1 on each validation set at the training image size, and their mean as ``val_R@1``."""
-    vconf = EvalConf(cache_dir=None, efficiency=False, progress=False, image_size=size)
+    vconf = EvalConf(cache_dir=None, efficiency=False, progress=False, image_size=size, knobs=knobs)
     was_training = model.training
     device = next(model.parameters()).device
     r1 = {f"val_R@1/{ds.name}": evaluate_dataset(model.eval(), ds, vconf, device=device)[0]["recall"]["R@1"]

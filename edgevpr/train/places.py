@@ -145,8 +145,8 @@ class PlaceBatches(Dataset):
     """Item s = the batch of step s: (images [P*K, 3, H, W], place labels [P*K], image ids [P*K], views).
 
     Image ids number every image of the place set (place by place), e.g. to key a feature cache.
-    ``views`` maps a name to another transform of the same (augmented) images, e.g. a teacher's own input
-    size: {"teacher": [P*K, 3, H', W']}.
+    ``views`` maps a name to another transform of the same images before augmentation, e.g. a teacher's own
+    input size: {"teacher": [P*K, 3, H', W']} (the teacher sees the clean image, as in TAT-VPR's distillation).
     """
 
     def __init__(self, places: PlaceSet, places_per_batch: int, images_per_place: int, transform, seed: int,
@@ -169,11 +169,11 @@ class PlaceBatches(Dataset):
         vs: dict[str, list[torch.Tensor]] = {k: [] for k in self.views}
         for j, (p, i) in enumerate(pairs):
             img = load_image(self.places.places[p][i])
+            for k, t in self.views.items():
+                vs[k].append(t(img))
             if self.augment is not None:
                 random.seed(hash((self.seed, step, self.rank, j)))  # timm RandAugment draws from `random`
                 img = self.augment(img)
             xs.append(self.transform(img))
-            for k, t in self.views.items():
-                vs[k].append(t(img))
         ids = torch.tensor([self.offsets[p] + i for p, i in pairs])
         return torch.stack(xs), torch.tensor([p for p, _ in pairs]), ids, {k: torch.stack(v) for k, v in vs.items()}
