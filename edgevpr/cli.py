@@ -60,6 +60,12 @@ def cmd_eval(args) -> int:
     datasets = _datasets(args)
     device = pick_device(args.device)
     model = load_model(args.model, device)
+    if args.int8:
+        from .compress.ternary import TernaryLinear, to_int8
+
+        if not any(isinstance(m, TernaryLinear) for m in model.modules()):
+            raise ValueError(f"--int8: model {model.name} has no ternary layers")
+        to_int8(model)
     conf = EvalConf(batch_size=args.batch_size, num_workers=args.workers, skip_bad=args.skip_bad,
                     cache_dir=None if args.no_cache else args.cache_dir, top_k=args.top_k, plot=args.plot,
                     show_failures=args.show_failures, efficiency=not args.no_efficiency,
@@ -137,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--skip-bad", action="store_true", help="skip and report unreadable images instead of stopping")
     e.add_argument("--image-size", type=int, nargs="+", metavar="PX", help="override the model's input size (H [W])")
     e.add_argument("--sparsity", type=float, help="TAT-VPR activation sparsity of ternary models (0-1)")
+    e.add_argument("--int8", action="store_true", help="run a ternary model's layers as int8 GEMMs (faster on CPU)")
     e.add_argument("--knob", action="append", metavar="NAME=VALUE", help="any runtime knob of the model (repeat)")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--workers", type=int, default=0, help="image-loading worker processes")

@@ -117,3 +117,18 @@ def test_int8_path_matches_the_fake_quant_model():
         # that compounds (measured 0.97-0.99); a trained model's figure is in benchmarks/results/ternary.md.
         assert F.cosine_similarity(fast(x, sparsity=0.4), ref_sparse).min() >= 0.95
         assert torch.allclose(fast(x[:1]), fast(x)[:1], atol=1e-6)  # batch-independent
+
+
+def test_int8_model_fingerprint_saving_and_memory_probe(tmp_path):
+    from edgevpr.eval.efficiency import peak_memory
+
+    model = load_model(TERNARY_VIT)
+    ref = model.fingerprint()
+    fast = to_int8(load_model(TERNARY_VIT))
+    fast.load_state_dict(to_int8(model).state_dict())
+    assert fast.fingerprint() != ref and fast.fingerprint(runtime=False) == ref  # caches keep them apart
+    with pytest.raises(ValueError, match="save it packed"):
+        save_model(fast, tmp_path / "x")
+    save_model(fast, tmp_path / "p", packed=True)
+    assert load_model(tmp_path / "p").fingerprint() == ref
+    assert peak_memory(fast, (56, 56))["peak_rss_mb"] > 0

@@ -119,6 +119,14 @@ class Int8TernaryLinear(nn.Module):
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
         self.sparsity = layer.sparsity
 
+    def quantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q int8 [out, in], delta fp32 scalar), as TernaryLinear.quantized."""
+        return self.q, self.delta
+
+    def effective_weight(self) -> torch.Tensor:
+        """delta * q [out, in] in fp32: the weight the int8 GEMM represents."""
+        return self.delta * self.q.float()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = sparsify(x.reshape(-1, shape[-1]).float(), self.sparsity)

@@ -43,10 +43,11 @@ def peak_memory(model: nn.Module, image_size: tuple[int, int], batch_size: int =
 
     from ..models.model import save_model
 
+    int8 = any(type(m).__name__ == "Int8TernaryLinear" for m in model.modules())
     with tempfile.TemporaryDirectory() as d:
-        save_model(model, d)
+        save_model(model, d, packed=int8)
         cmd = [sys.executable, "-m", "edgevpr.eval.memprobe", d, *map(str, image_size), str(batch_size),
-               str(torch.get_num_threads())]
+               str(torch.get_num_threads()), *(["int8"] if int8 else [])]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         why = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit code {res.returncode}"

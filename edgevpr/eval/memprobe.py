@@ -1,6 +1,6 @@
 """Peak memory of inference, measured in a fresh process so nothing else is counted.
 
-``python -m edgevpr.eval.memprobe MODEL_DIR H W BATCH`` prints JSON with the process RSS after imports,
+``python -m edgevpr.eval.memprobe MODEL_DIR H W BATCH [THREADS] [int8]`` prints JSON with the process RSS after imports,
 after loading the model, and the high-water mark during one forward of a [BATCH, 3, H, W] batch (the
 kernel's VmHWM, reset after loading through /proc/self/clear_refs so loading transients are not counted).
 """
@@ -35,6 +35,10 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(int(argv[4]) if len(argv) > 4 else torch.get_num_threads())
     base = _rss_mb()
     model = load_model(model_dir)
+    if "int8" in argv[5:]:
+        from edgevpr.compress.ternary import to_int8
+
+        to_int8(model)
     loaded = _rss_mb()
     x = torch.randn(b, 3, h, w)
     try:

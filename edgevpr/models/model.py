@@ -113,28 +113,22 @@ class VPRModel(nn.Module):
                 setattr(m, name, old)
 
     def state_for_identity(self) -> dict[str, torch.Tensor]:
-        """The state dict with every ternary layer's latent weight replaced by the weight it computes with
-        (delta * q), so a packed model and its fp-latent original identify as the same function."""
+        """The state dict with every ternary layer's weights given as the weight it computes with (delta * q),
+        so a packed model, its fp-latent original and its int8 twin identify as the same weights."""
         sd = dict(self.state_dict())
         for name, m in self.named_modules():
             if hasattr(m, "effective_weight"):
+                for key in ("q", "delta"):
+                    sd.pop(f"{name}.{key}", None)
                 sd[f"{name}.weight"] = m.effective_weight().detach()
         return sd
 
-    def train(self, mode: bool = True) -> VPRModel:
-        """Like nn.Module.train, but normalisation layers whose parameters are all frozen stay in eval
-        mode, so their running statistics never drift while the rest trains."""
-        super().train(mode)
-        if mode:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._NormBase):
-                    params = list(m.parameters(recurse=False))
-                    if params and not any(p.requires_grad for p in params):
-                        m.eval()
-        return self
+    def fingerprint(self, runtime: bool = True) -> str:
+        """sha256 (16 hex) of the architecture config (weights source excluded) and every tensor's bytes.
 
-    def fingerprint(self) -> str:
-        """sha256 (16 hex) of the architecture config (weights source excluded) and every tensor's bytes."""
+        runtime: also mark an int8 inference path (its descriptors differ slightly from the reference's, so
+        descriptor caches and indexes must tell them apart); False gives the weights' identity alone.
+        """
         arch = copy.deepcopy(self.config)
         arch.pop("name", None)
         arch.pop("packed", None)
@@ -145,6 +139,8 @@ class VPRModel(nn.Module):
             t = v.detach().cpu().contiguous().reshape(-1)
             h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if runtime and any(type(m).__name__ == "Int8TernaryLinear" for m in self.modules()):
+            h.update(b"runtime=int8")
         return h.hexdigest()[:16]
 
 
@@ -164,21 +160,24 @@ def save_model(model: VPRModel, path: str | os.PathLike, packed: bool = False) -
     path = Path(path)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     cfg = copy.deepcopy(model.config)
-    if packed:
-        from ..compress.ternary import TernaryLinear, pack
+    from ..compress.ternary import Int8TernaryLinear, TernaryLinear, pack
 
-        layers = {n: m for n, m in model.named_modules() if isinstance(m, TernaryLinear)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (TernaryLinear, Int8TernaryLinear))}
+    if not packed and any(isinstance(m, Int8TernaryLinear) for m in layers.values()):
+        raise ValueError(f"model {model.name} runs int8 ternary layers (no fp32 latent weights): save it packed")
+    if packed:
         if not layers:
             raise ValueError(f"model {model.name} has no ternary layers to pack")
         for n, m in layers.items():
             q, delta = m.quantized()
-            del sd[f"{n}.weight"]
+            for key in ("weight", "q", "delta"):
+                sd.pop(f"{n}.{key}", None)
             sd[f"{n}.weight_q2"] = pack(q.cpu())
             sd[f"{n}.weight_delta"] = delta.detach().cpu().reshape(1)
         cfg["packed"] = True
     atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(sd, tmp, metadata={"format": "edgevpr"}))
     cfg["format_version"] = FORMAT_VERSION
-    cfg["fingerprint"] = model.fingerprint()
+    cfg["fingerprint"] = model.fingerprint(runtime=False)  # what load_model rebuilds
     write_json(path / CONFIG_FILE, cfg)
     return path
 
