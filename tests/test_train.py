@@ -230,3 +230,18 @@ def test_knob_sampling_curriculum():
     assert all(0.1 <= v <= 0.55 for v in last) and max(last) > 0.3
     assert sample_knobs(spec, 0, 95, 100, 10) == sample_knobs(spec, 0, 95, 100, 10)  # a function of (seed, step)
     assert sample_knobs({"sparsity": 0.4}, 0, 3, 100, 10) == {"sparsity": 0.4}
+
+
+def test_weighted_place_sources():
+    from edgevpr.train.places import PlaceSet
+
+    a = PlaceSet([["a0"], ["a1"]], "a").weighted(10)
+    ps = a + PlaceSet([[f"b{i}"] for i in range(18)], "b")
+    assert ps.weights == [10.0, 10.0] + [1.0] * 18 and ps.filter(1).weights == ps.weights
+    counts = np.zeros(20)
+    for step in range(300):
+        for p, _ in draw_batch(20, 4, [1] * 20, 1, seed=0, step=step, weights=ps.weights):
+            counts[p] += 1
+    assert counts[:2].mean() > 4 * counts[2:].mean()  # 10x the weight, drawn without replacement
+    with pytest.raises(ValueError, match="positive"):
+        a.weighted(0)

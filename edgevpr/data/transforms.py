@@ -20,7 +20,11 @@ class ToModelInput:
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.interpolation = interpolation
 
+    def resize(self, img: Image.Image) -> Image.Image:
+        """The resize step alone (PIL returns an unchanged copy for an image already at ``size``)."""
+        return img.resize((self.size[1], self.size[0]), _INTERP[self.interpolation])
+
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = img.resize((self.size[1], self.size[0]), _INTERP[self.interpolation])
+        img = self.resize(img)
         x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
         return (x - self.mean) / self.std

@@ -171,9 +171,9 @@ class PlaceBatches(Dataset):
             img = load_image(self.places.places[p][i])
             for k, t in self.views.items():
                 vs[k].append(t(img))
-            if self.augment is not None:
+            if self.augment is not None:  # resize first, then augment (GSV-Cities' order; cheap at train size)
                 random.seed(hash((self.seed, step, self.rank, j)))  # timm RandAugment draws from `random`
-                img = self.augment(img)
+                img = self.augment(self.transform.resize(img) if hasattr(self.transform, "resize") else img)
             xs.append(self.transform(img))
         ids = torch.tensor([self.offsets[p] + i for p, i in pairs])
         return torch.stack(xs), torch.tensor([p for p, _ in pairs]), ids, {k: torch.stack(v) for k, v in vs.items()}
