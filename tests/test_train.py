@@ -245,3 +245,16 @@ def test_weighted_place_sources():
     assert counts[:2].mean() > 4 * counts[2:].mean()  # 10x the weight, drawn without replacement
     with pytest.raises(ValueError, match="positive"):
         a.weighted(0)
+
+
+def test_optimizer_groups_and_lr_multipliers():
+    from edgevpr.train.loop import build_optimizer
+
+    m = load_model(TINY_MODEL)
+    opt = build_optimizer(m, {"name": "adamw", "lr": 1e-3, "lr_mult": {"aggregator": 10, r"re:blocks\.5\.": 100}})
+    by = {g["name"]: g for g in opt.param_groups}
+    assert set(by) == {"backbone", "aggregator", r"re:blocks\.5\."}
+    assert by["aggregator"]["lr"] == pytest.approx(1e-2) and by[r"re:blocks\.5\."]["lr"] == pytest.approx(0.1)
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in m.parameters())
+    with pytest.raises(ValueError, match="trainable groups are"):
+        build_optimizer(m, {"name": "adamw", "lr": 1e-3, "lr_mult": {"prompts": 100}})

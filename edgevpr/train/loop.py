@@ -304,18 +304,23 @@ def sample_knobs(spec: dict, seed: int, step: int, total_steps: int, steps_per_e
 
 def build_optimizer(model: VPRModel, conf: dict, terms: nn.Module | None = None) -> torch.optim.Optimizer:
     """Parameter groups by the model's top-level modules ('backbone', 'aggregator', ...) plus 'terms' (the
-    loss terms' own weights), each at lr * ``lr_mult[group]``."""
-    parts: dict[str, nn.Module] = dict(model.named_children())
+    loss terms' own weights), each at lr * ``lr_mult[group]``. A key ``re:PATTERN`` forms its own group of
+    the parameters whose qualified names match (e.g. ``re:prompt: 100`` for EfficientVPR's 100x prompt lr).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if terms is not None:
-        parts["terms"] = terms
-    groups = {g: [p for p in m.parameters() if p.requires_grad] for g, m in parts.items()}
-    groups = {g: ps for g, ps in groups.items() if ps}
+        named += [(f"terms.{n}", p) for n, p in terms.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("nothing to train: every parameter is frozen (see 'trainable')")
     mult = conf.get("lr_mult", {})
+    patterns = {k: re.compile(k[3:]) for k in mult if k.startswith("re:")}
+    groups: dict[str, list] = {}
+    for n, p in named:
+        g = next((k for k, r in patterns.items() if r.search(n)), n.split(".")[0])
+        groups.setdefault(g, []).append(p)
     unknown = set(mult) - set(groups)
     if unknown:
         raise ValueError(f"optimizer.lr_mult names {sorted(unknown)}; trainable groups are {sorted(groups)}")
-    if not groups:
-        raise ValueError("nothing to train: every parameter is frozen (see 'trainable')")
     params = [{"params": ps, "lr": conf["lr"] * mult.get(g, 1.0), "name": g} for g, ps in groups.items()]
     cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[conf["name"]]
     kw = {"weight_decay": conf.get("weight_decay", 0.0)}

@@ -1,0 +1,106 @@
+"""TAT-VPR on ../shared/data: the ternary student vs its fp32 twin, same recipe and budget, held-out R@1.
+
+    python benchmarks/tat_vpr.py [--runs runs/tat-vpr] [--no-train]
+
+Trains (or resumes, or reuses) configs/tat-vpr/cpu-stage1-fp32, cpu-stage1, cpu-stage2-fp32 and cpu-stage2
+into --runs, then evaluates at 112 px on places no run trained or validated on: Gardens Point 70-99
+(night_right vs day_right, +-2 frames) and Nordland 2000-2499 (winter vs summer, +-1 frame, dark frames
+dropped). Stage-2 models are their best validation checkpoints; the ternary one at sparsity 0, 0.4 and 0.6,
+also through the int8 path. Writes benchmarks/results/tat_vpr.{json,md} and tat_vpr_curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgevpr.api import EvalConf, evaluate_dataset
+from edgevpr.compress.ternary import to_int8
+from edgevpr.eval.report import line_plot
+from edgevpr.models.model import load_model
+from edgevpr.train.loop import load_config, train
+from edgevpr.utils import write_json, write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results"
+RUNS = ("cpu-stage1-fp32", "cpu-stage1", "cpu-stage2-fp32", "cpu-stage2")
+SIZE = (112, 112)
+
+
+def held_out(data: Path) -> list:
+    from edgevpr.data.datasets import open_dataset
+
+    gp, nl = data / "gardens_point", data / "nordland_64x32"
+    return [open_dataset(gp / "day_right", gp / "night_right", aligned_tolerance=2, frames=(70, 100)),
+            open_dataset(nl / "summer", nl / "winter", aligned_tolerance=1, frames=(2000, 2500), drop_dark=10)]
+
+
+def r1(model, sets: list, **knobs) -> dict[str, float]:
+    conf = EvalConf(cache_dir=None, efficiency=False, progress=False, image_size=SIZE, knobs=knobs or None)
+    return {ds.name: evaluate_dataset(model.eval(), ds, conf)[0]["recall"]["R@1"] for ds in sets}
+
+
+def curve(run: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+    with open(run / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get(key)]
+    return np.array([int(r["step"]) for r in rows]), np.array([float(r[key]) for r in rows])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "tat-vpr")
+    ap.add_argument("--no-train", action="store_true", help="evaluate existing runs only")
+    args = ap.parse_args()
+    data = Path(os.environ.get("EDGEVPR_DATA", ROOT.parent / "shared" / "data"))
+    os.environ.setdefault("EDGEVPR_DATA", str(data))
+    os.chdir(ROOT)  # stage-2 configs name the stage-1 results as runs/tat-vpr/...
+    seconds = {}
+    for name in RUNS:
+        out = args.runs / name
+        if not args.no_train and not (out / "final").exists():
+            t0 = time.perf_counter()
+            train(load_config(ROOT / "configs" / "tat-vpr" / f"{name}.yaml"), out,
+                  resume=(out / "checkpoints" / "latest.json").exists())
+            seconds[name] = time.perf_counter() - t0
+    sets = held_out(data)
+    res: dict = {"train_seconds_this_call": seconds, "image_size": list(SIZE)}
+    for name in ("cpu-stage1-fp32", "cpu-stage1"):
+        res[name] = {"final_gem": r1(load_model(args.runs / name / "final"), sets)}
+    fp32, tern = load_model(args.runs / "cpu-stage2-fp32" / "best"), load_model(args.runs / "cpu-stage2" / "best")
+    res["cpu-stage2-fp32"] = {"best": r1(fp32, sets)}
+    res["cpu-stage2"] = {f"best_s{s}": r1(tern, sets, sparsity=s) for s in (0.0, 0.4, 0.6)}
+    res["cpu-stage2"]["best_int8_s0.0"] = r1(to_int8(load_model(args.runs / "cpu-stage2" / "best")), sets)
+    for name in RUNS:
+        res[name]["best_step"] = json.loads((args.runs / name / "best" / "step.json").read_text())["step"] \
+            if (args.runs / name / "best" / "step.json").exists() else None
+    write_json(OUT / "tat_vpr.json", res)
+    line_plot(OUT / "tat_vpr_curves.png",
+              [(*curve(args.runs / n, "loss/token_distill"), f"{n} token MSE") for n in RUNS[:2]]
+              + [(*curve(args.runs / n, "loss/ms"), f"{n} MS loss") for n in RUNS[2:]],
+              xlabel="step", ylabel="training loss")
+    names = [ds.name for ds in sets]
+    md = ["# TAT-VPR on ../shared/data (`python benchmarks/tat_vpr.py`)", "",
+          f"Held-out R@1 at {SIZE[0]} px (places no run trained or validated on). Curves: tat_vpr_curves.png.", "",
+          "| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+
+    def line(label: str, r: dict) -> str:
+        return f"| {label} | " + " | ".join(f"{r[n]:.3f}" for n in names) + " |"
+
+    md.append(line("stage 1 fp32 twin (GeM on distilled tokens)", res["cpu-stage1-fp32"]["final_gem"]))
+    md.append(line("stage 1 ternary (GeM on distilled tokens, s=0)", res["cpu-stage1"]["final_gem"]))
+    md.append(line("stage 2 fp32 twin + BoQ", res["cpu-stage2-fp32"]["best"]))
+    for s in (0.0, 0.4, 0.6):
+        md.append(line(f"stage 2 ternary + BoQ, sparsity {s}", res["cpu-stage2"][f"best_s{s}"]))
+    md.append(line("stage 2 ternary + BoQ, int8 path, sparsity 0", res["cpu-stage2"]["best_int8_s0.0"]))
+    write_text(OUT / "tat_vpr.md", "\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
