@@ -134,9 +134,10 @@ class Int8TernaryLinear(nn.Module):
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
         scale = x.abs().amax(1, keepdim=True).clamp_(min=1e-12).div_(127.0)
-        xi = torch.round(x / scale).to(torch.int8)
-        y = torch._int_mm(xi, self.q.t()).float()
-        y = y * (scale * self.delta) if self.bias is None else torch.addcmul(self.bias, y, scale * self.delta)
+        xi = (x * scale.reciprocal()).round_().to(torch.int8)  # in-place ops: several times faster here
+        y = torch._int_mm(xi, self.q.t()).float().mul_(scale * self.delta)
+        if self.bias is not None:
+            y.add_(self.bias)
         if pad:
             y = y[: y.shape[0] - pad]
         return y.reshape(*shape[:-1], self.out_features)
