@@ -20,12 +20,14 @@ class Tokens:
     grid:    (H, W) of the full patch grid the image produced.
     index:   [B, N] long positions (row-major in ``grid``) of the kept patches, or None when all
              H*W patches are present in grid order.
+    prompts: [B, N_p, C] prompt tokens output by the last block of a prompted ViT, else None.
     """
 
     patches: torch.Tensor
     cls: torch.Tensor | None
     grid: tuple[int, int]
     index: torch.Tensor | None = None
+    prompts: torch.Tensor | None = None
 
     @property
     def is_full_grid(self) -> bool:

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..registry import Registry
 from ..tokens import Tokens
+from .prompts import Prompts
 from .weights import WeightsError, load_into, offline_file, read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,6 +39,8 @@ class Backbone(nn.Module):
     stride: int
     has_cls: bool
     preprocess: Preprocess
+    #: False when the first stages cannot run apart from the rest (prompted ViTs), so nothing is cached
+    cacheable_prefix: bool = True
 
     def grid_for(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """Token grid (H, W) for an input of image_size (H, W)."""
@@ -95,6 +98,8 @@ class ViTBackbone(Backbone):
     """A timm VisionTransformer as stages: tokens [B, 1+R+N, C] flow through ``blocks``.
 
     final_norm: apply the final LayerNorm (SALAD does, BoQ's DINOv2 does not).
+    prompts: {mode: scene | deep | adapter, num: 32} adds visual prompt tuning (see models/prompts.py);
+    prompted ViTs run all blocks together, so they offer no cacheable frozen prefix.
     The timm model keeps its native position-embedding grid (518 px for DINOv2) and interpolates it for
     any input whose sides are multiples of the patch size (``dynamic_img_size``).
     """
@@ -103,7 +108,7 @@ class ViTBackbone(Backbone):
 
     def __init__(self, timm_name: str, weights: str | None = None, final_norm: bool = True,
                  frozen_blocks: int = 0, hub_url: str | None = None,
-                 preprocess: Preprocess = Preprocess(), **timm_kwargs) -> None:
+                 preprocess: Preprocess = Preprocess(), prompts: dict | None = None, **timm_kwargs) -> None:
         super().__init__()
         self.vit = timm.create_model(timm_name, pretrained=weights == "timm", num_classes=0,
                                      dynamic_img_size=True, **timm_kwargs)
@@ -115,7 +120,15 @@ class ViTBackbone(Backbone):
         self.stride = self.vit.patch_embed.patch_size[0]
         self.num_prefix = self.vit.num_prefix_tokens
         self.preprocess = preprocess
+        self.prompts: Prompts | None = None
+        if prompts:
+            self.prompts = Prompts(depth=len(self.vit.blocks), dim=self.out_dim, **prompts)
+            self.prompts.attach(self.vit.blocks)
         self.freeze(frozen_blocks)
+
+    @property
+    def cacheable_prefix(self) -> bool:
+        return self.prompts is None
 
     @property
     def blocks(self) -> nn.Sequential:
@@ -143,20 +156,30 @@ class ViTBackbone(Backbone):
         return t
 
     def finish(self, t: torch.Tensor, grid: tuple[int, int], index: torch.Tensor | None = None) -> Tokens:
-        """Final norm (optional) and split into CLS and patch tokens (registers dropped)."""
+        """Final norm (optional) and split into CLS, prompt and patch tokens (registers dropped)."""
         if self.final_norm:
             t = self.vit.norm(t)
-        return Tokens(patches=t[:, self.num_prefix:], cls=t[:, 0], grid=grid, index=index)
+        n_p = 0 if self.prompts is None else self.prompts.num
+        prompts = t[:, self.num_prefix: self.num_prefix + n_p] if n_p else None
+        return Tokens(patches=t[:, self.num_prefix + n_p:], cls=t[:, 0], grid=grid, index=index, prompts=prompts)
 
     def forward(self, x: torch.Tensor) -> Tokens:
         t, grid = self.embed(x)
+        if self.prompts is not None:
+            return self.finish(self.prompts.run(self.vit.blocks, t, self.num_prefix)[0], grid)
         return self.finish(self.run_blocks(t), grid)
 
     def forward_prefix(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """-> tokens [B, 1+R+N, C] after block k-1."""
+        if self.prompts is not None and k:
+            raise ValueError("a prompted ViT runs all blocks together: no frozen prefix to split off")
         return self.run_blocks(self.embed(x)[0], 0, k)
 
     def forward_suffix(self, h: torch.Tensor, k: int, image_size: tuple[int, int]) -> Tokens:
+        if self.prompts is not None:
+            if k:
+                raise ValueError("a prompted ViT runs all blocks together: no frozen prefix to split off")
+            return self.finish(self.prompts.run(self.vit.blocks, h, self.num_prefix)[0], self.grid_for(image_size))
         return self.finish(self.run_blocks(h, k), self.grid_for(image_size))
 
 

@@ -486,7 +486,8 @@ def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int 
     batches = PlaceBatches(places, d["places_per_batch"], d["images_per_place"], model.transform(size),
                            conf["seed"], rank, world, augment=augment, num_steps=conf["steps"], views=views)
     # Knobs (e.g. sparsity) may act inside the frozen prefix, so a sampled knob turns the prefix cache off.
-    use_cache = d["cache_frozen"] and augment is None and frozen > 0 and not conf["knobs"]
+    use_cache = (d["cache_frozen"] and augment is None and frozen > 0 and not conf["knobs"]
+                 and model.backbone.cacheable_prefix)
     cache = PrefixCache(model, frozen, size) if use_cache else None
     step_module = TrainStep(model, terms, weights, conf["loss"]["ms"], conf["steps"], cache,
                             tr.get("norm_stats") == "frozen")
