@@ -96,3 +96,17 @@ def test_evaluate_writes_reports(tmp_path):
         assert (tmp_path / "out" / f).stat().st_size > 0
     lines = (tmp_path / "out" / f"{ds.name}_matches.csv").read_text().splitlines()
     assert len(lines) == 13 and lines[1].split(",")[1] == "1"
+
+
+def test_gflops_counts_heads_with_fused_transformer_layers():
+    """BoQ's nn.TransformerEncoderLayer takes a fused path under inference mode; counting must still work."""
+    import torch
+
+    from edgevpr.eval.efficiency import gflops
+    from edgevpr.models.model import load_model
+
+    m = load_model({"backbone": {"name": "dinov2_vits14", "weights": None, "final_norm": False, "depth": 2},
+                    "aggregator": {"name": "boq"}, "image_size": [56, 56]})
+    with torch.inference_mode():
+        inside = gflops(m, (56, 56))
+    assert inside == gflops(m, (56, 56)) > 0.1

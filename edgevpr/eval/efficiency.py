@@ -19,13 +19,16 @@ def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-@torch.inference_mode()
 def gflops(model: nn.Module, image_size: tuple[int, int], **knobs) -> float:
-    """GFLOPs of one image's forward pass (torch.utils.flop_counter; a multiply-add counts 2)."""
+    """GFLOPs of one image's forward pass (torch.utils.flop_counter; a multiply-add counts 2).
+
+    Runs with autograd enabled: under no_grad/inference_mode, nn.TransformerEncoderLayer (BoQ) takes its
+    fused fast path, which FlopCounterMode's module tracker cannot follow (same FLOPs either way).
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.zeros(1, 3, *image_size, device=next(model.parameters()).device)
-    with FlopCounterMode(display=False) as fc:
+    with torch.inference_mode(False), torch.enable_grad(), FlopCounterMode(display=False) as fc:
         model(x, **knobs)
     return fc.get_total_flops() / 1e9
 
