@@ -188,6 +188,13 @@ def test_shipped_configs_load(path):
 
     conf = merge(DEFAULTS, load_config(ROOT / path))
     assert conf["model"] in preset_names() or isinstance(conf["model"], dict)
+    if isinstance(conf["model"], dict):  # the architecture builds and its trainable groups are coherent
+        from edgevpr.train.loop import build_optimizer, set_trainable
+
+        model = load_model({**conf["model"], "backbone": {**conf["model"]["backbone"], "weights": None}})
+        tr = conf["trainable"]
+        set_trainable(model, tr["mode"], tr.get("stages", 2), tr.get("patterns"))
+        build_optimizer(model, conf["optimizer"])
     assert conf["data"]["places"] and conf["data"]["places_per_batch"] > 0
     f = lr_factor(conf["schedule"], conf["steps"], 500)
     assert all(0 <= f(s) <= 1 for s in range(0, 20000, 97))

@@ -71,10 +71,15 @@ def check_keys(conf: dict, where: str = "config") -> None:
 
 
 def merge(base: dict, over: dict) -> dict:
-    """Recursive dict merge (``over`` wins)."""
+    """Recursive dict merge (``over`` wins); a dict holding ``_replace_: true`` replaces instead of merging."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        if isinstance(v, dict) and v.get("_replace_"):
+            out[k] = {kk: copy.deepcopy(vv) for kk, vv in v.items() if kk != "_replace_"}
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
     return out
 
 
@@ -312,7 +317,7 @@ def build_optimizer(model: VPRModel, conf: dict, terms: nn.Module | None = None)
         named += [(f"terms.{n}", p) for n, p in terms.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("nothing to train: every parameter is frozen (see 'trainable')")
-    mult = conf.get("lr_mult", {})
+    mult = conf.get("lr_mult") or {}
     patterns = {k: re.compile(k[3:]) for k in mult if k.startswith("re:")}
     groups: dict[str, list] = {}
     for n, p in named:
