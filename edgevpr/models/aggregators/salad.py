@@ -71,6 +71,16 @@ class OTAggregator(Aggregator):
         log_p = log_sinkhorn(s, log_a, log_b, self.sinkhorn_iters) + math.log(n + self.num_clusters)
         return log_p[:, :-1].exp()
 
+    def cluster_weights(self, tokens: Tokens) -> torch.Tensor:
+        """w [B, m]: every cluster counts the same in SALAD (WeiAD learns them)."""
+        return tokens.patches.new_ones(tokens.patches.shape[0], self.num_clusters)
+
+    def importance(self, tokens: Tokens) -> torch.Tensor:
+        """Aggregation-induced token importance [B, N], summing to 1 over the tokens:
+        a_i = sum_k w_k P_{k,i} (the transport plan without the dustbin row), normalised."""
+        a = torch.einsum("bm,bmn->bn", self.cluster_weights(tokens), self.assignment(tokens))
+        return a / a.sum(-1, keepdim=True).clamp_min(1e-12)
+
     def clusters(self, tokens: Tokens, p: torch.Tensor) -> torch.Tensor:
         """Intra-normalised cluster vectors [B, m, l] from assignment p [B, m, n]."""
         f = self.cluster_features(tokens.patches)  # [B, n, l]
