@@ -178,6 +178,128 @@ class WeiToPDistill(LossTerm):
         return self.t**2 * (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
 
 
+def hard_negatives(sim: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, B] similarities, labels [B] -> [B, k] indices of each anchor's k most similar other-place images
+    (fewer real ones when a batch has fewer negatives: the mask of ``negative_mask`` tells)."""
+    neg = labels[:, None] != labels[None, :]
+    return sim.masked_fill(~neg, float("-inf")).topk(min(k, sim.shape[1]), dim=-1).indices
+
+
+class PosNegDistill(LossTerm):
+    """TinyVPR's online positive-negative contrastive distillation (only the abstract is public).
+
+    In every P x K batch the frozen teacher's cosine similarities S_t and the student's S_s are compared on
+    two pair sets: the positives (same place, i != j; "correct knowledge") and, per anchor, the ``hard_k``
+    other-place images the teacher finds most similar (mined online; "confusing knowledge"):
+        L = w_pos * mean_P (S_s - S_t)^2 + w_neg * mean_N (S_s - S_t)^2.
+    Similarity matrices make student and teacher widths irrelevant; zero when the student reproduces the
+    teacher's similarities.
+    """
+
+    needs_teacher = True
+
+    def __init__(self, hard_k: int = 5, w_pos: float = 1.0, w_neg: float = 1.0) -> None:
+        super().__init__()
+        self.hard_k, self.w_pos, self.w_neg = hard_k, w_pos, w_neg
+
+    def forward(self, ctx: StepContext) -> torch.Tensor:
+        assert ctx.teacher_desc is not None
+        return self.loss(ctx.desc, ctx.teacher_desc, ctx.labels)
+
+    def loss(self, desc: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        s, t = desc @ desc.T, teacher @ teacher.T
+        eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+        pos = (labels[:, None] == labels[None, :]) & ~eye
+        hard = torch.zeros_like(pos).scatter_(1, hard_negatives(t.detach(), labels, self.hard_k), True)
+        hard &= labels[:, None] != labels[None, :]
+        d2 = (s - t) ** 2
+        zero = desc.sum() * 0
+        lp = d2[pos].mean() if pos.any() else zero
+        ln = d2[hard].mean() if hard.any() else zero
+        return self.w_pos * lp + self.w_neg * ln
+
+
+class CrossAttentionAlign(LossTerm):
+    """TinyVPR's cross-attention feature alignment (training only; not part of the exported student).
+
+    Student tokens [B, Ns, Cs] are projected to the teacher's width (q = W s) and attend over the frozen
+    teacher's tokens [B, Nt, Ct] (single-head scaled dot product, keys = LayerNorm'd teacher tokens, values =
+    teacher tokens); each projected student token is pulled towards what it attends to:
+        L = mean_tokens (1 - cos(q_i, sum_j softmax_j(q_i . k_j / sqrt(Ct)) v_j)).
+    Grids and token counts may differ (the attention finds the corresponding teacher tokens).
+    """
+
+    needs_teacher = True
+
+    def __init__(self, student_width: int, teacher_width: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(student_width, teacher_width)
+        self.key_norm = nn.LayerNorm(teacher_width)
+
+    def forward(self, ctx: StepContext) -> torch.Tensor:
+        assert ctx.teacher_tokens is not None
+        return self.loss(ctx.tokens.patches, ctx.teacher_tokens.patches)
+
+    def loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        q = self.proj(student)
+        k = self.key_norm(teacher)
+        attn = torch.softmax(q @ k.transpose(1, 2) / teacher.shape[-1] ** 0.5, -1)
+        return (1 - F.cosine_similarity(q, attn @ teacher, dim=-1)).mean()
+
+
+class ConfusionAwareMS(LossTerm):
+    """TinyVPR's confusion-aware Multi-Similarity loss, with the MS miner's online hard-pair mining.
+
+    Pairs are mined as the MS miner does (positive (i,p) kept if S_ip - eps < max_n S_in; negative (i,n) kept if
+    S_in + eps > min_p S_ip), then per anchor
+        L_i = 1/alpha log(1 + sum_p exp(-alpha (S_ip - base))) + 1/beta log(1 + sum_n c_in exp(beta (S_in - base)))
+    with confusion weights c_in = 1 + gamma * max(0, T_in) on the negatives, T the teacher's cosine similarity
+    (the student's own, detached, without a teacher): negatives the teacher also finds alike push harder.
+    gamma = 0 is exactly Multi-Similarity (tested against pytorch-metric-learning); the mean runs over all
+    anchors, those without mined pairs counting 0, as pytorch-metric-learning's MeanReducer does.
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 50.0, base: float = 0.0, epsilon: float = 0.1,
+                 gamma: float = 1.0) -> None:
+        super().__init__()
+        self.alpha, self.beta, self.base, self.eps, self.gamma = alpha, beta, base, epsilon, gamma
+
+    def forward(self, ctx: StepContext) -> torch.Tensor:
+        return self.loss(ctx.desc, ctx.labels, ctx.teacher_desc)
+
+    def loss(self, desc: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None) -> torch.Tensor:
+        s = desc @ desc.T
+        ref = (teacher @ teacher.T if teacher is not None else s).detach()
+        eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+        pos = (labels[:, None] == labels[None, :]) & ~eye
+        neg = labels[:, None] != labels[None, :]
+        sd = s.detach()
+        max_neg = sd.masked_fill(~neg, float("-inf")).amax(1, keepdim=True)
+        min_pos = sd.masked_fill(~pos, float("inf")).amin(1, keepdim=True)
+        pos_m = pos & (sd - self.eps < max_neg)
+        neg_m = neg & (sd + self.eps > min_pos)
+        c = 1 + self.gamma * ref.clamp(min=0)
+        pos_term = torch.log1p((torch.exp(-self.alpha * (s - self.base)) * pos_m).sum(1)) / self.alpha
+        neg_term = torch.log1p((c * torch.exp(self.beta * (s - self.base)) * neg_m).sum(1)) / self.beta
+        return (pos_term + neg_term).mean()
+
+
+@LOSS_TERMS.register("posneg_distill")
+def _posneg(ctx: TermContext, hard_k: int = 5, w_pos: float = 1.0, w_neg: float = 1.0) -> PosNegDistill:
+    _needs(ctx, "posneg_distill")
+    return PosNegDistill(hard_k, w_pos, w_neg)
+
+
+@LOSS_TERMS.register("xattn_align")
+def _xattn(ctx: TermContext) -> CrossAttentionAlign:
+    return CrossAttentionAlign(ctx.student_width, _needs(ctx, "xattn_align")[0])
+
+
+@LOSS_TERMS.register("confusion_ms")
+def _confusion_ms(ctx: TermContext, **cfg) -> ConfusionAwareMS:
+    return ConfusionAwareMS(**cfg)
+
+
 @LOSS_TERMS.register("weitop_distill")
 def _weitop(ctx: TermContext, temperature: float = 1.0) -> WeiToPDistill:
     if ctx.student is None:
