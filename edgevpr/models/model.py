@@ -112,6 +112,18 @@ class VPRModel(nn.Module):
             for m, name, old in reversed(saved):
                 setattr(m, name, old)
 
+    def train(self, mode: bool = True) -> VPRModel:
+        """Like nn.Module.train, but normalisation layers whose parameters are all frozen stay in eval
+        mode, so their running statistics never drift while the rest trains."""
+        super().train(mode)
+        if mode:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._NormBase):
+                    params = list(m.parameters(recurse=False))
+                    if params and not any(p.requires_grad for p in params):
+                        m.eval()
+        return self
+
     def state_for_identity(self) -> dict[str, torch.Tensor]:
         """The state dict with every ternary layer's weights given as the weight it computes with (delta * q),
         so a packed model, its fp-latent original and its int8 twin identify as the same weights."""
