@@ -69,15 +69,25 @@ def report(results: dict) -> str:
     md = ["# Fine-tuning effnet-lite0-gem on ../shared/data (`python benchmarks/finetune.py`)", "",
           "Held-out R@1 at 224 px on places no recipe trained or validated on. 'after' is the checkpoint with the",
           "best validation R@1 (Gardens Point 60-69 + Nordland 1500-1999; step 0 counts), 'final' the last step.",
-          "", "| recipe | steps | best step | val R@1 | "
+          "", "| recipe | steps | train s | best step | val R@1 | "
           + " | ".join(f"{n} before / after / final" for n in names) + " |",
-          "|---|---:|---:|---:|" + "---:|" * len(names)]
+          "|---|---:|---:|---:|---:|" + "---:|" * len(names)]
     for k, r in results.items():
         cells = [f"{r['before'][n]:.3f} / **{r['after'][n]:.3f}** / {r['final'][n]:.3f}" for n in names]
-        md.append(f"| {k}{' (shipped)' if k == ship else ''} | {r['steps']} | {r['best_step']} | "
+        md.append(f"| {k}{' (shipped)' if k == ship else ''} | {r['steps']} | {r['train_seconds_this_call']:.0f} | "
+                  f"{r['best_step']} | "
                   f"{r['best_val_R@1']:.3f} | " + " | ".join(cells) + " |")
-    md += ["", f"Shipped as configs/cpu-gp-nordland.yaml: **{ship}** (highest validation R@1).",
-           "", "Learning curves (validation R@1 and training loss): finetune_curves.png", ""]
+    missing = sorted(p.stem for p in (ROOT / "configs" / "cpu-finetune").glob("*.yaml")
+                     if p.stem != "base" and p.stem not in results)
+    md += ["", f"Shipped as configs/cpu-gp-nordland.yaml: **{ship}** (highest validation R@1)."]
+    if missing:
+        md += ["", f"Recipes in configs/cpu-finetune/ without results yet (not run to the end): {', '.join(missing)}."]
+    md += ["", "Learning curves: finetune_curves.png (validation R@1), finetune_loss.png (training loss).",
+           "Validation R@1 (mean of the 3 sets) by step:", ""]
+    for k, r in results.items():
+        pts = [f"{int(c['step'])}: {c['val_R@1']:.3f}" for c in r["curve"] if "val_R@1" in c]
+        md.append(f"- {k}: " + ", ".join(pts))
+    md.append("")
     return "\n".join(md)
 
 
