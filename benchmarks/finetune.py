@@ -16,34 +16,19 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
+from heldout import ROOT, data_root, held_out_sets, recall1
 
-from edgevpr.api import EvalConf, evaluate_dataset
-from edgevpr.data.datasets import open_dataset
 from edgevpr.eval.report import line_plot
 from edgevpr.models.model import load_model
 from edgevpr.train.loop import load_config, train
 from edgevpr.utils import write_json, write_text
 
-ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
 SIZE = (224, 224)
-
-
-def held_out_sets(data: Path) -> list:
-    gp, nl = data / "gardens_point", data / "nordland_64x32"
-    return [open_dataset(gp / "day_right", gp / "night_right", aligned_tolerance=2, frames=(70, 100)),
-            open_dataset(gp / "day_right", gp / "day_left", aligned_tolerance=2, frames=(70, 100)),
-            open_dataset(nl / "summer", nl / "winter", aligned_tolerance=1, frames=(2000, 2500), drop_dark=10)]
-
-
-def recall1(model, sets: list) -> dict[str, float]:
-    conf = EvalConf(cache_dir=None, efficiency=False, progress=False, image_size=SIZE)
-    return {ds.name: evaluate_dataset(model.eval(), ds, conf)[0]["recall"]["R@1"] for ds in sets}
 
 
 def run_recipe(config: Path, runs: Path, sets: list) -> dict:
@@ -58,8 +43,9 @@ def run_recipe(config: Path, runs: Path, sets: list) -> dict:
     best = json.loads((out / "best" / "step.json").read_text())
     return {"config": str(config.relative_to(ROOT)), "steps": conf["steps"], "train_seconds_this_call": seconds,
             "best_step": best["step"], "best_val_R@1": best["val_R@1"],
-            "before": recall1(load_model(conf["model"]), sets), "after": recall1(load_model(out / "best"), sets),
-            "final": recall1(load_model(out / "final"), sets),
+            "before": recall1(load_model(conf["model"]), sets, SIZE),
+            "after": recall1(load_model(out / "best"), sets, SIZE),
+            "final": recall1(load_model(out / "final"), sets, SIZE),
             "curve": [{k: float(v) for k, v in r.items() if v != ""} for r in rows]}
 
 
@@ -106,8 +92,7 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "finetune")
     ap.add_argument("--report-only", action="store_true", help="re-render the report from finetune.json")
     args = ap.parse_args()
-    data = Path(os.environ.get("EDGEVPR_DATA", ROOT.parent / "shared" / "data"))
-    os.environ.setdefault("EDGEVPR_DATA", str(data))
+    data = data_root()
     path = OUT / "finetune.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     if not args.report_only:

@@ -19,31 +19,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+from heldout import ROOT, data_root, held_out_sets, recall1
 
-from edgevpr.api import EvalConf, evaluate_dataset
 from edgevpr.compress.ternary import to_int8
 from edgevpr.eval.report import line_plot
 from edgevpr.models.model import load_model
 from edgevpr.train.loop import load_config, train
 from edgevpr.utils import write_json, write_text
 
-ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
 RUNS = ("cpu-stage1-fp32", "cpu-stage1", "cpu-stage2-fp32", "cpu-stage2")
 SIZE = (112, 112)
-
-
-def held_out(data: Path) -> list:
-    from edgevpr.data.datasets import open_dataset
-
-    gp, nl = data / "gardens_point", data / "nordland_64x32"
-    return [open_dataset(gp / "day_right", gp / "night_right", aligned_tolerance=2, frames=(70, 100)),
-            open_dataset(nl / "summer", nl / "winter", aligned_tolerance=1, frames=(2000, 2500), drop_dark=10)]
-
-
-def r1(model, sets: list, **knobs) -> dict[str, float]:
-    conf = EvalConf(cache_dir=None, efficiency=False, progress=False, image_size=SIZE, knobs=knobs or None)
-    return {ds.name: evaluate_dataset(model.eval(), ds, conf)[0]["recall"]["R@1"] for ds in sets}
 
 
 def curve(run: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -57,8 +43,7 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "tat-vpr")
     ap.add_argument("--no-train", action="store_true", help="evaluate existing runs only")
     args = ap.parse_args()
-    data = Path(os.environ.get("EDGEVPR_DATA", ROOT.parent / "shared" / "data"))
-    os.environ.setdefault("EDGEVPR_DATA", str(data))
+    data = data_root()
     os.chdir(ROOT)  # stage-2 configs name the stage-1 results as runs/tat-vpr/...
     seconds = {}
     for name in RUNS:
@@ -68,14 +53,14 @@ def main() -> None:
             train(load_config(ROOT / "configs" / "tat-vpr" / f"{name}.yaml"), out,
                   resume=(out / "checkpoints" / "latest.json").exists())
             seconds[name] = time.perf_counter() - t0
-    sets = held_out(data)
+    sets = held_out_sets(data, day_left=False)
     res: dict = {"train_seconds_this_call": seconds, "image_size": list(SIZE)}
     for name in ("cpu-stage1-fp32", "cpu-stage1"):
-        res[name] = {"final_gem": r1(load_model(args.runs / name / "final"), sets)}
+        res[name] = {"final_gem": recall1(load_model(args.runs / name / "final"), sets, SIZE)}
     fp32, tern = load_model(args.runs / "cpu-stage2-fp32" / "best"), load_model(args.runs / "cpu-stage2" / "best")
-    res["cpu-stage2-fp32"] = {"best": r1(fp32, sets)}
-    res["cpu-stage2"] = {f"best_s{s}": r1(tern, sets, sparsity=s) for s in (0.0, 0.4, 0.6)}
-    res["cpu-stage2"]["best_int8_s0.0"] = r1(to_int8(load_model(args.runs / "cpu-stage2" / "best")), sets)
+    res["cpu-stage2-fp32"] = {"best": recall1(fp32, sets, SIZE)}
+    res["cpu-stage2"] = {f"best_s{s}": recall1(tern, sets, SIZE, sparsity=s) for s in (0.0, 0.4, 0.6)}
+    res["cpu-stage2"]["best_int8_s0.0"] = recall1(to_int8(load_model(args.runs / "cpu-stage2" / "best")), sets, SIZE)
     for name in RUNS:
         res[name]["best_step"] = json.loads((args.runs / name / "best" / "step.json").read_text())["step"] \
             if (args.runs / name / "best" / "step.json").exists() else None

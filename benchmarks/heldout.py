@@ -1,0 +1,37 @@
+"""The held-out protocol every real-data benchmark here reports on: places no configuration trains or
+validates on. Gardens Point 70-99 (night_right and day_left vs day_right, +-2 frames) and Nordland 64x32
+places 2000-2499 (winter vs summer, +-1 frame, frames darker than 10/255 dropped). Training configs use
+Gardens Point 0-59 / Nordland 0-1499 and validate on Gardens Point 60-69 / Nordland 1500-1999.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from edgevpr.api import EvalConf, evaluate_dataset
+from edgevpr.data.datasets import VPRDataset, open_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path:
+    """EDGEVPR_DATA or ../shared/data (also exported, so configs' $EDGEVPR_DATA resolve)."""
+    data = Path(os.environ.get("EDGEVPR_DATA", ROOT.parent / "shared" / "data"))
+    os.environ.setdefault("EDGEVPR_DATA", str(data))
+    return data
+
+
+def held_out_sets(data: Path, day_left: bool = True) -> list[VPRDataset]:
+    gp, nl = data / "gardens_point", data / "nordland_64x32"
+    sets = [open_dataset(gp / "day_right", gp / "night_right", aligned_tolerance=2, frames=(70, 100))]
+    if day_left:
+        sets.append(open_dataset(gp / "day_right", gp / "day_left", aligned_tolerance=2, frames=(70, 100)))
+    sets.append(open_dataset(nl / "summer", nl / "winter", aligned_tolerance=1, frames=(2000, 2500), drop_dark=10))
+    return sets
+
+
+def recall1(model, sets: list[VPRDataset], size: tuple[int, int], **knobs) -> dict[str, float]:
+    """R@1 per set at ``size`` with runtime ``knobs`` (no descriptor cache)."""
+    conf = EvalConf(cache_dir=None, efficiency=False, progress=False, image_size=size, knobs=knobs or None)
+    return {ds.name: evaluate_dataset(model.eval(), ds, conf)[0]["recall"]["R@1"] for ds in sets}
