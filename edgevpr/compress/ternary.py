@@ -33,9 +33,14 @@ DEFAULT_PATTERNS = (r"\.attn\.qkv$", r"\.attn\.proj$", r"\.mlp\.fc1$", r"\.mlp\.
 
 
 def ternarize(w: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp weight [out, in] -> (q int8 in {-1, 0, 1} [out, in], delta fp32 scalar)."""
-    delta = w.detach().abs().mean() + eps
-    return (w.detach() / delta).round().clamp(-1, 1).to(torch.int8), delta.float()
+    """fp weight [out, in] -> (q int8 in {-1, 0, 1} [out, in], delta fp32 scalar).
+
+    mean|W| is accumulated in float64: a float32 mean depends on the number of threads (summation order),
+    which would change delta in its last bit, flip weights near +-delta/2, and break bit-exact reloads
+    and fingerprints between a 1-thread and a 2-thread process.
+    """
+    delta = (w.detach().double().abs().mean() + eps).float()
+    return (w.detach() / delta).round().clamp(-1, 1).to(torch.int8), delta
 
 
 class _TernarySTE(torch.autograd.Function):
