@@ -100,7 +100,7 @@ def main() -> None:
     if args.student:
         ternary = load_model(args.student)
         fp32 = load_model({**ternary.config, "ternary": None})
-        fp32.load_state_dict({k: v for k, v in ternary.state_for_identity().items()})
+        fp32.load_state_dict(ternary.state_for_identity())
         label = f"CPU student {ternary.name}, 112 px"
     else:
         fp32, ternary = load_model({**base, "image_size": [112, 112]}), load_model(

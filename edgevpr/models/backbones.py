@@ -162,9 +162,8 @@ class ViTBackbone(Backbone):
         return v.norm_pre(v.patch_drop(t)), (h // self.stride, w // self.stride)
 
     def run_blocks(self, t: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-        for blk in self.vit.blocks[start:end]:
-            t = blk(t)
-        return t
+        """Tokens through blocks start..end-1 (pruned after the pruner's block when it is active)."""
+        return self._run(t, start, end)[0]
 
     def finish(self, t: torch.Tensor, grid: tuple[int, int], index: torch.Tensor | None = None) -> Tokens:
         """Final norm (optional) and split into CLS, prompt and patch tokens (registers dropped)."""
