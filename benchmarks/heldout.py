@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def data_root() -> Path:
     """EDGEVPR_DATA or ../shared/data (also exported, so configs' $EDGEVPR_DATA resolve)."""
-    data = Path(os.environ.get("EDGEVPR_DATA", ROOT.parent / "shared" / "data"))
-    os.environ.setdefault("EDGEVPR_DATA", str(data))
+    data = Path(os.environ.get("EDGEVPR_DATA") or ROOT.parent / "shared" / "data")  # the Makefile may export ""
+    os.environ["EDGEVPR_DATA"] = str(data)
     return data
 
 

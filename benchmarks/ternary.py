@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from heldout import data_root
 
 from edgevpr.compress.ternary import TernaryLinear, to_int8
 from edgevpr.data.images import list_images, load_image
@@ -79,7 +79,7 @@ def bench(name: str, fp32, ternary, size: tuple[int, int], images: torch.Tensor,
 
 
 def gp_images(n: int, size: tuple[int, int], model) -> torch.Tensor:
-    data = Path(os.environ.get("EDGEVPR_DATA", ROOT.parent / "shared" / "data"))
+    data = data_root()
     t = model.transform(size)
     return torch.stack([t(load_image(p)) for p in list_images(data / "gardens_point" / "night_right")[:n]])
 

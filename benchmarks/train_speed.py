@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from heldout import data_root
 
 from edgevpr.train.loop import train
 from edgevpr.utils import write_json, write_text
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--model", default="effnet-lite0-gem")
     ap.add_argument("--size", type=int, default=224)
     args = ap.parse_args()
-    gp = Path(os.environ.get("EDGEVPR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "gardens_point"
+    gp = data_root() / "gardens_point"
     conf = {"model": args.model, "steps": args.steps, "checkpoint_every": 10**9,
             "data": {"places": [{"aligned": [str(gp / f) for f in ("day_left", "day_right", "night_right")],
                                  "stop": 30}], "places_per_batch": 8, "images_per_place": 3,

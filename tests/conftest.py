@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def shared_data() -> Path:
-    root = Path(os.environ.get("EDGEVPR_DATA", ROOT.parent / "shared" / "data"))
+    root = Path(os.environ.get("EDGEVPR_DATA") or ROOT.parent / "shared" / "data")  # the Makefile may export ""
     if not (root / "gardens_point" / "day_right").is_dir():
         pytest.fail(f"real data missing: {root} has no gardens_point/day_right (set EDGEVPR_DATA)")
     return root
