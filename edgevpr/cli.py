@@ -53,24 +53,19 @@ def _frames(text: str) -> tuple[int, int]:
 
 def cmd_eval(args) -> int:
     from .api import EvalConf, evaluate
+    from .deploy.localize import open_model
     from .eval.report import results_table
-    from .models.model import load_model
     from .utils import pick_device
 
     datasets = _datasets(args)
     device = pick_device(args.device)
-    model = load_model(args.model, device)
-    if args.int8:
-        from .compress.ternary import TernaryLinear, to_int8
-
-        if not any(isinstance(m, TernaryLinear) for m in model.modules()):
-            raise ValueError(f"--int8: model {model.name} has no ternary layers")
-        to_int8(model)
+    model = open_model(args.model, device, args.int8)
     conf = EvalConf(batch_size=args.batch_size, num_workers=args.workers, skip_bad=args.skip_bad,
                     cache_dir=None if args.no_cache else args.cache_dir, top_k=args.top_k, plot=args.plot,
                     show_failures=args.show_failures, efficiency=not args.no_efficiency,
                     image_size=tuple(args.image_size * (2 if len(args.image_size) == 1 else 1))[:2]
-                    if args.image_size else None, progress=not args.quiet, knobs=_knobs(args) or None)
+                    if args.image_size else None, progress=not args.quiet,
+                    knobs=_knobs(args) or getattr(model, "baked_knobs", None) or None)
     out = Path(args.out or Path("outputs") / "eval" / model.name.replace("/", "_"))
     results = evaluate(model, datasets, conf, out, device)
     for name, r in results["datasets"].items():
@@ -112,6 +107,112 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _print_matches(photo: str, matches: list, ms: float) -> None:
+    print(f"{photo}  ({ms:.0f} ms)")
+    print(f"  {'rank':>4}  {'score':>6}  {'place':>8}  {'lat, lon / east, north':>26}  path")
+    for m in matches:
+        if m.lat is not None:
+            where = f"{m.lat:.6f}, {m.lon:.6f}"
+        elif m.east is not None:
+            where = f"{m.east:.1f}, {m.north:.1f}"
+        else:
+            where = "-"
+        print(f"  {m.rank:>4}  {m.score:6.3f}  {m.place_id or '-':>8}  {where:>26}  {m.path}")
+
+
+def cmd_index(args) -> int:
+    from .deploy import index as idx
+    from .deploy.localize import open_model
+    from .utils import pick_device
+
+    if args.action == "info":
+        pi = idx.PlaceIndex.open(args.index, mmap=True, verify=args.verify)
+        print(json.dumps({**pi.manifest, "verified": bool(args.verify)}, indent=2))
+        return 0
+    device = pick_device(args.device)
+    if args.action == "build":
+        model = open_model(args.model, device, args.int8)
+        knobs = _knobs(args) or getattr(model, "baked_knobs", {})
+        params = {k: v for k, v in (("nlist", args.nlist), ("pq_m", args.pq_m), ("nprobe", args.nprobe),
+                                    ("hnsw_m", args.hnsw_m), ("ef_search", args.ef_search)) if v is not None}
+        spec = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
+        res = idx.build(model, args.images, args.out, args.kind, spec, knobs, args.batch_size, args.skip_bad,
+                        params, progress=not args.quiet)
+        where = args.out
+    else:
+        man = json.loads((Path(args.index) / idx.MANIFEST_FILE).read_text()) \
+            if (Path(args.index) / idx.MANIFEST_FILE).is_file() else {}
+        spec = args.model or man.get("model", {}).get("spec")
+        if not spec:
+            raise ValueError(f"{args.index}: give --model (the index records none)")
+        model = open_model(spec, device, args.int8)
+        res = idx.add(model, args.images, args.index, args.batch_size, args.skip_bad, progress=not args.quiet)
+        where = args.index
+    for path, reason in res.pop("failed_paths"):
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(json.dumps(res, indent=2) if args.json else
+          f"{where}: {res['count']} images indexed ({res['added']} new, {res['already_stored']} already there, "
+          f"{res['failed']} unreadable)")
+    return 0
+
+
+def cmd_localize(args) -> int:
+    from .deploy.index import match_dicts
+    from .deploy.localize import Localizer, latency_summary
+    from .utils import pick_device
+
+    loc = Localizer(args.index, args.model, mmap=not args.no_mmap, device=pick_device(args.device))
+    results, ms = loc.localize_files(args.photos, args.top_k)
+    if args.json:
+        print(json.dumps({"model": loc.index.model["name"], "fingerprint": loc.index.model["fingerprint"],
+                          "latency": latency_summary(ms),
+                          "results": [{"photo": str(p), "ms": t, "matches": match_dicts(m)}
+                                      for p, t, m in zip(args.photos, ms, results, strict=True)]}, indent=2))
+        return 0
+    for p, t, m in zip(args.photos, ms, results, strict=True):
+        _print_matches(str(p), m, t)
+    if len(ms) > 1:
+        s = latency_summary(ms)
+        print(f"{s['photos']} photos: p50 {s['p50_ms']:.1f} ms, p90 {s['p90_ms']:.1f} ms per photo")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .deploy.localize import Localizer
+    from .deploy.service import ServiceLimits, create_app
+    from .utils import pick_device
+
+    loc = Localizer(args.index, args.model, device=pick_device(args.device))
+    app = create_app(loc, ServiceLimits(args.max_upload_mb * 2**20, args.max_pixels, args.max_k))
+    print(f"serving {loc.index.root} ({len(loc.index)} images, model {loc.model.name}) on "
+          f"http://{args.host}:{args.port}/", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from .deploy.export import OnnxModel, export_onnx
+    from .models.model import load_model
+
+    model = load_model(args.model)
+    size = tuple(args.image_size * (2 if len(args.image_size) == 1 else 1))[:2] if args.image_size else None
+    knobs = _knobs(args)
+    out = export_onnx(model, args.out, knobs=knobs, image_size=size, int8=args.int8)
+    onnx_model = OnnxModel(out)
+    x = torch.randn(4, 3, *onnx_model.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = model.eval()(x, **knobs)
+    cos = torch.nn.functional.cosine_similarity(ref, onnx_model(x), dim=-1)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {onnx_model.name}, {onnx_model.out_dim}-D, "
+          f"{onnx_model.image_size[0]}x{onnx_model.image_size[1]}, knobs {knobs or 'none'}, "
+          f"fingerprint {onnx_model.fingerprint()}); cosine to PyTorch on random input: min {float(cos.min()):.6f}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from .models import AGGREGATORS, BACKBONES, preset_names
 
@@ -119,6 +220,12 @@ def cmd_models(args) -> int:
     print("backbones:    " + ", ".join(BACKBONES.names()))
     print("aggregators:  " + ", ".join(AGGREGATORS.names()))
     return 0
+
+
+def _knob_flags(a: argparse.ArgumentParser) -> None:
+    a.add_argument("--sparsity", type=float, help="TAT-VPR activation sparsity of ternary models (0-1)")
+    a.add_argument("--knob", action="append", metavar="NAME=VALUE",
+                   help="a runtime knob of the model, e.g. keep_ratio=0.5 (repeat)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("eval", help="Recall@N, PR curve and efficiency of a model on datasets")
-    e.add_argument("--model", default="effnet-lite0-gem", help="named model, config file or saved model folder")
+    e.add_argument("--model", default="effnet-lite0-gem",
+                   help="named model, config file, saved model folder, or an exported .onnx file (onnxruntime)")
     e.add_argument("--dataset", choices=["gardens_point"], help="a known benchmark (from EDGEVPR_DATA or downloaded)")
     e.add_argument("--db", help="database folder or CSV manifest")
     e.add_argument("--queries", action="append", help="query folder or CSV manifest (repeat for several sets)")
@@ -142,9 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--drop-dark", type=float, metavar="LEVEL", help="drop frames darker than LEVEL (0-255 mean)")
     e.add_argument("--skip-bad", action="store_true", help="skip and report unreadable images instead of stopping")
     e.add_argument("--image-size", type=int, nargs="+", metavar="PX", help="override the model's input size (H [W])")
-    e.add_argument("--sparsity", type=float, help="TAT-VPR activation sparsity of ternary models (0-1)")
     e.add_argument("--int8", action="store_true", help="run a ternary model's layers as int8 GEMMs (faster on CPU)")
-    e.add_argument("--knob", action="append", metavar="NAME=VALUE", help="any runtime knob of the model (repeat)")
+    _knob_flags(e)
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -173,6 +280,66 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
+
+    i = sub.add_parser("index", help="build, extend or describe a place index (FAISS + SQLite + manifest)")
+    isub = i.add_subparsers(dest="action", required=True)
+    ib = isub.add_parser("build", help="index the images of a folder or CSV manifest (resumes when interrupted)")
+    ia = isub.add_parser("add", help="append images to an index (same model; resumes when interrupted)")
+    for a in (ib, ia):
+        a.add_argument("--images", required=True, help="image folder, or CSV with path[,place_id][,lat,lon]")
+        a.add_argument("--batch-size", type=int, default=32)
+        a.add_argument("--skip-bad", action="store_true", help="skip and report unreadable images")
+        a.add_argument("--int8", action="store_true", help="ternary models: int8 GEMM path")
+        a.add_argument("--device", default="auto")
+        a.add_argument("--json", action="store_true")
+        a.add_argument("--quiet", action="store_true")
+    ib.add_argument("--model", default="effnet-lite0-gem",
+                    help="named model, config, saved folder or exported .onnx file (onnxruntime)")
+    ib.add_argument("--out", required=True, help="index folder")
+    ib.add_argument("--kind", choices=["flat", "ivfpq", "hnsw"], default="flat",
+                    help="flat: exact; ivfpq: compressed codes (needs >= 256 images); hnsw: graph")
+    ib.add_argument("--nlist", type=int, help="ivfpq: inverted lists (default 4 sqrt(N))")
+    ib.add_argument("--pq-m", type=int, help="ivfpq: sub-quantisers = bytes per vector (default: <= 64)")
+    ib.add_argument("--nprobe", type=int, help="ivfpq: lists searched (default min(nlist, 16))")
+    ib.add_argument("--hnsw-m", type=int, help="hnsw: neighbours per node (default 32)")
+    ib.add_argument("--ef-search", type=int, help="hnsw: search breadth (default 64)")
+    _knob_flags(ib)
+    ia.add_argument("--index", required=True)
+    ia.add_argument("--model", help="default: the model the index records")
+    ii = isub.add_parser("info", help="print an index's manifest")
+    ii.add_argument("index")
+    ii.add_argument("--verify", action="store_true", help="check the files' sha256 against the manifest")
+    i.set_defaults(func=cmd_index)
+
+    lo = sub.add_parser("localize", help="top-K database matches of photos, with coordinates and scores")
+    lo.add_argument("photos", nargs="+")
+    lo.add_argument("--index", required=True)
+    lo.add_argument("--model", help="default: the model the index records (an exported .onnx of it works too)")
+    lo.add_argument("--top-k", "-k", type=int, default=5)
+    lo.add_argument("--device", default="auto")
+    lo.add_argument("--no-mmap", action="store_true", help="read the FAISS file into memory instead of mapping it")
+    lo.add_argument("--json", action="store_true")
+    lo.set_defaults(func=cmd_localize)
+
+    sv = sub.add_parser("serve", help="HTTP service: upload endpoint, health, and a web page with a map")
+    sv.add_argument("--index", required=True)
+    sv.add_argument("--model", help="default: the model the index records")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-upload-mb", type=float, default=20.0)
+    sv.add_argument("--max-pixels", type=int, default=40_000_000)
+    sv.add_argument("--max-k", type=int, default=50)
+    sv.add_argument("--device", default="auto")
+    sv.set_defaults(func=cmd_serve)
+
+    x = sub.add_parser("export", help="export a model to ONNX (runtime knobs baked in; optional int8)")
+    x.add_argument("--model", required=True, help="named model, config or saved model folder")
+    x.add_argument("--format", choices=["onnx"], default="onnx")
+    x.add_argument("--out", required=True, help="output .onnx file")
+    x.add_argument("--int8", action="store_true", help="int8 weights for MatMul/Gemm (onnxruntime dynamic quant.)")
+    x.add_argument("--image-size", type=int, nargs="+", metavar="PX", help="input size (H [W]); default the model's")
+    _knob_flags(x)
+    x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("models", help="list named models, backbones and aggregators")
     m.set_defaults(func=cmd_models)

@@ -59,7 +59,8 @@ def topk_mask(x: torch.Tensor, sparsity: float) -> torch.Tensor:
     c = x.shape[-1]
     k = max(1, math.ceil((1.0 - sparsity) * c))
     idx = x.detach().abs().topk(k, dim=-1, sorted=False).indices
-    return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
+    ones = torch.ones_like(idx, dtype=torch.bool)
+    return torch.zeros_like(x, dtype=torch.bool).scatter(-1, idx, ones)  # out of place: ONNX-exportable
 
 
 def sparsify(x: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -60,10 +60,10 @@ def peak_memory(model: nn.Module, image_size: tuple[int, int], batch_size: int =
 
 
 @torch.inference_mode()
-def latency(model: nn.Module, image_size: tuple[int, int], batch_size: int = 1, warmup: int = 2,
+def latency(model, image_size: tuple[int, int], batch_size: int = 1, warmup: int = 2,
             repeats: int = 5, **knobs) -> dict[str, float]:
     """Median ms per image over ``repeats`` timed forwards of a [batch_size, 3, H, W] batch (after warm-up)."""
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device if isinstance(model, nn.Module) else torch.device("cpu")
     x = torch.randn(batch_size, 3, *image_size, device=device)
     cuda = device.type == "cuda"
     for _ in range(warmup):
@@ -109,3 +109,13 @@ def profile(model: nn.Module, image_size: tuple[int, int], out_dim: int, batch_s
         "threads": torch.get_num_threads(),
         "device": str(device),
     }
+
+
+def onnx_profile(model, image_size: tuple[int, int], out_dim: int, batch_size: int = 16, repeats: int = 5) -> dict:
+    """Latency, file bytes and descriptor size of an exported model run by onnxruntime (``OnnxModel``)."""
+    b1 = latency(model, image_size, 1, repeats=repeats, **model.baked_knobs)
+    bn = latency(model, image_size, batch_size, warmup=1, repeats=max(2, repeats // 2), **model.baked_knobs)
+    return {"runtime": "onnxruntime", "int8": model.int8, "ms_per_img_b1": b1["ms_per_img"],
+            f"ms_per_img_b{batch_size}": bn["ms_per_img"], "model_bytes": model.file_bytes(),
+            "descriptor_dim": out_dim, "descriptor_bytes_fp32": out_dim * 4, "image_size": list(image_size),
+            "threads": model.session.get_session_options().intra_op_num_threads, "device": "cpu"}

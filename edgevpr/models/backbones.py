@@ -212,7 +212,11 @@ class ViTBackbone(Backbone):
 
 
 class CNNBackbone(Backbone):
-    """A timm CNN's last feature map as tokens; ``crop`` removes trailing stages (ResNet50 layer4)."""
+    """A timm CNN's last feature map as tokens.
+
+    crop: modules replaced by the identity, by attribute path: ``layer4`` (ResNet50 after layer3) or
+    ``blocks.5`` (a MobileNet/EfficientNet cut after its 5th block: a pretrained small student).
+    """
 
     has_cls = False
 
@@ -223,7 +227,13 @@ class CNNBackbone(Backbone):
         self.net = timm.create_model(timm_name, pretrained=weights == "timm", **timm_kwargs)
         _load_weights(self.net, weights, hub_url, offline_key)  # full model incl. classifier: keys match
         for name in crop:
-            setattr(self.net, name, nn.Identity())
+            parent, _, leaf = name.rpartition(".")
+            try:
+                owner = self.net.get_submodule(parent)
+                getattr(owner, leaf)
+            except AttributeError as e:
+                raise ValueError(f"backbone.crop: {timm_name} has no module {name!r}") from e
+            setattr(owner, leaf, nn.Identity())
         self.net.reset_classifier(0)
         self.preprocess = preprocess
         with torch.no_grad():

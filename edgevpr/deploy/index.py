@@ -1,0 +1,406 @@
+"""A place index: descriptors of geotagged database images in FAISS, their metadata in SQLite.
+
+Folder layout::
+
+    INDEX/places.sqlite   images(id, path, place_id, lat, lon, east, north, descriptor), failed(path, reason),
+                          meta(key, value): the model and knobs that made the descriptors
+    INDEX/index.faiss     flat (exact), IVF-PQ or HNSW over inner products of L2-normalised descriptors
+                          (= cosine similarity); FAISS id == images.id (ids are 0..N-1 in insertion order)
+    INDEX/manifest.json   model name, fingerprint and knobs, descriptor dim, metric, kind and its settings,
+                          counts and sha256 checksums of both files; written last, atomically
+
+Resuming: descriptors go into SQLite one batch per transaction, so a killed build or add keeps every finished
+batch; running the same command again skips the images already stored (or recorded as failed), in the same
+order, then (re)writes the FAISS file and the manifest. Rows past the FAISS file's count are what an
+interrupted ``add`` left: the next ``add`` appends them.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data.images import ImageLoadError, list_images
+from ..eval.extract import _collate, _Images
+from ..utils import atomic_write, write_json
+
+DB_FILE, FAISS_FILE, MANIFEST_FILE = "places.sqlite", "index.faiss", "manifest.json"
+KINDS = ("flat", "ivfpq", "hnsw")
+FORMAT_VERSION = 1
+#: IVF-PQ: PQ codebooks have 256 centroids per sub-quantiser; FAISS needs at least that many training vectors.
+MIN_IVFPQ_TRAIN = 256
+
+
+@dataclass
+class Row:
+    """One database image: path, optional place id, optional coordinates (lat/lon and/or UTM metres)."""
+
+    path: str
+    place_id: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+    east: float | None = None
+    north: float | None = None
+
+
+@dataclass
+class Match:
+    rank: int
+    id: int
+    score: float
+    path: str
+    place_id: str | None
+    lat: float | None
+    lon: float | None
+    east: float | None
+    north: float | None
+
+
+def read_rows(source: str | os.PathLike) -> list[Row]:
+    """Images of a folder (coordinates from '@utm_east@utm_north@' names when present) or a CSV manifest with
+    ``path`` and optional ``place_id``, ``lat``/``lon``, ``utm_east``/``utm_north`` (lat/lon also get UTM)."""
+    from ..data.datasets import parse_utm_name
+
+    src = Path(source)
+    if src.is_dir():
+        rows = []
+        for p in list_images(src):
+            try:
+                east, north = parse_utm_name(p)
+                rows.append(Row(str(p.resolve()), east=east, north=north))
+            except ValueError:
+                rows.append(Row(str(p.resolve())))
+        if not rows:
+            raise ValueError(f"{src}: no images in this folder")
+        return rows
+    if src.suffix.lower() != ".csv" or not src.is_file():
+        raise FileNotFoundError(f"{src}: give an image folder or a CSV manifest")
+    with open(src, newline="") as f:
+        table = list(csv.DictReader(f))
+    if not table or "path" not in table[0]:
+        raise ValueError(f"{src}: a manifest needs a 'path' column and at least one row")
+
+    def num(r: dict, col: str, line: int) -> float | None:
+        v = (r.get(col) or "").strip()
+        if not v:
+            return None
+        try:
+            return float(v)
+        except ValueError:
+            raise ValueError(f"{src}: line {line}: column '{col}' is not a number ({v!r})") from None
+
+    rows = []
+    for line, r in enumerate(table, start=2):
+        p = Path(r["path"])
+        p = p if p.is_absolute() else src.parent / p
+        row = Row(str(p.resolve()), (r.get("place_id") or None), num(r, "lat", line), num(r, "lon", line),
+                  num(r, "utm_east", line), num(r, "utm_north", line))
+        if row.lat is not None and row.lon is not None and row.east is None:
+            if abs(row.lat) > 84 or abs(row.lon) > 180:
+                raise ValueError(f"{src}: line {line}: lat/lon out of range ({row.lat}, {row.lon})")
+            import utm
+
+            row.east, row.north, _, _ = utm.from_latlon(row.lat, row.lon)
+        rows.append(row)
+    return rows
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.executescript("""
+        CREATE TABLE IF NOT EXISTS images (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, place_id TEXT,
+            lat REAL, lon REAL, east REAL, north REAL, descriptor BLOB NOT NULL);
+        CREATE TABLE IF NOT EXISTS failed (path TEXT PRIMARY KEY, reason TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """)
+    return con
+
+
+def model_record(model, spec: str | None, knobs: dict | None) -> dict:
+    """What an index remembers of the model that made its descriptors."""
+    return {"name": model.name, "fingerprint": model.fingerprint(), "spec": spec, "knobs": dict(knobs or {}),
+            "image_size": list(model.image_size), "dim": int(model.out_dim),
+            "runtime": "onnxruntime" if hasattr(model, "session") else "torch"}
+
+
+def check_model(record: dict, name: str, fingerprint: str, where: str) -> None:
+    """Refuse a model whose fingerprint differs from the one recorded in an index (one-line error)."""
+    if fingerprint != record["fingerprint"]:
+        raise ValueError(f"{where}: built by model {record['name']} (fingerprint {record['fingerprint']}); "
+                         f"model {name} has fingerprint {fingerprint}: its descriptors are not comparable "
+                         "(use the index's model or build a new index)")
+
+
+def _make_faiss(kind: str, dim: int, n: int, params: dict):
+    import faiss
+
+    if kind == "flat":
+        return faiss.IndexFlatIP(dim), {}
+    if kind == "hnsw":
+        m = int(params.get("hnsw_m", 32))
+        index = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(params.get("ef_construction", 80))
+        return index, {"hnsw_m": m, "ef_construction": index.hnsw.efConstruction,
+                       "ef_search": int(params.get("ef_search", 64))}
+    if kind == "ivfpq":
+        if n < MIN_IVFPQ_TRAIN:
+            raise ValueError(f"ivfpq needs at least {MIN_IVFPQ_TRAIN} images to train its codebooks "
+                             f"(have {n}); use --kind flat or hnsw")
+        nlist = int(params.get("nlist") or max(1, min(int(4 * math.sqrt(n)), n // 39)))
+        m = int(params.get("pq_m") or max(d for d in range(1, min(dim, 64) + 1) if dim % d == 0))
+        if dim % m:
+            raise ValueError(f"ivfpq: pq_m={m} must divide the descriptor dimension {dim}")
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        return index, {"nlist": nlist, "pq_m": m, "nbits": 8, "nprobe": int(params.get("nprobe") or min(nlist, 16))}
+    raise ValueError(f"unknown index kind {kind!r} (choose from {', '.join(KINDS)})")
+
+
+def _configure(index, kind: str, params: dict) -> None:
+    import faiss
+
+    if kind == "hnsw":
+        index.hnsw.efSearch = int(params["ef_search"])
+    elif kind == "ivfpq":
+        faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
+
+
+class PlaceIndex:
+    """An index folder opened for search (``open``) or built and extended (``build``, ``add``)."""
+
+    def __init__(self, root: Path, manifest: dict, index, con: sqlite3.Connection) -> None:
+        self.root, self.manifest, self.index, self.con = root, manifest, index, con
+
+    # ----------------------------------------------------------------------------------------- open / info
+    @classmethod
+    def open(cls, root: str | os.PathLike, mmap: bool = True, verify: bool = False) -> PlaceIndex:
+        """Open a finished index; ``mmap`` maps the FAISS file instead of reading it; ``verify`` checks sha256."""
+        import faiss
+
+        root = Path(root)
+        man_file = root / MANIFEST_FILE
+        if not man_file.is_file():
+            hint = " (an interrupted build: run the same `edgevpr index build` again)" if (root / DB_FILE).exists() \
+                else ""
+            raise FileNotFoundError(f"{root}: not a finished place index, no {MANIFEST_FILE}{hint}")
+        manifest = json.loads(man_file.read_text())
+        for name, meta in manifest["files"].items():
+            f = root / name
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: missing from the index folder")
+            if verify and _sha256(f) != meta["sha256"]:
+                raise ValueError(f"{f}: checksum differs from {MANIFEST_FILE} (file changed or corrupt)")
+        flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        index = faiss.read_index(str(root / FAISS_FILE), flags)
+        _configure(index, manifest["kind"], manifest["params"])
+        con = sqlite3.connect(f"file:{root / DB_FILE}?mode=ro", uri=True, check_same_thread=False)
+        n = con.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        if n != index.ntotal:
+            raise ValueError(f"{root}: {n} images in {DB_FILE} but {index.ntotal} in {FAISS_FILE} (an interrupted "
+                             "`index add`: run it again to finish)")
+        return cls(root, manifest, index, con)
+
+    @property
+    def model(self) -> dict:
+        return self.manifest["model"]
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, desc: np.ndarray, k: int = 5) -> list[list[Match]]:
+        """descriptors [Q, D] float32 (L2-normalised) -> per query its top-k matches (score = cosine)."""
+        desc = np.ascontiguousarray(desc, dtype=np.float32)
+        if desc.ndim != 2 or desc.shape[1] != self.manifest["dim"]:
+            raise ValueError(f"descriptors of shape {tuple(desc.shape)}; this index holds {self.manifest['dim']}-D")
+        scores, ids = self.index.search(desc, min(k, len(self)))
+        found = {int(i) for i in ids.ravel() if i >= 0}
+        rows = self.rows(sorted(found))
+        return [[Match(r + 1, int(i), float(s), *rows[int(i)]) for r, (s, i) in enumerate(zip(sq, iq, strict=True))
+                 if i >= 0] for sq, iq in zip(scores, ids, strict=True)]
+
+    def rows(self, ids: list[int]) -> dict[int, tuple]:
+        """id -> (path, place_id, lat, lon, east, north)."""
+        out = {}
+        for start in range(0, len(ids), 500):
+            part = ids[start:start + 500]
+            marks = ",".join("?" * len(part))
+            q = f"SELECT id, path, place_id, lat, lon, east, north FROM images WHERE id IN ({marks})"
+            out.update({r[0]: r[1:] for r in self.con.execute(q, part)})
+        return out
+
+    def positions(self, limit: int = 5000) -> dict:
+        """Up to ``limit`` evenly spaced database positions for a map: {ids, east, north} or {ids} alone."""
+        n = len(self)
+        step = max(1, math.ceil(n / limit))
+        rows = self.con.execute("SELECT id, east, north FROM images WHERE id % ? = 0 ORDER BY id", (step,)).fetchall()
+        has = bool(rows) and all(r[1] is not None for r in rows)
+        out = {"count": n, "ids": [r[0] for r in rows], "has_coordinates": has}
+        if has:
+            out["east"] = [r[1] for r in rows]
+            out["north"] = [r[2] for r in rows]
+        return out
+
+    def descriptors(self) -> np.ndarray:
+        """All stored descriptors [N, D] float32, in id order."""
+        return _stored_descriptors(self.con, self.manifest["dim"])
+
+
+def _stored_descriptors(con: sqlite3.Connection, dim: int, start: int = 0) -> np.ndarray:
+    blobs = [b for (b,) in con.execute("SELECT descriptor FROM images WHERE id >= ? ORDER BY id", (start,))]
+    if not blobs:
+        return np.zeros((0, dim), np.float32)
+    return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), dim).copy()
+
+
+@torch.inference_mode()
+def _extract_into(con: sqlite3.Connection, model, rows: list[Row], knobs: dict, batch_size: int, skip_bad: bool,
+                  progress: bool, desc: str, on_batch: Callable[[int], None] | None) -> dict:
+    """Embed the rows not yet stored (or failed) and insert them batch by batch -> counts."""
+    done = {p for (p,) in con.execute("SELECT path FROM images UNION SELECT path FROM failed")}
+    todo = [r for r in rows if r.path not in done]
+    seen: set[str] = set()
+    todo = [r for r in todo if not (r.path in seen or seen.add(r.path))]  # a path listed twice is stored once
+    loader = DataLoader(_Images([Path(r.path) for r in todo], model.transform(), None), batch_size=batch_size,
+                        collate_fn=_collate)
+    next_id = con.execute("SELECT COALESCE(MAX(id) + 1, 0) FROM images").fetchone()[0]
+    added = failed = 0
+    bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+    for xs, idx, bad in loader:  # idx, bad: positions in todo
+        if bad and not skip_bad:
+            j, err = bad[0]
+            raise ImageLoadError(todo[j].path, err + " (use --skip-bad to skip and report such images)")
+        d = model(xs, **knobs).float().cpu().numpy() if xs is not None else np.zeros((0, 0), np.float32)
+        with con:  # one transaction per batch: a kill keeps whole batches only
+            for j, vec in zip(idx, d, strict=True):
+                r = todo[j]
+                con.execute("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (next_id, r.path, r.place_id, r.lat, r.lon, r.east, r.north,
+                             np.ascontiguousarray(vec, np.float32).tobytes()))
+                next_id += 1
+            con.executemany("INSERT INTO failed VALUES (?, ?)", [(todo[j].path, err) for j, err in bad])
+        added += len(idx)
+        failed += len(bad)
+        bar.update(len(idx) + len(bad))
+        if on_batch is not None:
+            on_batch(added)
+    bar.close()
+    return {"requested": len(rows), "already_stored": len(rows) - len(todo), "added": added, "failed": failed}
+
+
+def _write(root: Path, con: sqlite3.Connection, index, kind: str, params: dict, record: dict,
+           created: str | None) -> dict:
+    import faiss
+
+    atomic_write(root / FAISS_FILE, lambda tmp: faiss.write_index(index, tmp))
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    n_failed = con.execute("SELECT COUNT(*) FROM failed").fetchone()[0]
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    manifest = {
+        "format_version": FORMAT_VERSION, "model": record, "dim": record["dim"],
+        "metric": "inner product of L2-normalised descriptors (cosine similarity)", "kind": kind, "params": params,
+        "count": int(index.ntotal), "failed_images": n_failed, "created": created or now, "updated": now,
+        "files": {name: {"bytes": (root / name).stat().st_size, "sha256": _sha256(root / name)}
+                  for name in (FAISS_FILE, DB_FILE)},
+    }
+    write_json(root / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def _open_for_writing(root: Path, record: dict) -> sqlite3.Connection:
+    con = _connect(root / DB_FILE)
+    stored = dict(con.execute("SELECT key, value FROM meta"))
+    if "model" not in stored:
+        with con:
+            con.execute("INSERT INTO meta VALUES ('model', ?)", (json.dumps(record, sort_keys=True),))
+        return con
+    old = json.loads(stored["model"])
+    check_model(old, record["name"], record["fingerprint"], str(root))
+    if old["knobs"] != record["knobs"]:
+        raise ValueError(f"{root}: descriptors were made with knobs {old['knobs']}, not {record['knobs']}")
+    return con
+
+
+def build(model, source: str | os.PathLike, out: str | os.PathLike, kind: str = "flat", spec: str | None = None,
+          knobs: dict | None = None, batch_size: int = 32, skip_bad: bool = False, params: dict | None = None,
+          progress: bool = True, on_batch: Callable[[int], None] | None = None) -> dict:
+    """Build an index of ``source`` (folder or CSV) in ``out``; resumes an interrupted build -> summary.
+
+    ``on_batch(n_added)`` is called after each stored batch (progress hooks; tests interrupt builds with it).
+    """
+    root = Path(out)
+    if (root / MANIFEST_FILE).exists():
+        raise FileExistsError(f"{root}: an index is already there; use `edgevpr index add` to extend it")
+    if kind not in KINDS:
+        raise ValueError(f"unknown index kind {kind!r} (choose from {', '.join(KINDS)})")
+    rows = read_rows(source)
+    root.mkdir(parents=True, exist_ok=True)
+    record = model_record(model, spec, knobs)
+    con = _open_for_writing(root, record)
+    t0 = time.perf_counter()
+    counts = _extract_into(con, model, rows, record["knobs"], batch_size, skip_bad, progress, "index build", on_batch)
+    t_extract = time.perf_counter() - t0
+    desc = _stored_descriptors(con, record["dim"])
+    index, used = _make_faiss(kind, record["dim"], len(desc), params or {})
+    t1 = time.perf_counter()
+    if not index.is_trained:
+        index.train(desc)
+    index.add(desc)
+    manifest = _write(root, con, index, kind, used, record, None)
+    con.close()
+    return {**counts, "count": manifest["count"], "extract_s": t_extract, "index_s": time.perf_counter() - t1,
+            "failed_paths": _failed(root)}
+
+
+def add(model, source: str | os.PathLike, root: str | os.PathLike, batch_size: int = 32, skip_bad: bool = False,
+        progress: bool = True, on_batch: Callable[[int], None] | None = None) -> dict:
+    """Append the images of ``source`` not yet in the index at ``root`` (same model and knobs required)."""
+    import faiss
+
+    root = Path(root)
+    manifest = json.loads((root / MANIFEST_FILE).read_text()) if (root / MANIFEST_FILE).is_file() else None
+    if manifest is None:
+        raise FileNotFoundError(f"{root}: no finished index to add to (build it first with `edgevpr index build`)")
+    check_model(manifest["model"], model.name, model.fingerprint(), str(root))
+    record = {**manifest["model"]}
+    con = _open_for_writing(root, record)
+    counts = _extract_into(con, model, read_rows(source), record["knobs"], batch_size, skip_bad, progress,
+                           "index add", on_batch)
+    index = faiss.read_index(str(root / FAISS_FILE))
+    new = _stored_descriptors(con, record["dim"], start=int(index.ntotal))
+    index.add(new)
+    manifest = _write(root, con, index, manifest["kind"], manifest["params"], record, manifest["created"])
+    con.close()
+    return {**counts, "appended_to_faiss": len(new), "count": manifest["count"], "failed_paths": _failed(root)}
+
+
+def _failed(root: Path) -> list[tuple[str, str]]:
+    con = sqlite3.connect(root / DB_FILE)
+    try:
+        return [tuple(r) for r in con.execute("SELECT path, reason FROM failed ORDER BY path")]
+    finally:
+        con.close()
+
+
+def match_dicts(matches: list[Match]) -> list[dict]:
+    return [asdict(m) for m in matches]

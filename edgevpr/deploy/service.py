@@ -1,0 +1,140 @@
+"""HTTP service over a Localizer (FastAPI): upload endpoint, health, thumbnails, map data and a web page.
+
+Endpoints:
+  GET  /                      the web page (static/index.html): upload a photo, see its matches and a map
+  GET  /api/health            {"status": "ok", index size, model name and fingerprint, limits}
+  POST /api/localize?k=5      multipart field ``image`` -> {"matches": [...], "ms": ...}
+  GET  /api/thumb/{id}        JPEG thumbnail (<= 320 px) of a database image
+  GET  /api/map               database positions (<= 5000, evenly spaced) for the map
+
+Bad uploads get a 4xx with a one-line ``detail``: 413 for a body over ``max_upload_bytes`` (refused from its
+Content-Length before reading when the client sends one) or an image over ``max_pixels``, 400 for a missing
+field or a file that is not a readable image. The server keeps serving after any of them.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .index import match_dicts
+from .localize import Localizer
+
+THUMB_PX = 320
+
+
+@dataclass
+class ServiceLimits:
+    max_upload_bytes: int = 20 * 2**20
+    max_pixels: int = 40_000_000
+    max_k: int = 50
+
+
+class UploadError(ValueError):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def decode_upload(data: bytes, limits: ServiceLimits) -> Image.Image:
+    """Bytes of an uploaded photo -> upright RGB image, or UploadError(4xx, reason)."""
+    if not data:
+        raise UploadError(400, "empty upload: send the photo in the multipart field 'image'")
+    if len(data) > limits.max_upload_bytes:
+        raise UploadError(413, f"upload of {len(data)} bytes exceeds the limit of {limits.max_upload_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > limits.max_pixels:
+                raise UploadError(413, f"image of {w}x{h} = {w * h} pixels exceeds the limit of {limits.max_pixels}")
+            img.load()
+            return ImageOps.exif_transpose(img).convert("RGB")
+    except UploadError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UploadError(400 if isinstance(e, UnidentifiedImageError) else 413,
+                          "not a readable image (JPEG, PNG, WebP, ...)" if isinstance(e, UnidentifiedImageError)
+                          else str(e).splitlines()[0]) from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UploadError(400, f"corrupt or truncated image: {str(e).splitlines()[0]}") from None
+
+
+def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
+    """The FastAPI application serving ``localizer``."""
+    from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+    limits = limits or ServiceLimits()
+    index = localizer.index
+    app = FastAPI(title="edgevpr", description="Visual place recognition: localize a photo against a place index")
+    page = resources.files("edgevpr.deploy").joinpath("static/index.html").read_text()
+
+    @app.middleware("http")
+    async def refuse_big_bodies(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if request.method == "POST" and size and size.isdigit() and int(size) > limits.max_upload_bytes + 65536:
+            return JSONResponse({"detail": f"upload of {size} bytes exceeds the limit of {limits.max_upload_bytes}"},
+                                status_code=413)
+        return await call_next(request)
+
+    @app.get("/", response_class=HTMLResponse)
+    def home() -> str:
+        return page
+
+    @app.get("/api/health")
+    def health() -> dict:
+        m = index.model
+        return {"status": "ok", "images": len(index), "model": m["name"], "fingerprint": m["fingerprint"],
+                "knobs": m["knobs"], "kind": index.manifest["kind"], "dim": index.manifest["dim"],
+                "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
+                           "max_k": limits.max_k}}
+
+    @app.post("/api/localize")
+    def localize(image: UploadFile | None = File(None), k: int = 5) -> dict:
+        if image is None:
+            raise HTTPException(400, "missing multipart field 'image'")
+        if not 1 <= k <= limits.max_k:
+            raise HTTPException(400, f"k={k}: must be between 1 and {limits.max_k}")
+        data = image.file.read(limits.max_upload_bytes + 1)
+        try:
+            img = decode_upload(data, limits)
+        except UploadError as e:
+            raise HTTPException(e.status, str(e)) from None
+        t0 = time.perf_counter()
+        matches = localizer.localize([img], k)[0]
+        ms = (time.perf_counter() - t0) * 1000
+        out = match_dicts(matches)
+        for m in out:
+            m["name"] = Path(m["path"]).name
+            m["thumb"] = f"/api/thumb/{m['id']}"
+        return {"filename": image.filename, "width": img.width, "height": img.height, "k": k, "ms": ms,
+                "matches": out}
+
+    @app.get("/api/thumb/{image_id}")
+    def thumb(image_id: int) -> Response:
+        row = index.rows([image_id]).get(image_id)
+        if row is None:
+            raise HTTPException(404, f"no database image with id {image_id}")
+        try:
+            with Image.open(row[0]) as im:
+                im = ImageOps.exif_transpose(im).convert("RGB")
+                im.thumbnail((THUMB_PX, THUMB_PX))
+                buf = io.BytesIO()
+                im.save(buf, "JPEG", quality=85)
+        except OSError as e:
+            raise HTTPException(404, f"{row[0]}: cannot read the database image ({e})") from None
+        return Response(buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/api/map")
+    def map_points() -> dict:
+        return index.positions()
+
+    return app

@@ -1,0 +1,203 @@
+"""Place index (build, resume, add, refuse), localize, ONNX export and the onnxruntime path."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+
+from edgevpr.cli import main
+from edgevpr.deploy import index as idx
+from edgevpr.deploy.export import OnnxModel, export_onnx
+from edgevpr.deploy.localize import Localizer
+from edgevpr.models.model import load_model
+from tests.conftest import TINY_MODEL, make_image
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return load_model(TINY_MODEL)
+
+
+def _folder(root, n, seed0=0):
+    for i in range(n):
+        make_image(root / f"img{i:03d}.png", seed0 + i, size=(64, 80))
+    return root
+
+
+def _entries(root):
+    con = sqlite3.connect(root / idx.DB_FILE)
+    try:
+        return con.execute("SELECT id, path, descriptor FROM images ORDER BY id").fetchall()
+    finally:
+        con.close()
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_interrupted_build_resumes_to_the_same_entries(tiny, tmp_path):
+    images = _folder(tmp_path / "db", 23)
+    full = idx.build(tiny, images, tmp_path / "full", batch_size=4, progress=False)
+    assert full["count"] == 23
+
+    def stop_after_three(n_added):
+        if n_added >= 12:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        idx.build(tiny, images, tmp_path / "resumed", batch_size=4, progress=False, on_batch=stop_after_three)
+    assert len(_entries(tmp_path / "resumed")) == 12  # three whole batches kept, no manifest yet
+    with pytest.raises(FileNotFoundError, match="interrupted build"):
+        idx.PlaceIndex.open(tmp_path / "resumed")
+    res = idx.build(tiny, images, tmp_path / "resumed", batch_size=4, progress=False)
+    assert (res["already_stored"], res["added"]) == (12, 11)
+    assert _entries(tmp_path / "resumed") == _entries(tmp_path / "full")  # same ids, paths, descriptor bytes
+    a, b = idx.PlaceIndex.open(tmp_path / "full"), idx.PlaceIndex.open(tmp_path / "resumed")
+    q = a.descriptors()[:5]
+    assert [[m.id for m in r] for r in a.search(q, 3)] == [[m.id for m in r] for r in b.search(q, 3)]
+    with pytest.raises(FileExistsError, match="index add"):
+        idx.build(tiny, images, tmp_path / "full", progress=False)
+
+
+def test_add_then_search_finds_the_new_images(tiny, tmp_path):
+    idx.build(tiny, _folder(tmp_path / "a", 12), tmp_path / "index", batch_size=5, progress=False)
+    new = _folder(tmp_path / "b", 4, seed0=100)
+    res = idx.add(tiny, new, tmp_path / "index", progress=False)
+    assert (res["added"], res["count"]) == (4, 16)
+    again = idx.add(tiny, new, tmp_path / "index", progress=False)  # nothing twice
+    assert (again["added"], again["count"]) == (0, 16)
+    loc = Localizer(tmp_path / "index", tiny)
+    paths = sorted(new.glob("*.png"))
+    found, _ = loc.localize_files(paths, k=1)
+    assert [m[0].path for m in found] == [str(p.resolve()) for p in paths]
+    assert all(m[0].id >= 12 and m[0].score > 0.9999 for m in found)
+    q = loc.index.descriptors()[:3]
+    mapped, read = (idx.PlaceIndex.open(tmp_path / "index", mmap=m, verify=True) for m in (True, False))
+    assert [[m.id for m in r] for r in mapped.search(q, 2)] == [[m.id for m in r] for r in read.search(q, 2)]
+
+
+def test_a_different_model_is_refused(tiny, tmp_path):
+    idx.build(tiny, _folder(tmp_path / "a", 6), tmp_path / "index", progress=False)
+    other = load_model({**TINY_MODEL, "aggregator": {"name": "gem", "p": 4.0}})
+    with pytest.raises(ValueError, match="fingerprint .* not comparable"):
+        Localizer(tmp_path / "index", other)
+    with pytest.raises(ValueError, match="fingerprint"):
+        idx.add(other, tmp_path / "a", tmp_path / "index", progress=False)
+
+
+def test_unreadable_images_stop_or_are_skipped_and_reported(tiny, tmp_path):
+    images = _folder(tmp_path / "db", 5)
+    (images / "img002.png").write_bytes(b"not an image")
+    with pytest.raises(OSError, match="img002.png.*--skip-bad"):
+        idx.build(tiny, images, tmp_path / "strict", progress=False)
+    res = idx.build(tiny, images, tmp_path / "lenient", skip_bad=True, progress=False)
+    assert res["count"] == 4 and [p for p, _ in res["failed_paths"]] == [str((images / "img002.png").resolve())]
+    assert json.loads((tmp_path / "lenient" / idx.MANIFEST_FILE).read_text())["failed_images"] == 1
+
+
+def test_csv_manifest_coordinates_and_map_positions(tiny, tmp_path):
+    images = _folder(tmp_path / "db", 4)
+    rows = ["path,place_id,lat,lon"] + [f"db/img{i:03d}.png,p{i},-27.4775,{153.0280 + i * 1e-4:.4f}" for i in range(4)]
+    (tmp_path / "db.csv").write_text("\n".join(rows) + "\n")
+    assert images.exists()
+    idx.build(tiny, tmp_path / "db.csv", tmp_path / "index", progress=False)
+    pi = idx.PlaceIndex.open(tmp_path / "index")
+    m = pi.search(pi.descriptors()[2:3], 1)[0][0]
+    assert (m.place_id, m.lat, m.lon) == ("p2", -27.4775, 153.0282)
+    pos = pi.positions()
+    assert pos["has_coordinates"] and np.allclose(np.diff(pos["east"]), pos["east"][1] - pos["east"][0], atol=0.1)
+    (tmp_path / "bad.csv").write_text("path,lat,lon\ndb/img000.png,north,153\n")
+    with pytest.raises(ValueError, match="bad.csv: line 2: column 'lat'"):
+        idx.read_rows(tmp_path / "bad.csv")
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_approximate_kinds_find_what_flat_finds(kind):
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((40, 64))
+    x = (centres[rng.integers(0, 40, 2000)] + 0.3 * rng.standard_normal((2000, 64))).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    flat, _ = idx._make_faiss("flat", 64, len(x), {})
+    approx, params = idx._make_faiss(kind, 64, len(x), {})
+    idx._configure(approx, kind, params)
+    for index in (flat, approx):
+        if not index.is_trained:
+            index.train(x)
+        index.add(x)
+    q = x[:200] + 0.05 * rng.standard_normal((200, 64)).astype(np.float32)
+    agree = np.mean(flat.search(q, 1)[1][:, 0] == approx.search(q, 1)[1][:, 0])
+    assert agree >= 0.9, f"{kind} top-1 agrees with exact search on {agree:.2f} of queries"
+    with pytest.raises(ValueError, match="at least 256 images"):
+        idx._make_faiss("ivfpq", 64, 100, {})
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())
+
+
+def test_onnx_matches_pytorch_for_the_default_model(data_root, tmp_path):
+    model = load_model("effnet-lite0-gem")
+    out = export_onnx(model, tmp_path / "m.onnx")
+    onnx_model = OnnxModel(out)
+    assert onnx_model.fingerprint() == model.fingerprint()  # same descriptors: same identity
+    tf = model.transform()
+    from edgevpr.data.images import load_image
+
+    x = torch.stack([tf(load_image(data_root / "gardens_point" / f / "Image010.jpg"))
+                     for f in ("day_right", "night_right", "day_left")])
+    with torch.inference_mode():
+        assert _cos(onnx_model(x), model(x)) >= 0.9999
+    q8 = OnnxModel(export_onnx(model, tmp_path / "m8.onnx", int8=True))
+    assert q8.fingerprint() != model.fingerprint() and q8.fingerprint(runtime=False) == model.fingerprint()
+
+
+VIT = {"name": "dinov2_vits14", "weights": None, "init_values": 1.0}
+
+
+@pytest.mark.parametrize("cfg,knobs,tol", [
+    ({"backbone": {**VIT, "pruning": {"block": 3, "method": "weitop"}}, "aggregator": {"name": "weiad"}},
+     {"keep_ratio": 0.5}, 0.9999),
+    ({"backbone": {**VIT, "prompts": {"mode": "scene"}}, "aggregator": {"name": "efficientvpr"}}, {}, 0.9999),
+    ({"backbone": VIT, "aggregator": {"name": "boq"}, "image_size": [98, 126]}, {}, 0.9999),
+    # hard per-token top-k: float rounding can swap near-tied channels, so a looser bound with sparsity
+    ({"backbone": VIT, "aggregator": {"name": "salad"}, "ternary": {}}, {"sparsity": 0.4}, 0.999),
+])
+def test_onnx_matches_pytorch_for_vit_heads_and_knobs(cfg, knobs, tol, tmp_path):
+    torch.manual_seed(0)
+    model = load_model({"image_size": [112, 112], **cfg})
+    onnx_model = OnnxModel(export_onnx(model, tmp_path / "m.onnx", knobs=knobs))
+    assert onnx_model.baked_knobs == knobs
+    x = torch.randn(3, 3, *model.image_size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert _cos(onnx_model(x, **knobs), model(x, **knobs)) >= tol
+    if knobs:
+        name = next(iter(knobs))
+        with pytest.raises(ValueError, match="baked in at export"):
+            onnx_model(x, **{name: 0.1})
+
+
+def test_cli_index_localize_export_and_onnx_query(tiny, tmp_path, capsys):
+    from edgevpr.models.model import save_model
+
+    save_model(tiny, tmp_path / "model")
+    images = _folder(tmp_path / "db", 8)
+    assert main(["index", "build", "--model", str(tmp_path / "model"), "--images", str(images),
+                 "--out", str(tmp_path / "index"), "--quiet"]) == 0
+    assert main(["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "m.onnx")]) == 0
+    capsys.readouterr()
+    photo = str(images / "img005.png")
+    assert main(["localize", "--index", str(tmp_path / "index"), "--model", str(tmp_path / "m.onnx"), "--json",
+                 photo, "-k", "3"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    top = res["results"][0]["matches"][0]
+    assert top["path"].endswith("img005.png") and top["score"] > 0.9999 and len(res["results"][0]["matches"]) == 3
+    other = tmp_path / "other"
+    save_model(load_model({**TINY_MODEL, "aggregator": {"name": "gem", "p": 4.0}}), other)
+    assert main(["localize", "--index", str(tmp_path / "index"), "--model", str(other), photo]) == 2
+    assert "not comparable" in capsys.readouterr().err
