@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .index import match_dicts
@@ -69,9 +71,6 @@ def decode_upload(data: bytes, limits: ServiceLimits) -> Image.Image:
 
 def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
     """The FastAPI application serving ``localizer``."""
-    from fastapi import FastAPI, File, HTTPException, Request, UploadFile
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-
     limits = limits or ServiceLimits()
     index = localizer.index
     app = FastAPI(title="edgevpr", description="Visual place recognition: localize a photo against a place index")
