@@ -42,6 +42,11 @@ KINDS = ("flat", "ivfpq", "hnsw")
 FORMAT_VERSION = 1
 #: IVF-PQ: PQ codebooks have 256 centroids per sub-quantiser; FAISS needs at least that many training vectors.
 MIN_IVFPQ_TRAIN = 256
+#: IVF-PQ default inverted lists: 4 sqrt(N), at most N / 39 (FAISS's points-per-centroid floor) and 1024 (k-means
+#: over more lists of 1280-D vectors takes many minutes on a 2-core CPU; pass --nlist for more).
+MAX_NLIST = 1024
+#: IVF-PQ trains on at most this many vectors (a uniform sample, seeded).
+MAX_TRAIN = 65536
 
 
 @dataclass
@@ -168,13 +173,20 @@ def _make_faiss(kind: str, dim: int, n: int, params: dict):
         if n < MIN_IVFPQ_TRAIN:
             raise ValueError(f"ivfpq needs at least {MIN_IVFPQ_TRAIN} images to train its codebooks "
                              f"(have {n}); use --kind flat or hnsw")
-        nlist = int(params.get("nlist") or max(1, min(int(4 * math.sqrt(n)), n // 39)))
-        m = int(params.get("pq_m") or max(d for d in range(1, min(dim, 64) + 1) if dim % d == 0))
+        nlist = int(params.get("nlist") or max(1, min(int(4 * math.sqrt(n)), n // 39, MAX_NLIST)))
+        m = int(params.get("pq_m") or max(d for d in range(1, min(dim, 128) + 1) if dim % d == 0))
         if dim % m:
             raise ValueError(f"ivfpq: pq_m={m} must divide the descriptor dimension {dim}")
         index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
         return index, {"nlist": nlist, "pq_m": m, "nbits": 8, "nprobe": int(params.get("nprobe") or min(nlist, 16))}
     raise ValueError(f"unknown index kind {kind!r} (choose from {', '.join(KINDS)})")
+
+
+def training_sample(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """At most MAX_TRAIN rows of ``x`` [N, D], drawn uniformly (seeded)."""
+    if len(x) <= MAX_TRAIN:
+        return x
+    return x[np.sort(np.random.default_rng(seed).choice(len(x), MAX_TRAIN, replace=False))]
 
 
 def _configure(index, kind: str, params: dict) -> None:
@@ -364,7 +376,7 @@ def build(model, source: str | os.PathLike, out: str | os.PathLike, kind: str = 
     index, used = _make_faiss(kind, record["dim"], len(desc), params or {})
     t1 = time.perf_counter()
     if not index.is_trained:
-        index.train(desc)
+        index.train(training_sample(desc))
     index.add(desc)
     manifest = _write(root, con, index, kind, used, record, None)
     con.close()
