@@ -201,3 +201,42 @@ def test_cli_index_localize_export_and_onnx_query(tiny, tmp_path, capsys):
     save_model(load_model({**TINY_MODEL, "aggregator": {"name": "gem", "p": 4.0}}), other)
     assert main(["localize", "--index", str(tmp_path / "index"), "--model", str(other), photo]) == 2
     assert "not comparable" in capsys.readouterr().err
+
+
+def test_killed_cli_build_resumes_to_the_same_entries(tiny, tmp_path):
+    """A real SIGKILL of `edgevpr index build` mid-way, then the same command again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from edgevpr.models.model import save_model
+
+    save_model(tiny, tmp_path / "model")
+    images = _folder(tmp_path / "db", 120)
+    cmd = [sys.executable, "-m", "edgevpr.cli", "index", "build", "--model", str(tmp_path / "model"), "--images",
+           str(images), "--batch-size", "1", "--quiet", "--device", "cpu"]
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    db, deadline = tmp_path / "killed" / idx.DB_FILE, time.monotonic() + 120
+    while True:
+        if db.exists():
+            con = sqlite3.connect(db)
+            try:
+                n = con.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+            except sqlite3.OperationalError:
+                n = 0
+            con.close()
+            if n >= 5:
+                break
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "the build stored nothing in 120 s"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = len(_entries(tmp_path / "killed"))
+    assert 5 <= kept < 120 and not (tmp_path / "killed" / idx.MANIFEST_FILE).exists()
+    subprocess.run([*cmd, "--out", str(tmp_path / "killed")], check=True, capture_output=True)
+    subprocess.run([*cmd, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
+    assert _entries(tmp_path / "killed") == _entries(tmp_path / "whole")

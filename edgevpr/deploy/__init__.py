@@ -1,0 +1,15 @@
+"""Deployment: place index (``index``), localization (``localize``), HTTP service (``service``), ONNX (``export``).
+
+    from edgevpr.deploy import PlaceIndex, Localizer, build_index, export_onnx
+    build_index(model, "db_images/", "my.index")            # resumable; add_images(model, "more/", "my.index")
+    Localizer("my.index").localize_files(["photo.jpg"], k=5)
+"""
+
+from .export import OnnxModel, export_onnx
+from .index import PlaceIndex, read_rows
+from .index import add as add_images
+from .index import build as build_index
+from .localize import Localizer, open_model
+
+__all__ = ["Localizer", "OnnxModel", "PlaceIndex", "add_images", "build_index", "export_onnx", "open_model",
+           "read_rows"]
