@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -47,7 +48,7 @@ def server(tmp_path_factory):
         if time.monotonic() > deadline:
             pytest.fail("the test server did not start within 30 s")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", data
+    yield f"http://127.0.0.1:{port}", data, root
     srv.should_exit = True
     thread.join(timeout=10)
 
@@ -59,7 +60,7 @@ def _png(w: int, h: int) -> bytes:
 
 
 def test_http_upload_health_and_bad_uploads(server):
-    url, data = server
+    url, data, _ = server
     with httpx.Client(base_url=url, timeout=60) as c:
         h = c.get("/api/health").json()
         assert h["status"] == "ok" and h["images"] == 100 and h["model"] == "effnet-lite0-gem"
@@ -90,7 +91,7 @@ def test_http_upload_health_and_bad_uploads(server):
 def test_web_page_shows_matches_in_chromium(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    url, data = server
+    url, data, _ = server
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
     with sync_playwright() as p:
@@ -114,3 +115,37 @@ def test_web_page_shows_matches_in_chromium(server, tmp_path):
         page.wait_for_function("document.getElementById('error').textContent.length > 0")
         assert "Refused (400)" in page.inner_text("#error")
         browser.close()
+
+
+def test_cli_serve_binds_localhost_and_applies_its_limits(server):
+    """`edgevpr serve` as a user starts it: flags to limits (a fractional MB limit included), localhost bind."""
+    import subprocess
+    import sys
+
+    _, data, root = server
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edgevpr.cli", "serve", "--index", str(root), "--port", str(port),
+                             "--max-upload-mb", "0.25", "--device", "cpu"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(f"{url}/api/health", timeout=5).json()
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                assert time.monotonic() < deadline, "edgevpr serve did not answer within 60 s"
+                time.sleep(0.2)
+        assert health["limits"]["max_upload_bytes"] == 262144
+        night = (data / "gardens_point" / "night_right" / QUERY).read_bytes()
+        ok = httpx.post(f"{url}/api/localize", files={"image": (QUERY, night)}, timeout=60)
+        assert ok.status_code == 200 and ok.json()["matches"][0]["name"] == QUERY
+        noise = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)).save(noise, "PNG")
+        assert len(noise.getvalue()) > 262144  # a valid photo, over the 0.25 MB limit
+        big = httpx.post(f"{url}/api/localize", files={"image": ("noise.png", noise.getvalue())}, timeout=60)
+        assert big.status_code == 413 and "exceeds the limit of 262144" in big.json()["detail"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

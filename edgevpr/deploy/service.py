@@ -37,6 +37,10 @@ class ServiceLimits:
     max_pixels: int = 40_000_000
     max_k: int = 50
 
+    def __post_init__(self) -> None:  # e.g. --max-upload-mb 1.5 gives a float byte count
+        self.max_upload_bytes, self.max_pixels, self.max_k = (int(v) for v in (self.max_upload_bytes,
+                                                                               self.max_pixels, self.max_k))
+
 
 class UploadError(ValueError):
     def __init__(self, status: int, reason: str) -> None:
