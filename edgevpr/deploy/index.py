@@ -279,10 +279,12 @@ class PlaceIndex:
 
 
 def _stored_descriptors(con: sqlite3.Connection, dim: int, start: int = 0) -> np.ndarray:
-    blobs = [b for (b,) in con.execute("SELECT descriptor FROM images WHERE id >= ? ORDER BY id", (start,))]
-    if not blobs:
-        return np.zeros((0, dim), np.float32)
-    return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), dim).copy()
+    """Descriptors with id >= start, in id order [N, D] float32 (filled row by row: one copy in memory)."""
+    n = con.execute("SELECT COUNT(*) FROM images WHERE id >= ?", (start,)).fetchone()[0]
+    out = np.empty((n, dim), np.float32)
+    for i, (blob,) in enumerate(con.execute("SELECT descriptor FROM images WHERE id >= ? ORDER BY id", (start,))):
+        out[i] = np.frombuffer(blob, dtype=np.float32)
+    return out
 
 
 @torch.inference_mode()
@@ -293,6 +295,7 @@ def _extract_into(con: sqlite3.Connection, model, rows: list[Row], knobs: dict, 
     todo = [r for r in rows if r.path not in done]
     seen: set[str] = set()
     todo = [r for r in todo if not (r.path in seen or seen.add(r.path))]  # a path listed twice is stored once
+    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
     loader = DataLoader(_Images([Path(r.path) for r in todo], model.transform(), None), batch_size=batch_size,
                         collate_fn=_collate)
     next_id = con.execute("SELECT COALESCE(MAX(id) + 1, 0) FROM images").fetchone()[0]
@@ -302,7 +305,7 @@ def _extract_into(con: sqlite3.Connection, model, rows: list[Row], knobs: dict, 
         if bad and not skip_bad:
             j, err = bad[0]
             raise ImageLoadError(todo[j].path, err + " (use --skip-bad to skip and report such images)")
-        d = model(xs, **knobs).float().cpu().numpy() if xs is not None else np.zeros((0, 0), np.float32)
+        d = model(xs.to(device), **knobs).float().cpu().numpy() if xs is not None else np.zeros((0, 0), np.float32)
         with con:  # one transaction per batch: a kill keeps whole batches only
             for j, vec in zip(idx, d, strict=True):
                 r = todo[j]
