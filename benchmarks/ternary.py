@@ -23,6 +23,7 @@ from heldout import data_root
 
 from edgevpr.compress.ternary import TernaryLinear, to_int8
 from edgevpr.data.images import list_images, load_image
+from edgevpr.deploy.export import OnnxModel, export_onnx
 from edgevpr.eval.efficiency import gflops, latency
 from edgevpr.models.model import load_model, save_model
 from edgevpr.utils import write_json, write_text
@@ -55,8 +56,14 @@ def file_bytes(model, packed: bool) -> int:
 
 def bench(name: str, fp32, ternary, size: tuple[int, int], images: torch.Tensor, repeats: int) -> dict:
     int8 = to_int8(copy.deepcopy(ternary))
-    models = {"fp32": fp32, "ternary (fake-quant)": ternary, "ternary (int8 GEMM)": int8}
+    with tempfile.TemporaryDirectory() as d:  # the session holds the graph in memory
+        ort8 = OnnxModel(export_onnx(ternary, Path(d) / "ternary.onnx", int8=True))
+    models = {"fp32": fp32, "ternary (fake-quant)": ternary, "ternary (int8 GEMM)": int8,
+              "ternary (onnxruntime int8)": ort8}
     row: dict = {"image_size": list(size), "speed": {}, "sweep": []}
+    with torch.no_grad():
+        cos = F.cosine_similarity(ort8(images), ternary(images))
+        row["cosine_onnxruntime_int8_vs_fake_quant_min"] = float(cos.min())
     for label, m in models.items():
         row["speed"][label] = {f"ms_b{b}": latency(m, size, b, warmup=2, repeats=repeats)["ms_per_img"] for b in (1, 8)}
     t_params = sum(m.weight.numel() for m in ternary.modules() if isinstance(m, TernaryLinear))
@@ -112,15 +119,20 @@ def main() -> None:
     md = ["# Ternary vs fp32 on this CPU (`python benchmarks/ternary.py`)", "",
           f"{torch.get_num_threads()} threads; ms/img is the median of timed forwards, all models in one run.", "",
           "| model | fp32 ms b1 / b8 | fake-quant ms b1 / b8 | int8 ms b1 / b8 | int8 speed-up b1 / b8 | "
-          "file fp32 -> packed | ternary-layer weights fp32 -> packed |", "|---|---:|---:|---:|---:|---:|---:|"]
+          "onnxruntime int8 ms b1 / b8 (speed-up; min cosine to fake-quant) | "
+          "file fp32 -> packed | ternary-layer weights fp32 -> packed |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for k, r in rows.items():
         sp, by = r["speed"], r["bytes"]
         f, q, i = sp["fp32"], sp["ternary (fake-quant)"], sp["ternary (int8 GEMM)"]
+        o = sp["ternary (onnxruntime int8)"]
         fb, pb = by["fp32_file"], by["ternary_packed_file"]
         tf, tp = by["ternary_layers_fp32"], by["ternary_layers_packed"]
         md.append(f"| {k} | {f['ms_b1']:.1f} / {f['ms_b8']:.1f} | {q['ms_b1']:.1f} / {q['ms_b8']:.1f} | "
                   f"{i['ms_b1']:.1f} / {i['ms_b8']:.1f} | "
                   f"{f['ms_b1'] / i['ms_b1']:.2f}x / {f['ms_b8'] / i['ms_b8']:.2f}x | "
+                  f"{o['ms_b1']:.1f} / {o['ms_b8']:.1f} "
+                  f"({f['ms_b1'] / o['ms_b1']:.2f}x / {f['ms_b8'] / o['ms_b8']:.2f}x; "
+                  f"{r['cosine_onnxruntime_int8_vs_fake_quant_min']:.4f}) | "
                   f"{fb / 1e6:.1f} MB -> {pb / 1e6:.1f} MB ({fb / pb:.1f}x) | "
                   f"{tf / 1e6:.1f} MB -> {tp / 1e6:.2f} MB ({tf / tp:.1f}x) |")
     md += ["", "Sparsity sweep (batch 8; GFLOPs count the ternary linears' skipped inputs as saved; the dense kernels",
