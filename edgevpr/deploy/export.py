@@ -111,9 +111,11 @@ def export_onnx(model: VPRModel, out: str | os.PathLike, knobs: dict | None = No
         path = fp32
         if int8:
             from onnxruntime.quantization import QuantType, quantize_dynamic
+            from onnxruntime.quantization.shape_inference import quant_pre_process
 
-            path = Path(d) / "int8.onnx"
-            quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=list(INT8_OPS))
+            pre, path = Path(d) / "pre.onnx", Path(d) / "int8.onnx"
+            quant_pre_process(str(fp32), str(pre))  # shape inference + graph optimisation, as onnxruntime advises
+            quantize_dynamic(str(pre), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=list(INT8_OPS))
         proto = onnx.load(str(path))
         p = model.preprocess
         meta = {"name": model.name + ("-int8" if int8 else ""), "source_fingerprint": model.fingerprint(),
