@@ -162,7 +162,7 @@ def cmd_localize(args) -> int:
     from .utils import pick_device
 
     loc = Localizer(args.index, args.model, mmap=not args.no_mmap, device=pick_device(args.device))
-    results, ms = loc.localize_files(args.photos, args.top_k)
+    results, ms = loc.localize_files(args.photos, args.top_k, _knobs(args) or None)
     if args.json:
         print(json.dumps({"model": loc.index.model["name"], "fingerprint": loc.index.model["fingerprint"],
                           "latency": latency_summary(ms),
@@ -319,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--device", default="auto")
     lo.add_argument("--no-mmap", action="store_true", help="read the FAISS file into memory instead of mapping it")
     lo.add_argument("--json", action="store_true")
+    _knob_flags(lo)  # override the index's knobs for the queries, e.g. a lower keep_ratio
     lo.set_defaults(func=cmd_localize)
 
     sv = sub.add_parser("serve", help="HTTP service: upload endpoint, health, and a web page with a map")

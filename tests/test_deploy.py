@@ -240,3 +240,21 @@ def test_killed_cli_build_resumes_to_the_same_entries(tiny, tmp_path):
     subprocess.run([*cmd, "--out", str(tmp_path / "killed")], check=True, capture_output=True)
     subprocess.run([*cmd, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
     assert _entries(tmp_path / "killed") == _entries(tmp_path / "whole")
+
+
+def test_query_knobs_override_the_index_knobs(tmp_path):
+    """A WeiToP model indexed unpruned answers queries at any keep ratio; 1.0 is the index's own embedding."""
+    torch.manual_seed(0)
+    model = load_model({"backbone": {"name": "vit", "timm_name": "vit_tiny_patch16_224",
+                                     "pruning": {"block": 3, "method": "weitop"}},
+                        "aggregator": {"name": "weiad"}, "image_size": [96, 96]})
+    images = _folder(tmp_path / "db", 6)
+    idx.build(model, images, tmp_path / "index", knobs={"keep_ratio": 1.0}, progress=False)
+    loc = Localizer(tmp_path / "index", model)
+    photo = [images / "img003.png"]
+    same, _ = loc.localize_files(photo, 1, {"keep_ratio": 1.0})
+    assert same[0][0].path.endswith("img003.png") and same[0][0].score == pytest.approx(1.0, abs=1e-5)
+    pruned, _ = loc.localize_files(photo, 6, {"keep_ratio": 0.5})
+    assert len(pruned[0]) == 6 and pruned[0][0].score < same[0][0].score
+    with pytest.raises(ValueError, match="no runtime knob 'sparsity'"):
+        loc.localize_files(photo, 1, {"sparsity": 0.4})

@@ -84,6 +84,8 @@ def test_http_upload_health_and_bad_uploads(server):
         assert c.post("/api/localize").status_code == 400
         assert c.post("/api/localize", params={"k": 99}, files={"image": ("a.jpg", photo)}).status_code == 400
         assert c.get("/api/thumb/100000").status_code == 404
+        knob = c.post("/api/localize", params={"keep_ratio": 0.5}, files={"image": ("a.jpg", photo)})
+        assert knob.status_code == 400 and "no runtime knob 'keep_ratio'" in knob.json()["detail"]
         assert c.get("/api/health").json()["status"] == "ok"  # still serving after every refusal
         assert c.get("/api/map").json()["count"] == 100
 

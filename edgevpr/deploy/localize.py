@@ -55,22 +55,24 @@ class Localizer:
         self._lock = threading.Lock()
 
     @torch.inference_mode()
-    def embed(self, images: list[Image.Image]) -> np.ndarray:
-        """RGB images -> descriptors [B, D] float32."""
+    def embed(self, images: list[Image.Image], knobs: dict | None = None) -> np.ndarray:
+        """RGB images -> descriptors [B, D] float32. ``knobs`` override the index's for these queries only
+        (e.g. a lower keep_ratio for faster queries against a database embedded unpruned)."""
         x = torch.stack([self.transform(im) for im in images]).to(self.device)
         with self._lock:
             self.model.eval()
-            return self.model(x, **self.knobs).float().cpu().numpy()
+            return self.model(x, **{**self.knobs, **(knobs or {})}).float().cpu().numpy()
 
-    def localize(self, images: list[Image.Image], k: int = 5) -> list[list[Match]]:
-        return self.index.search(self.embed(images), k)
+    def localize(self, images: list[Image.Image], k: int = 5, knobs: dict | None = None) -> list[list[Match]]:
+        return self.index.search(self.embed(images, knobs), k)
 
-    def localize_files(self, paths: list[str | os.PathLike], k: int = 5) -> tuple[list[list[Match]], list[float]]:
+    def localize_files(self, paths: list[str | os.PathLike], k: int = 5,
+                       knobs: dict | None = None) -> tuple[list[list[Match]], list[float]]:
         """Per photo (loaded, embedded and searched one at a time, as a live query is): matches and ms."""
         out, ms = [], []
         for p in paths:
             t0 = time.perf_counter()
-            out.append(self.localize([load_image(Path(p))], k)[0])
+            out.append(self.localize([load_image(Path(p))], k, knobs)[0])
             ms.append((time.perf_counter() - t0) * 1000)
         return out, ms
 

@@ -3,7 +3,8 @@
 Endpoints:
   GET  /                      the web page (static/index.html): upload a photo, see its matches and a map
   GET  /api/health            {"status": "ok", index size, model name and fingerprint, limits}
-  POST /api/localize?k=5      multipart field ``image`` -> {"matches": [...], "ms": ...}
+  POST /api/localize?k=5      multipart field ``image`` -> {"matches": [...], "ms": ...}; optional
+                              ``keep_ratio`` / ``sparsity`` override the index's runtime knobs for this query
   GET  /api/thumb/{id}        JPEG thumbnail (<= 320 px) of a database image
   GET  /api/map               database positions (<= 5000, evenly spaced) for the map
 
@@ -101,9 +102,14 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
                            "max_k": limits.max_k}}
 
     @app.post("/api/localize")
-    def localize(image: UploadFile | None = File(None), k: int = 5) -> dict:
+    def localize(image: UploadFile | None = File(None), k: int = 5, keep_ratio: float | None = None,
+                 sparsity: float | None = None) -> dict:
         if image is None:
             raise HTTPException(400, "missing multipart field 'image'")
+        knobs = {n: v for n, v in (("keep_ratio", keep_ratio), ("sparsity", sparsity)) if v is not None}
+        for name, v in knobs.items():
+            if not 0.0 <= v <= 1.0 or (name == "keep_ratio" and v == 0.0):
+                raise HTTPException(400, f"{name}={v}: must be in (0, 1] for keep_ratio, [0, 1] for sparsity")
         if not 1 <= k <= limits.max_k:
             raise HTTPException(400, f"k={k}: must be between 1 and {limits.max_k}")
         data = image.file.read(limits.max_upload_bytes + 1)
@@ -112,13 +118,17 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
         except UploadError as e:
             raise HTTPException(e.status, str(e)) from None
         t0 = time.perf_counter()
-        matches = localizer.localize([img], k)[0]
+        try:
+            matches = localizer.localize([img], k, knobs)[0]
+        except ValueError as e:  # a knob this model does not have, or one baked into an ONNX graph
+            raise HTTPException(400, str(e).splitlines()[0]) from None
         ms = (time.perf_counter() - t0) * 1000
         out = match_dicts(matches)
         for m in out:
             m["name"] = Path(m["path"]).name
             m["thumb"] = f"/api/thumb/{m['id']}"
         return {"filename": image.filename, "width": img.width, "height": img.height, "k": k, "ms": ms,
+                "knobs": {**localizer.knobs, **knobs},
                 "matches": out}
 
     @app.get("/api/thumb/{image_id}")
