@@ -197,6 +197,11 @@ def test_cli_index_localize_export_and_onnx_query(tiny, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     top = res["results"][0]["matches"][0]
     assert top["path"].endswith("img005.png") and top["score"] > 0.9999 and len(res["results"][0]["matches"]) == 3
+    assert main(["eval", "--model", str(tmp_path / "m.onnx"), "--db", str(images), "--queries", str(images),
+                 "--aligned", "0", "--no-cache", "--quiet", "--json", "--out", str(tmp_path / "eval")]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["datasets"]["db_vs_db"]["recall"]["R@1"] == 1.0 and ev["efficiency"]["runtime"] == "onnxruntime"
+    assert ev["model"]["fingerprint"] == tiny.fingerprint()
     other = tmp_path / "other"
     save_model(load_model({**TINY_MODEL, "aggregator": {"name": "gem", "p": 4.0}}), other)
     assert main(["localize", "--index", str(tmp_path / "index"), "--model", str(other), photo]) == 2

@@ -28,11 +28,16 @@ def results_table(results: dict) -> str:
                   "| model MB | desc bytes fp32 |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         batched = next(k for k in eff if k.startswith("ms_per_img_b") and k != "ms_per_img_b1")
-        lines.append(f"| {eff['params'] / 1e6:.2f} | {eff['gflops']:.2f} | {eff['ms_per_img_b1']:.1f} | "
-                     f"{eff[batched]:.1f} ({batched.split('_b')[-1]}) | "
-                     f"{eff.get('peak_rss_mb_b1', eff.get('peak_mem_mb_b1', float('nan'))):.0f} | "
-                     f"{eff.get('inference_mem_mb_b1', float('nan')):.0f} | "
-                     f"{eff['model_bytes'] / 2**20:.1f} | {eff['descriptor_bytes_fp32']} |")
+
+        def cell(key: str, fmt: str = ".1f", scale: float = 1.0) -> str:  # "-" where a runtime cannot tell
+            v = eff.get(key)
+            return "-" if v is None else f"{v / scale:{fmt}}"
+
+        mem = "peak_rss_mb_b1" if "peak_rss_mb_b1" in eff else "peak_mem_mb_b1"
+        lines.append(f"| {cell('params', '.2f', 1e6)} | {cell('gflops', '.2f')} | {cell('ms_per_img_b1')} | "
+                     f"{eff[batched]:.1f} ({batched.split('_b')[-1]}) | {cell(mem, '.0f')} | "
+                     f"{cell('inference_mem_mb_b1', '.0f')} | {cell('model_bytes', '.1f', 2**20)} | "
+                     f"{eff['descriptor_bytes_fp32']} |")
     return "\n".join(lines) + "\n"
 
 
