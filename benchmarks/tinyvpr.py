@@ -1,10 +1,11 @@
 """TinyVPR ablation on held-out places: MS only, + contrastive distillation, + alignment, full method.
 
-    python benchmarks/tinyvpr.py [--runs runs/tinyvpr] [--which best|final]
+    python benchmarks/tinyvpr.py [--runs runs/tinyvpr]
 
 Needs the four runs of configs/tinyvpr/{ms,posneg,align,full}.yaml in RUNS/<name> (same student, data, budget)
 and the teacher they name. Reports each run's held-out R@1 (Gardens Point 70-99 night_right vs day_right,
-Nordland 2000-2499 winter vs summer; benchmarks/heldout.py), the teacher's and the untrained student's, and
+Nordland 2000-2499 winter vs summer; benchmarks/heldout.py) after its 600 steps and at its best validation step
+(step 0, the untrained student, counts), the teacher's and the untrained student's, and
 the teacher/student parameter and latency ratios (batch 1 and 16, measured alternately in one run).
 Writes benchmarks/results/tinyvpr.{json,md}.
 """
@@ -42,7 +43,6 @@ def latency_ratio(teacher, student, t_size, s_size, batch: int, rounds: int = 5)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "tinyvpr")
-    ap.add_argument("--which", default="best", choices=["best", "final"])
     args = ap.parse_args()
     data = data_root()
     sets = held_out_sets(data, day_left=False)
@@ -57,10 +57,11 @@ def main() -> None:
             "student, untrained": {"recall@1": recall1(student0, sets, s_size)}}
     for key, _ in ABLATION:
         run = args.runs / key
-        if not (run / args.which).exists():
-            raise FileNotFoundError(f"{run / args.which}: run `edgevpr train --config configs/tinyvpr/{key}.yaml "
+        if not (run / "final").exists():
+            raise FileNotFoundError(f"{run / 'final'}: run `edgevpr train --config configs/tinyvpr/{key}.yaml "
                                     f"--out {run}` first")
-        rows[key] = summarize(run, args.which, s_size, sets)
+        rows[key] = summarize(run, "final", s_size, sets)
+        rows[key]["best"] = summarize(run, "best", s_size, sets)["recall@1"]
     pt, ps = count_params(teacher)["params"], count_params(student0)["params"]
     speed = [latency_ratio(teacher, student0, t_size, s_size, b) for b in (1, 16)]
     res = {"teacher": {"model": conf["teacher"]["model"], "params": pt, "image_size": list(t_size)},
@@ -76,13 +77,17 @@ def main() -> None:
                       f"(**{s['ratio']:.1f}x**)" for s in speed) + ".", "",
           "Same student, data (Gardens Point 0-59 + Nordland 0-1499), budget (600 steps, 16 places x 2 images) "
           "and validation places for every row; the model kept is the best on validation (step 0 counts).", "",
-          "| model | best step | val R@1 | " + " | ".join(names) + " |", "|---|---:|---:|" + "---:|" * len(names)]
+          "Held-out R@1 after the 600 steps (final), and of the model kept at the best validation step (best).", "",
+          "| model | " + " | ".join(f"{n} final" for n in names) + " | best step (val R@1) | "
+          + " | ".join(f"{n} best" for n in names) + " |", "|---|" + "---:|" * (2 * len(names) + 1)]
     labels = dict(ABLATION)
     for key, r in rows.items():
-        step = "" if r.get("best_step") is None else str(r["best_step"])
-        val = "" if r.get("best_val_R@1") is None else f"{r['best_val_R@1']:.3f}"
-        md.append(f"| {labels.get(key, key)} | {step} | {val} | "
-                  + " | ".join(f"{r['recall@1'][n]:.3f}" for n in names) + " |")
+        final = " | ".join(f"{r['recall@1'][n]:.3f}" for n in names)
+        if "best" not in r:
+            md.append(f"| {labels.get(key, key)} | {final} | | " + " | ".join("" for _ in names) + " |")
+            continue
+        best = " | ".join(f"{r['best'][n]:.3f}" for n in names)
+        md.append(f"| {labels[key]} | {final} | {r['best_step']} ({r['best_val_R@1']:.3f}) | {best} |")
     write_text(OUT / "tinyvpr.md", "\n".join(md) + "\n")
     print("\n".join(md))
 
