@@ -263,3 +263,13 @@ def test_query_knobs_override_the_index_knobs(tmp_path):
     assert len(pruned[0]) == 6 and pruned[0][0].score < same[0][0].score
     with pytest.raises(ValueError, match="no runtime knob 'sparsity'"):
         loc.localize_files(photo, 1, {"sparsity": 0.4})
+
+
+def test_int8_export_of_a_ternary_vit_with_boq_head(tmp_path):
+    """onnxruntime's symbolic shape inference fails on BoQ's graph; the export falls back and still quantises."""
+    torch.manual_seed(0)
+    model = load_model({"backbone": VIT, "aggregator": {"name": "boq"}, "image_size": [98, 98], "ternary": {}})
+    q8 = OnnxModel(export_onnx(model, tmp_path / "q8.onnx", int8=True))
+    x = torch.randn(2, 3, 98, 98, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert q8.int8 and _cos(q8(x), model(x)) >= 0.99

@@ -114,7 +114,10 @@ def export_onnx(model: VPRModel, out: str | os.PathLike, knobs: dict | None = No
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
             pre, path = Path(d) / "pre.onnx", Path(d) / "int8.onnx"
-            quant_pre_process(str(fp32), str(pre))  # shape inference + graph optimisation, as onnxruntime advises
+            try:  # shape inference + graph optimisation, as onnxruntime advises before quantising
+                quant_pre_process(str(fp32), str(pre))
+            except Exception:  # its symbolic shape inference fails on some graphs (BoQ's reshapes): plain ONNX one
+                quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
             quantize_dynamic(str(pre), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=list(INT8_OPS))
         proto = onnx.load(str(path))
         p = model.preprocess
