@@ -43,6 +43,13 @@ def _knobs(args) -> dict[str, float]:
     return knobs
 
 
+def _image_size(args) -> tuple[int, int] | None:
+    """--image-size H [W] -> (H, W) (one value: square), or None for the model's own size."""
+    if not args.image_size:
+        return None
+    return tuple(args.image_size * (2 if len(args.image_size) == 1 else 1))[:2]
+
+
 def _frames(text: str) -> tuple[int, int]:
     try:
         start, stop = (int(v) for v in text.split(":"))
@@ -63,8 +70,7 @@ def cmd_eval(args) -> int:
     conf = EvalConf(batch_size=args.batch_size, num_workers=args.workers, skip_bad=args.skip_bad,
                     cache_dir=None if args.no_cache else args.cache_dir, top_k=args.top_k, plot=args.plot,
                     show_failures=args.show_failures, efficiency=not args.no_efficiency,
-                    image_size=tuple(args.image_size * (2 if len(args.image_size) == 1 else 1))[:2]
-                    if args.image_size else None, progress=not args.quiet,
+                    image_size=_image_size(args), progress=not args.quiet,
                     knobs=_knobs(args) or getattr(model, "baked_knobs", None) or None)
     out = Path(args.out or Path("outputs") / "eval" / model.name.replace("/", "_"))
     results = evaluate(model, datasets, conf, out, device)
@@ -199,9 +205,8 @@ def cmd_export(args) -> int:
     from .models.model import load_model
 
     model = load_model(args.model)
-    size = tuple(args.image_size * (2 if len(args.image_size) == 1 else 1))[:2] if args.image_size else None
     knobs = _knobs(args)
-    out = export_onnx(model, args.out, knobs=knobs, image_size=size, int8=args.int8)
+    out = export_onnx(model, args.out, knobs=knobs, image_size=_image_size(args), int8=args.int8)
     onnx_model = OnnxModel(out)
     x = torch.randn(4, 3, *onnx_model.image_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
