@@ -273,3 +273,10 @@ def test_int8_export_of_a_ternary_vit_with_boq_head(tmp_path):
     x = torch.randn(2, 3, 98, 98, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         assert q8.int8 and _cos(q8(x), model(x)) >= 0.99
+
+
+def test_manifest_coordinates_share_one_utm_zone(tmp_path):
+    """Points either side of a zone border (6 deg E) stay in one frame: ~1.4 km apart, not ~660 km."""
+    (tmp_path / "z.csv").write_text("path,lat,lon\na.png,50.0,5.99\nb.png,50.0,6.01\n")
+    a, b = idx.read_rows(tmp_path / "z.csv")
+    assert abs(b.east - a.east) == pytest.approx(1430, abs=20) and abs(b.north - a.north) < 100

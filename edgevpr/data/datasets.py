@@ -142,13 +142,23 @@ def _geo_dataset(name: str, db_paths: list[Path], db_utm: np.ndarray, q_paths: l
                       info={"format": fmt, "radius_m": radius})
 
 
+def latlon_to_utm(lat: np.ndarray, lon: np.ndarray, where: str) -> np.ndarray:
+    """Degrees [N] -> UTM (easting, northing) [N, 2] in the zone of the first point (one frame for all)."""
+    import utm
+
+    if np.any(np.abs(lat) > 84) or np.any(np.abs(lon) > 180):
+        raise ValueError(f"{where}: lat/lon out of range")
+    _, _, zone, letter = utm.from_latlon(lat[0], lon[0])
+    east, north, _, _ = utm.from_latlon(lat, lon, force_zone_number=zone, force_zone_letter=letter)
+    return np.stack([east, north], 1)
+
+
 def read_manifest(csv_path: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[str] | None]:
     """A CSV manifest: ``path`` plus ``lat,lon`` or ``utm_east,utm_north`` (optional ``place_id``).
 
     Relative paths are resolved against the CSV's folder. Lat/lon are converted to UTM in the zone of
     the first row. Returns (paths, utm [N,2], place ids or None).
     """
-    import utm
 
     csv_path = Path(csv_path)
     with open(csv_path, newline="") as f:
@@ -169,12 +179,7 @@ def read_manifest(csv_path: str | os.PathLike) -> tuple[list[Path], np.ndarray, 
     if {"utm_east", "utm_north"} <= cols:
         coords = np.stack([column("utm_east"), column("utm_north")], 1)
     elif {"lat", "lon"} <= cols:
-        lat, lon = column("lat"), column("lon")
-        if np.any(np.abs(lat) > 84) or np.any(np.abs(lon) > 180):
-            raise ValueError(f"{csv_path}: lat/lon out of range")
-        _, _, zone, letter = utm.from_latlon(lat[0], lon[0])
-        east, north, _, _ = utm.from_latlon(lat, lon, force_zone_number=zone, force_zone_letter=letter)
-        coords = np.stack([east, north], 1)
+        coords = latlon_to_utm(column("lat"), column("lon"), str(csv_path))
     else:
         raise ValueError(f"{csv_path}: needs columns lat,lon or utm_east,utm_north")
     places = [r["place_id"] for r in rows] if "place_id" in cols else None

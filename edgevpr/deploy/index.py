@@ -77,7 +77,7 @@ class Match:
 def read_rows(source: str | os.PathLike) -> list[Row]:
     """Images of a folder (coordinates from '@utm_east@utm_north@' names when present) or a CSV manifest with
     ``path`` and optional ``place_id``, ``lat``/``lon``, ``utm_east``/``utm_north`` (lat/lon also get UTM)."""
-    from ..data.datasets import parse_utm_name
+    from ..data.datasets import latlon_to_utm, parse_utm_name
 
     src = Path(source)
     if src.is_dir():
@@ -113,13 +113,14 @@ def read_rows(source: str | os.PathLike) -> list[Row]:
         p = p if p.is_absolute() else src.parent / p
         row = Row(str(p.resolve()), (r.get("place_id") or None), num(r, "lat", line), num(r, "lon", line),
                   num(r, "utm_east", line), num(r, "utm_north", line))
-        if row.lat is not None and row.lon is not None and row.east is None:
-            if abs(row.lat) > 84 or abs(row.lon) > 180:
-                raise ValueError(f"{src}: line {line}: lat/lon out of range ({row.lat}, {row.lon})")
-            import utm
-
-            row.east, row.north, _, _ = utm.from_latlon(row.lat, row.lon)
+        if row.lat is not None and row.lon is not None and (abs(row.lat) > 84 or abs(row.lon) > 180):
+            raise ValueError(f"{src}: line {line}: lat/lon out of range ({row.lat}, {row.lon})")
         rows.append(row)
+    geo = [i for i, row in enumerate(rows) if row.lat is not None and row.lon is not None and row.east is None]
+    if geo:  # one UTM zone for the whole manifest (that of its first lat/lon row), as read_manifest does
+        utm_xy = latlon_to_utm(np.array([rows[i].lat for i in geo]), np.array([rows[i].lon for i in geo]), str(src))
+        for i, (east, north) in zip(geo, utm_xy.tolist(), strict=True):
+            rows[i].east, rows[i].north = east, north
     return rows
 
 
