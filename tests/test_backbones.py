@@ -143,3 +143,49 @@ def test_prefix_plus_suffix_equals_forward(name):
             assert got.grid == want.grid
             assert torch.equal(got.patches, want.patches)
             assert (got.cls is None) == (want.cls is None) and (got.cls is None or torch.equal(got.cls, want.cls))
+
+
+LITE_CUT = ["blocks.5", "blocks.6", "conv_head", "bn2"]
+HYBRID = {"name": "dinov2_vits14", "weights": None, "init_values": 0.1,
+          "stem": {"name": "efficientnet_lite0", "weights": "offline", "crop": LITE_CUT}}
+
+
+def test_hybrid_vit_embeds_with_the_pretrained_cnn(tmp_path):
+    """A hybrid ViT's tokens are a 1x1 projection of the (offline, ImageNet) CNN map plus position embeddings,
+    on the CNN's grid, with the CNN's preprocessing; the 12 DINOv2-S blocks follow unchanged."""
+    torch.manual_seed(0)
+    model = build_model({"backbone": HYBRID, "aggregator": {"name": "cls"}, "image_size": [160, 160]}).eval()
+    vit = model.backbone
+    cnn = BACKBONES.get("efficientnet_lite0")(weights="offline", crop=LITE_CUT).eval()
+    assert vit.stride == 16 and vit.preprocess == cnn.preprocess and len(vit.blocks) == 12
+    x = _coffee(160, (0.5,) * 3, (0.5,) * 3)
+    with torch.no_grad():
+        t = vit(torch.cat([x, x.flip(-1)]))
+        emb, grid = vit.embed(x)
+        fmap = cnn(x)
+        proj = vit.vit.patch_embed.proj
+        want = torch.nn.functional.conv2d(fmap.patches.transpose(1, 2).reshape(1, 112, 10, 10), proj.weight, proj.bias)
+        pos = vit.vit._pos_embed(torch.zeros(1, 10, 10, 384))
+    assert t.grid == grid == (10, 10) and t.patches.shape == (2, 100, 384) and t.cls.shape == (2, 384)
+    torch.testing.assert_close(emb[:, 1:] - pos[:, 1:], want.flatten(2).transpose(1, 2), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="multiple of the patch size 16"):
+        vit(torch.zeros(1, 3, 150, 160))
+
+
+def test_hybrid_vit_saves_and_reloads_with_its_stem(tmp_path):
+    from edgevpr.models.model import load_model, save_model
+
+    torch.manual_seed(0)
+    model = build_model({"name": "h", "backbone": HYBRID, "aggregator": {"name": "gem"}, "image_size": [64, 64]})
+    with torch.no_grad():
+        model.backbone.vit.patch_embed.backbone.net.conv_stem.weight.mul_(1.5)  # trained away from ImageNet
+    save_model(model, tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(again(x), model.eval()(x))
+    assert again.fingerprint() == model.fingerprint()
+    with pytest.raises(ValueError, match="not a CNN backbone"):
+        BACKBONES.get("dinov2_vits14")(weights=None, stem={"name": "dinov2_vits14"})
+    with pytest.raises(WeightsError, match="hybrid ViT"):
+        BACKBONES.get("dinov2_vits14")(weights="hub", stem={"name": "mobilenetv2"})

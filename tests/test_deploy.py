@@ -165,6 +165,9 @@ VIT = {"name": "dinov2_vits14", "weights": None, "init_values": 1.0}
      {"keep_ratio": 0.5}, 0.9999),
     ({"backbone": {**VIT, "prompts": {"mode": "scene"}}, "aggregator": {"name": "efficientvpr"}}, {}, 0.9999),
     ({"backbone": VIT, "aggregator": {"name": "boq"}, "image_size": [98, 126]}, {}, 0.9999),
+    ({"backbone": {**VIT, "stem": {"name": "mobilenetv2", "crop": ["blocks.5", "blocks.6", "conv_head", "bn2"]},
+                   "pruning": {"block": 3, "method": "weitop"}}, "aggregator": {"name": "salad"}},
+     {"keep_ratio": 0.5}, 0.9999),
     # hard per-token top-k: float rounding can swap near-tied channels, so a looser bound with sparsity
     ({"backbone": VIT, "aggregator": {"name": "salad"}, "ternary": {}}, {"sparsity": 0.4}, 0.999),
 ])

@@ -9,9 +9,11 @@ return their last feature map as a token grid without a CLS token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import timm
 import torch
+from timm.layers import HybridEmbed
 from torch import nn
 
 from ..registry import Registry
@@ -103,8 +105,11 @@ class ViTBackbone(Backbone):
     prompted ViTs run all blocks together, so they offer no cacheable frozen prefix.
     pruning: {block: 3, method: weitop | random | evit | tome} drops patch tokens after that block at the
     runtime knob ``keep_ratio`` (see models/pruning.py); Tokens.index then says which grid positions remain.
-    The timm model keeps its native position-embedding grid (518 px for DINOv2) and interpolates it for
-    any input whose sides are multiples of the patch size (``dynamic_img_size``).
+    stem: a registered CNN backbone spec ({name, weights, crop}) replaces the patch embedding by its
+    feature map and a 1x1 projection (timm's ``HybridEmbed``, as in ViT-Hybrid): a hybrid ViT whose
+    transformer blocks are unchanged. The stride becomes the CNN's, the preprocessing the CNN's.
+    The timm model keeps its native position-embedding grid (518 px for DINOv2; 224 px for a hybrid) and
+    interpolates it for any input whose sides are multiples of the patch size (``dynamic_img_size``).
     """
 
     has_cls = True
@@ -112,8 +117,19 @@ class ViTBackbone(Backbone):
     def __init__(self, timm_name: str, weights: str | None = None, final_norm: bool = True,
                  frozen_blocks: int = 0, hub_url: str | None = None,
                  preprocess: Preprocess = Preprocess(), prompts: dict | None = None, pruning: dict | None = None,
-                 **timm_kwargs) -> None:
+                 stem: dict | None = None, **timm_kwargs) -> None:
         super().__init__()
+        if stem:
+            if weights not in (None, "random"):
+                raise WeightsError("a hybrid ViT (backbone.stem) has no pretrained ViT weights: load a saved "
+                                   "edgevpr model instead")
+            scfg = dict(stem)
+            cnn = BACKBONES.get(scfg.pop("name"))(**scfg)
+            if not isinstance(cnn, CNNBackbone):
+                raise ValueError(f"backbone.stem: {stem.get('name')!r} is not a CNN backbone")
+            timm_kwargs.update(embed_layer=partial(HybridEmbed, backbone=_FeatureMap(cnn.net)), patch_size=1,
+                               img_size=224)
+            preprocess = cnn.preprocess
         self.vit = timm.create_model(timm_name, pretrained=weights == "timm", num_classes=0,
                                      dynamic_img_size=True, **timm_kwargs)
         from timm.models.vision_transformer import checkpoint_filter_fn
@@ -121,7 +137,8 @@ class ViTBackbone(Backbone):
         _load_weights(self.vit, weights, hub_url, None, checkpoint_filter_fn)
         self.final_norm = final_norm
         self.out_dim = self.vit.embed_dim
-        self.stride = self.vit.patch_embed.patch_size[0]
+        pe = self.vit.patch_embed
+        self.stride = pe.feat_ratio() if isinstance(pe, HybridEmbed) else pe.patch_size[0]
         self.num_prefix = self.vit.num_prefix_tokens
         self.preprocess = preprocess
         self.prompts: Prompts | None = None
@@ -209,6 +226,17 @@ class ViTBackbone(Backbone):
                 raise ValueError("a prompted ViT runs all blocks together: no frozen prefix to split off")
             return self.finish(self.prompts.run(self.vit.blocks, h, self.num_prefix)[0], self.grid_for(image_size))
         return self._finish_run(h, k, self.grid_for(image_size))
+
+
+class _FeatureMap(nn.Module):
+    """A timm CNN as a hybrid ViT's stem: images [B, 3, H, W] -> its last feature map [B, C, H/s, W/s]."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features(x)
 
 
 class CNNBackbone(Backbone):

@@ -144,7 +144,8 @@ class VPRModel(nn.Module):
         arch = copy.deepcopy(self.config)
         arch.pop("name", None)
         arch.pop("packed", None)
-        arch.get("backbone", {}).pop("weights", None)
+        for part in (arch.get("backbone", {}), arch.get("backbone", {}).get("stem") or {}):
+            part.pop("weights", None)
         arch.pop("provenance", None)
         h = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
         for k, v in sorted(self.state_for_identity().items()):
@@ -243,6 +244,8 @@ def load_model(spec: str | os.PathLike | dict, device: str | torch.device = "cpu
         cfg.pop("format_version", None)
         packed = cfg.pop("packed", False)
         cfg["backbone"] = {**cfg["backbone"], "weights": None}
+        if cfg["backbone"].get("stem"):  # a hybrid ViT's CNN stem: its weights are in the file too
+            cfg["backbone"]["stem"] = {**cfg["backbone"]["stem"], "weights": None}
         model = build_model(cfg)
         sd = load_file(str(weights))
         if packed:
