@@ -1,6 +1,6 @@
 """Held-out R@1 of finished training runs, side by side (the real-data comparison of a method issue).
 
-    python benchmarks/heldout_runs.py --name efficientvpr runs/efficientvpr/cpu runs/efficientvpr/cpu-salad
+    python benchmarks/heldout_runs.py --name efficientvpr runs/efficientvpr/cpu runs/weitop/cpu-salad
         [--size 112] [--which best|final]
 
 For each run folder: its best (or final) model on the held-out places of benchmarks/heldout.py at --size (default:

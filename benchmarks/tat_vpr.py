@@ -3,7 +3,7 @@
     python benchmarks/tat_vpr.py [--runs runs/tat-vpr] [--no-train]
 
 Trains (or resumes, or reuses) configs/tat-vpr/cpu-stage1-fp32, cpu-stage1, cpu-stage2-fp32 and cpu-stage2
-into --runs, then evaluates at 112 px on places no run trained or validated on: Gardens Point 70-99
+into --runs, then evaluates at 160 px on places no run trained or validated on: Gardens Point 70-99
 (night_right vs day_right, +-2 frames) and Nordland 2000-2499 (winter vs summer, +-1 frame, dark frames
 dropped). Stage-2 models are their best validation checkpoints; the ternary one at sparsity 0, 0.4 and 0.6,
 also through the int8 path. Writes benchmarks/results/tat_vpr.{json,md} and tat_vpr_curves.png.
@@ -29,7 +29,7 @@ from edgevpr.utils import write_json, write_text
 
 OUT = ROOT / "benchmarks" / "results"
 RUNS = ("cpu-stage1-fp32", "cpu-stage1", "cpu-stage2-fp32", "cpu-stage2")
-SIZE = (112, 112)
+SIZE = (160, 160)
 
 
 def curve(run: Path, key: str) -> tuple[np.ndarray, np.ndarray]:

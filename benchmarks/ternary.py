@@ -2,8 +2,8 @@
 
     python benchmarks/ternary.py [--student runs/tat-vpr/cpu-stage2/best] [--repeats 7]
 
-Architectures: DINOv2-S/14 (12 blocks, 384 wide) + GeM at 224 px, and the CPU student (the same shape at
-112 px; with --student, its trained ternary weights and head, else random weights). For each: ms/img at batch
+Architectures: DINOv2-S/14 (12 blocks, 384 wide) + GeM at 224 px, and the CPU student (the same blocks on
+a cut EfficientNet-lite0 stem at 160 px; with --student, its trained ternary weights and head, else random weights). For each: ms/img at batch
 1 and 8 (median of --repeats), whole-model file bytes (fp32 safetensors vs the 2-bit packed file), the bytes of
 the ternary layers' weights alone, and a sparsity sweep 0-60% with GFLOPs (dense count minus the skipped
 inputs of the ternary linears) and measured time of both ternary paths. Cosine between int8-path and
@@ -91,6 +91,10 @@ def gp_images(n: int, size: tuple[int, int], model) -> torch.Tensor:
     return torch.stack([t(load_image(p)) for p in list_images(data / "gardens_point" / "night_right")[:n]])
 
 
+# The CPU student's patch embedding: EfficientNet-lite0 cut after its 5th block (configs/tat-vpr/cpu-stage1.yaml)
+STEM = {"name": "efficientnet_lite0", "weights": "offline", "crop": ["blocks.5", "blocks.6", "conv_head", "bn2"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--student", help="a trained ternary student (saved model folder)")
@@ -108,13 +112,15 @@ def main() -> None:
         ternary = load_model(args.student)
         fp32 = load_model({**ternary.config, "ternary": None})
         fp32.load_state_dict(ternary.state_for_identity())
-        label = f"CPU student {ternary.name}, 112 px"
+        label = f"CPU student {ternary.name}"
     else:
-        fp32, ternary = load_model({**base, "image_size": [112, 112]}), load_model(
-            {**base, "image_size": [112, 112], "ternary": {}})
+        student = {"backbone": {**base["backbone"], "init_values": 0.1, "stem": STEM},
+                   "aggregator": {"name": "gem"}, "image_size": [160, 160]}
+        fp32, ternary = load_model(student), load_model({**student, "ternary": {}})
         ternary.load_state_dict(fp32.state_dict())
-        label = "CPU student shape (random weights), 112 px"
-    rows[label] = bench("student", fp32, ternary, (112, 112), gp_images(16, (112, 112), fp32), args.repeats)
+        label = "CPU student shape (hybrid, random blocks)"
+    size = ternary.image_size
+    rows[f"{label}, {size[0]} px"] = bench("student", fp32, ternary, size, gp_images(16, size, fp32), args.repeats)
     write_json(OUT / "ternary.json", {"threads": torch.get_num_threads(), "rows": rows})
     md = ["# Ternary vs fp32 on this CPU (`python benchmarks/ternary.py`)", "",
           f"{torch.get_num_threads()} threads; ms/img is the median of timed forwards, all models in one run.", "",

@@ -1,6 +1,6 @@
 """WeiToP vs general-vision pruning on one trained model: held-out R@1 at each keep ratio.
 
-    python benchmarks/weitop.py runs/weitop/cpu-weiad [--which best] [--size 112 112]
+    python benchmarks/weitop.py runs/weitop/cpu-weiad [--which best] [--size H W]
 
 The run's model (trained with the WeiToP scorer after block 3) is evaluated on the held-out places of
 benchmarks/heldout.py at keep ratios 1.0, 0.75, 0.5, 0.3 with each pruning method at the same block: its learned
@@ -27,13 +27,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("--which", default="best", choices=["best", "final"])
-    ap.add_argument("--size", type=int, nargs=2, default=(112, 112), metavar=("H", "W"))
+    ap.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                    help="default: the model's image size")
     args = ap.parse_args()
     sets = held_out_sets(data_root(), day_left=False)
     model = load_model(args.run / args.which)
     if getattr(model.backbone, "pruner", None) is None:
         raise SystemExit(f"{args.run / args.which}: the model has no token pruner (backbone.pruning)")
-    size = tuple(args.size)
+    size = tuple(args.size) if args.size else model.image_size
     rows: dict = {"unpruned": recall1(model, sets, size, keep_ratio=1.0)}
     for method in METHODS:
         model.backbone.pruner.method = method  # same block, same trained weights; only the selection differs

@@ -185,6 +185,10 @@ def test_hybrid_vit_saves_and_reloads_with_its_stem(tmp_path):
     with torch.no_grad():
         assert torch.equal(again(x), model.eval()(x))
     assert again.fingerprint() == model.fingerprint()
+    stemless = {**HYBRID, "weights": str(tmp_path / "m"), "stem": {"name": "efficientnet_lite0", "crop": LITE_CUT}}
+    donee = build_model({"backbone": stemless, "aggregator": {"name": "gem"}, "image_size": [64, 64]}).eval()
+    with torch.no_grad():
+        assert torch.equal(donee(x), again(x))  # the backbone, stem included, from the saved model
     with pytest.raises(ValueError, match="not a CNN backbone"):
         BACKBONES.get("dinov2_vits14")(weights=None, stem={"name": "dinov2_vits14"})
     with pytest.raises(WeightsError, match="hybrid ViT"):

@@ -120,9 +120,9 @@ class ViTBackbone(Backbone):
                  stem: dict | None = None, **timm_kwargs) -> None:
         super().__init__()
         if stem:
-            if weights not in (None, "random"):
-                raise WeightsError("a hybrid ViT (backbone.stem) has no pretrained ViT weights: load a saved "
-                                   "edgevpr model instead")
+            if weights in ("timm", "hub"):
+                raise WeightsError(f"a hybrid ViT (backbone.stem) has no {weights} weights: give a saved edgevpr "
+                                   "model (or a file) as backbone.weights")
             scfg = dict(stem)
             cnn = BACKBONES.get(scfg.pop("name"))(**scfg)
             if not isinstance(cnn, CNNBackbone):
