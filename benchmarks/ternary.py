@@ -2,12 +2,13 @@
 
     python benchmarks/ternary.py [--student runs/tat-vpr/cpu-stage2/best] [--repeats 7]
 
-Architectures: DINOv2-S/14 (12 blocks, 384 wide) + GeM at 224 px, and the CPU student (the same blocks on
-a cut EfficientNet-lite0 stem at 160 px; with --student, its trained ternary weights and head, else random weights). For each: ms/img at batch
-1 and 8 (median of --repeats), whole-model file bytes (fp32 safetensors vs the 2-bit packed file), the bytes of
-the ternary layers' weights alone, and a sparsity sweep 0-60% with GFLOPs (dense count minus the skipped
-inputs of the ternary linears) and measured time of both ternary paths. Cosine between int8-path and
-fake-quant descriptors on 16 Gardens Point images at each sparsity. Writes benchmarks/results/ternary.{json,md}.
+Architectures: DINOv2-S/14 (12 blocks, 384 wide) + GeM at 224 px, and the CPU student (the same blocks on a cut
+EfficientNet-lite0 stem at 160 px; with --student, its trained ternary weights and head, else random weights).
+For each: ms/img at batch 1 and 8 (median of --repeats), whole-model file bytes (fp32 safetensors vs the 2-bit
+packed file), the bytes of the ternary layers' weights alone, and a sparsity sweep 0-60% with GFLOPs (dense
+count minus the skipped inputs of the ternary linears) and measured time of both ternary paths. Cosine between
+int8-path and fake-quant descriptors on 16 Gardens Point images at each sparsity. Writes
+benchmarks/results/ternary.{json,md}.
 """
 
 from __future__ import annotations
