@@ -72,6 +72,10 @@ def test_published_layer_choice_on_a_dinov2_vit():
     assert type(model.backbone.vit.patch_embed.proj) is torch.nn.Conv2d
     with pytest.raises(ValueError, match="no nn.Linear"):
         apply_ternary(model.backbone, patterns=[r"nothing$"])
+    # the CPU student: the same blocks on a CNN stem, which stays full precision like any patch embedding
+    hybrid = load_model({**TERNARY_VIT, "backbone": {**TERNARY_VIT["backbone"], "stem": {"name": "mobilenetv2"}}})
+    ternary = [n for n, m in hybrid.named_modules() if isinstance(m, TernaryLinear)]
+    assert len(ternary) == 4 * 4 - 2 and all(n.startswith("backbone.vit.blocks.") for n in ternary)
 
 
 def test_sparsity_knob_and_packed_model_reload_bit_exact(tmp_path):
