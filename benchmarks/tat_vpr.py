@@ -2,11 +2,11 @@
 
     python benchmarks/tat_vpr.py [--runs runs/tat-vpr]
 
-The runs of configs/tat-vpr/cpu-stage1-fp32, cpu-stage1, cpu-stage2-fp32 and cpu-stage2 (`make methods` trains
-them into --runs) evaluated at 160 px on places no run trained or validated on: Gardens Point 70-99
-(night_right vs day_right, +-2 frames) and Nordland 2000-2499 (winter vs summer, +-1 frame, dark frames
-dropped). Stage-2 models are their best validation checkpoints; the ternary one at sparsity 0, 0.4 and 0.6,
-also through the int8 path. Writes benchmarks/results/tat_vpr.{json,md} and tat_vpr_curves.png.
+The runs of configs/tat-vpr/cpu-stage1-fp32, cpu-stage1, cpu-stage2-fp32, cpu-stage2 and the stage-1 control
+cpu-stage2-fp32-nodistill (`make methods` trains them into --runs) evaluated at 160 px on places no run trained or
+validated on: Gardens Point 70-99 (night_right vs day_right, +-2 frames) and Nordland 2000-2499 (winter vs summer,
++-1 frame, dark frames dropped). Stage-2 models are their best validation checkpoints; the ternary one at
+sparsity 0, 0.4 and 0.6, also through the int8 path. Writes benchmarks/results/tat_vpr.{json,md} and tat_vpr_curves.png.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from edgevpr.models.model import load_model
 from edgevpr.utils import write_json, write_text
 
 OUT = ROOT / "benchmarks" / "results"
-RUNS = ("cpu-stage1-fp32", "cpu-stage1", "cpu-stage2-fp32", "cpu-stage2")
+RUNS = ("cpu-stage1-fp32", "cpu-stage1", "cpu-stage2-fp32", "cpu-stage2", "cpu-stage2-fp32-nodistill")
 SIZE = (160, 160)
 
 
@@ -51,6 +51,7 @@ def main() -> None:
         res[name] = {"final_gem": recall1(load_model(args.runs / name / "final"), sets, SIZE)}
     fp32, tern = load_model(args.runs / "cpu-stage2-fp32" / "best"), load_model(args.runs / "cpu-stage2" / "best")
     res["cpu-stage2-fp32"] = {"best": recall1(fp32, sets, SIZE)}
+    res["cpu-stage2-fp32-nodistill"] = {"best": recall1(load_model(args.runs / RUNS[4] / "best"), sets, SIZE)}
     res["cpu-stage2"] = {f"best_s{s}": recall1(tern, sets, SIZE, sparsity=s) for s in (0.0, 0.4, 0.6)}
     res["cpu-stage2"]["best_int8_s0.0"] = recall1(to_int8(load_model(args.runs / "cpu-stage2" / "best")), sets, SIZE)
     for name in RUNS:
@@ -73,6 +74,7 @@ def main() -> None:
     md.append(line("stage 1 fp32 twin (GeM on distilled tokens)", res["cpu-stage1-fp32"]["final_gem"]))
     md.append(line("stage 1 ternary (GeM on distilled tokens, s=0)", res["cpu-stage1"]["final_gem"]))
     md.append(line("stage 2 fp32 twin + BoQ", res["cpu-stage2-fp32"]["best"]))
+    md.append(line("stage 2 fp32 + BoQ without stage 1 (random blocks)", res["cpu-stage2-fp32-nodistill"]["best"]))
     for s in (0.0, 0.4, 0.6):
         md.append(line(f"stage 2 ternary + BoQ, sparsity {s}", res["cpu-stage2"][f"best_s{s}"]))
     md.append(line("stage 2 ternary + BoQ, int8 path, sparsity 0", res["cpu-stage2"]["best_int8_s0.0"]))
