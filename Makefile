@@ -56,7 +56,8 @@ vit-student: runs/tat-vpr/cpu-stage1-fp32/final/model.safetensors
 # The CPU method runs on that ViT and their held-out tables (benchmarks/results/): TAT-VPR ternary vs fp32 (stages 1
 # and 2; stage 2 without stage 1), EfficientVPR vs SALAD, WeiAD (global, predicted, global at 100x weight lr) + WeiToP
 # vs SALAD and the pruning baselines. Hours on 2 cores (`OMP_NUM_THREADS=1 make -j2 methods` runs two at a time);
-# every run resumes after a kill. A run is done when its final/ exists (order-only prerequisites: an older teacher or student never triggers retraining).
+# every run resumes after a kill. A run is done when its final/ exists (order-only prerequisites: an older teacher
+# or student never triggers retraining).
 FINAL = runs/$(1)/final/model.safetensors
 STUDENT_RUNS := efficientvpr/cpu tat-vpr/cpu-stage2-fp32 weitop/cpu-weiad weitop/cpu-weiad-predicted \
                 weitop/cpu-weiad-wlr100 weitop/cpu-salad
