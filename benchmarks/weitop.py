@@ -4,7 +4,8 @@
 
 The run's model (trained with the WeiToP scorer after block 3) is evaluated on the held-out places of
 benchmarks/heldout.py at keep ratios 1.0, 0.75, 0.5, 0.3 with each pruning method at the same block: its learned
-scorer (weitop), random, EViT (CLS attention) and ToMe (merging); keep ratio 1.0 is the unpruned model.
+scorer (weitop), random, EViT (CLS attention) and ToMe (merging); keep ratio 1.0 is the unpruned model. A
+diagnostic row ranks by the scorer's target itself (oracle_ranking).
 It also reports whether the scorer has something to rank, on the held-out Gardens Point query photos: the spread
 of the self-distillation target (aggregation-induced importance at keep ratio 1: max/min over tokens, entropy over
 log N, the range of the learned cluster weights) and the overlap of the scorer's top-k with the target's top-k at
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -53,6 +56,26 @@ def target_agreement(model: VPRModel, paths: list[Path], size: tuple[int, int]) 
     return res
 
 
+@contextmanager
+def oracle_ranking(model: VPRModel) -> Iterator[None]:
+    """Diagnostic, not a method: the pruner ranks tokens by WeiToP's target itself (the head's importance on an
+    unpruned forward of the same batch) instead of the scorer's prediction of it; two forwards per batch. Tells
+    a scorer that misses its target from a target that is a poor pruning criterion."""
+    pruner, forward = model.backbone.pruner, model.forward
+
+    def oracle_forward(x: torch.Tensor, **knobs) -> torch.Tensor:
+        with torch.no_grad(), model.using(keep_ratio=1.0):
+            target = model.aggregator.importance(model.forward_tokens(x))  # [B, N]
+        pruner.scores = lambda *_: target
+        return forward(x, **knobs)
+
+    pruner.method, model.forward = "weitop", oracle_forward
+    try:
+        yield
+    finally:
+        del model.forward, pruner.scores
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
@@ -73,6 +96,9 @@ def main() -> None:
         for rho in RATIOS[1:]:
             rows[f"{method} {rho}"] = recall1(model, sets, size, keep_ratio=rho)
             print(method, rho, rows[f"{method} {rho}"])
+    with oracle_ranking(model):
+        for rho in RATIOS[1:]:
+            rows[f"target itself (oracle) {rho}"] = recall1(model, sets, size, keep_ratio=rho)
     write_json(OUT / f"{args.name}.json", {"run": str(args.run), "model": args.which, "image_size": list(size),
                                            "rows": rows, "target_agreement": agree})
     names = [ds.name for ds in sets]
