@@ -25,6 +25,7 @@ from heldout import ROOT, data_root, held_out_sets, recall1
 
 from edgevpr.data.images import load_image
 from edgevpr.models.model import VPRModel, load_model
+from edgevpr.models.pruning import keep_count
 from edgevpr.utils import write_json, write_text
 
 OUT = ROOT / "benchmarks" / "results"
@@ -50,7 +51,7 @@ def target_agreement(model: VPRModel, paths: list[Path], size: tuple[int, int]) 
            "target_max_over_min": (a.max(-1).values / a.min(-1).values).mean().item(),
            "target_entropy_over_logN": (-(a * a.log()).sum(-1) / math.log(n)).mean().item()}
     for rho in RATIOS[1:]:
-        k = math.ceil(rho * n)
+        k = keep_count(n, rho)
         hit = torch.zeros_like(a).scatter_(1, a.topk(k, -1).indices, 1).gather(1, s.topk(k, -1).indices)
         res[f"topk_overlap_{rho}"] = hit.mean().item()
     return res
