@@ -51,7 +51,8 @@ def main() -> None:
         res[name] = {"final_gem": recall1(load_model(args.runs / name / "final"), sets, SIZE)}
     fp32, tern = load_model(args.runs / "cpu-stage2-fp32" / "best"), load_model(args.runs / "cpu-stage2" / "best")
     res["cpu-stage2-fp32"] = {"best": recall1(fp32, sets, SIZE)}
-    res["cpu-stage2-fp32-nodistill"] = {"best": recall1(load_model(args.runs / RUNS[4] / "best"), sets, SIZE)}
+    nodistill = load_model(args.runs / "cpu-stage2-fp32-nodistill" / "best")
+    res["cpu-stage2-fp32-nodistill"] = {"best": recall1(nodistill, sets, SIZE)}
     res["cpu-stage2"] = {f"best_s{s}": recall1(tern, sets, SIZE, sparsity=s) for s in (0.0, 0.4, 0.6)}
     res["cpu-stage2"]["best_int8_s0.0"] = recall1(to_int8(load_model(args.runs / "cpu-stage2" / "best")), sets, SIZE)
     for name in RUNS:

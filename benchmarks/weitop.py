@@ -62,7 +62,7 @@ def oracle_ranking(model: VPRModel) -> Iterator[None]:
     """Diagnostic, not a method: the pruner ranks tokens by WeiToP's target itself (the head's importance on an
     unpruned forward of the same batch) instead of the scorer's prediction of it; two forwards per batch. Tells
     a scorer that misses its target from a target that is a poor pruning criterion."""
-    pruner, forward = model.backbone.pruner, model.forward
+    pruner, forward, method = model.backbone.pruner, model.forward, model.backbone.pruner.method
 
     def oracle_forward(x: torch.Tensor, **knobs) -> torch.Tensor:
         with torch.no_grad(), model.using(keep_ratio=1.0):
@@ -75,6 +75,7 @@ def oracle_ranking(model: VPRModel) -> Iterator[None]:
         yield
     finally:
         del model.forward, pruner.scores
+        pruner.method = method
 
 
 def main() -> None:
