@@ -9,6 +9,11 @@ written index file / N), build time (train + add). The real-size rows also give 
 
     python benchmarks/index.py                       # real, 100k, 1M  (about 25 minutes here)
     python benchmarks/index.py --sizes 0 100000      # 0 = the real database alone
+    python benchmarks/index.py --integrity 1000000   # cost of the integrity check at open (index_integrity.md)
+
+``--integrity N`` writes a complete index folder (SQLite with N descriptor rows + a flat FAISS file + manifest,
+through edgevpr's own writer) of the tiled database and times what opening it costs: the first open after the
+files changed (full sha256 of both), later opens (stat stamps only), and ``index info --verify``.
 """
 
 from __future__ import annotations
@@ -95,6 +100,44 @@ def bench_kind(kind: str, db: np.ndarray, q: np.ndarray, exact: np.ndarray | Non
             "bytes_per_vector": nbytes / len(db), "build_s": build_s}, ids
 
 
+def bench_integrity(db: np.ndarray, folder: Path) -> dict:
+    """Write an index folder of ``db`` [N, D] with edgevpr's writer, then time PlaceIndex.open three ways."""
+    import faiss
+
+    from edgevpr.deploy import index as idx
+    from edgevpr.integrity import StampCache
+
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    con = idx._connect(folder / idx.DB_FILE)
+    with con:
+        for start in range(0, len(db), 10_000):
+            part = db[start:start + 10_000]
+            con.executemany("INSERT INTO images (id, path, descriptor) VALUES (?, ?, ?)",
+                            ((start + i, f"img{start + i:08d}.jpg", v.tobytes()) for i, v in enumerate(part)))
+    index = faiss.IndexFlatIP(db.shape[1])
+    index.add(db)
+    record = {"name": "bench", "fingerprint": "0" * 16, "spec": None, "knobs": {}, "image_size": [224, 224],
+              "dim": int(db.shape[1]), "runtime": "torch"}
+    idx._write(folder, con, index, "flat", {}, record, None)
+    con.close()
+    del index
+    write_s = time.perf_counter() - t0
+    files = {name: (folder / name).stat().st_size for name in (idx.FAISS_FILE, idx.DB_FILE)}
+
+    def timed_open(verify: bool = False) -> float:
+        t = time.perf_counter()
+        idx.PlaceIndex.open(folder, verify=verify).close()
+        return time.perf_counter() - t
+
+    (folder / StampCache.NAME).unlink()  # as after a copy to another machine: no stamps yet
+    first = timed_open()
+    stamped = sorted(timed_open() for _ in range(5))[2]
+    full = timed_open(verify=True)
+    return {"n": len(db), "dim": int(db.shape[1]), "bytes": files, "write_s": write_s, "first_open_s": first,
+            "stamped_open_s": stamped, "verify_open_s": full}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="effnet-lite0-gem")
@@ -102,11 +145,31 @@ def main() -> None:
     ap.add_argument("--copy-cos", type=float, default=0.9, help="cosine of a tiled copy to its source")
     ap.add_argument("--queries", type=int, default=1000, help="queries timed per size (all for the real size)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "index"))
+    ap.add_argument("--integrity", type=int, metavar="N",
+                    help="instead: time the integrity check at open on an index folder of N vectors (default off)")
     args = ap.parse_args()
 
     import faiss
 
     db0, q_all, positives = real_descriptors(args.model)
+    if args.integrity:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as d:
+            r = bench_integrity(tiled(db0, args.integrity, args.copy_cos), Path(d) / "index")
+        out = Path(args.out + "_integrity")
+        write_json(out.with_suffix(".json"), r)
+        gb = {k: v / 1e9 for k, v in r["bytes"].items()}
+        text = (f"# Index integrity check at open ({r['n']:,} x {r['dim']}-D, flat, {args.model} descriptors tiled)\n\n"
+                f"Files: index.faiss {gb['index.faiss']:.2f} GB, places.sqlite {gb['places.sqlite']:.2f} GB "
+                f"(written in {r['write_s']:.0f} s).\n\n"
+                "| open | what is checked | seconds |\n|---|---|---:|\n"
+                f"| first open after the files changed (or were copied) | sizes + full sha256 of both files | "
+                f"{r['first_open_s']:.2f} |\n"
+                f"| later opens (median of 5) | sizes + stat stamps (device, inode, size, mtime, ctime) | "
+                f"{r['stamped_open_s']:.3f} |\n"
+                f"| `index info --verify` | full sha256 of both files, always | {r['verify_open_s']:.2f} |\n")
+        write_text(out.with_suffix(".md"), text)
+        print(text)
+        return
     rows = []
     for size in args.sizes:
         db = tiled(db0, size, args.copy_cos) if size else db0

@@ -47,7 +47,26 @@ def _image_size(args) -> tuple[int, int] | None:
     """--image-size H [W] -> (H, W) (one value: square), or None for the model's own size."""
     if not args.image_size:
         return None
-    return tuple(args.image_size * (2 if len(args.image_size) == 1 else 1))[:2]
+    from .models.model import check_image_size
+
+    if len(args.image_size) > 2:
+        raise ValueError(f"--image-size {' '.join(map(str, args.image_size))}: give H or H W")
+    return check_image_size(list(args.image_size * (2 if len(args.image_size) == 1 else 1)), "--image-size")
+
+
+def _bounded(low: int, high: int):
+    """argparse type: an integer in [low, high] (a clear one-line error otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"{v} is outside [{low}, {high}]")
+        return v
+
+    return parse
 
 
 def _frames(text: str) -> tuple[int, int]:
@@ -132,8 +151,13 @@ def cmd_index(args) -> int:
     from .utils import pick_device
 
     if args.action == "info":
-        pi = idx.PlaceIndex.open(args.index, mmap=True, verify=args.verify)
-        print(json.dumps({**pi.manifest, "verified": bool(args.verify)}, indent=2))
+        if args.verify:
+            report = idx.verify_index(args.index)
+            print(json.dumps(report, indent=2))
+            return 0 if report["verified"] else 1
+        pi = idx.PlaceIndex.open(args.index, mmap=True)
+        print(json.dumps({**pi.manifest, "checked": "sizes, and sha256 of files changed since their last full "
+                                                    "check (--verify reads every byte)"}, indent=2))
         return 0
     device = pick_device(args.device)
     if args.action == "build":
@@ -257,13 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image-size", type=int, nargs="+", metavar="PX", help="override the model's input size (H [W])")
     e.add_argument("--int8", action="store_true", help="run a ternary model's layers as int8 GEMMs (faster on CPU)")
     _knob_flags(e)
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
+    e.add_argument("--batch-size", type=_bounded(1, 4096), default=32, help="images per forward (default 32)")
+    e.add_argument("--workers", type=_bounded(0, 256), default=0, help="image-loading worker processes (default 0)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     e.add_argument("--out", help="output folder (default outputs/eval/<model>)")
     e.add_argument("--cache-dir", default=str(default_cache_dir()), help="descriptor cache (EDGEVPR_CACHE)")
     e.add_argument("--no-cache", action="store_true", help="do not read or write the descriptor cache")
-    e.add_argument("--top-k", type=int, default=20, help="matches per query in the CSV")
+    e.add_argument("--top-k", type=_bounded(1, 1000), default=20, help="matches per query in the CSV (default 20)")
     e.add_argument("--plot", action="store_true", help="write recall@N and PR curves as PNG")
     e.add_argument("--show-failures", type=int, default=0, metavar="N", help="PNG grid of the first N wrong queries")
     e.add_argument("--no-efficiency", action="store_true", help="skip latency/FLOPs/memory measurement")
@@ -292,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     ia = isub.add_parser("add", help="append images to an index (same model; resumes when interrupted)")
     for a in (ib, ia):
         a.add_argument("--images", required=True, help="image folder, or CSV with path[,place_id][,lat,lon]")
-        a.add_argument("--batch-size", type=int, default=32)
+        a.add_argument("--batch-size", type=_bounded(1, 4096), default=32, help="images per forward (default 32)")
         a.add_argument("--skip-bad", action="store_true", help="skip and report unreadable images")
         a.add_argument("--int8", action="store_true", help="ternary models: int8 GEMM path")
         a.add_argument("--device", default="auto")
@@ -313,14 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
     ia.add_argument("--model", help="default: the model the index records")
     ii = isub.add_parser("info", help="print an index's manifest")
     ii.add_argument("index")
-    ii.add_argument("--verify", action="store_true", help="check the files' sha256 against the manifest")
+    ii.add_argument("--verify", action="store_true",
+                    help="read every byte: sha256 of each file against the manifest; prints {verified, problems} "
+                         "and exits 1 when anything is broken (default: off)")
     i.set_defaults(func=cmd_index)
 
     lo = sub.add_parser("localize", help="top-K database matches of photos, with coordinates and scores")
     lo.add_argument("photos", nargs="+")
     lo.add_argument("--index", required=True)
     lo.add_argument("--model", help="default: the model the index records (an exported .onnx of it works too)")
-    lo.add_argument("--top-k", "-k", type=int, default=5)
+    lo.add_argument("--top-k", "-k", type=_bounded(1, 1000), default=5, help="matches per photo (default 5)")
     lo.add_argument("--device", default="auto")
     lo.add_argument("--no-mmap", action="store_true", help="read the FAISS file into memory instead of mapping it")
     lo.add_argument("--json", action="store_true")
@@ -334,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-upload-mb", type=float, default=20.0)
     sv.add_argument("--max-pixels", type=int, default=40_000_000)
-    sv.add_argument("--max-k", type=int, default=50)
+    sv.add_argument("--max-k", type=_bounded(1, 1000), default=50, help="largest k a request may ask (default 50)")
     sv.add_argument("--device", default="auto")
     sv.set_defaults(func=cmd_serve)
 

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes, seeding, devices."""
+"""Small shared helpers: atomic file writes, seeding, devices (torch is imported only where needed)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -57,11 +56,15 @@ def _json_default(o):
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
+    import torch
+
     torch.manual_seed(seed)
 
 
-def pick_device(device: str | None = None) -> torch.device:
-    """'auto'/None -> CUDA when available, else CPU."""
+def pick_device(device: str | None = None):
+    """'auto'/None -> CUDA when available, else CPU (a torch.device)."""
+    import torch
+
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

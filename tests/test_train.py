@@ -90,8 +90,10 @@ def test_training_learns_the_training_places(data_root, tmp_path):
     assert after > before + 0.05, (before, after)
 
 
-def test_killed_run_resumes_bit_exact(data_root, tmp_path):
+@pytest.mark.parametrize("augment", [None, "rand-m9-n3"])
+def test_killed_run_resumes_bit_exact(data_root, tmp_path, augment):
     conf = _nordland_conf(data_root, 10, TINY_MODEL, [64, 64])
+    conf["data"]["augment"] = augment  # RandAugment draws from numpy's and Python's global RNGs: seeded per image
     train(conf, tmp_path / "full", progress=False)
     stopped = train(conf, tmp_path / "killed", progress=False, stop_after=7)  # last checkpoint: step 4
     assert stopped["stopped"] and not (tmp_path / "killed" / "final").exists()

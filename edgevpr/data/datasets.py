@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .images import IMAGE_EXTENSIONS, list_images, mean_intensity
+from .safe_npy import load_npy
 
 
 @dataclass
@@ -197,13 +198,18 @@ def manifest(db_csv: str | os.PathLike, queries_csv: str | os.PathLike, radius: 
 def vprbench(db: str | os.PathLike, queries: str | os.PathLike, gt_file: str | os.PathLike) -> VPRDataset:
     """VPR-Bench: images sorted by name, ``ground_truth_new.npy`` rows ``[query_idx, [ref idxs]]``."""
     db_paths, q_paths = list_images(db), list_images(queries)
-    gt = np.load(gt_file, allow_pickle=True)
+    gt = load_npy(gt_file)  # an object array: read by a restricted unpickler that never runs code
+    if gt.ndim != 2 or gt.shape[1] != 2:
+        raise ValueError(f"{gt_file}: expected rows [query_idx, [ref idxs]] (shape [N, 2]), got shape {gt.shape}")
     positives: list[np.ndarray] = [np.zeros(0, np.int64) for _ in q_paths]
     for row in gt:
-        qi = int(row[0])
+        try:
+            qi = int(row[0])
+            refs = np.atleast_1d(np.asarray(row[1], dtype=np.int64))
+        except (TypeError, ValueError):
+            raise ValueError(f"{gt_file}: row {row[0]!r:.40}: not [query_idx, [ref idxs]] of integers") from None
         if not 0 <= qi < len(q_paths):
             raise ValueError(f"{gt_file}: query index {qi} out of range (0..{len(q_paths) - 1})")
-        refs = np.atleast_1d(np.asarray(row[1], dtype=np.int64))
         if refs.size and (refs.min() < 0 or refs.max() >= len(db_paths)):
             raise ValueError(f"{gt_file}: reference index out of range for query {qi}")
         positives[qi] = np.unique(refs)

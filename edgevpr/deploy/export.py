@@ -10,6 +10,9 @@ Design choices:
 * TorchScript-based exporter (``dynamo=False``): it needs no extra package and traces every head here.
 * A ViT's position embeddings are resampled (bicubic, antialiased) to the export grid *before* tracing and
   enter the graph as a constant: ONNX has no antialiased bicubic resize, and the grid is fixed anyway.
+* Integrity: the metadata records ``graph_sha256``, the sha256 of the graph (every node and every weight),
+  which ``OnnxModel`` recomputes at load: a file whose weight bytes were damaged is refused in one line instead
+  of giving NaN or wrong descriptors. int8 fingerprints include it.
 * fp32 exports keep the source model's fingerprint (descriptors match PyTorch to cosine >= 0.9999, tested), so
   an index built with PyTorch can be queried on a device through onnxruntime. int8 exports (onnxruntime
   dynamic quantisation: int8 weights, per-batch int8 activations) compute different descriptors and get a
@@ -125,11 +128,17 @@ def export_onnx(model: VPRModel, out: str | os.PathLike, knobs: dict | None = No
                 "config": model.config, "knobs": knobs, "image_size": list(size), "out_dim": model.out_dim,
                 "mean": list(p.mean), "std": list(p.std), "interpolation": p.interpolation, "int8": int8,
                 "opset": opset}
+        meta["graph_sha256"] = graph_digest(proto)
         del proto.metadata_props[:]
         entry = proto.metadata_props.add()
         entry.key, entry.value = META_KEY, json.dumps(meta, sort_keys=True)
         atomic_write(out, lambda tmp: onnx.save(proto, tmp))
     return out
+
+
+def graph_digest(proto) -> str:
+    """sha256 of an ONNX model's graph: its nodes, initializers (the weights) and inputs/outputs."""
+    return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
 
 
 def is_onnx(spec: str | os.PathLike) -> bool:
@@ -158,9 +167,32 @@ class OnnxModel:
         raw = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
         if raw is None:
             raise ValueError(f"{self.path}: not an edgevpr export (no '{META_KEY}' metadata); use `edgevpr export`")
-        self.meta = json.loads(raw)
+        try:
+            self.meta = json.loads(raw)
+        except ValueError:
+            raise ValueError(f"{self.path}: damaged '{META_KEY}' metadata (not JSON)") from None
+        self._verify()
         self.config = self.meta["config"]
         self.baked_knobs: dict[str, float] = self.meta["knobs"]
+
+    def _verify(self) -> None:
+        """Refuse a file whose graph (weights included) is not the one exported."""
+        import onnx
+
+        recorded = self.meta.get("graph_sha256")
+        if recorded is None:
+            from ..integrity import warn
+
+            warn(f"{self.path}: exported before edgevpr recorded a checksum of the weights; its integrity cannot be "
+                 "checked (export it again)")
+            return
+        try:
+            digest = graph_digest(onnx.load(str(self.path), load_external_data=False))
+        except Exception as e:  # protobuf decode errors
+            raise ValueError(f"{self.path}: damaged ONNX file ({str(e).splitlines()[0]})") from None
+        if digest != recorded:
+            raise ValueError(f"{self.path}: the weights or graph differ from the export's checksum (damaged or "
+                             "modified file): export it again")
 
     name = property(lambda self: self.meta["name"])
     out_dim = property(lambda self: int(self.meta["out_dim"]))
@@ -171,7 +203,7 @@ class OnnxModel:
         """The source model's fingerprint (fp32: same descriptors); int8 exports get one of their own."""
         fp = self.meta["source_fingerprint"]
         if self.int8 and runtime:
-            fp = hashlib.sha256(f"{fp}|onnx-int8".encode()).hexdigest()[:16]
+            fp = hashlib.sha256(f"{fp}|onnx-int8|{self.meta.get('graph_sha256', '')}".encode()).hexdigest()[:16]
         return fp
 
     def knob_names(self) -> list[str]:

@@ -8,6 +8,14 @@ Folder layout::
                           (= cosine similarity); FAISS id == images.id (ids are 0..N-1 in insertion order)
     INDEX/manifest.json   model name, fingerprint and knobs, descriptor dim, metric, kind and its settings,
                           counts and sha256 checksums of both files; written last, atomically
+    INDEX/.verified.json  stat stamps of the files as they were when last fully checksummed (see below)
+
+Integrity: ``PlaceIndex.open`` checks both files against the manifest before the first answer. A full sha256
+read costs about a second per GB here, too much for every open of a multi-GB memory-mapped index, so a file is
+fully checksummed only when its stat stamp (device, inode, size, mtime, ctime) differs from the one recorded
+after its last full check (``edgevpr.integrity.StampCache``); ctime moves on every write and every ``utime``,
+so any change made through the file system since then forces the full check. ``verify=True`` (``edgevpr index
+info --verify``) always reads every byte, which also catches silent media corruption.
 
 Resuming: descriptors go into SQLite one batch per transaction, so a killed build or add keeps every finished
 batch; running the same command again skips the images already stored (or recorded as failed), in the same
@@ -18,7 +26,6 @@ interrupted ``add`` left: the next ``add`` appends them.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -35,6 +42,7 @@ from tqdm.auto import tqdm
 
 from ..data.images import ImageLoadError, list_images
 from ..eval.extract import _collate, _Images
+from ..integrity import StampCache, check_finite, sha256_file
 from ..utils import atomic_write, write_json
 
 DB_FILE, FAISS_FILE, MANIFEST_FILE = "places.sqlite", "index.faiss", "manifest.json"
@@ -47,6 +55,8 @@ MIN_IVFPQ_TRAIN = 256
 MAX_NLIST = 1024
 #: IVF-PQ trains on at most this many vectors (a uniform sample, seeded).
 MAX_TRAIN = 65536
+#: The most matches one query may ask for.
+MAX_K = 1000
 
 
 @dataclass
@@ -124,24 +134,98 @@ def read_rows(source: str | os.PathLike) -> list[Row]:
     return rows
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _connect(path: Path) -> sqlite3.Connection:
-    con = sqlite3.connect(path)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.executescript("""
-        CREATE TABLE IF NOT EXISTS images (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, place_id TEXT,
-            lat REAL, lon REAL, east REAL, north REAL, descriptor BLOB NOT NULL);
-        CREATE TABLE IF NOT EXISTS failed (path TEXT PRIMARY KEY, reason TEXT NOT NULL);
-        CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    """)
+    try:
+        con = sqlite3.connect(path)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.executescript("""
+            CREATE TABLE IF NOT EXISTS images (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, place_id TEXT,
+                lat REAL, lon REAL, east REAL, north REAL, descriptor BLOB NOT NULL);
+            CREATE TABLE IF NOT EXISTS failed (path TEXT PRIMARY KEY, reason TEXT NOT NULL, size INTEGER,
+                mtime_ns INTEGER);
+            CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        """)
+        cols = {r[1] for r in con.execute("PRAGMA table_info(failed)")}
+        for col in ("size", "mtime_ns"):  # indexes made before failed images were retried on change
+            if col not in cols:
+                con.execute(f"ALTER TABLE failed ADD COLUMN {col} INTEGER")
+    except sqlite3.Error as e:
+        raise ValueError(f"{path}: not a usable SQLite database ({e})") from None
     return con
+
+
+def _file_signature(path: str) -> tuple[int | None, int | None]:
+    """(size, mtime_ns) of an image file, (None, None) when it cannot be read."""
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return None, None
+
+
+def read_manifest(root: Path) -> dict:
+    """The manifest of an index folder, checked for the fields edgevpr reads (one-line errors)."""
+    man_file = root / MANIFEST_FILE
+    if not man_file.is_file():
+        hint = " (an interrupted build: run the same `edgevpr index build` again)" if (root / DB_FILE).exists() \
+            else ""
+        raise FileNotFoundError(f"{root}: not a finished place index, no {MANIFEST_FILE}{hint}")
+    try:
+        manifest = json.loads(man_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{man_file}: not valid JSON ({e})") from None
+    need = {"model": dict, "dim": int, "kind": str, "params": dict, "count": int, "files": dict}
+    for key, typ in need.items():
+        if not isinstance(manifest, dict) or not isinstance(manifest.get(key), typ):
+            raise ValueError(f"{man_file}: field '{key}' is missing or not a {typ.__name__}")
+    for name in (FAISS_FILE, DB_FILE):
+        meta = manifest["files"].get(name)
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or \
+                not isinstance(meta.get("bytes"), int):
+            raise ValueError(f"{man_file}: files.{name} needs 'bytes' and 'sha256'")
+    if not isinstance(manifest["model"].get("fingerprint"), str):
+        raise ValueError(f"{man_file}: field 'model.fingerprint' is missing")
+    return manifest
+
+
+def check_files(root: Path, manifest: dict, full: bool = False,
+                names: tuple[str, ...] = (FAISS_FILE, DB_FILE)) -> list[str]:
+    """Problems (one line each) of the index files against the manifest: presence, size, sha256.
+
+    full=False skips the sha256 of a file whose stat stamp shows it unchanged since its last full check.
+    """
+    stamps, problems, checked = StampCache(root), [], False
+    for name in names:
+        meta, f = manifest["files"][name], root / name
+        if not f.is_file():
+            problems.append(f"{f}: missing from the index folder")
+        elif f.stat().st_size != meta["bytes"]:
+            hint = "; or an interrupted `index add`: run it again to finish" if name == DB_FILE else ""
+            problems.append(f"{f}: {f.stat().st_size} bytes, the manifest says {meta['bytes']} (truncated or "
+                            f"replaced{hint})")
+        elif full or not stamps.fresh(f, meta["sha256"]):
+            if sha256_file(f) != meta["sha256"]:
+                hint = " or an interrupted `index add`: run it again to finish" if name == DB_FILE else ""
+                problems.append(f"{f}: checksum differs from {MANIFEST_FILE} (file changed or corrupt{hint})")
+            else:
+                stamps.record(f, meta["sha256"])
+                checked = True
+    if checked:
+        stamps.save()
+    return problems
+
+
+def verify_index(root: str | os.PathLike) -> dict:
+    """Full check of an index folder -> {"verified": bool, "problems": [one line each]}; never raises."""
+    root = Path(root)
+    try:
+        manifest = read_manifest(root)
+        problems = check_files(root, manifest, full=True)
+        if not problems:
+            PlaceIndex.open(root).close()  # the files parse, and their counts agree
+    except (OSError, ValueError, RuntimeError) as e:
+        problems = [str(e).splitlines()[0]]
+    return {"verified": not problems, "problems": problems}
 
 
 def model_record(model, spec: str | None, knobs: dict | None) -> dict:
@@ -212,27 +296,28 @@ class PlaceIndex:
         import faiss
 
         root = Path(root)
-        man_file = root / MANIFEST_FILE
-        if not man_file.is_file():
-            hint = " (an interrupted build: run the same `edgevpr index build` again)" if (root / DB_FILE).exists() \
-                else ""
-            raise FileNotFoundError(f"{root}: not a finished place index, no {MANIFEST_FILE}{hint}")
-        manifest = json.loads(man_file.read_text())
-        for name, meta in manifest["files"].items():
-            f = root / name
-            if not f.is_file():
-                raise FileNotFoundError(f"{f}: missing from the index folder")
-            if verify and _sha256(f) != meta["sha256"]:
-                raise ValueError(f"{f}: checksum differs from {MANIFEST_FILE} (file changed or corrupt)")
+        manifest = read_manifest(root)
+        problems = check_files(root, manifest, full=verify)
+        if problems:
+            raise ValueError(problems[0])
         flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        index = faiss.read_index(str(root / FAISS_FILE), flags)
+        try:
+            index = faiss.read_index(str(root / FAISS_FILE), flags)
+        except RuntimeError as e:
+            raise ValueError(f"{root / FAISS_FILE}: not a readable FAISS index ({str(e).splitlines()[0]})") from None
         _configure(index, manifest["kind"], manifest["params"])
-        con = sqlite3.connect(f"file:{root / DB_FILE}?mode=ro", uri=True, check_same_thread=False)
-        n = con.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        try:
+            con = sqlite3.connect(f"file:{root / DB_FILE}?mode=ro", uri=True, check_same_thread=False)
+            n = con.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        except sqlite3.Error as e:
+            raise ValueError(f"{root / DB_FILE}: not a readable SQLite database ({e})") from None
         if n != index.ntotal:
             raise ValueError(f"{root}: {n} images in {DB_FILE} but {index.ntotal} in {FAISS_FILE} (an interrupted "
                              "`index add`: run it again to finish)")
         return cls(root, manifest, index, con)
+
+    def close(self) -> None:
+        self.con.close()
 
     @property
     def model(self) -> dict:
@@ -246,6 +331,12 @@ class PlaceIndex:
         desc = np.ascontiguousarray(desc, dtype=np.float32)
         if desc.ndim != 2 or desc.shape[1] != self.manifest["dim"]:
             raise ValueError(f"descriptors of shape {tuple(desc.shape)}; this index holds {self.manifest['dim']}-D")
+        if not np.isfinite(desc).all():
+            raise ValueError("a query descriptor holds NaN/Inf: the model's weights are probably damaged")
+        if len(self) == 0:
+            raise ValueError(f"{self.root}: the index holds no images")
+        if not 1 <= k <= MAX_K:
+            raise ValueError(f"k={k}: must be between 1 and {MAX_K}")
         scores, ids = self.index.search(desc, min(k, len(self)))
         found = {int(i) for i in ids.ravel() if i >= 0}
         rows = self.rows(sorted(found))
@@ -291,7 +382,14 @@ def _stored_descriptors(con: sqlite3.Connection, dim: int, start: int = 0) -> np
 @torch.inference_mode()
 def _extract_into(con: sqlite3.Connection, model, rows: list[Row], knobs: dict, batch_size: int, skip_bad: bool,
                   progress: bool, desc: str, on_batch: Callable[[int], None] | None) -> dict:
-    """Embed the rows not yet stored (or failed) and insert them batch by batch -> counts."""
+    """Embed the rows not yet stored (or failed while unchanged) and insert them batch by batch -> counts.
+
+    An image recorded as failed is tried again when its size or mtime changed (the user fixed the file).
+    """
+    retry = [p for p, size, mtime in con.execute("SELECT path, size, mtime_ns FROM failed")
+             if _file_signature(p) != (size, mtime) or size is None]
+    with con:
+        con.executemany("DELETE FROM failed WHERE path = ?", [(p,) for p in retry])
     done = {p for (p,) in con.execute("SELECT path FROM images UNION SELECT path FROM failed")}
     todo = [r for r in rows if r.path not in done]
     seen: set[str] = set()
@@ -307,6 +405,7 @@ def _extract_into(con: sqlite3.Connection, model, rows: list[Row], knobs: dict, 
             j, err = bad[0]
             raise ImageLoadError(todo[j].path, err + " (use --skip-bad to skip and report such images)")
         d = model(xs.to(device), **knobs).float().cpu().numpy() if xs is not None else np.zeros((0, 0), np.float32)
+        check_finite(d, [todo[j].path for j in idx], model.name)
         with con:  # one transaction per batch: a kill keeps whole batches only
             for j, vec in zip(idx, d, strict=True):
                 r = todo[j]
@@ -314,7 +413,8 @@ def _extract_into(con: sqlite3.Connection, model, rows: list[Row], knobs: dict, 
                             (next_id, r.path, r.place_id, r.lat, r.lon, r.east, r.north,
                              np.ascontiguousarray(vec, np.float32).tobytes()))
                 next_id += 1
-            con.executemany("INSERT INTO failed VALUES (?, ?)", [(todo[j].path, err) for j, err in bad])
+            con.executemany("INSERT INTO failed VALUES (?, ?, ?, ?)",
+                            [(todo[j].path, err, *_file_signature(todo[j].path)) for j, err in bad])
         added += len(idx)
         failed += len(bad)
         bar.update(len(idx) + len(bad))
@@ -332,14 +432,18 @@ def _write(root: Path, con: sqlite3.Connection, index, kind: str, params: dict, 
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     n_failed = con.execute("SELECT COUNT(*) FROM failed").fetchone()[0]
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    stamps, files = StampCache(root), {}
+    for name in (FAISS_FILE, DB_FILE):
+        files[name] = {"bytes": (root / name).stat().st_size, "sha256": sha256_file(root / name)}
+        stamps.record(root / name, files[name]["sha256"])
     manifest = {
         "format_version": FORMAT_VERSION, "model": record, "dim": record["dim"],
         "metric": "inner product of L2-normalised descriptors (cosine similarity)", "kind": kind, "params": params,
         "count": int(index.ntotal), "failed_images": n_failed, "created": created or now, "updated": now,
-        "files": {name: {"bytes": (root / name).stat().st_size, "sha256": _sha256(root / name)}
-                  for name in (FAISS_FILE, DB_FILE)},
+        "files": files,
     }
     write_json(root / MANIFEST_FILE, manifest)
+    stamps.save()
     return manifest
 
 
@@ -377,6 +481,9 @@ def build(model, source: str | os.PathLike, out: str | os.PathLike, kind: str = 
     counts = _extract_into(con, model, rows, record["knobs"], batch_size, skip_bad, progress, "index build", on_batch)
     t_extract = time.perf_counter() - t0
     desc = _stored_descriptors(con, record["dim"])
+    if len(desc) == 0:
+        con.close()
+        raise ValueError(f"{source}: no image could be embedded ({counts['failed']} unreadable): nothing to index")
     index, used = _make_faiss(kind, record["dim"], len(desc), params or {})
     t1 = time.perf_counter()
     if not index.is_trained:
@@ -394,9 +501,12 @@ def add(model, source: str | os.PathLike, root: str | os.PathLike, batch_size: i
     import faiss
 
     root = Path(root)
-    manifest = json.loads((root / MANIFEST_FILE).read_text()) if (root / MANIFEST_FILE).is_file() else None
-    if manifest is None:
+    if not (root / MANIFEST_FILE).is_file():
         raise FileNotFoundError(f"{root}: no finished index to add to (build it first with `edgevpr index build`)")
+    manifest = read_manifest(root)
+    problems = check_files(root, manifest, names=(FAISS_FILE,))  # the database may hold an interrupted add's rows
+    if problems:
+        raise ValueError(problems[0] + " (rebuild the index, or restore the file)")
     check_model(manifest["model"], model.name, model.fingerprint(), str(root))
     record = {**manifest["model"]}
     con = _open_for_writing(root, record)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from ..data.images import load_image
+from ..integrity import check_finite
 from .index import Match, PlaceIndex, check_model
 
 
@@ -61,7 +62,9 @@ class Localizer:
         x = torch.stack([self.transform(im) for im in images]).to(self.device)
         with self._lock:
             self.model.eval()
-            return self.model(x, **{**self.knobs, **(knobs or {})}).float().cpu().numpy()
+            d = self.model(x, **{**self.knobs, **(knobs or {})}).float().cpu().numpy()
+        check_finite(d, [getattr(im, "filename", "") or f"query {i}" for i, im in enumerate(images)], self.model.name)
+        return d
 
     def localize(self, images: list[Image.Image], k: int = 5, knobs: dict | None = None) -> list[list[Match]]:
         return self.index.search(self.embed(images, knobs), k)

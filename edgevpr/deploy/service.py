@@ -8,22 +8,25 @@ Endpoints:
   GET  /api/thumb/{id}        JPEG thumbnail (<= 320 px) of a database image
   GET  /api/map               database positions (<= 5000, evenly spaced) for the map
 
-Bad uploads get a 4xx with a one-line ``detail``: 413 for a body over ``max_upload_bytes`` (refused from its
-Content-Length before reading when the client sends one) or an image over ``max_pixels``, 400 for a missing
-field or a file that is not a readable image. The server keeps serving after any of them.
+Bad uploads get a 4xx with a one-line ``detail``: 413 for a body over ``max_upload_bytes`` or an image over
+``max_pixels``, 400 for a missing field or a file that is not a readable image. The body limit holds while the
+body streams in, whatever the transfer encoding (``BodyLimit``: refused from a Content-Length before reading,
+and a chunked body is cut off as soon as it passes the limit), so neither memory nor the temporary files of
+the multipart parser grow past it. The server keeps serving after any of them.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import time
 import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from fastapi import FastAPI, File, HTTPException, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi import FastAPI, File, HTTPException, UploadFile
+from fastapi.responses import HTMLResponse, Response
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .index import match_dicts
@@ -41,6 +44,67 @@ class ServiceLimits:
     def __post_init__(self) -> None:  # e.g. --max-upload-mb 1.5 gives a float byte count
         self.max_upload_bytes, self.max_pixels, self.max_k = (int(v) for v in (self.max_upload_bytes,
                                                                                self.max_pixels, self.max_k))
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a request body may not pass ``limit`` bytes, counted as it is received.
+
+    With a Content-Length over the limit the request is answered 413 before any body byte is read; otherwise
+    the byte count is kept as chunks arrive, and the first chunk past the limit stops the read (the app's
+    body parser sees an error) and the answer is replaced by a 413.
+    """
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            await self._refuse(send, f"upload of {int(length)} bytes exceeds the limit of {self.limit}")
+            return
+        received, over, started = 0, False, False
+
+        async def counting_receive():
+            nonlocal received, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    over = True
+                    raise _BodyTooLarge()
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if over:  # whatever the app answers once the body was cut off, the client gets the 413
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except _BodyTooLarge:
+            pass
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
+            await self._refuse(send, f"upload of more than {self.limit} bytes exceeds the limit of {self.limit}")
+
+    @staticmethod
+    async def _refuse(send, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class UploadError(ValueError):
@@ -81,13 +145,7 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
     app = FastAPI(title="edgevpr", description="Visual place recognition: localize a photo against a place index")
     page = resources.files("edgevpr.deploy").joinpath("static/index.html").read_text()
 
-    @app.middleware("http")
-    async def refuse_big_bodies(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if request.method == "POST" and size and size.isdigit() and int(size) > limits.max_upload_bytes + 65536:
-            return JSONResponse({"detail": f"upload of {size} bytes exceeds the limit of {limits.max_upload_bytes}"},
-                                status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=limits.max_upload_bytes + 65536)  # + room for the multipart framing
 
     @app.get("/", response_class=HTMLResponse)
     def home() -> str:
@@ -133,7 +191,7 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
 
     @app.get("/api/thumb/{image_id}")
     def thumb(image_id: int) -> Response:
-        row = index.rows([image_id]).get(image_id)
+        row = index.rows([image_id]).get(image_id) if 0 <= image_id < len(index) else None
         if row is None:
             raise HTTPException(404, f"no database image with id {image_id}")
         try:

@@ -3,7 +3,9 @@
 Cache layout: ``<cache>/<model fingerprint>/<chunk key>.npz``. Images are processed in chunks of
 ``CHUNK`` files; a chunk's key hashes the image size, runtime knobs and, per file, its real path, size
 and mtime. Each finished chunk is written atomically, so a killed run resumes at the first missing chunk
-and a changed file is recomputed.
+and a changed file is recomputed. A chunk also stores ``sha256(key | descriptors | ok | reasons)``: a chunk
+that is damaged, truncated, or replaced by another (well-formed) chunk fails that check, is reported by name
+in a one-line warning, and is recomputed. Chunks are read with ``allow_pickle=False``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..data.images import ImageLoadError, load_image
+from ..integrity import check_finite, warn
 from ..models.model import VPRModel
 from ..utils import atomic_write
 
@@ -71,9 +74,38 @@ def _file_key(p: Path) -> str:
         return f"{p}|missing"
 
 
-def _save_npz(path: str, **arrays) -> None:
+def _chunk_digest(key_src: str, desc: np.ndarray, ok: np.ndarray, reasons: np.ndarray) -> str:
+    h = hashlib.sha256(key_src.encode())
+    for a in (np.ascontiguousarray(desc, np.float32), np.ascontiguousarray(ok, bool)):
+        h.update(a.tobytes())
+    h.update("\x00".join(str(r) for r in reasons.tolist()).encode())
+    return h.hexdigest()
+
+
+def _save_chunk(path: str, key_src: str, desc: np.ndarray, ok: np.ndarray, reasons: np.ndarray) -> None:
     with open(path, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, desc=desc, ok=ok, reasons=reasons, sha256=np.array(_chunk_digest(key_src, desc, ok, reasons)))
+
+
+def _load_chunk(path: Path, key_src: str, n: int) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """(desc [n, D], ok [n], reasons) of a cached chunk, or None (with a warning) when it does not verify."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "sha256" not in z.files:  # written before chunks carried a checksum: recompute quietly
+                return None
+            desc, ok, reasons, sha = z["desc"], z["ok"], z["reasons"], str(z["sha256"])
+        if len(desc) != n or len(ok) != n or len(reasons) != n:
+            raise ValueError(f"{len(desc)} rows, expected {n}")
+        if sha != _chunk_digest(key_src, desc, ok, reasons):
+            raise ValueError("checksum mismatch")
+        if not np.isfinite(desc[ok]).all():
+            raise ValueError("non-finite descriptors")
+    except Exception as e:  # zip, npy and key errors all mean the same thing: this chunk cannot be trusted
+        warn(f"descriptor cache chunk {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+             "): recomputing it")
+        path.unlink(missing_ok=True)
+        return None
+    return desc.astype(np.float32), ok.astype(bool), [str(r) for r in reasons.tolist()]
 
 
 @torch.inference_mode()
@@ -98,12 +130,13 @@ def extract(model: VPRModel, paths: list[Path], batch_size: int = 32, cache_dir:
         chunk = list(range(start, min(n, start + CHUNK)))
         key_src = json.dumps([list(size), knobs, [_file_key(paths[i]) for i in chunk]], sort_keys=True)
         chunk_file = cache / f"{hashlib.sha256(key_src.encode()).hexdigest()[:24]}.npz" if cache else None
-        if chunk_file is not None and chunk_file.exists():
-            with np.load(chunk_file) as z:
-                out[chunk], ok[chunk] = z["desc"].astype(np.float32), z["ok"]
-                for i, r in zip(chunk, z["reasons"].tolist(), strict=True):
-                    if r:
-                        reasons[i] = r
+        cached = _load_chunk(chunk_file, key_src, len(chunk)) if chunk_file is not None and chunk_file.exists() \
+            else None
+        if cached is not None:
+            out[chunk], ok[chunk] = cached[0], cached[1]
+            for i, r in zip(chunk, cached[2], strict=True):
+                if r:
+                    reasons[i] = r
             if not skip_bad and not ok[chunk].all():
                 first = chunk[int(np.argmin(ok[chunk]))]
                 raise ImageLoadError(paths[first], reasons.get(first, "unreadable"))
@@ -120,11 +153,12 @@ def extract(model: VPRModel, paths: list[Path], batch_size: int = 32, cache_dir:
             if xs is not None:
                 d = model(xs.to(device), **knobs).float().cpu().numpy()
                 rows = [chunk[j] for j in idx]
+                check_finite(d, [str(paths[i]) for i in rows], model.name)
                 out[rows], ok[rows] = d, True
             bar.update(len(idx) + len(bad))
         if chunk_file is not None:
             rs = np.array([reasons.get(i, "") for i in chunk])
-            atomic_write(chunk_file, lambda tmp, c=chunk, r=rs: _save_npz(tmp, desc=out[c], ok=ok[c], reasons=r))
+            atomic_write(chunk_file, lambda tmp, c=chunk, r=rs, k=key_src: _save_chunk(tmp, k, out[c], ok[c], r))
     bar.close()
     failed = [(str(paths[i]), reasons[i]) for i in sorted(reasons)]
     return Extraction(out, ok, failed, from_cache)

@@ -29,6 +29,18 @@ from .backbones import BACKBONES, Backbone, Preprocess
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
+#: Input sides outside this range are mistakes (2048 px is 4x the largest published VPR evaluation size).
+MIN_SIDE, MAX_SIDE = 16, 2048
+
+
+def check_image_size(size, where: str) -> tuple[int, int]:
+    """[H, W] (or one int: square) of positive ints in [MIN_SIDE, MAX_SIDE] -> (H, W); one-line ValueError."""
+    sides = [size, size] if isinstance(size, int) and not isinstance(size, bool) else size
+    if not isinstance(sides, (list, tuple)) or len(sides) != 2 or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and MIN_SIDE <= v <= MAX_SIDE for v in sides):
+        raise ValueError(f"{where} = {size!r}: must be [height, width] in pixels, each an integer in "
+                         f"[{MIN_SIDE}, {MAX_SIDE}]")
+    return int(sides[0]), int(sides[1])
 
 
 class VPRModel(nn.Module):
@@ -45,6 +57,10 @@ class VPRModel(nn.Module):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
         self.config = copy.deepcopy(config)
+        for key in ("backbone", "aggregator"):
+            if not isinstance(self.config.get(key), dict) or "name" not in self.config[key]:
+                raise ValueError(f"model config: field '{key}' must be a mapping with a 'name'")
+        check_image_size(self.config.get("image_size", [224, 224]), "model config: field 'image_size'")
         bcfg = dict(self.config["backbone"])
         self.backbone: Backbone = BACKBONES.get(bcfg.pop("name"))(**bcfg)
         if self.config.get("ternary") is not None:
@@ -239,7 +255,12 @@ def load_model(spec: str | os.PathLike | dict, device: str | torch.device = "cpu
         cfg_file, weights = p / CONFIG_FILE, p / WEIGHTS_FILE
         if not cfg_file.exists() or not weights.exists():
             raise FileNotFoundError(f"{p}: a saved model folder needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-        cfg = json.loads(cfg_file.read_text())
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except ValueError as e:
+            raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{cfg_file}: a model config must be a JSON object")
         expected = cfg.pop("fingerprint", None)
         cfg.pop("format_version", None)
         packed = cfg.pop("packed", False)
@@ -247,7 +268,10 @@ def load_model(spec: str | os.PathLike | dict, device: str | torch.device = "cpu
         if cfg["backbone"].get("stem"):  # a hybrid ViT's CNN stem: its weights are in the file too
             cfg["backbone"]["stem"] = {**cfg["backbone"]["stem"], "weights": None}
         model = build_model(cfg)
-        sd = load_file(str(weights))
+        try:
+            sd = load_file(str(weights))
+        except Exception as e:  # safetensors raises its own error types for a damaged header or truncated data
+            raise ValueError(f"{weights}: damaged safetensors file ({str(e).splitlines()[0]})") from None
         if packed:
             sd = _load_packed(model, sd, weights)
         missing, unexpected = model.load_state_dict(sd, strict=False)

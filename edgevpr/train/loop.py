@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from ..api import EvalConf, evaluate_dataset
 from ..data.datasets import open_dataset
-from ..models.model import VPRModel, load_model, save_model
+from ..integrity import sha256_file, unknown_field, warn
+from ..models.model import VPRModel, check_image_size, load_model, save_model
 from ..tokens import Tokens
 from ..utils import atomic_write, pick_device, seed_everything, write_json
 from .losses import MultiSimilarity, StepContext, TermContext, build_terms
@@ -60,14 +61,67 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+CHECKSUMS = "checksums.json"
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "train_state.safetensors", "train_state.json")
+
+
+#: The fields a training config may hold, at every nesting level: a dict names the known keys (each mapped to
+#: the schema of its value), ``ANY`` leaves a value free (model configs, knob names, lr_mult groups, loss-term
+#: options: each checked where it is used), and a one-item list is a list of that schema.
+ANY = None
+SCHEMA: dict = {
+    **{k: ANY for k in DEFAULTS},
+    "data": {**{k: ANY for k in DEFAULTS["data"]},
+             "places": [{k: ANY for k in ("aligned", "start", "stop", "drop_dark", "gsv_cities", "cities", "manifest",
+                                          "radius", "weight")}]},
+    "trainable": {k: ANY for k in DEFAULTS["trainable"]},
+    "teacher": {k: ANY for k in ("model", "image_size", "cache")},
+    "optimizer": {k: ANY for k in ("name", "lr", "weight_decay", "lr_mult", "momentum")},
+    "schedule": {k: ANY for k in ("name", "warmup_steps", "warmup", "unit", "gamma", "every", "milestones", "total",
+                                  "end_factor")},
+    "loss": {"ms": {k: ANY for k in DEFAULTS["loss"]["ms"]}, "terms": ANY},
+    "val": {"sets": [{k: ANY for k in ("db", "queries", "aligned", "frames", "radius", "drop_dark")}],
+            "every": ANY, "knobs": ANY},
+}
+#: Numeric fields with bounds: (path, low, high). Sizes beyond these are mistakes, not experiments.
+BOUNDS = (("data.places_per_batch", 1, 65536), ("data.images_per_place", 1, 1024), ("data.min_images", 1, 1024),
+          ("data.workers", 0, 256), ("steps", 0, 10**9), ("checkpoint_every", 1, 10**9),
+          ("keep_checkpoints", 1, 1000), ("optimizer.lr", 0, 10))
+
+
+def check_fields(node, schema, where: str, path: str = "") -> None:
+    """Refuse a misspelt key at any nesting level (one line naming it and the closest known key)."""
+    if schema is ANY or node is None:
+        return
+    if isinstance(schema, list):
+        if not isinstance(node, list):
+            raise ValueError(f"{where}: field '{path}' must be a list")
+        for i, item in enumerate(node):
+            check_fields(item, schema[0], where, f"{path}[{i}]")
+        return
+    if not isinstance(node, dict):
+        raise ValueError(f"{where}: field '{path}' must be a mapping, got {type(node).__name__}")
+    for key, value in node.items():
+        if key not in schema:
+            raise unknown_field(where, f"{path}.{key}" if path else str(key),
+                                [f"{path}.{k}" if path else k for k in schema])
+        check_fields(value, schema[key], where, f"{path}.{key}" if path else str(key))
+
+
 def check_keys(conf: dict, where: str = "config") -> None:
-    """Refuse misspelt fields: top-level, ``data`` and ``trainable`` keys must be ones DEFAULTS knows."""
-    for section, known in (("", DEFAULTS), ("data", DEFAULTS["data"]), ("trainable", DEFAULTS["trainable"])):
-        node = conf.get(section, {}) if section else conf
-        extra = sorted(set(node or {}) - set(known))
-        if extra:
-            raise ValueError(f"{where}: unknown field {(section + '.') if section else ''}{extra[0]}; "
-                             f"known: {', '.join(sorted(known))}")
+    """Known fields at every level (``SCHEMA``) and numeric fields within ``BOUNDS``; one-line errors."""
+    check_fields(conf, SCHEMA, where)
+    for path, low, high in BOUNDS:
+        node = conf
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            continue
+        if isinstance(node, bool) or not isinstance(node, (int, float)) or not low <= node <= high:
+            raise ValueError(f"{where}: field '{path}' = {node!r} must be a number in [{low}, {high}]")
+    size = (conf.get("data") or {}).get("image_size")
+    if size is not None:
+        check_image_size(size, f"{where}: field 'data.image_size'")
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -376,6 +430,7 @@ def _save_checkpoint(out: Path, step: int, model, terms, opt, sched, conf: dict,
     atomic_write(ck / "train_state.safetensors", lambda tmp: save_file(tensors, tmp))
     write_json(ck / "train_state.json", {"step": step, "scheduler": sched.state_dict(), "best_val": best,
                                          "param_groups": osd["param_groups"], "conf": conf})
+    write_json(ck / CHECKSUMS, {name: sha256_file(ck / name) for name in CHECKPOINT_FILES})
     write_json(out / "checkpoints" / "latest.json", {"step": step, "path": ck.name})
     kept = sorted((out / "checkpoints").glob("step_*"))
     for old in kept[: -conf["keep_checkpoints"]]:
@@ -383,9 +438,40 @@ def _save_checkpoint(out: Path, step: int, model, terms, opt, sched, conf: dict,
     return ck
 
 
+def _verify_checkpoint(ck: Path) -> None:
+    """Raise ValueError naming the first file of checkpoint folder ``ck`` that is missing or damaged."""
+    try:
+        sums = json.loads((ck / CHECKSUMS).read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"{ck / CHECKSUMS}: missing or damaged (an unfinished checkpoint)") from None
+    for name in CHECKPOINT_FILES:
+        if not (ck / name).is_file():
+            raise ValueError(f"{ck / name}: missing")
+        if sha256_file(ck / name) != sums.get(name):
+            raise ValueError(f"{ck / name}: checksum differs (damaged or truncated)")
+
+
 def _load_checkpoint(out: Path, model, terms, opt, sched) -> tuple[int, float]:
-    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
-    ck = out / "checkpoints" / latest["path"]
+    """Restore the newest checkpoint that verifies; a damaged newer one is skipped with a one-line warning."""
+    folders = sorted((out / "checkpoints").glob("step_*"), reverse=True)
+    errors = []
+    for ck in folders:
+        try:
+            _verify_checkpoint(ck)
+            step, best = _restore(ck, model, terms, opt, sched)
+        except ValueError as e:
+            errors.append(str(e).splitlines()[0])
+            continue
+        for err in errors:
+            warn(f"skipping a damaged checkpoint: {err}")
+        if errors:
+            warn(f"resuming from {ck.name} instead")
+        return step, best
+    raise ValueError(f"{out / 'checkpoints'}: no checkpoint verifies ({'; '.join(errors) or 'none found'}); "
+                     "start again without --resume in a new --out")
+
+
+def _restore(ck: Path, model, terms, opt, sched) -> tuple[int, float]:
     device = next(model.parameters()).device
     model.load_state_dict(load_file(str(ck / "model.safetensors"), device=str(device)))
     state = json.loads((ck / "train_state.json").read_text())

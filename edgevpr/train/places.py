@@ -172,7 +172,11 @@ class PlaceBatches(Dataset):
             for k, t in self.views.items():
                 vs[k].append(t(img))
             if self.augment is not None:  # resize first, then augment (GSV-Cities' order; cheap at train size)
-                random.seed(hash((self.seed, step, self.rank, j)))  # timm RandAugment draws from `random`
+                # timm's RandAugment draws its ops from numpy's global RNG and their magnitudes from `random`:
+                # both are seeded from (seed, step, rank, image), so a resumed run augments identically.
+                draw = hash((self.seed, step, self.rank, j)) & 0xFFFFFFFF
+                random.seed(draw)
+                np.random.seed(draw)
                 img = self.augment(self.transform.resize(img) if hasattr(self.transform, "resize") else img)
             xs.append(self.transform(img))
         ids = torch.tensor([self.offsets[p] + i for p, i in pairs])
