@@ -206,7 +206,7 @@ def test_config_errors_name_the_field(tmp_path):
     from edgevpr.train.loop import load_config
 
     (tmp_path / "a.yaml").write_text("optimzer: {lr: 1}\n")
-    with pytest.raises(ValueError, match="unknown field optimzer"):
+    with pytest.raises(ValueError, match="unknown field 'optimzer' .did you mean 'optimizer'"):
         load_config(tmp_path / "a.yaml")
     (tmp_path / "b.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(FileNotFoundError, match="missing.yaml"):

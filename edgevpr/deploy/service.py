@@ -51,22 +51,23 @@ class _BodyTooLarge(Exception):
 
 
 class BodyLimit:
-    """ASGI middleware: a request body may not pass ``limit`` bytes, counted as it is received.
+    """ASGI middleware: a request body may not pass ``limit`` + ``slack`` bytes (the slack is room for the
+    multipart framing around an upload of ``limit`` bytes), counted as it is received.
 
     With a Content-Length over the limit the request is answered 413 before any body byte is read; otherwise
     the byte count is kept as chunks arrive, and the first chunk past the limit stops the read (the app's
     body parser sees an error) and the answer is replaced by a 413.
     """
 
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, slack: int = 65536) -> None:
+        self.app, self.limit, self.cap = app, limit, limit + slack
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         length = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.limit:
+        if length.isdigit() and int(length) > self.cap:
             await self._refuse(send, f"upload of {int(length)} bytes exceeds the limit of {self.limit}")
             return
         received, over, started = 0, False, False
@@ -76,7 +77,7 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > self.cap:
                     over = True
                     raise _BodyTooLarge()
             return message
@@ -96,7 +97,7 @@ class BodyLimit:
             if not over:
                 raise
         if over and not started:
-            await self._refuse(send, f"upload of more than {self.limit} bytes exceeds the limit of {self.limit}")
+            await self._refuse(send, f"upload of more than {self.cap} bytes exceeds the limit of {self.limit}")
 
     @staticmethod
     async def _refuse(send, detail: str) -> None:
@@ -145,7 +146,7 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
     app = FastAPI(title="edgevpr", description="Visual place recognition: localize a photo against a place index")
     page = resources.files("edgevpr.deploy").joinpath("static/index.html").read_text()
 
-    app.add_middleware(BodyLimit, limit=limits.max_upload_bytes + 65536)  # + room for the multipart framing
+    app.add_middleware(BodyLimit, limit=limits.max_upload_bytes)
 
     @app.get("/", response_class=HTMLResponse)
     def home() -> str:
