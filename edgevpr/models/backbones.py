@@ -110,6 +110,10 @@ class ViTBackbone(Backbone):
     transformer blocks are unchanged. The stride becomes the CNN's, the preprocessing the CNN's.
     The timm model keeps its native position-embedding grid (518 px for DINOv2; 224 px for a hybrid) and
     interpolates it for any input whose sides are multiples of the patch size (``dynamic_img_size``).
+    pos_interp: ``timm`` (timm's resampling: bicubic, antialiased, to the exact grid) or ``dinov2`` (Meta's
+    DINOv2 code, which the published DINOv2 VPR models ran with: bicubic without antialiasing at scale factor
+    (grid + 0.1) / M, and the stored embedding unchanged when the grid equals it), so that imported models
+    reproduce their upstream descriptors.
     """
 
     has_cls = True
@@ -117,8 +121,11 @@ class ViTBackbone(Backbone):
     def __init__(self, timm_name: str, weights: str | None = None, final_norm: bool = True,
                  frozen_blocks: int = 0, hub_url: str | None = None,
                  preprocess: Preprocess = Preprocess(), prompts: dict | None = None, pruning: dict | None = None,
-                 stem: dict | None = None, **timm_kwargs) -> None:
+                 stem: dict | None = None, pos_interp: str = "timm", **timm_kwargs) -> None:
         super().__init__()
+        if pos_interp not in ("timm", "dinov2"):
+            raise ValueError(f"backbone.pos_interp {pos_interp!r} is not 'timm' or 'dinov2'")
+        self.pos_interp = pos_interp
         if stem:
             if weights in ("timm", "hub"):
                 raise WeightsError(f"a hybrid ViT (backbone.stem) has no {weights} weights: give a saved edgevpr "
@@ -175,8 +182,25 @@ class ViTBackbone(Backbone):
         if h % self.stride or w % self.stride:
             raise ValueError(f"ViT input {h}x{w} is not a multiple of the patch size {self.stride}")
         v = self.vit
-        t = v._pos_embed(v.patch_embed(x))
+        t = self._dinov2_pos_embed(v.patch_embed(x)) if self.pos_interp == "dinov2" else v._pos_embed(v.patch_embed(x))
         return v.norm_pre(v.patch_drop(t)), (h // self.stride, w // self.stride)
+
+    def _dinov2_pos_embed(self, t: torch.Tensor) -> torch.Tensor:
+        """Patch tokens [B, H, W, C] -> [B, 1 + HW, C] with CLS and position embeddings as Meta's DINOv2 adds them."""
+        v = self.vit
+        if v.reg_token is not None or v.no_embed_class or v.pos_embed is None:
+            raise ValueError("pos_interp 'dinov2' applies to a DINOv2 layout (CLS + patches, no registers)")
+        b, gh, gw, c = t.shape
+        pos = v.pos_embed.float()
+        m = int(round((pos.shape[1] - 1) ** 0.5))
+        patch_pos = pos[:, 1:]
+        if (gh, gw) != (m, m):
+            grid = patch_pos.reshape(1, m, m, c).permute(0, 3, 1, 2)
+            grid = nn.functional.interpolate(grid, scale_factor=((gh + 0.1) / m, (gw + 0.1) / m), mode="bicubic",
+                                             antialias=False)
+            patch_pos = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, c)
+        tokens = torch.cat([v.cls_token.expand(b, -1, -1), t.reshape(b, gh * gw, c)], dim=1)
+        return tokens + torch.cat([pos[:, :1], patch_pos], dim=1).to(t.dtype)
 
     def run_blocks(self, t: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Tokens through blocks start..end-1 (pruned after the pruner's block when it is active)."""

@@ -168,6 +168,8 @@ class VPRModel(nn.Module):
             t = v.detach().cpu().contiguous().reshape(-1)
             h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        for tag in sorted({t for m in self.modules() if (t := getattr(m, "fingerprint_tag", None))}):
+            h.update(f"|{tag}".encode())  # a module whose output layout changed since older releases
         if runtime and any(type(m).__name__ == "Int8TernaryLinear" for m in self.modules()):
             h.update(b"runtime=int8")
         return h.hexdigest()[:16]

@@ -8,6 +8,13 @@ Differences from the reference code, all output-equivalent where the reference i
   n - m * r. For n > m this is exactly the reference; for n <= m both stay positive, the problem
   stays balanced, and the masses are continuous in n at n = m + 1.
 * a backbone without a CLS token (a CNN) uses the mean patch token as SALAD's global token.
+
+Descriptor layout: [global token (g) | cluster vectors flattened channel-major], i.e. the reference's
+``[B, l, m].flatten(1)`` (element j * m + k is channel j of cluster k), so descriptors made by the original code and
+by edgevpr can share a database. (Before this layout, edgevpr flattened [B, m, l]; ``fingerprint_tag`` marks
+the change so descriptor caches and indexes of the older layout are not mixed with new ones.)
+
+MegaLoc (Berton & Masone 2025) is SALAD with a linear layer on the normalised SALAD descriptor (``megaloc``).
 """
 
 from __future__ import annotations
@@ -86,16 +93,40 @@ class OTAggregator(Aggregator):
         f = self.cluster_features(tokens.patches)  # [B, n, l]
         return nn.functional.normalize(torch.einsum("bmn,bnl->bml", p, f), dim=-1)
 
+    #: mixed into the model fingerprint: the channel-major (published) descriptor layout
+    fingerprint_tag = "salad-layout=channel-major"
+
+    @staticmethod
+    def descriptor(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """global token [B, g] and cluster vectors [B, m, l] -> [B, g + l*m], clusters channel-major."""
+        return torch.cat([g, v.transpose(1, 2).flatten(1)], dim=-1)
+
     def aggregate(self, tokens: Tokens) -> torch.Tensor:
         g = nn.functional.normalize(self.token_features(self.global_token(tokens)), dim=-1)
-        v = self.clusters(tokens, self.assignment(tokens))
-        return torch.cat([g, v.flatten(1)], dim=-1)
+        return self.descriptor(g, self.clusters(tokens, self.assignment(tokens)))
 
 
 class SALAD(OTAggregator):
     """[B, N, C] tokens (+ global token) -> [B, m*l + g] (8448-D with the defaults)."""
 
 
+class MegaLocHead(SALAD):
+    """SALAD, its descriptor L2-normalised, then a linear layer to ``out_dim`` (MegaLoc: 16640 -> 8448)."""
+
+    def __init__(self, in_dim: int, out_dim: int = 8448, **cfg) -> None:
+        super().__init__(in_dim, **cfg)
+        self.linear = nn.Linear(self.out_dim, out_dim)
+        self.out_dim = out_dim
+
+    def aggregate(self, tokens: Tokens) -> torch.Tensor:
+        return self.linear(nn.functional.normalize(super().aggregate(tokens), dim=-1))
+
+
 @AGGREGATORS.register("salad")
 def _build(ctx: HeadContext, **cfg) -> SALAD:
     return SALAD(ctx.in_dim, **cfg)
+
+
+@AGGREGATORS.register("megaloc")
+def _build_megaloc(ctx: HeadContext, **cfg) -> MegaLocHead:
+    return MegaLocHead(ctx.in_dim, **cfg)

@@ -22,7 +22,9 @@ from .salad import OTAggregator
 
 
 class WeiAD(OTAggregator):
-    """[B, N, C] tokens (+ global token) -> [B, m*l + g], clusters weighted before the final L2."""
+    """[B, N, C] tokens (+ global token) -> [B, m*l + g], clusters weighted before the final L2.
+    Same descriptor layout as SALAD (see salad.py), so at w = 1 it is exactly SALAD.
+    """
 
     def __init__(self, in_dim: int, weighting: str = "global", **cfg) -> None:
         super().__init__(in_dim, **cfg)
@@ -45,7 +47,7 @@ class WeiAD(OTAggregator):
     def aggregate(self, tokens: Tokens) -> torch.Tensor:
         g = nn.functional.normalize(self.token_features(self.global_token(tokens)), dim=-1)
         v = self.clusters(tokens, self.assignment(tokens)) * self.cluster_weights(tokens).unsqueeze(-1)
-        return torch.cat([g, v.flatten(1)], dim=-1)
+        return self.descriptor(g, v)
 
 
 @AGGREGATORS.register("weiad")

@@ -1,0 +1,90 @@
+"""Published VPR checkpoints, brought into edgevpr's own modules (``edgevpr import FORMAT CHECKPOINT``).
+
+``import_checkpoint`` reads a release file exactly as published (``.pth``/``.ckpt`` state dicts through
+``torch.load(weights_only=True)``, safetensors, a zip holding a ``.pth``), converts it with its family's
+converter under strict key accounting (``base.Ledger``), loads the result into an edgevpr model with every
+parameter filled, and saves it (safetensors + JSON) with its provenance: upstream repository, release URL,
+sha256 of the source file, licence, and the upstream keys left out on purpose with the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import torch
+
+from ..integrity import sha256_file
+from . import boq, cosplace, mixvpr, salad  # noqa: F401  (registers the families)
+from .base import FAMILIES, CheckpointError, Converted, Family, Ledger
+
+__all__ = ["FAMILIES", "CheckpointError", "Converted", "Family", "convert", "import_checkpoint", "read_checkpoint"]
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a release file (.pth/.ckpt/.pt, .safetensors, or a .zip holding one .pth); never unpickles code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        elif path.suffix == ".zip":
+            with zipfile.ZipFile(path) as z:
+                members = [n for n in z.namelist() if n.endswith((".pth", ".pt", ".ckpt")) and not n.startswith("__")]
+                if len(members) != 1:
+                    raise CheckpointError(f"{path}: expected one .pth inside the zip, found {members or 'none'}")
+                sd = torch.load(io.BytesIO(z.read(members[0])), map_location="cpu", weights_only=True)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated zips, bad pickles, bad safetensors headers: one line
+        raise CheckpointError(f"{path}: damaged or not a weights-only checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})"[:300]) from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # Lightning checkpoints
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return sd
+
+
+def convert(fmt: str, sd: dict[str, torch.Tensor], where: str) -> Converted:
+    """Convert an upstream state dict of family ``fmt``; one-line CheckpointError for a mismatch."""
+    family = FAMILIES.get(fmt)()
+    led = Ledger(sd, where, fmt)
+    conv = family.convert(led)
+    led.close()
+    return conv
+
+
+def import_checkpoint(fmt: str, path: str | os.PathLike, out: str | os.PathLike, release: dict | None = None,
+                      name: str | None = None):
+    """Import the release file ``path`` of family ``fmt`` into an edgevpr model folder ``out`` -> the model."""
+    from ..models.model import build_model, save_model
+
+    if fmt not in FAMILIES:
+        raise ValueError(f"unknown format '{fmt}' (choose from {', '.join(FAMILIES.names())})")
+    path = Path(path)
+    family = FAMILIES.get(fmt)()
+    conv = convert(fmt, read_checkpoint(path), str(path))
+    cfg = dict(conv.config)
+    cfg["name"] = name or f"{fmt}-{path.stem}"
+    cfg["provenance"] = {"format": fmt, "upstream": f"https://github.com/{family.upstream}",
+                         "release": (release or {}).get("url"), "file": path.name, "sha256": sha256_file(path),
+                         "licence": (release or {}).get("licence", family.licence),
+                         "weights": "published VPR weights", "unused_keys": conv.unused}
+    model = build_model(cfg).eval()
+    missing, unexpected = model.load_state_dict(conv.state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: the converted weights do not fill the edgevpr model (missing "
+                              f"{missing[:2]}, unexpected {unexpected[:2]})")
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{path}: tensor {k} holds NaN/Inf (damaged release file)")
+    save_model(model, out)
+    return model
