@@ -81,11 +81,16 @@ def cmd_eval(args) -> int:
     from .api import EvalConf, evaluate
     from .deploy.localize import open_model
     from .eval.report import results_table
+    from .integrity import warn
+    from .models.model import untrained_head
     from .utils import pick_device
 
     datasets = _datasets(args)
     device = pick_device(args.device)
     model = open_model(args.model, device, args.int8)
+    if not hasattr(model, "session") and untrained_head(model):
+        warn(f"model {model.name} runs an untrained {model.config['aggregator']['name']} head (backbone-only weights): "
+             "its recall says nothing about the method; use a published model (`edgevpr models`) or train it first")
     conf = EvalConf(batch_size=args.batch_size, num_workers=args.workers, skip_bad=args.skip_bad,
                     cache_dir=None if args.no_cache else args.cache_dir, top_k=args.top_k, plot=args.plot,
                     show_failures=args.show_failures, efficiency=not args.no_efficiency,
@@ -243,11 +248,42 @@ def cmd_export(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import AGGREGATORS, BACKBONES, preset_names
+    from .models import AGGREGATORS, BACKBONES, preset_config, preset_names
+    from .models.model import weights_status
+    from .published import FAMILIES
+    from .published.releases import RELEASES, describe
 
-    print("named models: " + ", ".join(preset_names()))
-    print("backbones:    " + ", ".join(BACKBONES.names()))
-    print("aggregators:  " + ", ".join(AGGREGATORS.names()))
+    rows = [{"name": n, "weights": weights_status(preset_config(n)), "source": "config (edgevpr/configs/models)"}
+            for n in preset_names()]
+    rows += [{**describe(n), "weights": "published VPR weights"} for n in RELEASES]
+    if args.json:
+        print(json.dumps({"models": rows, "backbones": BACKBONES.names(), "aggregators": AGGREGATORS.names(),
+                          "import_formats": FAMILIES.names()}, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'named model':<{width}}  weights")
+    for r in rows:
+        extra = f" [{r['about']}; {r['licence']}{'; cached' if r.get('cached') else ''}]" if "about" in r else ""
+        print(f"{r['name']:<{width}}  {r['weights']}{extra}")
+    print("\nbackbones:      " + ", ".join(BACKBONES.names()))
+    print("aggregators:    " + ", ".join(AGGREGATORS.names()))
+    print("import formats: " + ", ".join(FAMILIES.names()) + "  (edgevpr import FORMAT CHECKPOINT --out DIR)")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .published import import_checkpoint
+    from .published.releases import RELEASES
+
+    release = next(({"url": r.url, "licence": r.licence} for r in RELEASES.values()
+                    if r.format == args.format and r.file_name and r.file_name == Path(args.checkpoint).name), None)
+    model = import_checkpoint(args.format, args.checkpoint, args.out, release, name=args.name)
+    unused = model.config["provenance"]["unused_keys"]
+    print(f"imported {args.checkpoint} ({args.format}) -> {args.out}: {model.name}, {model.out_dim}-D, "
+          f"{model.image_size[0]}x{model.image_size[1]} px, {len(unused)} upstream key(s) deliberately unused, "
+          f"fingerprint {model.fingerprint()}")
+    for k, why in unused.items():
+        print(f"  unused {k}: {why}")
     return 0
 
 
@@ -373,8 +409,19 @@ def build_parser() -> argparse.ArgumentParser:
     _knob_flags(x)
     x.set_defaults(func=cmd_export)
 
-    m = sub.add_parser("models", help="list named models, backbones and aggregators")
+    m = sub.add_parser("models", help="list named models (and what their weights are), backbones and aggregators")
+    m.add_argument("--json", action="store_true", help="print as JSON (default: a table)")
     m.set_defaults(func=cmd_models)
+
+    im = sub.add_parser("import", help="import a published checkpoint (SALAD, BoQ, MegaLoc, MixVPR, CosPlace, "
+                                       "EigenPlaces, TeTRA) into an edgevpr model folder",
+                        description="Example: edgevpr import salad dino_salad.ckpt --out models/dinov2-salad")
+    im.add_argument("format", choices=["salad", "boq", "megaloc", "mixvpr", "cosplace", "eigenplaces", "tetra"],
+                    help="the upstream family of the file")
+    im.add_argument("checkpoint", help="the release file as published (.ckpt, .pth, .safetensors, .pth.zip)")
+    im.add_argument("--out", required=True, help="edgevpr model folder to write (config.json + model.safetensors)")
+    im.add_argument("--name", help="model name recorded in the folder (default: FORMAT-FILESTEM)")
+    im.set_defaults(func=cmd_import)
     return p
 
 

@@ -13,6 +13,9 @@ sparsity on the inputs of the ternary linears.
 * Which layers: by default the attention (qkv, proj) and FFN (fc1, fc2) linears of every transformer block,
   except the last block's FFN, which stays full precision (and dense), as in the published student; the
   patch embedding and the heads stay fp32.
+* TeTRA's released models (OliverGrainge/TeTRA-VPR) compute in eval mode with ``delta = max(mean|W|, eps)``
+  (``delta_mode: clamp``) and per-token absmax int8 activations, scale 127 / max(max|x|, 1e-5) (``act_int8``);
+  both are options of a ternary config so an imported TeTRA model computes what its code computes.
 * Packing: q stored at 2 bits per weight (4 per byte) + delta as fp32; ``unpack`` is exact.
 * Fast CPU path (``Int8TernaryLinear``): q is an exact int8 matrix, so the layer runs as an int8 GEMM
   (``torch._int_mm``) on inputs quantised per token (symmetric, scale max|x| / 127) and rescaled in fp32.
@@ -32,26 +35,40 @@ from torch import nn
 DEFAULT_PATTERNS = (r"\.attn\.qkv$", r"\.attn\.proj$", r"\.mlp\.fc1$", r"\.mlp\.fc2$")
 
 
-def ternarize(w: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+def ternarize(w: torch.Tensor, eps: float = 1e-5, delta_mode: str = "add") -> tuple[torch.Tensor, torch.Tensor]:
     """fp weight [out, in] -> (q int8 in {-1, 0, 1} [out, in], delta fp32 scalar).
+
+    delta_mode: ``add`` (mean|W| + eps, Sparse-TeTRA) or ``clamp`` (max(mean|W|, eps), TeTRA's released code).
 
     mean|W| is accumulated in float64: a float32 mean depends on the number of threads (summation order),
     which would change delta in its last bit, flip weights near +-delta/2, and break bit-exact reloads
     and fingerprints between a 1-thread and a 2-thread process.
     """
-    delta = (w.detach().double().abs().mean() + eps).float()
+    mean = w.detach().double().abs().mean()
+    delta = (mean.clamp(min=eps) if delta_mode == "clamp" else mean + eps).float()
     return (w.detach() / delta).round().clamp(-1, 1).to(torch.int8), delta
 
 
 class _TernarySTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w: torch.Tensor, eps: float) -> torch.Tensor:
-        q, delta = ternarize(w, eps)
+    def forward(ctx, w: torch.Tensor, eps: float, delta_mode: str) -> torch.Tensor:
+        q, delta = ternarize(w, eps, delta_mode)
         return delta * q.to(w.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad, None
+        return grad, None, None
+
+
+#: per-token activation scales are clamped here from below (TeTRA: max|x| >= 1e-5)
+ACT_EPS = 1e-5
+
+
+def fake_quant_int8(x: torch.Tensor) -> torch.Tensor:
+    """Per-token symmetric int8 fake quantisation, scale 127 / max(max|x|, 1e-5); straight-through. [..., C]."""
+    scale = 127.0 / x.detach().abs().amax(-1, keepdim=True).clamp(min=ACT_EPS)
+    q = (x * scale).round().clamp(-128, 127) / scale
+    return q if not x.requires_grad else x + (q - x).detach()
 
 
 def topk_mask(x: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -74,30 +91,43 @@ def sparsify(x: torch.Tensor, sparsity: float) -> torch.Tensor:
 class TernaryLinear(nn.Linear):
     """Fake-quantised ternary linear (training and reference inference): [..., in] -> [..., out].
 
-    Runtime knob ``sparsity`` (fraction of each token's inputs dropped, 0 = dense).
+    Runtime knob ``sparsity`` (fraction of each token's inputs dropped, 0 = dense). ``delta_mode`` and ``act_int8``:
+    see the module notes (TeTRA's numerics).
     """
 
     knobs = ("sparsity",)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, eps: float = 1e-5) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, eps: float = 1e-5,
+                 delta_mode: str = "add", act_int8: bool = False) -> None:
         super().__init__(in_features, out_features, bias)
-        self.eps = eps
+        if delta_mode not in ("add", "clamp"):
+            raise ValueError(f"ternary delta_mode {delta_mode!r} is not 'add' or 'clamp'")
+        self.eps, self.delta_mode, self.act_int8 = eps, delta_mode, act_int8
         self.sparsity = 0.0
         self.fixed: tuple[torch.Tensor, torch.Tensor] | None = None  # (q, delta) of a packed model
 
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q int8 [out, in], delta fp32 scalar) that this layer computes with."""
-        return self.fixed if self.fixed is not None else ternarize(self.weight, self.eps)
+        return self.fixed if self.fixed is not None else ternarize(self.weight, self.eps, self.delta_mode)
 
     def effective_weight(self) -> torch.Tensor:
         """delta * q [out, in], exactly the weight used in forward."""
         if self.fixed is not None:
             q, delta = self.fixed
             return delta * q.to(self.weight.dtype)
-        return _TernarySTE.apply(self.weight, self.eps)
+        return _TernarySTE.apply(self.weight, self.eps, self.delta_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(sparsify(x, self.sparsity), self.effective_weight(), self.bias)
+        x = sparsify(x, self.sparsity)
+        if not self.act_int8:
+            return F.linear(x, self.effective_weight(), self.bias)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return F.linear(fake_quant_int8(x), self.effective_weight(), self.bias)  # straight-through training
+        # inference: TeTRA's eval order of operations (an integer-valued matmul, then the two scales divided out)
+        q, delta = self.quantized()
+        s = 127.0 / x.abs().amax(-1, keepdim=True).clamp(min=ACT_EPS)
+        y = F.linear((x * s).round().clamp(-128, 127), q.to(x.dtype)) / s / (1.0 / delta)
+        return y if self.bias is None else y + self.bias
 
     def set_fixed(self, q: torch.Tensor, delta: torch.Tensor) -> None:
         """Use stored (q, delta) from now on (a reloaded packed model); the latent weight becomes delta * q."""
@@ -139,7 +169,7 @@ class Int8TernaryLinear(nn.Module):
         pad = max(0, 17 - x.shape[0])  # _int_mm needs more than 16 rows
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
-        scale = x.abs().amax(1, keepdim=True).clamp_(min=1e-12).div_(127.0)
+        scale = x.abs().amax(1, keepdim=True).clamp_(min=ACT_EPS).div_(127.0)
         xi = (x * scale.reciprocal()).round_().to(torch.int8)  # in-place ops: several times faster here
         y = torch._int_mm(xi, self.q.t()).float().mul_(scale * self.delta)
         if self.bias is not None:
@@ -168,7 +198,8 @@ def _swap(module: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def apply_ternary(module: nn.Module, patterns: tuple[str, ...] | list[str] = DEFAULT_PATTERNS,
-                  full_precision_last_ffn: bool = True, eps: float = 1e-5) -> list[str]:
+                  full_precision_last_ffn: bool = True, eps: float = 1e-5, delta_mode: str = "add",
+                  act_int8: bool = False) -> list[str]:
     """Replace the target nn.Linear layers of ``module`` in place by TernaryLinear (same latent weights).
 
     Returns the replaced names; raises when nothing matches (a config that silently compresses nothing).
@@ -178,7 +209,7 @@ def apply_ternary(module: nn.Module, patterns: tuple[str, ...] | list[str] = DEF
         raise ValueError(f"ternary: no nn.Linear of {type(module).__name__} matches {list(patterns)}")
     for name in names:
         old = module.get_submodule(name)
-        new = TernaryLinear(old.in_features, old.out_features, old.bias is not None, eps)
+        new = TernaryLinear(old.in_features, old.out_features, old.bias is not None, eps, delta_mode, act_int8)
         new.load_state_dict(old.state_dict())
         new.to(old.weight.device)
         _swap(module, name, new)

@@ -282,9 +282,41 @@ def load_model(spec: str | os.PathLike | dict, device: str | torch.device = "cpu
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         if expected and model.fingerprint() != expected:
             raise ValueError(f"{p}: weights fingerprint {model.fingerprint()} differs from the recorded {expected}")
+        model.source = str(p)
         return model.to(device).eval()
     if p.suffix in (".yaml", ".yml", ".json") and p.is_file():
         cfg = yaml.safe_load(p.read_text())
         cfg.setdefault("name", p.stem)
         return build_model(cfg).to(device).eval()
+    from ..published.releases import RELEASES, load_release
+
+    if str(spec) in RELEASES:  # a published model: fetched and imported on first use, then reused
+        return load_model(load_release(str(spec)), device)
     return build_model(preset_config(str(spec))).to(device).eval()
+
+
+#: Heads whose only parameters need no training (GeM's p starts at 3, CLS has none).
+_PARAMETER_FREE_HEADS = ("gem", "cls")
+
+
+def weights_status(config: dict, saved: bool = False) -> str:
+    """What a model's weights are: published VPR weights, a saved edgevpr model, or a backbone with an untrained
+    head (one line, for `edgevpr models` and the untrained-head warning). saved: loaded from a model folder."""
+    prov = config.get("provenance") or {}
+    if prov.get("weights"):
+        return f"{prov['weights']} ({prov.get('upstream', '?')})"
+    if saved:
+        return "saved edgevpr model (trained or built by edgevpr)"
+    w = config["backbone"].get("weights")
+    backbone = {"offline": "offline ImageNet backbone", "hub": "pretrained backbone (downloaded)",
+                "timm": "pretrained backbone (timm, downloaded)", None: "random backbone",
+                "random": "random backbone"}.get(w, f"backbone from {w}")
+    head = config["aggregator"]["name"]
+    if head in _PARAMETER_FREE_HEADS:
+        return f"{backbone} + {head} (no head to train)"
+    return f"{backbone} + UNTRAINED {head} head: a starting point for training, not for evaluation"
+
+
+def untrained_head(model) -> bool:
+    """True for a model built from a config (not a saved folder) whose head has parameters to train."""
+    return "UNTRAINED" in weights_status(model.config, saved=getattr(model, "source", None) is not None)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..integrity import sha256_file
-from . import boq, cosplace, mixvpr, salad  # noqa: F401  (registers the families)
+from . import boq, cosplace, mixvpr, salad, tetra  # noqa: F401  (registers the families)
 from .base import FAMILIES, CheckpointError, Converted, Family, Ledger
 
 __all__ = ["FAMILIES", "CheckpointError", "Converted", "Family", "convert", "import_checkpoint", "read_checkpoint"]

@@ -66,11 +66,13 @@ def resnet(led: Ledger, prefix: str, out: dict[str, torch.Tensor], sequential: b
     if sequential:
         bad = [k for k in led.keys(prefix) if k[len(prefix):].split(".", 1)[0] not in _CHILDREN]
         if bad:
-            raise CheckpointError(f"{led.where}: {bad[0]} is not part of a torchvision ResNet")
+            raise CheckpointError(f"{led.where}: not a {led.family} checkpoint: {bad[0]} is not part of a torchvision "
+                                  "ResNet")
     stage = {named(k[len(prefix):]).split(".", 1)[0] for k in led.keys(prefix)}
     kept = [s for s in ("layer1", "layer2", "layer3", "layer4") if s in stage]
     if "conv1" not in stage or not kept or kept != ["layer1", "layer2", "layer3", "layer4"][: len(kept)]:
-        raise CheckpointError(f"{led.where}: {prefix}* is not a torchvision ResNet (stages found: {sorted(stage)})")
+        raise CheckpointError(f"{led.where}: not a {led.family} checkpoint: {prefix}* is not a torchvision ResNet "
+                              f"(found {', '.join(sorted(stage)[:6])})")
     l1 = "4" if sequential else "layer1"
     kind = "bottleneck" if led.has(f"{prefix}{l1}.0.conv3.weight") else "basic"
     counts = tuple(led.count(f"{prefix}{i if sequential else s}.") for i, s in

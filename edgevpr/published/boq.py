@@ -13,6 +13,21 @@ from .base import CheckpointError, Converted, Family, Ledger, register
 _RENAME = {"proj_c": "proj", "norm_input": "norm_in", "boqs": "blocks", "fc": "fc"}
 
 
+def boq_head(led: Ledger, prefix: str, out: dict[str, torch.Tensor]) -> dict:
+    """BoQ keys under ``prefix`` -> edgevpr ``aggregator.*``; returns the head config."""
+
+    def rename(rest: str) -> str:
+        head, _, tail = rest.partition(".")
+        if head not in _RENAME:
+            raise CheckpointError(f"{led.where}: {prefix}{rest} is not part of a BoQ head")
+        return f"{_RENAME[head]}.{tail}"
+
+    led.move(prefix, "aggregator.", out, rename)
+    return {"name": "boq", "proj_dim": led.shape(f"{prefix}proj_c.weight")[0],
+            "num_queries": led.shape(f"{prefix}boqs.0.queries")[1], "num_layers": led.count(f"{prefix}boqs."),
+            "row_dim": led.shape(f"{prefix}fc.weight")[0]}
+
+
 def _boq(led: Ledger) -> Converted:
     state: dict[str, torch.Tensor] = {}
     if led.has("backbone.dino.pos_embed"):
@@ -27,16 +42,7 @@ def _boq(led: Ledger) -> Converted:
     else:
         raise CheckpointError(f"{led.where}: not a BoQ checkpoint (neither backbone.dino.* nor backbone.net.*)")
 
-    def rename(rest: str) -> str:
-        head, _, tail = rest.partition(".")
-        if head not in _RENAME:
-            raise CheckpointError(f"{led.where}: aggregator.{rest} is not part of a BoQ head")
-        return f"{_RENAME[head]}.{tail}"
-
-    led.move("aggregator.", "aggregator.", state, rename)
-    head = {"name": "boq", "proj_dim": led.shape("aggregator.proj_c.weight")[0],
-            "num_queries": led.shape("aggregator.boqs.0.queries")[1], "num_layers": led.count("aggregator.boqs."),
-            "row_dim": led.shape("aggregator.fc.weight")[0]}
+    head = boq_head(led, "aggregator.", state)
     cfg = {"backbone": backbone, "aggregator": head, "image_size": size, "interpolation": interp,
            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     return Converted(cfg, state, led.unused)

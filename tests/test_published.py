@@ -1,0 +1,184 @@
+"""Published checkpoints: every family imported from the upstream code's own outputs (../shared/fixtures/published),
+the full-size published layouts, refusals, the loopback download path, and TeTRA's int8 and binary forms."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edgevpr.cli import main
+from edgevpr.compress.ternary import TernaryLinear, to_int8
+from edgevpr.models.model import build_model, load_model
+from edgevpr.published import CheckpointError, convert, import_checkpoint, read_checkpoint
+from edgevpr.published import releases as rel
+from tests.conftest import ROOT
+
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "published"
+FOLDERS = {"salad": "salad", "megaloc": "megaloc", "boq_dinov2": "boq", "boq_resnet": "boq", "mixvpr": "mixvpr",
+           "cosplace": "cosplace", "tetra_boq": "tetra", "tetra_salad": "tetra"}
+
+
+def fixture(folder: str) -> tuple[dict, Path]:
+    root = FIXTURES / folder
+    if not (root / "fixture.json").is_file():
+        pytest.fail(f"published-model fixtures missing: {root} (CI always has ../shared/fixtures/published)")
+    meta = json.loads((root / "fixture.json").read_text())
+    return meta, root / meta["checkpoint_file"]
+
+
+def packed_bits(desc: torch.Tensor) -> np.ndarray:
+    """TeTRA hub's binary form: bit = value > 0, 8 per byte, most significant first -> unpacked bits [B, D]."""
+    return np.unpackbits(np.packbits((desc > 0).numpy().astype(np.uint8), axis=1), axis=1)
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("published")
+    dirs = {}
+    for folder, fmt in FOLDERS.items():
+        _, ckpt = fixture(folder)
+        import_checkpoint(fmt, ckpt, out / folder)
+        dirs[folder] = out / folder
+    return dirs
+
+
+@pytest.mark.parametrize("folder", sorted(FOLDERS))
+def test_imported_model_reproduces_the_upstream_code(imported, folder):
+    meta, ckpt = fixture(folder)
+    exp = load_file(str(FIXTURES / folder / "expected.safetensors"))
+    model = load_model(imported[folder])
+    with torch.no_grad():
+        out = model(exp["input"].float())
+    ref = exp["output"].float()
+    cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
+    if folder.startswith("tetra"):
+        assert float(cos.min()) >= 0.9999, float(cos.min())
+        bits = packed_bits(out)
+        assert (bits == np.unpackbits(exp["output_binary"].numpy(), axis=1)).mean() >= 0.999
+    else:
+        assert float(cos.min()) >= 0.99999, float(cos.min())
+        assert float((out - ref).abs().max()) <= 1e-4
+    cfg = json.loads((imported[folder] / "config.json").read_text())
+    prov = cfg["provenance"]
+    assert prov["sha256"] == meta["checkpoint_sha256"] and prov["format"] == FOLDERS[folder]
+    assert prov["upstream"].startswith("https://github.com/") and prov["licence"]
+
+
+def test_every_upstream_key_is_used_or_listed_as_unused():
+    for folder, fmt in FOLDERS.items():
+        _, ckpt = fixture(folder)
+        sd = read_checkpoint(ckpt)
+        conv = convert(fmt, sd, str(ckpt))
+        model = build_model(conv.config)
+        assert set(conv.state) == set(model.state_dict()), folder  # every edgevpr parameter filled
+        extra = dict(sd)
+        extra["surprise.tensor"] = torch.zeros(1)
+        with pytest.raises(CheckpointError, match="not understood .first: surprise.tensor"):
+            convert(fmt, extra, str(ckpt))
+    unused = convert("boq", read_checkpoint(fixture("boq_dinov2")[1]), "x").unused
+    assert set(unused) == {"backbone.dino.mask_token", "backbone.dino.norm.weight", "backbone.dino.norm.bias"}
+
+
+PUBLISHED_DIMS = {"salad": ("salad", 8448), "boq_dinov2": ("boq", 12288), "boq_resnet50": ("boq", 16384),
+                  "megaloc": ("megaloc", 8448), "mixvpr_4096": ("mixvpr", 4096),
+                  "cosplace_resnet50_2048": ("cosplace", 2048), "tetra_boq": ("tetra", 12288),
+                  "tetra_salad": ("tetra", 8448)}
+
+
+@pytest.mark.parametrize("layout", sorted(PUBLISHED_DIMS))
+def test_full_size_published_layouts_import(layout):
+    shapes = json.loads((FIXTURES / "published_shapes.json").read_text())[layout]
+    sd = {k: torch.empty(s, device="meta", dtype=torch.int64 if k.endswith("num_batches_tracked") else torch.float32)
+          for k, s in shapes.items()}
+    fmt, dim = PUBLISHED_DIMS[layout]
+    conv = convert(fmt, sd, layout)
+    with torch.device("meta"):
+        model = build_model(conv.config)
+    assert model.out_dim == dim
+    state = model.state_dict()
+    assert set(state) == set(conv.state)
+    assert all(tuple(state[k].shape) == tuple(v.shape) for k, v in conv.state.items())
+
+
+def test_wrong_family_and_damaged_checkpoints_are_one_line(tmp_path, capsys):
+    _, salad = fixture("salad")
+    for argv, needle in ((["import", "mixvpr", str(salad), "--out", str(tmp_path / "a")], "not a mixvpr checkpoint"),
+                         (["import", "tetra", str(salad), "--out", str(tmp_path / "b")], "not a tetra checkpoint")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err, err
+    cut = tmp_path / "dino_salad.ckpt"
+    cut.write_bytes(salad.read_bytes()[: salad.stat().st_size // 2])
+    assert main(["import", "salad", str(cut), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "damaged or not a weights-only checkpoint" in err and "\n" not in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_tetra_int8_paths_and_binary_descriptors(imported, tmp_path):
+    from edgevpr.deploy.export import OnnxModel, export_onnx
+
+    exp = load_file(str(FIXTURES / "tetra_boq" / "expected.safetensors"))
+    x, ref = exp["input"].float(), exp["output"].float()
+    model = load_model(imported["tetra_boq"])
+    layers = [n for n, m in model.named_modules() if isinstance(m, TernaryLinear)]
+    depth = model.config["backbone"]["depth"]
+    assert len(layers) == 4 * (depth - 1) and not any(f"blocks.{depth - 1}." in n for n in layers)
+    with torch.no_grad():
+        cpu_int8 = to_int8(load_model(imported["tetra_boq"]))(x)
+    assert float(torch.nn.functional.cosine_similarity(cpu_int8, ref).min()) >= 0.9999
+    onnx_int8 = OnnxModel(export_onnx(model, tmp_path / "tetra.onnx", int8=True))(x)
+    assert float(torch.nn.functional.cosine_similarity(onnx_int8, ref).min()) >= 0.999
+    assert (packed_bits(onnx_int8) == np.unpackbits(exp["output_binary"].numpy(), axis=1)).mean() >= 0.99
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_named_release_downloads_once_from_a_loopback_server(data_root, tmp_path, monkeypatch, capsys):
+    _, ckpt = fixture("megaloc")
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "model.safetensors").write_bytes(ckpt.read_bytes())
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(served)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setenv("EDGEVPR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EDGEVPR_MIRROR", f"http://127.0.0.1:{srv.server_address[1]}")
+    try:
+        model = load_model("megaloc")
+        assert model.name == "megaloc" and model.config["provenance"]["release"] == rel.RELEASES["megaloc"].url
+        fetched = json.loads((tmp_path / "cache" / "published" / "megaloc" / "fetched.json").read_text())
+        assert fetched["sha256"] == fixture("megaloc")[0]["checkpoint_sha256"]
+        (served / "model.safetensors").unlink()  # a second use reads the cache only
+        assert load_model("megaloc").fingerprint() == model.fingerprint()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    monkeypatch.setenv("EDGEVPR_MIRROR", f"http://127.0.0.1:{srv.server_address[1]}")  # now nothing listens
+    capsys.readouterr()
+    gp = data_root / "gardens_point"
+    ev = ["--db", str(gp / "day_right"), "--queries", str(gp / "night_right"), "--aligned", "2", "--quiet"]
+    assert main(["eval", "--model", "dinov2-boq", *ev]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot fetch http://127.0.0.1" in err and "edgevpr import boq FILE --out DIR" in err and "\n" not in err
+    assert main(["eval", "--model", "mixvpr-4096", *ev]) == 2
+    assert "Google Drive" in capsys.readouterr().err
+
+
+def test_models_lists_what_every_named_model_weighs(capsys):
+    assert main(["models", "--json"]) == 0
+    rows = {r["name"]: r["weights"] for r in json.loads(capsys.readouterr().out)["models"]}
+    assert "UNTRAINED salad head" in rows["dinov2-b-salad-init"]
+    assert rows["effnet-lite0-gem"].startswith("offline ImageNet backbone")
+    assert rows["megaloc"] == rows["tetra-boq"] == "published VPR weights"
+    assert {"cosplace-resnet50-2048", "eigenplaces-resnet18-512", "mixvpr-128", "resnet50-boq"} <= set(rows)
