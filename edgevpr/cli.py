@@ -361,8 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--model", default="effnet-lite0-gem",
                     help="named model, config, saved folder or exported .onnx file (onnxruntime)")
     ib.add_argument("--out", required=True, help="index folder")
-    ib.add_argument("--kind", choices=["flat", "ivfpq", "hnsw"], default="flat",
-                    help="flat: exact; ivfpq: compressed codes (needs >= 256 images); hnsw: graph")
+    ib.add_argument("--kind", choices=["flat", "ivfpq", "hnsw", "binary"], default="flat",
+                    help="flat: exact; ivfpq: compressed codes (needs >= 256 images); hnsw: graph; binary: sign bits "
+                         "(D/8 bytes per image), Hamming search (default flat)")
+    ib.add_argument("--binary", action="store_const", const="binary", dest="kind",
+                    help="same as --kind binary (TeTRA's bit-packed descriptors)")
     ib.add_argument("--nlist", type=int, help="ivfpq: inverted lists (default 4 sqrt(N))")
     ib.add_argument("--pq-m", type=int, help="ivfpq: sub-quantisers = bytes per vector (default: <= 64)")
     ib.add_argument("--nprobe", type=int, help="ivfpq: lists searched (default min(nlist, 16))")

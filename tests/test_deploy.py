@@ -283,3 +283,34 @@ def test_manifest_coordinates_share_one_utm_zone(tmp_path):
     (tmp_path / "z.csv").write_text("path,lat,lon\na.png,50.0,5.99\nb.png,50.0,6.01\n")
     a, b = idx.read_rows(tmp_path / "z.csv")
     assert abs(b.east - a.east) == pytest.approx(1430, abs=20) and abs(b.north - a.north) < 100
+
+
+def test_binary_index_stores_sign_bits_and_ranks_by_hamming(tiny, tmp_path):
+    images = _folder(tmp_path / "db", 12)
+    res = idx.build(tiny, images, tmp_path / "bin", kind="binary", batch_size=5, progress=False)
+    assert res["count"] == 12
+    pi = idx.PlaceIndex.open(tmp_path / "bin")
+    d = tiny.out_dim
+    assert pi.manifest["kind"] == "binary" and all(len(b) == d // 8 for (_, _, b) in _entries(tmp_path / "bin"))
+    idx.build(tiny, images, tmp_path / "flat", progress=False)
+    floats = idx.PlaceIndex.open(tmp_path / "flat")
+    desc = floats.descriptors()
+    assert np.array_equal(pi.descriptors(), np.packbits(desc > 0, axis=1))  # TeTRA hub bits: MSB first
+    q = desc[:4] + 0.01
+    found = pi.search(q, 12)
+    bits_q, bits_db = np.unpackbits(idx.pack_bits(q), axis=1), np.unpackbits(pi.descriptors(), axis=1)
+    hamming = (bits_q[:, None, :] != bits_db[None]).sum(-1)  # brute force
+    for qi, matches in enumerate(found):
+        assert [m.score for m in matches] == pytest.approx(sorted(1 - 2 * hamming[qi] / d, reverse=True))
+        assert matches[0].id == qi or hamming[qi, matches[0].id] == hamming[qi, qi]
+    idx.add(tiny, _folder(tmp_path / "more", 3, seed0=50), tmp_path / "bin", progress=False)
+    again = idx.PlaceIndex.open(tmp_path / "bin")
+    assert len(again) == 15 and again.search(np.ascontiguousarray(desc[:1]), 1)[0][0].score == 1.0
+    with pytest.raises(_Stop):
+        idx.build(tiny, images, tmp_path / "half", kind="binary", batch_size=4, progress=False, on_batch=_stop_now)
+    with pytest.raises(ValueError, match="same --kind"):
+        idx.build(tiny, images, tmp_path / "half", kind="flat", progress=False)
+
+
+def _stop_now(n_added):
+    raise _Stop

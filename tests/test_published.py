@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from edgevpr.cli import main
 from edgevpr.compress.ternary import TernaryLinear, to_int8
+from edgevpr.deploy.index import pack_bits
 from edgevpr.models.model import build_model, load_model
 from edgevpr.published import CheckpointError, convert, import_checkpoint, read_checkpoint
 from edgevpr.published import releases as rel
@@ -35,8 +36,8 @@ def fixture(folder: str) -> tuple[dict, Path]:
 
 
 def packed_bits(desc: torch.Tensor) -> np.ndarray:
-    """TeTRA hub's binary form: bit = value > 0, 8 per byte, most significant first -> unpacked bits [B, D]."""
-    return np.unpackbits(np.packbits((desc > 0).numpy().astype(np.uint8), axis=1), axis=1)
+    """edgevpr's binary codes (the binary index's) of descriptors [B, D], unpacked again to bits [B, D]."""
+    return np.unpackbits(pack_bits(desc.numpy()), axis=1)
 
 
 @pytest.fixture(scope="module")

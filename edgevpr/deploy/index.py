@@ -5,7 +5,10 @@ Folder layout::
     INDEX/places.sqlite   images(id, path, place_id, lat, lon, east, north, descriptor), failed(path, reason),
                           meta(key, value): the model and knobs that made the descriptors
     INDEX/index.faiss     flat (exact), IVF-PQ or HNSW over inner products of L2-normalised descriptors
-                          (= cosine similarity); FAISS id == images.id (ids are 0..N-1 in insertion order)
+                          (= cosine similarity); FAISS id == images.id (ids are 0..N-1 in insertion order);
+                          or ``binary``: the sign bits of each descriptor (bit = value > 0, 8 per byte, most
+                          significant first: TeTRA's hub format), searched exhaustively by Hamming distance, with
+                          score 1 - 2 h / D; its SQLite rows then hold the D/8 packed bytes, not the floats
     INDEX/manifest.json   model name, fingerprint and knobs, descriptor dim, metric, kind and its settings,
                           counts and sha256 checksums of both files; written last, atomically
     INDEX/.verified.json  stat stamps of the files as they were when last fully checksummed (see below)
@@ -46,7 +49,7 @@ from ..integrity import StampCache, check_finite, sha256_file
 from ..utils import atomic_write, write_json
 
 DB_FILE, FAISS_FILE, MANIFEST_FILE = "places.sqlite", "index.faiss", "manifest.json"
-KINDS = ("flat", "ivfpq", "hnsw")
+KINDS = ("flat", "ivfpq", "hnsw", "binary")
 FORMAT_VERSION = 1
 #: IVF-PQ: PQ codebooks have 256 centroids per sub-quantiser; FAISS needs at least that many training vectors.
 MIN_IVFPQ_TRAIN = 256
@@ -243,9 +246,28 @@ def check_model(record: dict, name: str, fingerprint: str, where: str) -> None:
                          "(use the index's model or build a new index)")
 
 
+def pack_bits(desc: np.ndarray) -> np.ndarray:
+    """descriptors [N, D] -> sign bits packed [N, D/8] uint8 (bit = value > 0, most significant bit first)."""
+    return np.packbits(np.asarray(desc) > 0, axis=1)
+
+
+def storage_of(kind: str) -> str:
+    return "bits" if kind == "binary" else "float32"
+
+
+def _read_faiss(path: Path, kind: str, flags: int = 0):
+    import faiss
+
+    return faiss.read_index_binary(str(path)) if kind == "binary" else faiss.read_index(str(path), flags)
+
+
 def _make_faiss(kind: str, dim: int, n: int, params: dict):
     import faiss
 
+    if kind == "binary":
+        if dim % 8:
+            raise ValueError(f"binary: the descriptor dimension {dim} is not a multiple of 8")
+        return faiss.IndexBinaryFlat(dim), {}
     if kind == "flat":
         return faiss.IndexFlatIP(dim), {}
     if kind == "hnsw":
@@ -302,7 +324,7 @@ class PlaceIndex:
             raise ValueError(problems[0])
         flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
         try:
-            index = faiss.read_index(str(root / FAISS_FILE), flags)
+            index = _read_faiss(root / FAISS_FILE, manifest["kind"], flags)
         except RuntimeError as e:
             raise ValueError(f"{root / FAISS_FILE}: not a readable FAISS index ({str(e).splitlines()[0]})") from None
         _configure(index, manifest["kind"], manifest["params"])
@@ -337,7 +359,11 @@ class PlaceIndex:
             raise ValueError(f"{self.root}: the index holds no images")
         if not 1 <= k <= MAX_K:
             raise ValueError(f"k={k}: must be between 1 and {MAX_K}")
-        scores, ids = self.index.search(desc, min(k, len(self)))
+        if self.manifest["kind"] == "binary":
+            hamming, ids = self.index.search(pack_bits(desc), min(k, len(self)))
+            scores = 1.0 - 2.0 * hamming / desc.shape[1]
+        else:
+            scores, ids = self.index.search(desc, min(k, len(self)))
         found = {int(i) for i in ids.ravel() if i >= 0}
         rows = self.rows(sorted(found))
         return [[Match(r + 1, int(i), float(s), *rows[int(i)]) for r, (s, i) in enumerate(zip(sq, iq, strict=True))
@@ -366,22 +392,23 @@ class PlaceIndex:
         return out
 
     def descriptors(self) -> np.ndarray:
-        """All stored descriptors [N, D] float32, in id order."""
-        return _stored_descriptors(self.con, self.manifest["dim"])
+        """All stored descriptors in id order: [N, D] float32, or [N, D/8] uint8 sign bits for a binary index."""
+        return _stored_descriptors(self.con, self.manifest["dim"], 0, storage_of(self.manifest["kind"]))
 
 
-def _stored_descriptors(con: sqlite3.Connection, dim: int, start: int = 0) -> np.ndarray:
-    """Descriptors with id >= start, in id order [N, D] float32 (filled row by row: one copy in memory)."""
+def _stored_descriptors(con: sqlite3.Connection, dim: int, start: int = 0, storage: str = "float32") -> np.ndarray:
+    """Descriptors with id >= start, in id order: [N, D] float32 or [N, D/8] uint8 bits (filled row by row)."""
     n = con.execute("SELECT COUNT(*) FROM images WHERE id >= ?", (start,)).fetchone()[0]
-    out = np.empty((n, dim), np.float32)
+    out = np.empty((n, dim // 8), np.uint8) if storage == "bits" else np.empty((n, dim), np.float32)
     for i, (blob,) in enumerate(con.execute("SELECT descriptor FROM images WHERE id >= ? ORDER BY id", (start,))):
-        out[i] = np.frombuffer(blob, dtype=np.float32)
+        out[i] = np.frombuffer(blob, dtype=out.dtype)
     return out
 
 
 @torch.inference_mode()
 def _extract_into(con: sqlite3.Connection, model, rows: list[Row], knobs: dict, batch_size: int, skip_bad: bool,
-                  progress: bool, desc: str, on_batch: Callable[[int], None] | None) -> dict:
+                  progress: bool, desc: str, on_batch: Callable[[int], None] | None,
+                  storage: str = "float32") -> dict:
     """Embed the rows not yet stored (or failed while unchanged) and insert them batch by batch -> counts.
 
     An image recorded as failed is tried again when its size or mtime changed (the user fixed the file).
@@ -406,12 +433,14 @@ def _extract_into(con: sqlite3.Connection, model, rows: list[Row], knobs: dict, 
             raise ImageLoadError(todo[j].path, err + " (use --skip-bad to skip and report such images)")
         d = model(xs.to(device), **knobs).float().cpu().numpy() if xs is not None else np.zeros((0, 0), np.float32)
         check_finite(d, [todo[j].path for j in idx], model.name)
+        if storage == "bits" and len(d):
+            d = pack_bits(d)
         with con:  # one transaction per batch: a kill keeps whole batches only
             for j, vec in zip(idx, d, strict=True):
                 r = todo[j]
                 con.execute("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                             (next_id, r.path, r.place_id, r.lat, r.lon, r.east, r.north,
-                             np.ascontiguousarray(vec, np.float32).tobytes()))
+                             np.ascontiguousarray(vec).tobytes()))
                 next_id += 1
             con.executemany("INSERT INTO failed VALUES (?, ?, ?, ?)",
                             [(todo[j].path, err, *_file_signature(todo[j].path)) for j, err in bad])
@@ -428,7 +457,8 @@ def _write(root: Path, con: sqlite3.Connection, index, kind: str, params: dict, 
            created: str | None) -> dict:
     import faiss
 
-    atomic_write(root / FAISS_FILE, lambda tmp: faiss.write_index(index, tmp))
+    write = faiss.write_index_binary if kind == "binary" else faiss.write_index
+    atomic_write(root / FAISS_FILE, lambda tmp: write(index, tmp))
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     n_failed = con.execute("SELECT COUNT(*) FROM failed").fetchone()[0]
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -438,7 +468,8 @@ def _write(root: Path, con: sqlite3.Connection, index, kind: str, params: dict, 
         stamps.record(root / name, files[name]["sha256"])
     manifest = {
         "format_version": FORMAT_VERSION, "model": record, "dim": record["dim"],
-        "metric": "inner product of L2-normalised descriptors (cosine similarity)", "kind": kind, "params": params,
+        "metric": "Hamming distance of sign bits (score 1 - 2 h / D)" if kind == "binary" else
+        "inner product of L2-normalised descriptors (cosine similarity)", "kind": kind, "params": params,
         "count": int(index.ntotal), "failed_images": n_failed, "created": created or now, "updated": now,
         "files": files,
     }
@@ -447,12 +478,16 @@ def _write(root: Path, con: sqlite3.Connection, index, kind: str, params: dict, 
     return manifest
 
 
-def _open_for_writing(root: Path, record: dict) -> sqlite3.Connection:
+def _open_for_writing(root: Path, record: dict, storage: str) -> sqlite3.Connection:
     con = _connect(root / DB_FILE)
     stored = dict(con.execute("SELECT key, value FROM meta"))
+    if stored.get("storage", "float32") != storage and "model" in stored:
+        raise ValueError(f"{root}: its database stores {stored.get('storage', 'float32')} descriptors, this build "
+                         f"{storage}: resume with the same --kind or choose another --out")
     if "model" not in stored:
         with con:
             con.execute("INSERT INTO meta VALUES ('model', ?)", (json.dumps(record, sort_keys=True),))
+            con.execute("INSERT INTO meta VALUES ('storage', ?)", (storage,))
         return con
     old = json.loads(stored["model"])
     check_model(old, record["name"], record["fingerprint"], str(root))
@@ -476,11 +511,13 @@ def build(model, source: str | os.PathLike, out: str | os.PathLike, kind: str = 
     rows = read_rows(source)
     root.mkdir(parents=True, exist_ok=True)
     record = model_record(model, spec, knobs)
-    con = _open_for_writing(root, record)
+    storage = storage_of(kind)
+    con = _open_for_writing(root, record, storage)
     t0 = time.perf_counter()
-    counts = _extract_into(con, model, rows, record["knobs"], batch_size, skip_bad, progress, "index build", on_batch)
+    counts = _extract_into(con, model, rows, record["knobs"], batch_size, skip_bad, progress, "index build", on_batch,
+                           storage)
     t_extract = time.perf_counter() - t0
-    desc = _stored_descriptors(con, record["dim"])
+    desc = _stored_descriptors(con, record["dim"], 0, storage)
     if len(desc) == 0:
         con.close()
         raise ValueError(f"{source}: no image could be embedded ({counts['failed']} unreadable): nothing to index")
@@ -498,7 +535,6 @@ def build(model, source: str | os.PathLike, out: str | os.PathLike, kind: str = 
 def add(model, source: str | os.PathLike, root: str | os.PathLike, batch_size: int = 32, skip_bad: bool = False,
         progress: bool = True, on_batch: Callable[[int], None] | None = None) -> dict:
     """Append the images of ``source`` not yet in the index at ``root`` (same model and knobs required)."""
-    import faiss
 
     root = Path(root)
     if not (root / MANIFEST_FILE).is_file():
@@ -509,11 +545,12 @@ def add(model, source: str | os.PathLike, root: str | os.PathLike, batch_size: i
         raise ValueError(problems[0] + " (rebuild the index, or restore the file)")
     check_model(manifest["model"], model.name, model.fingerprint(), str(root))
     record = {**manifest["model"]}
-    con = _open_for_writing(root, record)
+    storage = storage_of(manifest["kind"])
+    con = _open_for_writing(root, record, storage)
     counts = _extract_into(con, model, read_rows(source), record["knobs"], batch_size, skip_bad, progress,
-                           "index add", on_batch)
-    index = faiss.read_index(str(root / FAISS_FILE))
-    new = _stored_descriptors(con, record["dim"], start=int(index.ntotal))
+                           "index add", on_batch, storage)
+    index = _read_faiss(root / FAISS_FILE, manifest["kind"])
+    new = _stored_descriptors(con, record["dim"], int(index.ntotal), storage)
     index.add(new)
     manifest = _write(root, con, index, manifest["kind"], manifest["params"], record, manifest["created"])
     con.close()

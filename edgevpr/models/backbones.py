@@ -94,6 +94,10 @@ def _load_weights(model: nn.Module, weights: str | None, hub_url: str | None, of
                                f"or pass its path): {type(e).__name__}") from None
         load_into(model, sd, hub_url, filter_fn)
     else:
+        from ..published.releases import RELEASES, load_release
+
+        if str(weights) in RELEASES:  # a published model's backbone (fetched and imported on first use)
+            weights = load_release(str(weights))
         load_into(model, read_state_dict(weights), str(weights), filter_fn)
 
 
