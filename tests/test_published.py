@@ -183,3 +183,22 @@ def test_models_lists_what_every_named_model_weighs(capsys):
     assert rows["effnet-lite0-gem"].startswith("offline ImageNet backbone")
     assert rows["megaloc"] == rows["tetra-boq"] == "published VPR weights"
     assert {"cosplace-resnet50-2048", "eigenplaces-resnet18-512", "mixvpr-128", "resnet50-boq"} <= set(rows)
+
+
+def test_untrained_heads_are_named_and_warned_about(tmp_path, capsys):
+    from edgevpr.models.model import save_model, untrained_head
+    from tests.conftest import TINY_MODEL, make_image
+
+    salad_cfg = {**TINY_MODEL, "aggregator": {"name": "salad", "num_clusters": 4, "cluster_dim": 8, "token_dim": 8}}
+    assert untrained_head(load_model(salad_cfg)) and not untrained_head(load_model(TINY_MODEL))
+    save_model(load_model(salad_cfg), tmp_path / "trained")
+    assert not untrained_head(load_model(tmp_path / "trained"))  # a saved folder: its head is what was saved
+    (tmp_path / "m.json").write_text(json.dumps(salad_cfg))
+    for i in range(3):
+        make_image(tmp_path / "db" / f"{i}.png", i)
+        make_image(tmp_path / "q" / f"{i}.png", i)
+    argv = ["eval", "--model", str(tmp_path / "m.json"), "--db", str(tmp_path / "db"), "--queries", str(tmp_path / "q"),
+            "--aligned", "0", "--no-cache", "--no-efficiency", "--quiet", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    warnings = [w for w in capsys.readouterr().err.splitlines() if w.startswith("edgevpr: warning")]
+    assert len(warnings) == 1 and "untrained salad head" in warnings[0]

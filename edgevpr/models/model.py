@@ -240,7 +240,7 @@ def preset_config(name: str) -> dict[str, Any]:
     f = resources.files("edgevpr").joinpath(f"{PRESET_DIR}/{name}.yaml")
     if not f.is_file():
         raise KeyError(f"unknown model '{name}': not a folder with {CONFIG_FILE}, not a config file, "
-                       f"and not a named model ({', '.join(preset_names())})")
+                       f"and not a named model ({', '.join(preset_names())}, or a published one: `edgevpr models`)")
     cfg = yaml.safe_load(f.read_text())
     cfg.setdefault("name", name)
     return cfg
