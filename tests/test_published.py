@@ -202,3 +202,19 @@ def test_untrained_heads_are_named_and_warned_about(tmp_path, capsys):
     assert main(argv) == 0
     warnings = [w for w in capsys.readouterr().err.splitlines() if w.startswith("edgevpr: warning")]
     assert len(warnings) == 1 and "untrained salad head" in warnings[0]
+
+
+def test_a_method_config_starts_from_an_imported_backbone(imported):
+    """WeiAD + WeiToP on the imported SALAD model's DINOv2 (a release name resolves to the same folder)."""
+    src = load_model(imported["salad"])
+    bb = {k: v for k, v in src.config["backbone"].items() if k != "weights"}
+    cfg = {"backbone": {**bb, "weights": str(imported["salad"]), "pruning": {"block": 1, "method": "weitop"}},
+           "aggregator": {"name": "weiad", "num_clusters": 4, "cluster_dim": 8, "token_dim": 8},
+           "image_size": [322, 322]}
+    model = load_model(cfg)
+    mine, theirs = model.backbone.vit.state_dict(), src.backbone.vit.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    x = torch.randn(1, 3, 322, 322)
+    with torch.no_grad():
+        assert torch.allclose(model.backbone(x).cls, src.backbone(x).cls, atol=1e-6)  # keep 1.0: unpruned
+        assert model(x, keep_ratio=0.5).shape == (1, model.out_dim)
