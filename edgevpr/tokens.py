@@ -29,6 +29,13 @@ class Tokens:
     index: torch.Tensor | None = None
     prompts: torch.Tensor | None = None
 
+    def float(self) -> Tokens:
+        """The same tokens in float32 (mixed-precision forwards give bf16/fp16 ones)."""
+        def f(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.float()
+
+        return replace(self, patches=self.patches.float(), cls=f(self.cls), prompts=f(self.prompts))
+
     @property
     def is_full_grid(self) -> bool:
         return self.index is None and self.patches.shape[1] == self.grid[0] * self.grid[1]

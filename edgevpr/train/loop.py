@@ -21,6 +21,7 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,10 @@ from ..integrity import sha256_file, unknown_field, warn
 from ..models.model import VPRModel, check_image_size, load_model, save_model
 from ..tokens import Tokens
 from ..utils import atomic_write, pick_device, seed_everything, write_json
+from .cache import FeatureCache
 from .losses import MultiSimilarity, StepContext, TermContext, build_terms
 from .places import PlaceBatches, PlaceSet, aligned_places, gsv_cities, manifest_places
+from .places import steps_per_epoch as epoch_steps
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -46,7 +49,8 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "precision": "fp32",
     "data": {"places": [], "places_per_batch": 16, "images_per_place": 2, "min_images": 2,
-             "image_size": None, "augment": None, "workers": 0, "cache_frozen": True},
+             "image_size": None, "augment": None, "workers": 0, "cache_frozen": True, "cache_host_gb": 8.0,
+             "cache_disk_gb": 0.0, "sampler": "auto"},
     "trainable": {"mode": "tail", "stages": 2, "norm_stats": "train", "patterns": None},
     "teacher": None,
     "knobs": {},
@@ -86,7 +90,8 @@ SCHEMA: dict = {
 #: Numeric fields with bounds: (path, low, high). Sizes beyond these are mistakes, not experiments.
 BOUNDS = (("data.places_per_batch", 1, 65536), ("data.images_per_place", 1, 1024), ("data.min_images", 1, 1024),
           ("data.workers", 0, 256), ("steps", 0, 10**9), ("checkpoint_every", 1, 10**9),
-          ("keep_checkpoints", 1, 1000), ("optimizer.lr", 0, 10))
+          ("keep_checkpoints", 1, 1000), ("optimizer.lr", 0, 10), ("data.cache_host_gb", 0, 4096),
+          ("data.cache_disk_gb", 0, 10**6))
 
 
 def check_fields(node, schema, where: str, path: str = "") -> None:
@@ -225,56 +230,52 @@ class PrefixCache:
     """Outputs of the frozen stem + first k stages, computed once per training image (no augmentation).
 
     Assumes the frozen prefix is deterministic (no dropout or drop-path in it), which holds for the
-    registered backbones at their defaults; the cache lives in memory on the training device.
+    registered backbones at their defaults; the values live in a ``FeatureCache`` (host memory or disk, within
+    budgets, else recomputed), never on the accelerator.
     """
 
-    def __init__(self, model: VPRModel, k: int, image_size: tuple[int, int]) -> None:
-        self.model, self.k, self.size = model, k, image_size
-        self.store: dict[int, torch.Tensor] = {}
+    def __init__(self, model: VPRModel, k: int, image_size: tuple[int, int], cache: FeatureCache) -> None:
+        self.model, self.k, self.size, self.cache = model, k, image_size, cache
 
     def tokens(self, x: torch.Tensor, ids: torch.Tensor) -> Tokens:
         """[B, 3, H, W] images (only the uncached ones are used) -> student tokens, training only the suffix."""
-        keys = ids.tolist()
-        todo = [j for j, key in enumerate(keys) if key not in self.store]
-        if todo:
-            with torch.no_grad():
-                h = self.model.backbone.forward_prefix(x[todo], self.k)
-            self.store.update({keys[j]: h[i] for i, j in enumerate(todo)})
-        h = torch.stack([self.store[key] for key in keys])
+
+        @torch.no_grad()
+        def compute(rows: list[int]) -> dict[str, torch.Tensor]:
+            return {"h": self.model.backbone.forward_prefix(x[rows], self.k)}
+
+        h = self.cache.fetch(ids.tolist(), x.device, compute)["h"]
         return self.model.backbone.forward_suffix(h, self.k, self.size)
 
 
 class Teacher:
     """A frozen model beside the student, fed its own un-augmented view of the same images (its own input
     size). Its outputs are then a function of the image alone, so they are computed once per training
-    image and kept in memory (``cache``).
+    image and kept in a ``FeatureCache`` (host memory or disk within budgets; ``cache: false``: never).
     """
 
-    def __init__(self, model: VPRModel, cache: bool) -> None:
+    def __init__(self, model: VPRModel, cache: FeatureCache | None) -> None:
         self.model = model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        self.store: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = {} if cache else None
+        self.cache = cache
         self.grid: tuple[int, int] | None = None
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, Tokens]:
         """[B, 3, H', W'] -> (descriptors [B, Dt], tokens [B, Nt, Ct])."""
-        keys = ids.tolist()
-        todo = keys if self.store is None else [k for k in keys if k not in self.store]
-        fresh: dict[int, tuple] = {}
-        if todo:
-            rows = [keys.index(k) for k in todo]
+
+        def compute(rows: list[int]) -> dict[str, torch.Tensor]:
             tok = self.model.forward_tokens(x[rows])
-            desc = self.model.aggregator(tok)
             self.grid = tok.grid
-            fresh = {k: (desc[i], tok.patches[i], None if tok.cls is None else tok.cls[i]) for i, k in enumerate(todo)}
-            if self.store is not None:
-                self.store.update(fresh)
-        got = [fresh[k] if k in fresh else self.store[k] for k in keys]  # type: ignore[index]
-        cls = None if got[0][2] is None else torch.stack([g[2] for g in got])
+            out = {"desc": self.model.aggregator(tok), "patches": tok.patches}
+            return out if tok.cls is None else {**out, "cls": tok.cls}
+
+        ids_list = ids.tolist()
+        got = compute(list(range(len(ids_list)))) if self.cache is None else \
+            self.cache.fetch(ids_list, x.device, compute)
         assert self.grid is not None
-        return torch.stack([g[0] for g in got]), Tokens(torch.stack([g[1] for g in got]), cls, self.grid)
+        return got["desc"], Tokens(got["patches"], got.get("cls"), self.grid)
 
 
 def _distributed() -> bool:
@@ -318,12 +319,24 @@ class TrainStep(nn.Module):
     def forward(self, x: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, step: int,
                 teacher: tuple[torch.Tensor, Tokens] | None = None,
                 knobs: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # the loss terms run inside the knob context too: a term's own forward (WeiToP's unpruned target) sees
+        # this step's sparsity
         with self.model.using(**(knobs or {})):
             tokens = self.model.forward_tokens(x) if self.cache is None else self.cache.tokens(x, ids)
             desc = self.model.aggregator(tokens)
-        desc, labels = gather(desc), gather(labels)
-        ctx = StepContext(step, self.total_steps, labels, desc, tokens,
-                          None if teacher is None else gather(teacher[0]), None if teacher is None else teacher[1], x)
+            desc, labels = gather(desc), gather(labels)
+            ctx = StepContext(step, self.total_steps, labels, desc, tokens, None if teacher is None else
+                              gather(teacher[0]), None if teacher is None else teacher[1], x)
+            return self.losses(ctx)
+
+    def losses(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Every loss term of one step, in float32 even under mixed precision (autocast is switched off here:
+        Multi-Similarity's exponentials of cosines near 1 lose ~13% of their gradient in bf16)."""
+        with torch.autocast(ctx.desc.device.type, enabled=False):
+            return self._losses(ctx.float())
+
+    def _losses(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        desc, labels = ctx.desc, ctx.labels
         loss = desc.new_zeros(())
         logs: dict[str, torch.Tensor] = {}
         if self.ms_weight:
@@ -519,27 +532,28 @@ def _barrier() -> None:
 
 
 def train(conf: dict, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Train per ``conf`` (merged over DEFAULTS) into ``out_dir``; returns the final metrics.
 
     Writes ``final/`` (the last weights), ``best/`` (the best validation R@1, step 0 included, so it is the
     starting model when training never beat it), ``metrics.csv``, ``config.json``, ``checkpoints/`` and
     TensorBoard logs. stop_after: end after that many steps of *this* invocation without finishing (used
-    to test resumption; a real kill behaves the same as far as the checkpoints are concerned).
+    to test resumption; a real kill behaves the same as far as the checkpoints are concerned). on_step(step,
+    metrics): called after every optimizer step (progress and memory probes).
     """
     check_keys(conf)
     conf = merge(DEFAULTS, conf)
     conf["knobs"] = conf["knobs"] or {}  # "knobs: null" in a config clears a base config's knobs
     rank, world, device = _init_distributed(conf["device"])
     try:
-        return _train(conf, Path(out_dir), resume, progress and rank == 0, stop_after, rank, world, device)
+        return _train(conf, Path(out_dir), resume, progress and rank == 0, stop_after, rank, world, device, on_step)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int | None, rank: int, world: int,
-           device: torch.device) -> dict:
+           device: torch.device, on_step: Callable[[int, dict], None] | None = None) -> dict:
     main = rank == 0
     if not resume and (out / "checkpoints").exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
@@ -555,7 +569,11 @@ def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int 
     if d["places_per_batch"] % world:
         raise ValueError(f"data.places_per_batch={d['places_per_batch']} does not split over {world} ranks")
     places = build_places(d["places"]).filter(d["min_images"])
-    steps_per_epoch = max(1, len(places) // d["places_per_batch"])  # an epoch shows every place once
+    n_images = sum(len(p) for p in places.places)
+    sampler = d["sampler"]
+    if sampler == "auto":
+        sampler = "in-city" if all("gsv_cities" in s for s in d["places"]) else "uniform"
+    steps_per_epoch = epoch_steps(len(places), d["places_per_batch"], sampler, world)
     if conf.get("epochs"):
         conf["steps"] = int(conf["epochs"] * steps_per_epoch)
     size = tuple(d["image_size"]) if d["image_size"] else model.image_size
@@ -568,18 +586,22 @@ def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int 
     if conf["teacher"]:
         tconf = conf["teacher"]
         tmodel = load_model(tconf["model"]).to(device)
-        teacher = Teacher(tmodel, cache=tconf.get("cache", True))
+        teacher = Teacher(tmodel, FeatureCache("teacher outputs", n_images, d["cache_host_gb"], d["cache_disk_gb"],
+                                               out / "cache") if tconf.get("cache", True) else None)
         views["teacher"] = tmodel.transform(tuple(tconf["image_size"]) if tconf.get("image_size") else None)
     terms, weights = build_terms(conf["loss"]["terms"], TermContext(
         model.backbone.out_dim, model.out_dim, None if teacher is None else teacher.model.backbone.out_dim,
         None if teacher is None else teacher.model.out_dim, model))
     terms.to(device)
     batches = PlaceBatches(places, d["places_per_batch"], d["images_per_place"], model.transform(size),
-                           conf["seed"], rank, world, augment=augment, num_steps=conf["steps"], views=views)
+                           conf["seed"], rank, world, augment=augment, num_steps=conf["steps"], views=views,
+                           sampler=sampler)
     # Knobs (e.g. sparsity) may act inside the frozen prefix, so a sampled knob turns the prefix cache off.
     use_cache = (d["cache_frozen"] and augment is None and frozen > 0 and not conf["knobs"]
                  and model.backbone.cacheable_prefix)
-    cache = PrefixCache(model, frozen, size) if use_cache else None
+    cache = PrefixCache(model, frozen, size, FeatureCache(f"frozen-prefix outputs ({frozen} stages)", n_images,
+                                                          d["cache_host_gb"], d["cache_disk_gb"], out / "cache")) \
+        if use_cache else None
     step_module = TrainStep(model, terms, weights, conf["loss"]["ms"], conf["steps"], cache,
                             tr.get("norm_stats") == "frozen")
     runner: nn.Module = step_module
@@ -636,6 +658,8 @@ def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int 
         if main and (step % conf["checkpoint_every"] == 0 or step == conf["steps"]):
             _save_checkpoint(out, step, model, terms, opt, sched, conf, best)
         _barrier()
+        if on_step is not None:
+            on_step(step, metrics)
         if stop_after is not None and step - start >= stop_after:
             break
     bar.close()

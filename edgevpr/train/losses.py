@@ -12,7 +12,7 @@ alignment modules) train with the model and are checkpointed, but never exported
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,14 @@ class StepContext:
     teacher_desc: torch.Tensor | None = None  # [B, Dt]
     teacher_tokens: Tokens | None = None  # [b, Nt, Ct]
     images: torch.Tensor | None = None  # this rank's student inputs [b, 3, H, W]
+
+    def float(self) -> StepContext:
+        """Every tensor in float32 (the losses run in fp32 under mixed precision)."""
+        def f(t):
+            return None if t is None else t.float()
+
+        return replace(self, desc=self.desc.float(), tokens=self.tokens.float(), teacher_desc=f(self.teacher_desc),
+                       teacher_tokens=f(self.teacher_tokens), images=f(self.images))
 
 
 class LossTerm(nn.Module):
@@ -142,8 +150,9 @@ class WeiToPDistill(LossTerm):
     target a [B, N] = the head's importance of each patch token (``importance``: cluster weight x transport
     mass, normalised; the head in eval mode, without dropout) on the *unpruned* final tokens, detached;
     when the step ran pruned (keep_ratio < 1), an extra no-grad forward at keep_ratio 1 provides it.
-    loss = T^2 * KL(softmax(log a / T) || softmax(s / T)),
-    s the head's logits [B, N]; KL summed over tokens, averaged over images. Zero when s = log a.
+    loss = T^2 * 1/N0 * sum_i p_t,i log(p_t,i / p_s,i), with p_t = softmax(log a / T), p_s = softmax(s / T), s the
+    head's logits [B, N] and N0 = N the number of patch tokens scored (the seed's 1/N0), averaged over images.
+    Zero when s = log a.
     """
 
     def __init__(self, student: nn.Module, temperature: float = 1.0) -> None:
@@ -172,10 +181,10 @@ class WeiToPDistill(LossTerm):
         return self.kl(logits, target)
 
     def kl(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """logits [B, N], target importance [B, N] (sums to 1) -> T^2 * mean_b KL(p_t || p_s)."""
+        """logits [B, N], target importance [B, N] (sums to 1) -> T^2 / N * mean_b KL(p_t || p_s)."""
         log_pt = F.log_softmax(target.clamp_min(1e-12).log() / self.t, -1)
         log_ps = F.log_softmax(logits / self.t, -1)
-        return self.t**2 * (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+        return self.t**2 * (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean() / logits.shape[-1]
 
 
 def hard_negatives(sim: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:

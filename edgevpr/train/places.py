@@ -5,9 +5,22 @@ users have: GSV-Cities (``Images/<City>/...jpg`` + ``Dataframes/<City>.csv``), a
 (image i of every folder = place i: Nordland summer+winter gives 2 images per place, Gardens Point 3),
 and CSV manifests (a ``place_id`` column, or places formed by grouping images within a radius).
 
-Batches are a pure function of (seed, step, rank): step s draws P places and K images per place with a
-generator seeded by (seed, s). Resuming at step s therefore replays exactly the batches an uninterrupted
-run would have seen, and under DDP each rank draws its own share of the places of the global batch.
+Batches are a pure function of (seed, step, rank), so resuming at step s replays exactly the batches an
+uninterrupted run would have seen, and under DDP each rank takes its own share of the places of the global batch.
+Samplers (``data.sampler``):
+
+* ``in-city`` (GSV-Cities as published, amaralibey/gsv-cities: its loader shuffles each city's places once per
+  epoch and walks the cities in order without global shuffling): an epoch is every place exactly once; each
+  city's places are permuted with a generator seeded by (seed, epoch, city), the cities are concatenated in
+  order and cut into consecutive batches of P places (the last one shorter), so a batch holds places of one city
+  (hard same-city negatives) except where a city ends inside it.
+* ``epoch``: every place exactly once per epoch, one global permutation per epoch.
+* ``uniform``: each step draws P places without replacement from all places (with ``weight``), independently
+  of the other steps (an "epoch" is then N / P steps, which shows about 63% of the places).
+* ``auto`` (default): ``in-city`` when every source is GSV-Cities, else ``uniform``.
+
+In every sampler the K images of a place are drawn without replacement (with, when the place has fewer) by a
+generator seeded by (seed, step, place).
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ class PlaceSet:
     places: list[list[Path]]
     name: str = "places"
     weights: list[float] | None = None
+    groups: list[str] | None = None  # the city (or source) of each place, for in-city batches
 
     def __len__(self) -> int:
         return len(self.places)
@@ -41,20 +55,25 @@ class PlaceSet:
     def _w(self) -> list[float]:
         return self.weights if self.weights is not None else [1.0] * len(self.places)
 
+    def _g(self) -> list[str]:
+        return self.groups if self.groups is not None else [self.name] * len(self.places)
+
     def filter(self, min_images: int) -> PlaceSet:
+        """The places with at least ``min_images`` images (GSV-Cities' min_img_per_place rule)."""
         keep = [i for i, p in enumerate(self.places) if len(p) >= min_images]
         return PlaceSet([self.places[i] for i in keep], self.name,
-                        None if self.weights is None else [self.weights[i] for i in keep])
+                        None if self.weights is None else [self.weights[i] for i in keep],
+                        [self._g()[i] for i in keep])
 
     def weighted(self, weight: float) -> PlaceSet:
         """Every place drawn ``weight`` times as often as an unweighted one (balances small sources)."""
         if weight <= 0:
             raise ValueError(f"{self.name}: a place weight must be positive, got {weight}")
-        return PlaceSet(self.places, self.name, [w * weight for w in self._w()])
+        return PlaceSet(self.places, self.name, [w * weight for w in self._w()], self._g())
 
     def __add__(self, other: PlaceSet) -> PlaceSet:
         weights = None if self.weights is None and other.weights is None else self._w() + other._w()
-        return PlaceSet(self.places + other.places, f"{self.name}+{other.name}", weights)
+        return PlaceSet(self.places + other.places, f"{self.name}+{other.name}", weights, self._g() + other._g())
 
 
 def aligned_places(folders: list[str | os.PathLike], start: int = 0, stop: int | None = None,
@@ -96,7 +115,8 @@ def gsv_cities(root: str | os.PathLike, cities: list[str] | None = None) -> Plac
                 name = (f"{city}_{pid:07d}_{int(row['year']):04d}_{int(row['month']):02d}_"
                         f"{int(row['northdeg']):03d}_{row['lat']}_{row['lon']}_{row['panoid']}.jpg")
                 places[(city, pid)].append(root / "Images" / city / name)
-    return PlaceSet([places[k] for k in sorted(places)], "gsv-cities")
+    keys = sorted(places)
+    return PlaceSet([places[k] for k in keys], "gsv-cities", groups=[city for city, _ in keys])
 
 
 def manifest_places(csv_path: str | os.PathLike, radius: float | None = None) -> PlaceSet:
@@ -118,6 +138,41 @@ def manifest_places(csv_path: str | os.PathLike, radius: float | None = None) ->
             places.append([paths[j] for j in np.nonzero(near)[0]])
             unassigned &= ~near
     return PlaceSet(places, Path(csv_path).stem)
+
+
+SAMPLERS = ("auto", "uniform", "epoch", "in-city")
+
+
+def steps_per_epoch(num_places: int, places_per_batch: int, sampler: str, world: int = 1) -> int:
+    """Steps of one epoch: every place once (ceil N / P) for the epoch samplers, N // P for ``uniform``. Under
+    DDP (world > 1) the epoch samplers drop a last, shorter batch (ranks must gather equal shares)."""
+    if sampler == "uniform" or world > 1:
+        return max(1, num_places // places_per_batch)
+    return -(-num_places // places_per_batch)
+
+
+def epoch_batches(groups: list[str], places_per_batch: int, seed: int, epoch: int, in_city: bool) -> list[np.ndarray]:
+    """The place indices of every batch of ``epoch`` (each place exactly once), see the module notes."""
+    if in_city:
+        order, names = [], list(dict.fromkeys(groups))
+        for g, name in enumerate(names):
+            members = np.array([i for i, x in enumerate(groups) if x == name])
+            order.append(members[np.random.default_rng([seed, epoch, g, 23]).permutation(len(members))])
+        perm = np.concatenate(order)
+    else:
+        perm = np.random.default_rng([seed, epoch, 29]).permutation(len(groups))
+    return [perm[i:i + places_per_batch] for i in range(0, len(perm), places_per_batch)]
+
+
+def images_of(places: np.ndarray, sizes: list[int], images_per_place: int, seed: int, step: int,
+              rank: int = 0, world: int = 1) -> list[tuple[int, int]]:
+    """(place, image) pairs of this rank's share: K images per place, without replacement when it has K."""
+    pairs = []
+    for p in places[rank::world]:
+        rng = np.random.default_rng([seed, step, int(p), 31])
+        imgs = rng.choice(sizes[p], images_per_place, replace=sizes[p] < images_per_place)
+        pairs += [(int(p), int(i)) for i in imgs]
+    return pairs
 
 
 def draw_batch(num_places: int, places_per_batch: int, sizes: list[int], images_per_place: int, seed: int,
@@ -151,7 +206,12 @@ class PlaceBatches(Dataset):
 
     def __init__(self, places: PlaceSet, places_per_batch: int, images_per_place: int, transform, seed: int,
                  rank: int = 0, world: int = 1, augment=None, num_steps: int = 10**9,
-                 views: dict | None = None) -> None:
+                 views: dict | None = None, sampler: str = "uniform") -> None:
+        if sampler not in SAMPLERS[1:]:
+            raise ValueError(f"data.sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+        self.sampler = sampler
+        self.steps_per_epoch = steps_per_epoch(len(places), places_per_batch, sampler, world)
+        self._epoch: tuple[int, list[np.ndarray]] | None = None
         self.places, self.P, self.K = places, places_per_batch, images_per_place
         self.transform, self.augment, self.seed = transform, augment, seed
         self.rank, self.world, self.num_steps = rank, world, num_steps
@@ -162,9 +222,18 @@ class PlaceBatches(Dataset):
     def __len__(self) -> int:
         return self.num_steps
 
+    def pairs(self, step: int) -> list[tuple[int, int]]:
+        """(place, image) pairs of this rank's share of step ``step``'s batch."""
+        if self.sampler == "uniform":
+            return draw_batch(len(self.places), self.P, self.sizes, self.K, self.seed, step, self.rank, self.world,
+                              self.places.weights)
+        epoch, b = divmod(step, self.steps_per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, epoch_batches(self.places._g(), self.P, self.seed, epoch, self.sampler == "in-city"))
+        return images_of(self._epoch[1][b], self.sizes, self.K, self.seed, step, self.rank, self.world)
+
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        pairs = draw_batch(len(self.places), self.P, self.sizes, self.K, self.seed, step, self.rank, self.world,
-                           self.places.weights)
+        pairs = self.pairs(step)
         xs: list[torch.Tensor] = []
         vs: dict[str, list[torch.Tensor]] = {k: [] for k in self.views}
         for j, (p, i) in enumerate(pairs):
