@@ -231,11 +231,16 @@ class PosNegDistill(LossTerm):
 class CrossAttentionAlign(LossTerm):
     """TinyVPR's cross-attention feature alignment (training only; not part of the exported student).
 
-    Student tokens [B, Ns, Cs] are projected to the teacher's width (q = W s) and attend over the frozen
-    teacher's tokens [B, Nt, Ct] (single-head scaled dot product, keys = LayerNorm'd teacher tokens, values =
-    teacher tokens); each projected student token is pulled towards what it attends to:
-        L = mean_tokens (1 - cos(q_i, sum_j softmax_j(q_i . k_j / sqrt(Ct)) v_j)).
-    Grids and token counts may differ (the attention finds the corresponding teacher tokens).
+    Each frozen teacher token asks the student for its content: student tokens [B, Ns, Cs] are projected to the
+    teacher's width (v = W s + b), teacher tokens [B, Nt, Ct] query them (single-head scaled dot product between
+    LayerNorm'd teacher tokens and LayerNorm'd projected student tokens), and the attended student content must
+    reconstruct the teacher token:
+        L = mean_j (1 - cos(t_j, sum_i softmax_i(LN(t_j) . LN(v_i) / sqrt(Ct)) v_i)).
+    Grids and token counts may differ (the attention finds the corresponding student tokens). The direction
+    matters: an earlier form, in which projected student tokens attended over the teacher and were pulled towards
+    the teacher mixture they picked, could be satisfied by the projector's bias alone (a constant query picks a
+    constant mixture); here a projector that ignores the student returns one vector for every teacher token and
+    cannot follow their variation (tests/test_tinyvpr.py: the bias-only control).
     """
 
     needs_teacher = True
@@ -244,16 +249,18 @@ class CrossAttentionAlign(LossTerm):
         super().__init__()
         self.proj = nn.Linear(student_width, teacher_width)
         self.key_norm = nn.LayerNorm(teacher_width)
+        self.query_norm = nn.LayerNorm(teacher_width)
 
     def forward(self, ctx: StepContext) -> torch.Tensor:
         assert ctx.teacher_tokens is not None
         return self.loss(ctx.tokens.patches, ctx.teacher_tokens.patches)
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        q = self.proj(student)
-        k = self.key_norm(teacher)
-        attn = torch.softmax(q @ k.transpose(1, 2) / teacher.shape[-1] ** 0.5, -1)
-        return (1 - F.cosine_similarity(q, attn @ teacher, dim=-1)).mean()
+        """student [B, Ns, Cs], teacher [B, Nt, Ct] -> scalar."""
+        v = self.proj(student)  # [B, Ns, Ct]
+        attn = torch.softmax(self.query_norm(teacher) @ self.key_norm(v).transpose(1, 2) / teacher.shape[-1] ** 0.5,
+                             -1)  # [B, Nt, Ns]
+        return (1 - F.cosine_similarity(attn @ v, teacher, dim=-1)).mean()
 
 
 class ConfusionAwareMS(LossTerm):
