@@ -20,8 +20,17 @@ def test_prompt_parameter_count_of_dinov2_s_default():
     assert n == 32 * 384 * 12 + 12 and abs(n - 0.15e6) < 0.01e6
 
 
-def test_cls_to_prompt_attention_equals_the_blocks_own_attention():
+@pytest.mark.parametrize("sparsity", [None, 0.5])
+def test_cls_to_prompt_attention_equals_the_blocks_own_attention(sparsity):
+    """Also on a ternary ViT at activation sparsity 0.5: the scores see what the block's qkv layer computes."""
     bb = _vit("scene")
+    if sparsity is not None:
+        from edgevpr.compress.ternary import TernaryLinear, apply_ternary
+
+        apply_ternary(bb)
+        for m in bb.modules():
+            if isinstance(m, TernaryLinear):
+                m.sparsity = sparsity
     blk = bb.vit.blocks[1]
     x = torch.randn(2, 1 + 8 + 16, 384)
     got = cls_attention(blk, x, slice(1, 9))

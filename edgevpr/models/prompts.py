@@ -25,21 +25,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _weight(linear: nn.Module) -> torch.Tensor:
-    """The weight a linear layer computes with (a ternary layer's delta * q, else its weight)."""
-    return linear.effective_weight() if hasattr(linear, "effective_weight") else linear.weight
-
-
 def cls_attention(block: nn.Module, x: torch.Tensor, cols: slice) -> torch.Tensor:
     """Head-averaged attention of the CLS query (token 0) to the keys in ``cols``, inside ``block`` on its
-    input ``x`` [B, T, C]: softmax over all T keys per head, then mean over heads -> [B, len(cols)]."""
+    input ``x`` [B, T, C]: softmax over all T keys per head, then mean over heads -> [B, len(cols)].
+
+    q and k come from the block's own qkv layer (its forward), so whatever that layer applies (a ternary
+    layer's activation sparsity, int8 activations, the int8 GEMM twin) shapes these scores as it shapes the
+    block's attention."""
     attn = block.attn
     h = block.norm1(x)
     c = h.shape[-1]
-    w = _weight(attn.qkv)
-    b = attn.qkv.bias
-    q = F.linear(h[:, :1], w[:c], None if b is None else b[:c])  # [B, 1, C]
-    k = F.linear(h, w[c: 2 * c], None if b is None else b[c: 2 * c])  # [B, T, C]
+    qkv = attn.qkv(h)  # [B, T, 3C]
+    q, k = qkv[:, :1, :c], qkv[:, :, c: 2 * c]
     nh = attn.num_heads
     q = attn.q_norm(q.reshape(q.shape[0], 1, nh, -1).transpose(1, 2))
     k = attn.k_norm(k.reshape(k.shape[0], k.shape[1], nh, -1).transpose(1, 2))
