@@ -53,6 +53,17 @@ def test_gsv_cities_sampler_is_in_city_and_shows_every_place_once_per_epoch(gsv_
     assert len(uniform) < len(places)  # the old draw: an "epoch" of N/P steps misses places
 
 
+def test_images_sampler_shows_every_image_once_per_epoch(gsv_root):
+    places = build_places([{"gsv_cities": str(gsv_root)}]).filter(1)
+    n = sum(len(p) for p in places.places)
+    pb = PlaceBatches(places, 64, 1, None, seed=0, sampler="images")
+    assert pb.steps_per_epoch == -(-n // 64)
+    seen = [(p, i) for s in range(pb.steps_per_epoch) for p, i in pb.pairs(s)]
+    assert len(seen) == n and len(set(seen)) == n  # every image of every place, once
+    with pytest.raises(ValueError, match="images_per_place: 1"):
+        PlaceBatches(places, 64, 4, None, seed=0, sampler="images")
+
+
 def test_losses_run_in_fp32_under_mixed_precision():
     torch.manual_seed(0)
     base = torch.nn.functional.normalize(torch.randn(8, 1, 64), dim=-1)

@@ -573,7 +573,7 @@ def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int 
     sampler = d["sampler"]
     if sampler == "auto":
         sampler = "in-city" if all("gsv_cities" in s for s in d["places"]) else "uniform"
-    steps_per_epoch = epoch_steps(len(places), d["places_per_batch"], sampler, world)
+    steps_per_epoch = epoch_steps(len(places), d["places_per_batch"], sampler, world, n_images)
     if conf.get("epochs"):
         conf["steps"] = int(conf["epochs"] * steps_per_epoch)
     size = tuple(d["image_size"]) if d["image_size"] else model.image_size

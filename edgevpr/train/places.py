@@ -15,6 +15,8 @@ Samplers (``data.sampler``):
   order and cut into consecutive batches of P places (the last one shorter), so a batch holds places of one city
   (hard same-city negatives) except where a city ends inside it.
 * ``epoch``: every place exactly once per epoch, one global permutation per epoch.
+* ``images``: every *image* exactly once per epoch (a flat, shuffled image list, P images per batch, K = 1), as
+  TAT-VPR's stage-1 distillation runs over GSV-Cities' images (its epochs count images, not places).
 * ``uniform``: each step draws P places without replacement from all places (with ``weight``), independently
   of the other steps (an "epoch" is then N / P steps, which shows about 63% of the places).
 * ``auto`` (default): ``in-city`` when every source is GSV-Cities, else ``uniform``.
@@ -140,15 +142,18 @@ def manifest_places(csv_path: str | os.PathLike, radius: float | None = None) ->
     return PlaceSet(places, Path(csv_path).stem)
 
 
-SAMPLERS = ("auto", "uniform", "epoch", "in-city")
+SAMPLERS = ("auto", "uniform", "epoch", "in-city", "images")
 
 
-def steps_per_epoch(num_places: int, places_per_batch: int, sampler: str, world: int = 1) -> int:
-    """Steps of one epoch: every place once (ceil N / P) for the epoch samplers, N // P for ``uniform``. Under
-    DDP (world > 1) the epoch samplers drop a last, shorter batch (ranks must gather equal shares)."""
+def steps_per_epoch(num_places: int, places_per_batch: int, sampler: str, world: int = 1,
+                    num_images: int | None = None) -> int:
+    """Steps of one epoch: every place (``images``: every image) once, ceil(N / P), for the epoch samplers;
+    N // P for ``uniform``. Under DDP (world > 1) the epoch samplers drop a last, shorter batch (ranks must
+    gather equal shares)."""
+    n = num_images if sampler == "images" and num_images is not None else num_places
     if sampler == "uniform" or world > 1:
-        return max(1, num_places // places_per_batch)
-    return -(-num_places // places_per_batch)
+        return max(1, n // places_per_batch)
+    return -(-n // places_per_batch)
 
 
 def epoch_batches(groups: list[str], places_per_batch: int, seed: int, epoch: int, in_city: bool) -> list[np.ndarray]:
@@ -210,7 +215,11 @@ class PlaceBatches(Dataset):
         if sampler not in SAMPLERS[1:]:
             raise ValueError(f"data.sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
         self.sampler = sampler
-        self.steps_per_epoch = steps_per_epoch(len(places), places_per_batch, sampler, world)
+        if sampler == "images" and images_per_place != 1:
+            raise ValueError(f"data.sampler 'images' draws single images: set data.images_per_place: 1 "
+                             f"(got {images_per_place})")
+        self.steps_per_epoch = steps_per_epoch(len(places), places_per_batch, sampler, world,
+                                               sum(len(p) for p in places.places))
         self._epoch: tuple[int, list[np.ndarray]] | None = None
         self.places, self.P, self.K = places, places_per_batch, images_per_place
         self.transform, self.augment, self.seed = transform, augment, seed
@@ -228,6 +237,12 @@ class PlaceBatches(Dataset):
             return draw_batch(len(self.places), self.P, self.sizes, self.K, self.seed, step, self.rank, self.world,
                               self.places.weights)
         epoch, b = divmod(step, self.steps_per_epoch)
+        if self.sampler == "images":
+            if self._epoch is None or self._epoch[0] != epoch:
+                self._epoch = (epoch, [np.random.default_rng([self.seed, epoch, 37]).permutation(sum(self.sizes))])
+            chosen = self._epoch[1][0][b * self.P:(b + 1) * self.P][self.rank::self.world]
+            place = np.searchsorted(np.asarray(self.offsets), chosen, side="right") - 1
+            return [(int(p), int(g - self.offsets[p])) for p, g in zip(place, chosen, strict=True)]
         if self._epoch is None or self._epoch[0] != epoch:
             self._epoch = (epoch, epoch_batches(self.places._g(), self.P, self.seed, epoch, self.sampler == "in-city"))
         return images_of(self._epoch[1][b], self.sizes, self.K, self.seed, step, self.rank, self.world)
