@@ -216,3 +216,52 @@ def test_weitop_target_is_the_heads_importance_on_the_unpruned_tokens():
     p_t = target / target.sum(-1, keepdim=True)
     kl = (p_t * (p_t.log() - torch.log_softmax(logits, -1))).sum(-1).mean() / logits.shape[-1]
     torch.testing.assert_close(got, kl)
+
+
+def test_every_forward_of_a_step_runs_at_the_steps_knobs():
+    """A loss term's own forward (WeiToP's unpruned target) runs at the step's sampled sparsity, not at 0.
+    Break: evaluate the terms after leaving the knob context."""
+    from edgevpr.compress.ternary import TernaryLinear
+    from edgevpr.models.model import load_model
+    from edgevpr.train.loop import TrainStep
+    from edgevpr.train.losses import WeiToPDistill
+
+    torch.manual_seed(0)
+    m = load_model({"backbone": {"name": "dinov2_vits14", "weights": None, "depth": 4, "init_values": 1.0,
+                                 "pruning": {"block": 2, "method": "weitop"}},
+                    "aggregator": {"name": "weiad", "num_clusters": 4, "cluster_dim": 8, "token_dim": 8},
+                    "image_size": [84, 84], "ternary": {}})
+    seen = []
+
+    class Probe(WeiToPDistill):
+        def forward(self, ctx):
+            seen.append({mod.sparsity for mod in m.modules() if isinstance(mod, TernaryLinear)})
+            return super().forward(ctx)
+
+    step = TrainStep(m, torch.nn.ModuleDict({"weitop_distill": Probe(m)}), {"weitop_distill": 1.0},
+                     {"weight": 0.0}, 10, None, False).train()
+    step(torch.randn(2, 3, 84, 84), torch.tensor([0, 1]), torch.tensor([0, 1]), 0, None,
+         {"sparsity": 0.4, "keep_ratio": 0.5})
+    assert seen == [{0.4}]
+
+
+def test_mixvpr_mixes_along_space_within_each_channel():
+    """MixVPR's feature mixers act on each channel's flattened spatial map (x + MLP(LN(x)) over HW): the head
+    feeds them [B, C, HW], and a change in one channel changes that channel's mixed map only. Break: mix along
+    the channel axis."""
+    from edgevpr.models.aggregators.mixvpr import MixVPR
+
+    torch.manual_seed(0)
+    mix = MixVPR(16, (4, 6), out_channels=8, mix_depth=2, out_rows=2).eval()
+    t = Tokens(torch.randn(1, 24, 16), None, (4, 6))
+    seen = {}
+    h = mix.mixers.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    with torch.no_grad():
+        mix(t)
+    h.remove()
+    torch.testing.assert_close(seen["x"], t.as_map().flatten(2))
+    y = seen["x"].clone()
+    y[0, 3] += torch.randn(24)
+    with torch.no_grad():
+        dx = (mix.mixers(y) - mix.mixers(seen["x"])).abs().sum(-1)[0]  # [C]: change per channel
+    assert float(dx[3]) > 1e-3 and float(dx[torch.arange(16) != 3].max()) < 1e-6
