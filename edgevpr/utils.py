@@ -53,6 +53,11 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def default_cache_dir() -> Path:
+    """Where descriptor caches live: ``$EDGEVPR_CACHE/descriptors`` (default ``~/.cache/edgevpr``)."""
+    return Path(os.environ.get("EDGEVPR_CACHE", Path.home() / ".cache" / "edgevpr")) / "descriptors"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

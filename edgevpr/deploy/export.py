@@ -23,22 +23,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import os
 import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ..data.transforms import ToModelInput
 from ..models.backbones import ViTBackbone
 from ..models.model import VPRModel
 from ..utils import atomic_write
+from .onnx_model import META_KEY, OnnxModel, graph_digest, is_onnx  # noqa: F401  (OnnxModel, is_onnx: re-exported)
 
-META_KEY = "edgevpr"
 OPSET = 17
 #: onnxruntime dynamic quantisation quantises these ops by default: the linears of transformers and heads.
 #: Conv is left in fp32: onnxruntime's ConvInteger is slower than its fp32 convolution on CPU.
@@ -134,107 +131,3 @@ def export_onnx(model: VPRModel, out: str | os.PathLike, knobs: dict | None = No
         entry.key, entry.value = META_KEY, json.dumps(meta, sort_keys=True)
         atomic_write(out, lambda tmp: onnx.save(proto, tmp))
     return out
-
-
-def graph_digest(proto) -> str:
-    """sha256 of an ONNX model's graph: its nodes, initializers (the weights) and inputs/outputs."""
-    return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
-
-
-def is_onnx(spec: str | os.PathLike) -> bool:
-    return str(spec).lower().endswith(".onnx")
-
-
-class OnnxModel:
-    """An exported model run by onnxruntime; quacks like a VPRModel where extraction and search need it.
-
-    ``model(x)``: images [B, 3, H, W] -> descriptors [B, D] (torch tensors, CPU). Knobs are baked in: asking
-    for other values is an error, asking for the baked ones is allowed.
-    """
-
-    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no such ONNX file")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise ValueError(f"{self.path}: not a loadable ONNX model ({str(e).splitlines()[0]})") from None
-        raw = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
-        if raw is None:
-            raise ValueError(f"{self.path}: not an edgevpr export (no '{META_KEY}' metadata); use `edgevpr export`")
-        try:
-            self.meta = json.loads(raw)
-        except ValueError:
-            raise ValueError(f"{self.path}: damaged '{META_KEY}' metadata (not JSON)") from None
-        self._verify()
-        self.config = self.meta["config"]
-        self.baked_knobs: dict[str, float] = self.meta["knobs"]
-
-    def _verify(self) -> None:
-        """Refuse a file whose graph (weights included) is not the one exported."""
-        import onnx
-
-        recorded = self.meta.get("graph_sha256")
-        if recorded is None:
-            from ..integrity import warn
-
-            warn(f"{self.path}: exported before edgevpr recorded a checksum of the weights; its integrity cannot be "
-                 "checked (export it again)")
-            return
-        try:
-            digest = graph_digest(onnx.load(str(self.path), load_external_data=False))
-        except Exception as e:  # protobuf decode errors
-            raise ValueError(f"{self.path}: damaged ONNX file ({str(e).splitlines()[0]})") from None
-        if digest != recorded:
-            raise ValueError(f"{self.path}: the weights or graph differ from the export's checksum (damaged or "
-                             "modified file): export it again")
-
-    name = property(lambda self: self.meta["name"])
-    out_dim = property(lambda self: int(self.meta["out_dim"]))
-    image_size = property(lambda self: tuple(self.meta["image_size"]))
-    int8 = property(lambda self: bool(self.meta["int8"]))
-
-    def fingerprint(self, runtime: bool = True) -> str:
-        """The source model's fingerprint (fp32: same descriptors); int8 exports get one of their own."""
-        fp = self.meta["source_fingerprint"]
-        if self.int8 and runtime:
-            fp = hashlib.sha256(f"{fp}|onnx-int8|{self.meta.get('graph_sha256', '')}".encode()).hexdigest()[:16]
-        return fp
-
-    def knob_names(self) -> list[str]:
-        return sorted(self.baked_knobs)
-
-    def transform(self, image_size: tuple[int, int] | None = None) -> ToModelInput:
-        if image_size is not None and tuple(image_size) != self.image_size:
-            raise ValueError(f"{self.path}: exported for {self.image_size[0]}x{self.image_size[1]} input; "
-                             f"re-export for {image_size[0]}x{image_size[1]}")
-        m = self.meta
-        return ToModelInput(self.image_size, tuple(m["mean"]), tuple(m["std"]), m["interpolation"])
-
-    def check_knobs(self, knobs: dict | None) -> None:
-        for k, v in (knobs or {}).items():
-            if v is not None and (k not in self.baked_knobs or abs(self.baked_knobs[k] - float(v)) > 1e-9):
-                raise ValueError(f"{self.path}: knob {k}={v} differs from the value baked in at export "
-                                 f"({self.baked_knobs.get(k, 'none')}); export again with --knob {k}={v}")
-
-    def __call__(self, x: torch.Tensor, **knobs) -> torch.Tensor:
-        self.check_knobs(knobs)
-        out = self.session.run(None, {"images": np.ascontiguousarray(x.detach().cpu().numpy(), np.float32)})[0]
-        return torch.from_numpy(out)
-
-    def eval(self) -> OnnxModel:
-        return self
-
-    def to(self, device) -> OnnxModel:
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"{self.path}: the onnxruntime path runs on the CPU only (asked for {device})")
-        return self
-
-    def file_bytes(self) -> int:
-        return self.path.stat().st_size
-

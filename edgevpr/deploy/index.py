@@ -39,14 +39,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.images import ImageLoadError, list_images
-from ..eval.extract import _collate, _Images
 from ..integrity import StampCache, check_finite, sha256_file
 from ..utils import atomic_write, write_json
+from .embed import embed, image_batches
 
 DB_FILE, FAISS_FILE, MANIFEST_FILE = "places.sqlite", "index.faiss", "manifest.json"
 KINDS = ("flat", "ivfpq", "hnsw", "binary")
@@ -405,7 +403,6 @@ def _stored_descriptors(con: sqlite3.Connection, dim: int, start: int = 0, stora
     return out
 
 
-@torch.inference_mode()
 def _extract_into(con: sqlite3.Connection, model, rows: list[Row], knobs: dict, batch_size: int, skip_bad: bool,
                   progress: bool, desc: str, on_batch: Callable[[int], None] | None,
                   storage: str = "float32") -> dict:
@@ -421,17 +418,15 @@ def _extract_into(con: sqlite3.Connection, model, rows: list[Row], knobs: dict, 
     todo = [r for r in rows if r.path not in done]
     seen: set[str] = set()
     todo = [r for r in todo if not (r.path in seen or seen.add(r.path))]  # a path listed twice is stored once
-    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
-    loader = DataLoader(_Images([Path(r.path) for r in todo], model.transform(), None), batch_size=batch_size,
-                        collate_fn=_collate)
+    batches = image_batches([Path(r.path) for r in todo], model.transform(), batch_size)
     next_id = con.execute("SELECT COALESCE(MAX(id) + 1, 0) FROM images").fetchone()[0]
     added = failed = 0
     bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
-    for xs, idx, bad in loader:  # idx, bad: positions in todo
+    for xs, idx, bad in batches:  # idx, bad: positions in todo
         if bad and not skip_bad:
             j, err = bad[0]
             raise ImageLoadError(todo[j].path, err + " (use --skip-bad to skip and report such images)")
-        d = model(xs.to(device), **knobs).float().cpu().numpy() if xs is not None else np.zeros((0, 0), np.float32)
+        d = embed(model, xs, knobs) if xs is not None else np.zeros((0, 0), np.float32)
         check_finite(d, [todo[j].path for j in idx], model.name)
         if storage == "bits" and len(d):
             d = pack_bits(d)

@@ -1,4 +1,8 @@
-"""Localize photos against a place index: embed with the index's model (PyTorch or onnxruntime), search."""
+"""Localize photos against a place index: embed with the index's model (PyTorch or onnxruntime), search.
+
+Torch is imported only for a PyTorch model: with an exported ``.onnx`` model this runs on numpy, PIL,
+onnxruntime and faiss alone (``pip install "edgevpr[runtime]"``).
+"""
 
 from __future__ import annotations
 
@@ -9,25 +13,31 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..data.images import load_image
 from ..integrity import check_finite
+from .embed import embed
 from .index import Match, PlaceIndex, check_model
 
 
-def open_model(spec: str | os.PathLike, device: str | torch.device = "cpu", int8: bool = False):
+def open_model(spec: str | os.PathLike, device="cpu", int8: bool = False):
     """A VPRModel (named preset, config file, saved folder) or, for a ``.onnx`` file, an onnxruntime model."""
-    from .export import OnnxModel, is_onnx
+    from .onnx_model import OnnxModel, is_onnx
 
     if is_onnx(spec):
         if int8:
             raise ValueError(f"{spec}: --int8 applies to PyTorch ternary models; export with --int8 instead")
         return OnnxModel(spec).to(device)
-    from ..models.model import load_model
+    try:
+        from ..models.model import load_model
+    except ImportError as e:
+        raise ValueError(f"model {spec}: a PyTorch model needs the full install (pip install edgevpr[full]: "
+                         f"{e.name} is missing); the runtime install runs exported .onnx models") from None
 
-    model = load_model(spec, device)
+    from ..utils import pick_device
+
+    model = load_model(spec, pick_device(device))
     if int8:
         from ..compress.ternary import TernaryLinear, to_int8
 
@@ -41,7 +51,7 @@ class Localizer:
     """Index + model, checked to belong together. Thread-safe (one forward at a time)."""
 
     def __init__(self, index: str | os.PathLike | PlaceIndex, model=None, mmap: bool = True,
-                 device: str | torch.device = "cpu") -> None:
+                 device="cpu") -> None:
         self.index = index if isinstance(index, PlaceIndex) else PlaceIndex.open(index, mmap=mmap)
         rec = self.index.model
         if model is None:
@@ -51,18 +61,16 @@ class Localizer:
         self.model = open_model(model, device) if isinstance(model, (str, os.PathLike)) else model
         check_model(rec, self.model.name, self.model.fingerprint(), str(self.index.root))
         self.knobs = rec["knobs"]
-        self.device = device
         self.transform = self.model.transform(tuple(rec["image_size"]))
         self._lock = threading.Lock()
 
-    @torch.inference_mode()
     def embed(self, images: list[Image.Image], knobs: dict | None = None) -> np.ndarray:
         """RGB images -> descriptors [B, D] float32. ``knobs`` override the index's for these queries only
         (e.g. a lower keep_ratio for faster queries against a database embedded unpruned)."""
-        x = torch.stack([self.transform(im) for im in images]).to(self.device)
+        x = np.stack([self.transform.array(im) for im in images])
         with self._lock:
             self.model.eval()
-            d = self.model(x, **{**self.knobs, **(knobs or {})}).float().cpu().numpy()
+            d = embed(self.model, x, {**self.knobs, **(knobs or {})})
         check_finite(d, [getattr(im, "filename", "") or f"query {i}" for i, im in enumerate(images)], self.model.name)
         return d
 

@@ -24,13 +24,9 @@ from tqdm.auto import tqdm
 from ..data.images import ImageLoadError, load_image
 from ..integrity import check_finite, warn
 from ..models.model import VPRModel
-from ..utils import atomic_write
+from ..utils import atomic_write, default_cache_dir  # noqa: F401  (re-exported)
 
 CHUNK = 256
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("EDGEVPR_CACHE", Path.home() / ".cache" / "edgevpr")) / "descriptors"
 
 
 class _Images(Dataset):

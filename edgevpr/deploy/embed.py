@@ -1,0 +1,37 @@
+"""Images -> descriptors for either kind of model, without importing torch unless the model is a torch one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ..data.images import ImageLoadError, load_image
+
+
+def embed(model, x: np.ndarray, knobs: dict | None = None) -> np.ndarray:
+    """images [B, 3, H, W] float32 -> descriptors [B, D] float32 (an OnnxModel, or a torch VPRModel)."""
+    knobs = knobs or {}
+    if hasattr(model, "session"):  # onnxruntime
+        model.check_knobs(knobs)
+        return model.run(x)
+    import torch
+
+    with torch.inference_mode():
+        device = next(model.parameters()).device
+        return model(torch.from_numpy(np.ascontiguousarray(x)).to(device), **knobs).float().cpu().numpy()
+
+
+def image_batches(paths: list[Path], transform, batch_size: int, max_pixels: int | None = None
+                  ) -> Iterator[tuple[np.ndarray | None, list[int], list[tuple[int, str]]]]:
+    """Batches of (images [b, 3, H, W] or None, positions in ``paths`` loaded, [(position, reason)] unreadable)."""
+    for start in range(0, len(paths), batch_size):
+        xs, ok, bad = [], [], []
+        for j in range(start, min(len(paths), start + batch_size)):
+            try:
+                xs.append(transform.array(load_image(paths[j], max_pixels)))
+                ok.append(j)
+            except ImageLoadError as e:
+                bad.append((j, e.reason))
+        yield (np.stack(xs) if xs else None), ok, bad

@@ -1,0 +1,48 @@
+"""The torch-free runtime: a fresh virtual environment with only ``edgevpr[runtime]`` builds an index with an
+exported model and localizes a Gardens Point night photo (its own frame first); torch cannot be imported there."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from edgevpr.deploy.export import export_onnx
+from edgevpr.models.model import load_model
+from tests.conftest import ROOT
+
+
+def _timed(cmd: list, **kw) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run ``cmd`` under /usr/bin/time -v -> (result, wall s, peak RSS MB)."""
+    t0 = time.perf_counter()
+    r = subprocess.run(["/usr/bin/time", "-v", *map(str, cmd)], capture_output=True, text=True, **kw)
+    wall = time.perf_counter() - t0
+    rss = next((int(line.split()[-1]) / 1024 for line in r.stderr.splitlines() if "Maximum resident" in line), -1.0)
+    return r, wall, rss
+
+
+def test_runtime_install_localizes_without_torch(data_root, tmp_path):
+    onnx = export_onnx(load_model("effnet-lite0-gem"), tmp_path / "m.onnx")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
+                          f"{ROOT}[runtime]"], capture_output=True, text=True, timeout=1200)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    py, cli = venv / "bin" / "python", venv / "bin" / "edgevpr"
+    for mod in ("torch", "timm"):
+        assert subprocess.run([str(py), "-c", f"import {mod}"], capture_output=True).returncode != 0, mod
+    gp = data_root / "gardens_point"
+    build = subprocess.run([str(cli), "index", "build", "--model", str(onnx), "--images", str(gp / "day_right"),
+                            "--out", str(tmp_path / "idx"), "--quiet"], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    r, wall, rss = _timed([cli, "localize", "--index", tmp_path / "idx", "--model", onnx,
+                           gp / "night_right" / "Image050.jpg", "--json"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    top = json.loads(r.stdout)["results"][0]["matches"][0]
+    assert top["path"].endswith("day_right/Image050.jpg") and top["rank"] == 1
+    info = subprocess.run([str(cli), "index", "info", str(tmp_path / "idx"), "--verify"], capture_output=True,
+                          text=True)
+    assert info.returncode == 0 and json.loads(info.stdout)["verified"] is True
+    _, help_wall, _ = _timed([cli, "--help"])
+    print(f"runtime venv: localize cold {wall:.2f} s, peak RSS {rss:.0f} MB; --help {help_wall:.2f} s")
