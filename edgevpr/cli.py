@@ -232,8 +232,12 @@ def cmd_export(args) -> int:
 
     model = load_model(args.model)
     knobs = _knobs(args)
-    out = export_onnx(model, args.out, knobs=knobs, image_size=_image_size(args), int8=args.int8)
+    out = export_onnx(model, args.out, knobs=knobs, image_size=_image_size(args), int8=args.int8,
+                      calibration=args.calibration, calibration_count=args.calibration_count)
     onnx_model = OnnxModel(out)
+    q = onnx_model.meta.get("quantized") or {}
+    if q:
+        print(f"int8: {q['method']}; quantised ops: " + ", ".join(f"{n} {k}" for k, n in sorted(q["ops"].items())))
     x = torch.randn(4, 3, *onnx_model.image_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref = model.eval()(x, **knobs)
@@ -400,11 +404,17 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="auto")
     sv.set_defaults(func=cmd_serve)
 
-    x = sub.add_parser("export", help="export a model to ONNX (runtime knobs baked in; optional int8)")
+    x = sub.add_parser("export", help="export a model to ONNX (runtime knobs baked in; optional int8)",
+                       description="Example: edgevpr export --model effnet-lite0-gem --out m.onnx --int8 "
+                                   "--calibration db_images/")
     x.add_argument("--model", required=True, help="named model, config or saved model folder")
     x.add_argument("--format", choices=["onnx"], default="onnx")
     x.add_argument("--out", required=True, help="output .onnx file")
-    x.add_argument("--int8", action="store_true", help="int8 weights for MatMul/Gemm (onnxruntime dynamic quant.)")
+    x.add_argument("--int8", action="store_true",
+                   help="int8 graph: CNNs static QDQ (needs --calibration), transformers dynamic (default: off)")
+    x.add_argument("--calibration", help="int8 CNNs: folder or CSV of database images to calibrate on (default: none)")
+    x.add_argument("--calibration-count", type=_bounded(1, 10000), default=64,
+                   help="images used for calibration, evenly spaced (default 64)")
     x.add_argument("--image-size", type=int, nargs="+", metavar="PX", help="input size (H [W]); default the model's")
     _knob_flags(x)
     x.set_defaults(func=cmd_export)

@@ -314,3 +314,23 @@ def test_binary_index_stores_sign_bits_and_ranks_by_hamming(tiny, tmp_path):
 
 def _stop_now(n_added):
     raise _Stop
+
+
+def test_int8_export_of_a_cnn_is_static_qdq_and_says_what_it_quantised(tiny, tmp_path, monkeypatch):
+    import edgevpr.deploy.export as ex
+
+    images = _folder(tmp_path / "db", 8)
+    with pytest.raises(ValueError, match="--calibration"):
+        export_onnx(tiny, tmp_path / "x.onnx", int8=True)
+    fp32 = OnnxModel(export_onnx(tiny, tmp_path / "fp32.onnx"))
+    q = OnnxModel(export_onnx(tiny, tmp_path / "int8.onnx", int8=True, calibration=images, calibration_count=8))
+    assert q.meta["quantized"]["ops"].get("Conv", 0) > 10 and "static QDQ" in q.meta["quantized"]["method"]
+    assert q.file_bytes() < 0.5 * fp32.file_bytes() and q.fingerprint() != fp32.fingerprint()
+    from edgevpr.data.images import load_image
+
+    x = np.stack([tiny.transform().array(load_image(p)) for p in sorted(images.glob("*.png"))])
+    cos = (q.run(x) * fp32.run(x)).sum(-1)
+    assert float(cos.min()) > 0.9  # calibrated on these images: close to fp32
+    monkeypatch.setattr(ex, "_quantized_ops", lambda proto: {})
+    with pytest.raises(ValueError, match="nothing in its graph is quantisable"):
+        export_onnx(tiny, tmp_path / "none.onnx", int8=True, calibration=images, calibration_count=8)

@@ -29,6 +29,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..models.backbones import ViTBackbone
@@ -37,8 +38,9 @@ from ..utils import atomic_write
 from .onnx_model import META_KEY, OnnxModel, graph_digest, is_onnx  # noqa: F401  (OnnxModel, is_onnx: re-exported)
 
 OPSET = 17
-#: onnxruntime dynamic quantisation quantises these ops by default: the linears of transformers and heads.
-#: Conv is left in fp32: onnxruntime's ConvInteger is slower than its fp32 convolution on CPU.
+#: Dynamic quantisation (transformers) quantises these ops: the linears of the blocks and heads. Conv is left in
+#: fp32 there (onnxruntime's dynamic ConvInteger is slower than its fp32 convolution on CPU); CNNs are quantised
+#: statically instead (QDQ Conv with calibrated activation ranges).
 INT8_OPS = ("MatMul", "Gemm")
 
 
@@ -87,10 +89,55 @@ def _frozen_copy(model: VPRModel) -> VPRModel:
     return model
 
 
+def _quantized_ops(proto) -> dict[str, int]:
+    """Ops that run in int8 in a quantised graph: QDQ-wrapped Conv/MatMul/Gemm (static) or the integer kernels
+    of dynamic quantisation."""
+    g = proto.graph
+    dq = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear"}
+    out: dict[str, int] = {}
+    for n in g.node:
+        if n.op_type in ("Conv", "MatMul", "Gemm") and any(i in dq for i in n.input):
+            out[n.op_type] = out.get(n.op_type, 0) + 1
+        elif n.op_type in ("MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"):
+            out[n.op_type] = out.get(n.op_type, 0) + 1
+    return out
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over preprocessed images: {"images": [b, 3, H, W]} batches."""
+
+    def __init__(self, arrays: list[np.ndarray], batch: int = 8) -> None:
+        self.batches = [np.stack(arrays[i:i + batch]) for i in range(0, len(arrays), batch)]
+
+    def get_next(self) -> dict | None:
+        return {"images": self.batches.pop(0)} if self.batches else None
+
+
+def calibration_arrays(model: VPRModel, source: str | os.PathLike, count: int,
+                       image_size: tuple[int, int]) -> list[np.ndarray]:
+    """``count`` evenly spaced images of a folder or CSV manifest, preprocessed as the model's input."""
+    from ..data.images import load_image
+    from .index import read_rows
+
+    rows = read_rows(source)
+    pick = np.linspace(0, len(rows) - 1, min(count, len(rows))).round().astype(int)
+    t = model.transform(image_size)
+    return [t.array(load_image(Path(rows[i].path))) for i in sorted(set(pick.tolist()))]
+
+
 def export_onnx(model: VPRModel, out: str | os.PathLike, knobs: dict | None = None,
-                image_size: tuple[int, int] | None = None, int8: bool = False, opset: int = OPSET) -> Path:
-    """Write ``model`` (with ``knobs`` baked in) as one ONNX file at ``out`` (atomically) and return its path."""
+                image_size: tuple[int, int] | None = None, int8: bool = False, opset: int = OPSET,
+                calibration: str | os.PathLike | None = None, calibration_count: int = 64) -> Path:
+    """Write ``model`` (with ``knobs`` baked in) as one ONNX file at ``out`` (atomically) and return its path.
+
+    int8: CNN backbones are quantised statically (QDQ: int8 weights per channel and int8 activations whose ranges are
+    calibrated on ``calibration_count`` images of ``calibration``, a folder or CSV of database images); other
+    models dynamically (int8 MatMul/Gemm weights, activations quantised per batch). Refuses when nothing in the
+    graph is quantisable. The metadata records what was quantised (``quantized``).
+    """
     import onnx
+
+    from ..models.backbones import CNNBackbone
 
     model = _frozen_copy(model)
     knobs = {k: float(v) for k, v in (knobs or {}).items()}
@@ -109,8 +156,9 @@ def export_onnx(model: VPRModel, out: str | os.PathLike, knobs: dict | None = No
                               output_names=["descriptors"],
                               dynamic_axes={"images": {0: "batch"}, "descriptors": {0: "batch"}})
         path = fp32
+        quantized: dict = {}
         if int8:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
+            from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
             pre, path = Path(d) / "pre.onnx", Path(d) / "int8.onnx"
@@ -118,13 +166,29 @@ def export_onnx(model: VPRModel, out: str | os.PathLike, knobs: dict | None = No
                 quant_pre_process(str(fp32), str(pre))
             except Exception:  # its symbolic shape inference fails on some graphs (BoQ's reshapes): plain ONNX one
                 quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-            quantize_dynamic(str(pre), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=list(INT8_OPS))
+            if isinstance(model.backbone, CNNBackbone):
+                if calibration is None:
+                    raise ValueError(f"model {model.name}: int8 for a CNN calibrates its activations on images: "
+                                     "give --calibration DB_IMAGES (a folder or CSV of database images)")
+                data = _Calibration(calibration_arrays(model, calibration, calibration_count, size))
+                quantize_static(str(pre), str(path), data, quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                op_types_to_quantize=["Conv", *INT8_OPS])
+                quantized["method"] = f"static QDQ, calibrated on {calibration_count} images of {calibration}"
+            else:
+                quantize_dynamic(str(pre), str(path), weight_type=QuantType.QInt8,
+                                 op_types_to_quantize=list(INT8_OPS))
+                quantized["method"] = "dynamic (int8 weights, per-batch int8 activations)"
+            quantized["ops"] = _quantized_ops(onnx.load(str(path)))
+            if not quantized["ops"]:
+                raise ValueError(f"model {model.name}: nothing in its graph is quantisable to int8 (no Conv, MatMul "
+                                 "or Gemm was quantised); export it without --int8")
         proto = onnx.load(str(path))
         p = model.preprocess
         meta = {"name": model.name + ("-int8" if int8 else ""), "source_fingerprint": model.fingerprint(),
                 "config": model.config, "knobs": knobs, "image_size": list(size), "out_dim": model.out_dim,
                 "mean": list(p.mean), "std": list(p.std), "interpolation": p.interpolation, "int8": int8,
-                "opset": opset}
+                "opset": opset, "quantized": quantized}
         meta["graph_sha256"] = graph_digest(proto)
         del proto.metadata_props[:]
         entry = proto.metadata_props.add()
