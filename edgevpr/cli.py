@@ -168,7 +168,10 @@ def cmd_index(args) -> int:
         model = open_model(args.model, device, args.int8)
         knobs = _knobs(args) or getattr(model, "baked_knobs", {})
         params = {k: v for k, v in (("nlist", args.nlist), ("pq_m", args.pq_m), ("nprobe", args.nprobe),
-                                    ("hnsw_m", args.hnsw_m), ("ef_search", args.ef_search)) if v is not None}
+                                    ("hnsw_m", args.hnsw_m), ("ef_search", args.ef_search), ("pca_dim", args.dim),
+                                    ("storage", args.storage)) if v is not None}
+        if (args.dim is not None or args.storage not in (None, "float32")) and args.kind != "flat":
+            raise ValueError("--dim and --storage apply to --kind flat (exact search over compact descriptors)")
         spec = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
         res = idx.build(model, args.images, args.out, args.kind, spec, knobs, args.batch_size, args.skip_bad,
                         params, progress=not args.quiet)
@@ -371,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--pq-m", type=int, help="ivfpq: sub-quantisers = bytes per vector (default: <= 64)")
     ib.add_argument("--nprobe", type=int, help="ivfpq: lists searched (default min(nlist, 16))")
     ib.add_argument("--hnsw-m", type=int, help="hnsw: neighbours per node (default 32)")
+    ib.add_argument("--dim", type=_bounded(1, 65536),
+                    help="flat: PCA-whitening to this many dimensions, learned on the database (default: off)")
+    ib.add_argument("--storage", choices=["float32", "float16", "int8"],
+                    help="flat: bytes per dimension of the stored descriptors (default float32)")
     ib.add_argument("--ef-search", type=int, help="hnsw: search breadth (default 64)")
     _knob_flags(ib)
     ia.add_argument("--index", required=True)

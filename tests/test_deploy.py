@@ -334,3 +334,29 @@ def test_int8_export_of_a_cnn_is_static_qdq_and_says_what_it_quantised(tiny, tmp
     monkeypatch.setattr(ex, "_quantized_ops", lambda proto: {})
     with pytest.raises(ValueError, match="nothing in its graph is quantisable"):
         export_onnx(tiny, tmp_path / "none.onnx", int8=True, calibration=images, calibration_count=8)
+
+
+def test_compact_descriptors_pca_whitening_float16_int8(tiny, tmp_path):
+    images = _folder(tmp_path / "db", 24)
+    idx.build(tiny, images, tmp_path / "flat", progress=False)
+    flat = idx.PlaceIndex.open(tmp_path / "flat")
+    q = flat.descriptors()
+    exact = [[m.id for m in r] for r in flat.search(q, 3)]
+    sizes = {}
+    for name, params in (("f16", {"storage": "float16"}), ("i8", {"storage": "int8"}),
+                         ("pca", {"pca_dim": 16, "storage": "float32"}), ("pca8", {"pca_dim": 16, "storage": "int8"})):
+        idx.build(tiny, images, tmp_path / name, progress=False, params=params)
+        pi = idx.PlaceIndex.open(tmp_path / name)
+        assert pi.manifest["params"]["storage"] == params["storage"]
+        assert pi.manifest["params"].get("pca_dim") == params.get("pca_dim")
+        found = pi.search(q, 3)  # queries go through the same (PCA, storage) transform inside the index
+        assert [r[0].id for r in found] == [e[0] for e in exact]  # every image still finds itself first
+        if name == "f16":
+            assert [[m.id for m in r] for r in found] == exact
+        sizes[name] = pi.manifest["params"]["bytes_per_vector"]
+    full = (tmp_path / "flat" / idx.FAISS_FILE).stat().st_size
+    d = tiny.out_dim
+    assert sizes == {"f16": 2 * d, "i8": d, "pca": 64, "pca8": 16}
+    assert (tmp_path / "i8" / idx.FAISS_FILE).stat().st_size < 0.35 * full  # the codes are what the file holds
+    with pytest.raises(ValueError, match="more database images than dimensions"):
+        idx.build(tiny, images, tmp_path / "bad", progress=False, params={"pca_dim": 30})

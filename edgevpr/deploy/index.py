@@ -267,7 +267,7 @@ def _make_faiss(kind: str, dim: int, n: int, params: dict):
             raise ValueError(f"binary: the descriptor dimension {dim} is not a multiple of 8")
         return faiss.IndexBinaryFlat(dim), {}
     if kind == "flat":
-        return faiss.IndexFlatIP(dim), {}
+        return _compact_flat(dim, n, params)
     if kind == "hnsw":
         m = int(params.get("hnsw_m", 32))
         index = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
@@ -285,6 +285,31 @@ def _make_faiss(kind: str, dim: int, n: int, params: dict):
         index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
         return index, {"nlist": nlist, "pq_m": m, "nbits": 8, "nprobe": int(params.get("nprobe") or min(nlist, 16))}
     raise ValueError(f"unknown index kind {kind!r} (choose from {', '.join(KINDS)})")
+
+
+#: Exhaustive-search storage of the ``flat`` kind: FAISS codes per descriptor.
+STORAGE = {"float32": "Flat", "float16": "SQfp16", "int8": "SQ8"}
+
+
+def _compact_flat(dim: int, n: int, params: dict):
+    """Exact search over compact descriptors: optional PCA-whitening to ``pca_dim`` learned on the database (then
+    L2-normalised again), stored as float32, float16 or int8 (per-dimension ranges learned on the database). FAISS
+    applies the same transform to every query (IndexPreTransform), so queries need nothing else."""
+    import faiss
+
+    storage, pca = params.get("storage", "float32"), params.get("pca_dim")
+    if storage not in STORAGE:
+        raise ValueError(f"storage {storage!r} is not one of {', '.join(STORAGE)}")
+    if pca is not None and not 1 <= int(pca) < dim:
+        raise ValueError(f"--dim {pca}: must be between 1 and the descriptor dimension {dim} - 1")
+    if pca is not None and n <= int(pca):
+        raise ValueError(f"--dim {pca}: PCA-whitening needs more database images than dimensions (have {n})")
+    if pca is None and storage == "float32":
+        return faiss.IndexFlatIP(dim), {}
+    spec = ",".join([*([f"PCAW{int(pca)}", "L2norm"] if pca is not None else []), STORAGE[storage]])
+    used = {"storage": storage, **({"pca_dim": int(pca), "whitening": True} if pca is not None else {}),
+            "bytes_per_vector": int(pca or dim) * {"float32": 4, "float16": 2, "int8": 1}[storage]}
+    return faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT), used
 
 
 def training_sample(x: np.ndarray, seed: int = 0) -> np.ndarray:
