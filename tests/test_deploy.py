@@ -153,7 +153,8 @@ def test_onnx_matches_pytorch_for_the_default_model(data_root, tmp_path):
                      for f in ("day_right", "night_right", "day_left")])
     with torch.inference_mode():
         assert _cos(onnx_model(x), model(x)) >= 0.9999
-    q8 = OnnxModel(export_onnx(model, tmp_path / "m8.onnx", int8=True))
+    q8 = OnnxModel(export_onnx(model, tmp_path / "m8.onnx", int8=True, calibration=data_root / "gardens_point" /
+                               "day_right", calibration_count=8))
     assert q8.fingerprint() != model.fingerprint() and q8.fingerprint(runtime=False) == model.fingerprint()
 
 
