@@ -14,9 +14,9 @@ Design choices:
   which ``OnnxModel`` recomputes at load: a file whose weight bytes were damaged is refused in one line instead
   of giving NaN or wrong descriptors. int8 fingerprints include it.
 * fp32 exports keep the source model's fingerprint (descriptors match PyTorch to cosine >= 0.9999, tested), so
-  an index built with PyTorch can be queried on a device through onnxruntime. int8 exports (onnxruntime
-  dynamic quantisation: int8 weights, per-batch int8 activations) compute different descriptors and get a
-  fingerprint of their own.
+  an index built with PyTorch can be queried on a device through onnxruntime. int8 exports (transformers:
+  onnxruntime dynamic quantisation, int8 weights and per-batch int8 activations; CNNs: static QDQ calibrated on
+  database images) compute different descriptors and get a fingerprint of their own.
 """
 
 from __future__ import annotations
