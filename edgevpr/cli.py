@@ -297,12 +297,51 @@ def _knob_flags(a: argparse.ArgumentParser) -> None:
                    help="a runtime knob of the model, e.g. keep_ratio=0.5 (repeat)")
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (``off`` for flags, ``none`` when unset), unless it says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.required or action.default is argparse.SUPPRESS or \
+                "default" in text or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            return text
+        d = action.default
+        if isinstance(action, argparse._StoreConstAction) and d is None:
+            d = False
+        shown = "off" if d is False else "on" if d is True else "none" if d is None else \
+            " ".join(map(str, d)) if isinstance(d, list) else str(d)
+        return f"{text} (default: {shown})".strip()
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
+#: One example per sub-command, shown at the end of its --help.
+EXAMPLES = {
+    "eval": "edgevpr eval --model effnet-lite0-gem --db day_right/ --queries night_right/ --aligned 2",
+    "train": "edgevpr train --config configs/cpu-gp-nordland.yaml --out runs/gp-nordland",
+    "build": "edgevpr build --model configs/my-netvlad.yaml --init-images db/ --out models/netvlad",
+    "index": "edgevpr index build --model effnet-lite0-gem --images db/ --out my.index",
+    "index build": "edgevpr index build --model m.onnx --images db/ --out my.index --kind flat",
+    "index add": "edgevpr index add --index my.index --images more_db/",
+    "index info": "edgevpr index info my.index --verify",
+    "localize": "edgevpr localize --index my.index photo.jpg -k 5",
+    "serve": "edgevpr serve --index my.index --port 8000",
+    "export": "edgevpr export --model effnet-lite0-gem --out m.onnx --int8 --calibration db/",
+    "models": "edgevpr models --json",
+    "import": "edgevpr import salad dino_salad.ckpt --out models/dinov2-salad",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .utils import default_cache_dir
 
-    p = argparse.ArgumentParser(prog="edgevpr", description="Visual place recognition for the edge.")
+    p = _Parser(prog="edgevpr", description="Visual place recognition for the edge.")
     p.add_argument("--version", action="version", version=f"edgevpr {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     e = sub.add_parser("eval", help="Recall@N, PR curve and efficiency of a model on datasets")
     e.add_argument("--model", default="effnet-lite0-gem",
@@ -336,10 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("build", help="build a model from a named config, initialise data-dependent parts, save it")
-    b.add_argument("--model", required=True)
+    b.add_argument("--model", required=True, help="named model or config file to build")
     b.add_argument("--init-images", help="folder or CSV of images for NetVLAD k-means initialisation")
-    b.add_argument("--out", required=True)
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", required=True, help="model folder to write (config.json + model.safetensors)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the k-means initialisation")
     b.set_defaults(func=cmd_build)
 
     t = sub.add_parser("train", help="train a model on places (P x K batches, Multi-Similarity)")
@@ -347,11 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config entry, e.g. steps=200")
     t.add_argument("--out", help="run folder (default runs/<config name>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
     i = sub.add_parser("index", help="build, extend or describe a place index (FAISS + SQLite + manifest)")
-    isub = i.add_subparsers(dest="action", required=True)
+    isub = i.add_subparsers(dest="action", required=True, parser_class=_Parser)
     ib = isub.add_parser("build", help="index the images of a folder or CSV manifest (resumes when interrupted)")
     ia = isub.add_parser("add", help="append images to an index (same model; resumes when interrupted)")
     for a in (ib, ia):
@@ -359,9 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--batch-size", type=_bounded(1, 4096), default=32, help="images per forward (default 32)")
         a.add_argument("--skip-bad", action="store_true", help="skip and report unreadable images")
         a.add_argument("--int8", action="store_true", help="ternary models: int8 GEMM path")
-        a.add_argument("--device", default="auto")
-        a.add_argument("--json", action="store_true")
-        a.add_argument("--quiet", action="store_true")
+        a.add_argument("--device", default="auto", help="PyTorch models: auto, cpu, cuda (ONNX: cpu)")
+        a.add_argument("--json", action="store_true", help="print the summary as JSON")
+        a.add_argument("--quiet", action="store_true", help="no progress bar")
     ib.add_argument("--model", default="effnet-lite0-gem",
                     help="named model, config, saved folder or exported .onnx file (onnxruntime)")
     ib.add_argument("--out", required=True, help="index folder")
@@ -380,42 +419,42 @@ def build_parser() -> argparse.ArgumentParser:
                     help="flat: bytes per dimension of the stored descriptors (default float32)")
     ib.add_argument("--ef-search", type=int, help="hnsw: search breadth (default 64)")
     _knob_flags(ib)
-    ia.add_argument("--index", required=True)
+    ia.add_argument("--index", required=True, help="index folder to extend")
     ia.add_argument("--model", help="default: the model the index records")
     ii = isub.add_parser("info", help="print an index's manifest")
-    ii.add_argument("index")
+    ii.add_argument("index", help="index folder")
     ii.add_argument("--verify", action="store_true",
                     help="read every byte: sha256 of each file against the manifest; prints {verified, problems} "
                          "and exits 1 when anything is broken (default: off)")
     i.set_defaults(func=cmd_index)
 
     lo = sub.add_parser("localize", help="top-K database matches of photos, with coordinates and scores")
-    lo.add_argument("photos", nargs="+")
-    lo.add_argument("--index", required=True)
+    lo.add_argument("photos", nargs="+", help="photos to localize")
+    lo.add_argument("--index", required=True, help="index folder")
     lo.add_argument("--model", help="default: the model the index records (an exported .onnx of it works too)")
     lo.add_argument("--top-k", "-k", type=_bounded(1, 1000), default=5, help="matches per photo (default 5)")
-    lo.add_argument("--device", default="auto")
+    lo.add_argument("--device", default="auto", help="PyTorch models: auto, cpu, cuda (ONNX: cpu)")
     lo.add_argument("--no-mmap", action="store_true", help="read the FAISS file into memory instead of mapping it")
-    lo.add_argument("--json", action="store_true")
+    lo.add_argument("--json", action="store_true", help="print the matches and latency as JSON")
     _knob_flags(lo)  # override the index's knobs for the queries, e.g. a lower keep_ratio
     lo.set_defaults(func=cmd_localize)
 
     sv = sub.add_parser("serve", help="HTTP service: upload endpoint, health, and a web page with a map")
-    sv.add_argument("--index", required=True)
+    sv.add_argument("--index", required=True, help="index folder to serve")
     sv.add_argument("--model", help="default: the model the index records")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-upload-mb", type=float, default=20.0)
-    sv.add_argument("--max-pixels", type=int, default=40_000_000)
+    sv.add_argument("--port", type=int, default=8000, help="TCP port")
+    sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload, MiB")
+    sv.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image, pixels")
     sv.add_argument("--max-k", type=_bounded(1, 1000), default=50, help="largest k a request may ask (default 50)")
-    sv.add_argument("--device", default="auto")
+    sv.add_argument("--device", default="auto", help="PyTorch models: auto, cpu, cuda (ONNX: cpu)")
     sv.set_defaults(func=cmd_serve)
 
     x = sub.add_parser("export", help="export a model to ONNX (runtime knobs baked in; optional int8)",
                        description="Example: edgevpr export --model effnet-lite0-gem --out m.onnx --int8 "
                                    "--calibration db_images/")
     x.add_argument("--model", required=True, help="named model, config or saved model folder")
-    x.add_argument("--format", choices=["onnx"], default="onnx")
+    x.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
     x.add_argument("--out", required=True, help="output .onnx file")
     x.add_argument("--int8", action="store_true",
                    help="int8 graph: CNNs static QDQ (needs --calibration), transformers dynamic (default: off)")
@@ -442,8 +481,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _with_examples(parser: argparse.ArgumentParser, path: str = "") -> argparse.ArgumentParser:
+    """Each sub-command's --help ends with an example (EXAMPLES, keyed by the sub-command path)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sp in action.choices.items():
+                key = f"{path} {name}".strip()
+                if key in EXAMPLES and not sp.epilog:
+                    sp.epilog = f"example: {EXAMPLES[key]}"
+                if not sp.description:
+                    sp.description = helps.get(name)
+                _with_examples(sp, key)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _with_examples(build_parser()).parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

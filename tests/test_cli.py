@@ -70,3 +70,28 @@ def test_main_job_on_gardens_point(data_root, tmp_path):
     assert night["recall"]["R@1"] >= 0.82
     assert day["recall"]["R@1"] >= 0.87
     assert (tmp_path / "out" / "results.md").read_text().count("| night_right_vs_day_right |") == 1
+
+
+def test_every_option_states_its_default_and_every_command_has_an_example():
+    import argparse
+
+    from edgevpr.cli import _with_examples, build_parser
+
+    problems = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        text = parser.format_help()
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sp in a.choices.items():
+                    if not sp.epilog or not sp.epilog.startswith("example: edgevpr ") or not sp.description:
+                        problems.append(f"{path} {name}: description or example missing")
+                    walk(sp, f"{path} {name}")
+            elif a.option_strings and not isinstance(a, (argparse._HelpAction, argparse._VersionAction)):
+                shown = parser._get_formatter()._get_help_string(a)
+                if not a.help or (not a.required and "default" not in shown):
+                    problems.append(f"{path} {a.option_strings[0]}: help without its default")
+        assert "usage:" in text
+
+    walk(_with_examples(build_parser()), "edgevpr")
+    assert problems == []
