@@ -1,0 +1,94 @@
+"""Sequence matching over any model's descriptors: pure functions of similarities, no model and no I/O (numpy only).
+
+* ``seqslam``: offline SeqSLAM-style search (Milford & Wyeth 2012) over a whole query stream: the similarity matrix
+  S [Q, N] (queries in capture order, database in route order) is contrast-normalised locally along the database
+  axis (each entry minus the mean, over the std, of its row within +-``window`` database frames), then for every
+  query i and database frame j the straight trajectories ending at (i, j) with a velocity in
+  ``velocities`` (database frames per query frame) are scored by their mean normalised similarity over the last
+  ``length`` queries; the best trajectory gives the match of query i. Trajectories never leave the database route
+  they end on (``db_segments``: a route made of several traversals, or a looped one cut into segments) and never
+  reach back before the start of the query sequence (``q_starts``: where each query sequence begins; shorter
+  trajectories are used at a sequence's start).
+* ``SequenceFilter``: an online causal filter for live use, a discrete Bayes (HMM forward) filter over database
+  positions: predict by a motion model (advance by ``velocities`` frames, each equally likely, within a segment;
+  with probability ``teleport`` jump anywhere, so a wrong start is recovered from), update by the likelihood
+  exp(similarity / temperature). It returns the most probable position and its probability (a confidence).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def local_contrast(s: np.ndarray, window: int = 10) -> np.ndarray:
+    """S [Q, N] -> each entry normalised by the mean and std of its row within +-window database frames."""
+    q, n = s.shape
+    c = np.cumsum(np.pad(s, ((0, 0), (1, 0))), axis=1)
+    c2 = np.cumsum(np.pad(s * s, ((0, 0), (1, 0))), axis=1)
+    lo = np.clip(np.arange(n) - window, 0, n)
+    hi = np.clip(np.arange(n) + window + 1, 0, n)
+    cnt = (hi - lo).astype(np.float64)
+    mean = (c[:, hi] - c[:, lo]) / cnt
+    var = np.maximum((c2[:, hi] - c2[:, lo]) / cnt - mean * mean, 0.0)
+    return (s - mean) / (np.sqrt(var) + 1e-6)
+
+
+def seqslam(s: np.ndarray, length: int = 10, velocities: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.25),
+            window: int = 10, db_segments: np.ndarray | None = None,
+            q_starts: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Similarities [Q, N] -> (best database frame [Q], its sequence score [Q]) by sequence search."""
+    q, n = s.shape
+    seg = np.zeros(n, np.int64) if db_segments is None else np.asarray(db_segments)
+    starts = sorted(set([0, *(q_starts or [])]))
+    seq_start = np.zeros(q, np.int64)
+    for a in starts:
+        seq_start[a:] = a
+    norm = local_contrast(s.astype(np.float64), window)
+    best_j, best_score = np.zeros(q, np.int64), np.full(q, -np.inf)
+    js = np.arange(n)
+    for i in range(q):
+        steps = min(length, i - seq_start[i] + 1)
+        for v in velocities:
+            # a fractional velocity's line need not pass through an integer frame at query i: try sub-frame phases
+            for phase in ((0.0,) if float(v).is_integer() else (-1 / 3, 0.0, 1 / 3)):
+                total = np.zeros(n)
+                valid = np.ones(n, bool)
+                for k in range(steps):  # k frames before query i
+                    jj = np.floor(js + phase - k * v + 0.5).astype(np.int64)
+                    ok = (jj >= 0) & (jj < n)
+                    jj_c = np.clip(jj, 0, n - 1)
+                    valid &= ok & (seg[jj_c] == seg)
+                    total += norm[i - k, jj_c]
+                score = np.where(valid, total / steps, -np.inf)
+                j = int(np.argmax(score))
+                if score[j] > best_score[i]:
+                    best_j[i], best_score[i] = j, score[j]
+    return best_j, best_score
+
+
+class SequenceFilter:
+    """Online discrete Bayes filter over N database positions (see the module notes)."""
+
+    def __init__(self, n: int, velocities: tuple[int, ...] = (0, 1, 2), teleport: float = 0.05,
+                 temperature: float = 0.05, db_segments: np.ndarray | None = None) -> None:
+        self.n, self.velocities, self.teleport, self.t = n, velocities, teleport, temperature
+        self.seg = np.zeros(n, np.int64) if db_segments is None else np.asarray(db_segments)
+        self.belief = np.full(n, 1.0 / n)
+
+    def predict(self) -> np.ndarray:
+        moved = np.zeros(self.n)
+        for v in self.velocities:
+            src = np.arange(self.n - v) if v >= 0 else np.arange(-v, self.n)
+            dst = src + v
+            same = self.seg[src] == self.seg[dst]
+            np.add.at(moved, dst[same], self.belief[src[same]] / len(self.velocities))
+        moved /= max(moved.sum(), 1e-300)
+        return (1 - self.teleport) * moved + self.teleport / self.n
+
+    def update(self, similarity: np.ndarray) -> tuple[int, float]:
+        """One query's similarities [N] -> (most probable database frame, its probability)."""
+        like = np.exp((np.asarray(similarity, np.float64) - np.max(similarity)) / self.t)
+        b = self.predict() * like
+        self.belief = b / b.sum()
+        j = int(np.argmax(self.belief))
+        return j, float(self.belief[j])
