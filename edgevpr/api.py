@@ -39,6 +39,7 @@ class EvalConf:
     image_size: tuple[int, int] | None = None
     progress: bool = True
     knobs: dict | None = None  # runtime knobs, e.g. {"sparsity": 0.4}
+    sequence: int = 0  # > 0: also sequence matching (SeqSLAM-style, offline) over this many query frames
 
 
 def _extract(model: VPRModel, paths: list[Path], conf: EvalConf, desc: str, device) -> Extraction:
@@ -68,6 +69,16 @@ def evaluate_dataset(model: VPRModel, ds: VPRDataset, conf: EvalConf, device="cp
         "failed_images": [{"path": p, "reason": r} for p, r in failed], "ground_truth": ds.info,
         "seconds": time.perf_counter() - t0,
     }
+    if conf.sequence:
+        from .deploy.sequence import seqslam
+
+        best, _ = seqslam(q_desc @ db_desc.T, length=conf.sequence)
+        hit = np.array([b in set(p.tolist()) for b, p in zip(best, ds.positives, strict=True)])
+        metrics["sequence"] = {"length": conf.sequence, "method": "seqslam (offline; local contrast window 10, "
+                               "velocities 0.8-1.25 database frames per query frame)",
+                               "tolerance": {k: v for k, v in ds.info.items() if k in ("tolerance_frames", "radius_m")}
+                               or "as the single-frame ground truth",
+                               "recall": {"R@1": float(np.mean(hit[has_pos]))}}
     r_at = [float(np.mean((ranks[has_pos] >= 0) & (ranks[has_pos] < n))) for n in range(1, k + 1)]
     curves = {"recall_at": r_at, "pr": pr}
     if out_dir is not None:

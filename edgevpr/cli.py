@@ -94,7 +94,7 @@ def cmd_eval(args) -> int:
     conf = EvalConf(batch_size=args.batch_size, num_workers=args.workers, skip_bad=args.skip_bad,
                     cache_dir=None if args.no_cache else args.cache_dir, top_k=args.top_k, plot=args.plot,
                     show_failures=args.show_failures, efficiency=not args.no_efficiency,
-                    image_size=_image_size(args), progress=not args.quiet,
+                    image_size=_image_size(args), progress=not args.quiet, sequence=args.sequence,
                     knobs=_knobs(args) or getattr(model, "baked_knobs", None) or None)
     out = Path(args.out or Path("outputs") / "eval" / model.name.replace("/", "_"))
     results = evaluate(model, datasets, conf, out, device)
@@ -366,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="output folder (default outputs/eval/<model>)")
     e.add_argument("--cache-dir", default=str(default_cache_dir()), help="descriptor cache (EDGEVPR_CACHE)")
     e.add_argument("--no-cache", action="store_true", help="do not read or write the descriptor cache")
+    e.add_argument("--sequence", type=_bounded(0, 1000), default=0, metavar="L",
+                   help="also match sequences of L query frames (SeqSLAM-style; queries in capture order); 0: off")
     e.add_argument("--top-k", type=_bounded(1, 1000), default=20, help="matches per query in the CSV (default 20)")
     e.add_argument("--plot", action="store_true", help="write recall@N and PR curves as PNG")
     e.add_argument("--show-failures", type=int, default=0, metavar="N", help="PNG grid of the first N wrong queries")

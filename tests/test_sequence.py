@@ -53,3 +53,20 @@ def test_online_filter_recovers_after_a_wrong_start():
     assert late > 0.9, late  # without the teleport term the belief never leaves frames >= 250: fails
     _, conf = f.update(s[-1])
     assert 0 < conf <= 1
+
+
+def test_eval_reports_sequence_recall_beside_single_frame(data_root, tmp_path):
+    """`edgevpr eval --sequence 10` on Gardens Point night 70-99: results.json gains the sequence recall."""
+    import json
+
+    from edgevpr.cli import main
+
+    gp = data_root / "gardens_point"
+    assert main(["eval", "--model", "effnet-lite0-gem", "--db", str(gp / "day_right"), "--queries",
+                 str(gp / "night_right"), "--aligned", "2", "--frames", "70:100", "--sequence", "10", "--no-cache",
+                 "--no-efficiency", "--quiet", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    (ds,) = res["datasets"].values()
+    seq = ds["sequence"]
+    assert seq["length"] == 10 and seq["tolerance"] == {"tolerance_frames": 2}
+    assert seq["recall"]["R@1"] >= ds["recall"]["R@1"]  # measured: single-frame 0.800, sequence 1.000
