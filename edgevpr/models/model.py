@@ -296,7 +296,7 @@ def load_model(spec: str | os.PathLike | dict, device: str | torch.device = "cpu
 
 
 #: Heads whose only parameters need no training (GeM's p starts at 3, CLS has none).
-_PARAMETER_FREE_HEADS = ("gem", "cls")
+_PARAMETER_FREE_HEADS = ("gem", "cls", "flatten")
 
 
 def weights_status(config: dict, saved: bool = False) -> str:
@@ -308,6 +308,8 @@ def weights_status(config: dict, saved: bool = False) -> str:
     if saved:
         return "saved edgevpr model (trained or built by edgevpr)"
     w = config["backbone"].get("weights")
+    if config["backbone"]["name"] == "pixels":
+        return "no weights (patch-normalised pixels)"
     backbone = {"offline": "offline ImageNet backbone", "hub": "pretrained backbone (downloaded)",
                 "timm": "pretrained backbone (timm, downloaded)", None: "random backbone",
                 "random": "random backbone"}.get(w, f"backbone from {w}")
