@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import os
+import socket
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -36,3 +41,27 @@ def make_image(path: Path, seed: int, size=(48, 64), mode="RGB") -> Path:
 
 TINY_MODEL = {"backbone": {"name": "cnn", "timm_name": "mobilenetv3_small_100"},
               "aggregator": {"name": "gem"}, "image_size": [64, 64], "name": "tiny-test"}
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serve_folder(folder: Path):
+    """Serve ``folder`` over HTTP on loopback for the duration of the block -> its base URL."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()

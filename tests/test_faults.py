@@ -27,7 +27,7 @@ from edgevpr.eval import extract as ex
 from edgevpr.integrity import StampCache
 from edgevpr.models.model import load_model, save_model
 from edgevpr.train.loop import load_config, train
-from tests.conftest import TINY_MODEL, make_image
+from tests.conftest import TINY_MODEL, free_port, make_image
 
 
 @pytest.fixture(scope="module")
@@ -287,12 +287,6 @@ def test_oversize_numeric_fields_are_refused_before_any_allocation(tmp_path, cap
 
 
 # ------------------------------------------------------------------------------------------------------- service
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rss_mb() -> float:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
@@ -309,7 +303,7 @@ def test_chunked_oversize_upload_is_cut_off_and_the_server_keeps_serving(tiny, i
     monkeypatch.setattr("tempfile.tempdir", str(spool))
     limit = 1_000_000
     app = create_app(Localizer(index_dir, tiny), ServiceLimits(max_upload_bytes=limit))
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

@@ -3,10 +3,7 @@ the full-size published layouts, refusals, the loopback download path, and TeTRA
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,7 @@ from edgevpr.deploy.index import pack_bits
 from edgevpr.models.model import build_model, load_model
 from edgevpr.published import CheckpointError, convert, import_checkpoint, read_checkpoint
 from edgevpr.published import releases as rel
-from tests.conftest import ROOT
+from tests.conftest import ROOT, serve_folder
 
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "published"
 FOLDERS = {"salad": "salad", "megaloc": "megaloc", "boq_dinov2": "boq", "boq_resnet": "boq", "mixvpr": "mixvpr",
@@ -141,31 +138,21 @@ def test_tetra_int8_paths_and_binary_descriptors(imported, tmp_path):
     assert (packed_bits(onnx_int8) == np.unpackbits(exp["output_binary"].numpy(), axis=1)).mean() >= 0.99
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
 def test_named_release_downloads_once_from_a_loopback_server(data_root, tmp_path, monkeypatch, capsys):
     _, ckpt = fixture("megaloc")
     served = tmp_path / "served"
     served.mkdir()
     (served / "model.safetensors").write_bytes(ckpt.read_bytes())
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(served)))
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
     monkeypatch.setenv("EDGEVPR_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("EDGEVPR_MIRROR", f"http://127.0.0.1:{srv.server_address[1]}")
-    try:
+    with serve_folder(served) as url:
+        monkeypatch.setenv("EDGEVPR_MIRROR", url)
         model = load_model("megaloc")
         assert model.name == "megaloc" and model.config["provenance"]["release"] == rel.RELEASES["megaloc"].url
         fetched = json.loads((tmp_path / "cache" / "published" / "megaloc" / "fetched.json").read_text())
         assert fetched["sha256"] == fixture("megaloc")[0]["checkpoint_sha256"]
         (served / "model.safetensors").unlink()  # a second use reads the cache only
         assert load_model("megaloc").fingerprint() == model.fingerprint()
-    finally:
-        srv.shutdown()
-        srv.server_close()
-    monkeypatch.setenv("EDGEVPR_MIRROR", f"http://127.0.0.1:{srv.server_address[1]}")  # now nothing listens
+    # the mirror's server is gone: nothing listens there any more
     capsys.readouterr()
     gp = data_root / "gardens_point"
     ev = ["--db", str(gp / "day_right"), "--queries", str(gp / "night_right"), "--aligned", "2", "--quiet"]

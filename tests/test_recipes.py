@@ -4,9 +4,6 @@ under mixed precision."""
 
 from __future__ import annotations
 
-import functools
-import http.server
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,7 @@ from edgevpr.train.loop import DEFAULTS, TrainStep, build_places, load_config, m
 from edgevpr.train.losses import MultiSimilarity, StepContext
 from edgevpr.train.places import PlaceBatches, epoch_batches, steps_per_epoch
 from tests import gsv_mini
-from tests.conftest import ROOT, TINY_MODEL
+from tests.conftest import ROOT, TINY_MODEL, serve_folder
 
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "published"
 
@@ -88,22 +85,14 @@ def test_losses_run_in_fp32_under_mixed_precision():
     assert err(grad(True, True)) > 0.01  # the control: the same loss computed under bf16 autocast is off
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def release_mirror(tmp_path_factory):
     """The published teachers' release files (fixture-size) served on loopback: EDGEVPR_MIRROR points here."""
     served = tmp_path_factory.mktemp("mirror")
     for folder, name in (("boq_dinov2", "dinov2_12288.pth"), ("salad", "dino_salad.ckpt")):
         (served / name).symlink_to(FIXTURES / folder / name)
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(served)))
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with serve_folder(served) as url:
+        yield url
 
 
 def _rss_mb() -> float:

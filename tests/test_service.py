@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import socket
 import threading
 import time
 
@@ -16,15 +15,9 @@ from PIL import Image
 from edgevpr.deploy import index as idx
 from edgevpr.deploy.localize import Localizer
 from edgevpr.deploy.service import ServiceLimits, create_app
-from tests.conftest import shared_data
+from tests.conftest import free_port, shared_data
 
 QUERY = "Image050.jpg"  # a Gardens Point night photo; the default model ranks its day frame 050 first
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +32,7 @@ def server(tmp_path_factory):
     model = load_model("effnet-lite0-gem")
     idx.build(model, data / "gardens_point" / "day_right", root, spec="effnet-lite0-gem", progress=False)
     app = create_app(Localizer(root, model), ServiceLimits(max_upload_bytes=600_000, max_pixels=2_000_000, max_k=20))
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -125,7 +118,7 @@ def test_cli_serve_binds_localhost_and_applies_its_limits(server):
     import sys
 
     _, data, root = server
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "edgevpr.cli", "serve", "--index", str(root), "--port", str(port),
                              "--max-upload-mb", "0.25", "--device", "cpu"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)

@@ -299,6 +299,12 @@ def load_model(spec: str | os.PathLike | dict, device: str | torch.device = "cpu
 _PARAMETER_FREE_HEADS = ("gem", "cls", "flatten")
 
 
+def _head_untrained(config: dict, saved: bool) -> bool:
+    """A model built from a config (no published or saved weights) whose head has parameters to train."""
+    return not saved and not (config.get("provenance") or {}).get("weights") and \
+        config["backbone"]["name"] != "pixels" and config["aggregator"]["name"] not in _PARAMETER_FREE_HEADS
+
+
 def weights_status(config: dict, saved: bool = False) -> str:
     """What a model's weights are: published VPR weights, a saved edgevpr model, or a backbone with an untrained
     head (one line, for `edgevpr models` and the untrained-head warning). saved: loaded from a model folder."""
@@ -307,18 +313,18 @@ def weights_status(config: dict, saved: bool = False) -> str:
         return f"{prov['weights']} ({prov.get('upstream', '?')})"
     if saved:
         return "saved edgevpr model (trained or built by edgevpr)"
-    w = config["backbone"].get("weights")
     if config["backbone"]["name"] == "pixels":
         return "no weights (patch-normalised pixels)"
+    w = config["backbone"].get("weights")
     backbone = {"offline": "offline ImageNet backbone", "hub": "pretrained backbone (downloaded)",
                 "timm": "pretrained backbone (timm, downloaded)", None: "random backbone",
                 "random": "random backbone"}.get(w, f"backbone from {w}")
     head = config["aggregator"]["name"]
-    if head in _PARAMETER_FREE_HEADS:
+    if not _head_untrained(config, saved):
         return f"{backbone} + {head} (no head to train)"
     return f"{backbone} + UNTRAINED {head} head: a starting point for training, not for evaluation"
 
 
 def untrained_head(model) -> bool:
     """True for a model built from a config (not a saved folder) whose head has parameters to train."""
-    return "UNTRAINED" in weights_status(model.config, saved=getattr(model, "source", None) is not None)
+    return _head_untrained(model.config, saved=getattr(model, "source", None) is not None)
