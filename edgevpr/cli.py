@@ -193,23 +193,82 @@ def cmd_index(args) -> int:
     return 0
 
 
+def _prior(args):
+    from .deploy.decision import GeoPrior
+
+    if args.prior and args.prior_utm:
+        raise ValueError("give --prior or --prior-utm, not both")
+    return GeoPrior.parse(args.prior) if args.prior else GeoPrior.parse(args.prior_utm, utm=True) \
+        if args.prior_utm else None
+
+
+def _decision_line(d: dict) -> str:
+    if d.get("reason"):
+        return f"  decision: unknown ({d['reason']})"
+    pos = d.get("position")
+    where = "" if pos is None else (f" at {pos['lat']:.6f}, {pos['lon']:.6f}" if "lat" in pos else
+                                    f" at E {pos['east']:.1f} N {pos['north']:.1f}") + f" (+-{pos['spread_m']:.0f} m)"
+    state = "uncalibrated (run `edgevpr calibrate`)" if d["known"] is None else \
+        f"{'known' if d['known'] else 'unknown'}, confidence {d['confidence']:.2f}"
+    return f"  decision: {state}, margin {d['score']:.3f}{where}"
+
+
 def cmd_localize(args) -> int:
-    from .deploy.index import match_dicts
+    from .deploy.inputs import Stream
     from .deploy.localize import Localizer, latency_summary
 
     loc = Localizer(args.index, args.model, mmap=not args.no_mmap, device=args.device)
-    results, ms = loc.localize_files(args.photos, args.top_k, _knobs(args) or None)
+    stream = Stream(args.photos, args.stride, args.skip_bad)
+    results, ms = [], []
+    for name, answer, t in loc.stream(stream, args.top_k, _knobs(args) or None, _prior(args), args.sequence,
+                                      args.sequence_method):
+        ms.append(t)
+        if args.json:
+            results.append({"photo": name, "ms": t, **answer.to_dict()})
+            continue
+        _print_matches(name, answer.matches, t)
+        print(_decision_line(answer.decision))
+        if answer.sequence:
+            m, sq = answer.sequence["match"], answer.sequence
+            print(f"  sequence ({sq['method']}, {sq['frames']} frames): {Path(m['path']).name}"
+                  + (f" (place {m['place_id']})" if m["place_id"] else ""))
+    for path, reason in stream.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if not ms:
+        raise ValueError("no photo could be localized" + (" (every input was skipped)" if stream.skipped else ""))
     if args.json:
         print(json.dumps({"model": loc.index.model["name"], "fingerprint": loc.index.model["fingerprint"],
-                          "latency": latency_summary(ms),
-                          "results": [{"photo": str(p), "ms": t, "matches": match_dicts(m)}
-                                      for p, t, m in zip(args.photos, ms, results, strict=True)]}, indent=2))
-        return 0
-    for p, t, m in zip(args.photos, ms, results, strict=True):
-        _print_matches(str(p), m, t)
-    if len(ms) > 1:
+                          "latency": latency_summary(ms), "results": results,
+                          "skipped": [{"path": p, "reason": r} for p, r in stream.skipped]}, indent=2))
+    elif len(ms) > 1:
         s = latency_summary(ms)
         print(f"{s['photos']} photos: p50 {s['p50_ms']:.1f} ms, p90 {s['p90_ms']:.1f} ms per photo")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .deploy.decision import Neighbourhood
+    from .deploy.inputs import Frame
+    from .deploy.localize import Localizer
+
+    if args.hood_m is not None and args.hood_frames is not None:
+        raise ValueError("give --hood-m or --hood-frames, not both")
+    loc = Localizer(args.index, args.model, device=args.device)
+    hood = Neighbourhood(args.hood_m, None) if args.hood_m is not None else \
+        Neighbourhood(None, args.hood_frames) if args.hood_frames is not None else None
+    from .data.images import load_image
+
+    results = {}
+    for ds in _datasets(args):
+        frames = (Frame(str(p), load_image(p)) for p in ds.q_paths)
+        positives = [{str(Path(ds.db_paths[j]).resolve()) for j in pos} for pos in ds.positives]
+        cal = loc.calibrate(frames, positives, args.precision, hood)
+        results[ds.name] = cal.to_dict()
+        print(f"{ds.name}: {cal.queries} queries; threshold {cal.threshold:.4f} on the margin gives precision "
+              f"{cal.precision:.3f} (target {cal.target_precision}) at recall {cal.recall:.3f}; written to "
+              f"{loc.index.root}/manifest.json")
+    if args.json:
+        print(json.dumps(results, indent=2))
     return 0
 
 
@@ -328,7 +387,9 @@ EXAMPLES = {
     "index build": "edgevpr index build --model m.onnx --images db/ --out my.index --kind flat",
     "index add": "edgevpr index add --index my.index --images more_db/",
     "index info": "edgevpr index info my.index --verify",
-    "localize": "edgevpr localize --index my.index photo.jpg -k 5",
+    "localize": "edgevpr localize --index my.index drive.mp4 --stride 15 --sequence 10 --prior -27.47,153.03,200",
+    "calibrate": "edgevpr calibrate --index my.index --db day_right/ --queries night_right/ --aligned 2 "
+                 "--precision 0.95",
     "serve": "edgevpr serve --index my.index --port 8000",
     "export": "edgevpr export --model effnet-lite0-gem --out m.onnx --int8 --calibration db/",
     "models": "edgevpr models --json",
@@ -431,15 +492,49 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_index)
 
     lo = sub.add_parser("localize", help="top-K database matches of photos, with coordinates and scores")
-    lo.add_argument("photos", nargs="+", help="photos to localize")
+    lo.add_argument("photos", nargs="+",
+                    help="photos, folders (sorted), .txt lists, .csv manifests or videos (.mp4 .mov .avi .mkv "
+                         ".webm), taken as one stream in the order given")
     lo.add_argument("--index", required=True, help="index folder")
     lo.add_argument("--model", help="default: the model the index records (an exported .onnx of it works too)")
     lo.add_argument("--top-k", "-k", type=_bounded(1, 1000), default=5, help="matches per photo (default 5)")
     lo.add_argument("--device", default="auto", help="PyTorch models: auto, cpu, cuda (ONNX: cpu)")
     lo.add_argument("--no-mmap", action="store_true", help="read the FAISS file into memory instead of mapping it")
     lo.add_argument("--json", action="store_true", help="print the matches and latency as JSON")
+    lo.add_argument("--skip-bad", action="store_true", help="skip and report unreadable photos instead of stopping")
+    lo.add_argument("--stride", type=_bounded(1, 100000), default=1, help="videos: use every N-th frame (default 1)")
+    lo.add_argument("--prior", metavar="LAT,LON,RADIUS_M",
+                    help="GNSS prior: search only database images within RADIUS_M metres of LAT,LON")
+    lo.add_argument("--prior-utm", metavar="EAST,NORTH,RADIUS_M", help="GNSS prior in UTM metres")
+    lo.add_argument("--sequence", type=_bounded(0, 1000), default=0, metavar="L",
+                    help="also match the stream as a sequence over the last L frames (default 0: off)")
+    lo.add_argument("--sequence-method", choices=["seqslam", "filter"], default="seqslam",
+                    help="seqslam: SeqSLAM search over the last L frames; filter: online Bayes filter")
     _knob_flags(lo)  # override the index's knobs for the queries, e.g. a lower keep_ratio
     lo.set_defaults(func=cmd_localize)
+
+    ca = sub.add_parser("calibrate", help="set an index's known/unknown threshold from validation queries "
+                                          "with ground truth, at a target precision")
+    ca.add_argument("--index", required=True, help="index folder (its manifest gains the calibration)")
+    ca.add_argument("--model", help="default: the model the index records")
+    ca.add_argument("--db", help="the database the index was built from (folder or CSV), for the ground truth")
+    ca.add_argument("--queries", action="append", help="validation query folder or CSV (repeat for several sets)")
+    ca.add_argument("--dataset", choices=["gardens_point"], help="a known benchmark's queries")
+    cgt = ca.add_mutually_exclusive_group()
+    cgt.add_argument("--aligned", type=int, metavar="K", help="aligned traversals, positives within +-K frames")
+    cgt.add_argument("--gt", help="VPR-Bench ground_truth_new.npy")
+    ca.add_argument("--frames", type=_frames, metavar="START:STOP", help="aligned traversals: places START..STOP-1")
+    ca.add_argument("--radius", type=float, default=25.0, help="positive radius in metres (UTM names, CSV)")
+    ca.add_argument("--drop-dark", type=float, metavar="LEVEL", help="drop frames darker than LEVEL (0-255 mean)")
+    ca.add_argument("--precision", type=float, default=0.95, help="target precision of 'known' answers")
+    ca.add_argument("--hood-m", type=float,
+                    help="matches within this many metres of the top-1 are the same place (default 25 with "
+                         "coordinates)")
+    ca.add_argument("--hood-frames", type=int, help="without coordinates: within this many database ids "
+                                                    "(default 2)")
+    ca.add_argument("--device", default="auto", help="PyTorch models: auto, cpu, cuda (ONNX: cpu)")
+    ca.add_argument("--json", action="store_true", help="print the calibration as JSON")
+    ca.set_defaults(func=cmd_calibrate)
 
     sv = sub.add_parser("serve", help="HTTP service: upload endpoint, health, and a web page with a map")
     sv.add_argument("--index", required=True, help="index folder to serve")

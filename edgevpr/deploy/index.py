@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from ..data.images import ImageLoadError, list_images
 from ..integrity import StampCache, check_finite, sha256_file
 from ..utils import atomic_write, write_json
+from .decision import Coordinates
 from .embed import embed, image_batches
 
 DB_FILE, FAISS_FILE, MANIFEST_FILE = "places.sqlite", "index.faiss", "manifest.json"
@@ -371,8 +372,25 @@ class PlaceIndex:
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
-    def search(self, desc: np.ndarray, k: int = 5) -> list[list[Match]]:
-        """descriptors [Q, D] float32 (L2-normalised) -> per query its top-k matches (score = cosine)."""
+    def search(self, desc: np.ndarray, k: int = 5, ids: np.ndarray | None = None) -> list[list[Match]]:
+        """descriptors [Q, D] float32 (L2-normalised) -> per query its top-k matches (score = cosine); ``ids``
+        (e.g. the images within a GNSS prior, ``GeoPrior.ids``) restricts the search to those database images."""
+        return self.matches(*self.search_ids(desc, k, ids))
+
+    def matches(self, scores: np.ndarray, found: np.ndarray) -> list[list[Match]]:
+        """(scores [Q, k], ids [Q, k]; -1 pads) -> per query its Matches with their rows."""
+        rows = self.rows(sorted({int(i) for i in found.ravel() if i >= 0}))
+        return [[Match(r + 1, int(i), float(s), *rows[int(i)]) for r, (s, i) in enumerate(zip(sq, iq, strict=True))
+                 if i >= 0] for sq, iq in zip(scores, found, strict=True)]
+
+    def search_ids(self, desc: np.ndarray, k: int, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """descriptors [Q, D] -> (scores [Q, k'], ids [Q, k']), k' = min(k, candidates), best first; -1 pads.
+
+        A restricted search uses FAISS's id selectors (exact within the selection for flat, binary and IVF-PQ);
+        HNSW's graph walk cannot reach a small selection reliably, so there the selected images are scored
+        exactly from their stored descriptors."""
+        import faiss
+
         desc = np.ascontiguousarray(desc, dtype=np.float32)
         if desc.ndim != 2 or desc.shape[1] != self.manifest["dim"]:
             raise ValueError(f"descriptors of shape {tuple(desc.shape)}; this index holds {self.manifest['dim']}-D")
@@ -382,15 +400,55 @@ class PlaceIndex:
             raise ValueError(f"{self.root}: the index holds no images")
         if not 1 <= k <= MAX_K:
             raise ValueError(f"k={k}: must be between 1 and {MAX_K}")
-        if self.manifest["kind"] == "binary":
-            hamming, ids = self.index.search(pack_bits(desc), min(k, len(self)))
-            scores = 1.0 - 2.0 * hamming / desc.shape[1]
-        else:
-            scores, ids = self.index.search(desc, min(k, len(self)))
-        found = {int(i) for i in ids.ravel() if i >= 0}
-        rows = self.rows(sorted(found))
-        return [[Match(r + 1, int(i), float(s), *rows[int(i)]) for r, (s, i) in enumerate(zip(sq, iq, strict=True))
-                 if i >= 0] for sq, iq in zip(scores, ids, strict=True)]
+        kind, params = self.manifest["kind"], None
+        if ids is not None:
+            ids = np.unique(np.asarray(ids, np.int64))
+            if len(ids) == 0:
+                return np.zeros((len(desc), 0), np.float32), np.zeros((len(desc), 0), np.int64)
+            if kind == "hnsw":
+                sel = _stored_rows(self.con, ids, self.manifest["dim"])
+                s = desc @ sel.T
+                top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+                return np.take_along_axis(s, top, 1), ids[top]
+            sel = faiss.IDSelectorBatch(ids)
+            params = (faiss.SearchParametersIVF(sel=sel, nprobe=int(self.manifest["params"]["nprobe"]))
+                      if kind == "ivfpq" else faiss.SearchParameters(sel=sel))
+        k = min(k, len(self) if ids is None else len(ids))
+        if kind == "binary":
+            hamming, found = self.index.search(pack_bits(desc), k, params=params)
+            return 1.0 - 2.0 * hamming / desc.shape[1], found
+        return self.index.search(desc, k, params=params)
+
+    def similarities(self, desc: np.ndarray, depth: int = MAX_K) -> np.ndarray:
+        """descriptors [Q, D] -> similarity to every database image [Q, N] (for sequence matching): the top
+        ``depth`` scores of each query as the index computes them, every other image at that query's lowest
+        retrieved score (a floor: they are not among its best ``depth``)."""
+        scores, found = self.search_ids(desc, min(depth, len(self)))
+        out = np.repeat(np.where(found >= 0, scores, np.inf).min(1, keepdims=True), len(self), 1).astype(np.float32)
+        for q in range(len(desc)):
+            ok = found[q] >= 0
+            out[q, found[q][ok]] = scores[q][ok]
+        return out
+
+    def coordinates(self) -> Coordinates:
+        """Every image's coordinates in id order (NaN where missing), read once and kept."""
+        if getattr(self, "_coords", None) is None:
+            a = np.array(self.con.execute("SELECT lat, lon, east, north FROM images ORDER BY id").fetchall(),
+                         dtype=np.float64).reshape(-1, 4)
+            self._coords = Coordinates(*(a[:, i] for i in range(4)))
+        return self._coords
+
+    def segments(self) -> np.ndarray:
+        """Database route segments [N] int (for sequence matching): a new segment starts where the image folder
+        changes (another traversal) or where consecutive images are far apart (> max(50 m, 10x the median step)),
+        e.g. a route indexed as several drives or a loop; database order is assumed to be capture order."""
+        paths = [r[0] for r in self.con.execute("SELECT path FROM images ORDER BY id")]
+        parents = [Path(p).parent for p in paths]
+        cut = np.array([False] + [a != b for a, b in zip(parents[:-1], parents[1:], strict=True)])
+        step = self.coordinates().steps()
+        if np.isfinite(step).any():
+            cut[1:] |= np.nan_to_num(step, nan=0.0) > max(50.0, 10 * float(np.nanmedian(step)))
+        return np.cumsum(cut)
 
     def rows(self, ids: list[int]) -> dict[int, tuple]:
         """id -> (path, place_id, lat, lon, east, north)."""
@@ -417,6 +475,18 @@ class PlaceIndex:
     def descriptors(self) -> np.ndarray:
         """All stored descriptors in id order: [N, D] float32, or [N, D/8] uint8 sign bits for a binary index."""
         return _stored_descriptors(self.con, self.manifest["dim"], 0, storage_of(self.manifest["kind"]))
+
+
+def _stored_rows(con: sqlite3.Connection, ids: np.ndarray, dim: int) -> np.ndarray:
+    """Stored float32 descriptors of ``ids`` [M] (in that order) -> [M, D]."""
+    out = np.empty((len(ids), dim), np.float32)
+    pos = {int(i): n for n, i in enumerate(ids)}
+    for start in range(0, len(ids), 500):
+        part = [int(i) for i in ids[start:start + 500]]
+        for i, blob in con.execute(f"SELECT id, descriptor FROM images WHERE id IN ({','.join('?' * len(part))})",
+                                   part):
+            out[pos[i]] = np.frombuffer(blob, np.float32)
+    return out
 
 
 def _stored_descriptors(con: sqlite3.Connection, dim: int, start: int = 0, storage: str = "float32") -> np.ndarray:
@@ -474,7 +544,8 @@ def _extract_into(con: sqlite3.Connection, model, rows: list[Row], knobs: dict, 
 
 
 def _write(root: Path, con: sqlite3.Connection, index, kind: str, params: dict, record: dict,
-           created: str | None) -> dict:
+           created: str | None, keep: dict | None = None) -> dict:
+    """Write the FAISS file and then the manifest (``keep``: fields carried over, e.g. a calibration)."""
     import faiss
 
     write = faiss.write_index_binary if kind == "binary" else faiss.write_index
@@ -491,7 +562,7 @@ def _write(root: Path, con: sqlite3.Connection, index, kind: str, params: dict, 
         "metric": "Hamming distance of sign bits (score 1 - 2 h / D)" if kind == "binary" else
         "inner product of L2-normalised descriptors (cosine similarity)", "kind": kind, "params": params,
         "count": int(index.ntotal), "failed_images": n_failed, "created": created or now, "updated": now,
-        "files": files,
+        "files": files, **(keep or {}),
     }
     write_json(root / MANIFEST_FILE, manifest)
     stamps.save()
@@ -572,9 +643,18 @@ def add(model, source: str | os.PathLike, root: str | os.PathLike, batch_size: i
     index = _read_faiss(root / FAISS_FILE, manifest["kind"])
     new = _stored_descriptors(con, record["dim"], int(index.ntotal), storage)
     index.add(new)
-    manifest = _write(root, con, index, manifest["kind"], manifest["params"], record, manifest["created"])
+    manifest = _write(root, con, index, manifest["kind"], manifest["params"], record, manifest["created"],
+                      {k: manifest[k] for k in ("calibration",) if k in manifest})
     con.close()
     return {**counts, "appended_to_faiss": len(new), "count": manifest["count"], "failed_paths": _failed(root)}
+
+
+def set_calibration(root: str | os.PathLike, calibration: dict) -> dict:
+    """Record a known/unknown calibration (``decision.Calibration.to_dict()``) in an index's manifest."""
+    root = Path(root)
+    manifest = {**read_manifest(root), "calibration": calibration}
+    write_json(root / MANIFEST_FILE, manifest)
+    return manifest
 
 
 def _failed(root: Path) -> list[tuple[str, str]]:

@@ -10,6 +10,8 @@ import os
 import statistics
 import threading
 import time
+from collections import deque
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +19,10 @@ from PIL import Image
 
 from ..data.images import load_image
 from ..integrity import check_finite
+from .decision import DECISION_DEPTH, Calibration, GeoPrior, Neighbourhood, calibrate, margin, position
 from .embed import embed
-from .index import Match, PlaceIndex, check_model
+from .index import Match, PlaceIndex, check_model, match_dicts, set_calibration
+from .sequence import SequenceFilter, seqslam
 
 
 def open_model(spec: str | os.PathLike, device="cpu", int8: bool = False):
@@ -74,8 +78,39 @@ class Localizer:
         check_finite(d, [getattr(im, "filename", "") or f"query {i}" for i, im in enumerate(images)], self.model.name)
         return d
 
-    def localize(self, images: list[Image.Image], k: int = 5, knobs: dict | None = None) -> list[list[Match]]:
-        return self.index.search(self.embed(images, knobs), k)
+    def localize(self, images: list[Image.Image], k: int = 5, knobs: dict | None = None,
+                 prior: GeoPrior | None = None) -> list[list[Match]]:
+        """RGB images -> per image its top-k matches (within the GNSS ``prior`` when given)."""
+        return [a.matches for a in self.answer(self.embed(images, knobs), k, prior)]
+
+    @property
+    def calibration(self) -> Calibration | None:
+        rec = self.index.manifest.get("calibration")
+        return Calibration.from_dict(rec, str(self.index.root)) if rec else None
+
+    def answer(self, desc: np.ndarray, k: int = 5, prior: GeoPrior | None = None) -> list[Answer]:
+        """Descriptors [Q, D] -> per query its top-k matches and a decision (see ``decision``): position
+        estimate, margin score, calibrated confidence and known/unknown. Searches ``DECISION_DEPTH`` deep to find
+        the best match outside the top-1's neighbourhood."""
+        ids = prior.ids(self.index.coordinates(), str(self.index.root)) if prior is not None else None
+        if ids is not None and len(ids) == 0:
+            return [Answer([], {"known": False, "reason": "no database image within the prior's radius",
+                                "searched": 0}) for _ in range(len(desc))]
+        scores, found = self.index.search_ids(desc, max(k, DECISION_DEPTH), ids)
+        top = self.index.matches(scores[:, :k], found[:, :k])
+        coords, cal = self.index.coordinates(), self.calibration
+        hood = Neighbourhood(**cal.neighbourhood) if cal else Neighbourhood.default(coords)
+        out = []
+        for matches, sq, iq in zip(top, scores, found, strict=True):
+            sq, iq = sq[iq >= 0], iq[iq >= 0]
+            score = margin(sq, iq, coords, hood)
+            out.append(Answer(matches, {
+                "position": position(sq, iq, coords, hood, k), "score": score,
+                "confidence": cal.confidence(score) if cal else None,
+                "known": bool(score >= cal.threshold) if cal else None,
+                "threshold": cal.threshold if cal else None,
+                "searched": len(self.index) if ids is None else len(ids)}))
+        return out
 
     def localize_files(self, paths: list[str | os.PathLike], k: int = 5,
                        knobs: dict | None = None) -> tuple[list[list[Match]], list[float]]:
@@ -86,6 +121,88 @@ class Localizer:
             out.append(self.localize([load_image(Path(p))], k, knobs)[0])
             ms.append((time.perf_counter() - t0) * 1000)
         return out, ms
+
+    def calibrate(self, frames, positives: list[set[str]], precision: float = 0.95,
+                  hood: Neighbourhood | None = None) -> Calibration:
+        """Validation frames (``inputs.Frame``) and, per frame, the database paths that count as right ->
+        a Calibration at the target ``precision``, recorded in the index (a frame without any right database
+        image is a place the index does not know: its answer counts as wrong)."""
+        hood = hood or Neighbourhood.default(self.index.coordinates())
+        scores, right = [], []
+        for f, pos in zip(frames, positives, strict=True):
+            s, found = self.index.search_ids(self.embed([f.image]), DECISION_DEPTH)
+            ok = found[0] >= 0
+            scores.append(margin(s[0][ok], found[0][ok], self.index.coordinates(), hood))
+            right.append(self.index.rows([int(found[0][0])])[int(found[0][0])][0] in pos)
+        cal = calibrate(np.array(scores), np.array(right), precision, hood)
+        self.index.manifest = set_calibration(self.index.root, cal.to_dict())
+        return cal
+
+    def tracker(self, length: int, method: str = "seqslam") -> Tracker:
+        """A sequence tracker over this index (see ``Tracker``)."""
+        return Tracker(self.index, length, method)
+
+    def stream(self, frames, k: int = 5, knobs: dict | None = None, prior: GeoPrior | None = None,
+               sequence: int = 0, method: str = "seqslam"):
+        """Frames (``inputs.Frame``, in capture order) -> per frame, as it arrives: (name, Answer, ms). With
+        ``sequence`` > 0 each answer also carries the sequence match over the frames so far (causal)."""
+        tracker = self.tracker(sequence, method) if sequence else None
+        for f in frames:
+            t0 = time.perf_counter()
+            d = self.embed([f.image], knobs)
+            a = self.answer(d, k, prior)[0]
+            if tracker is not None:
+                a.sequence = tracker.push(d[0])
+            yield f.name, a, (time.perf_counter() - t0) * 1000
+
+
+@dataclass
+class Answer:
+    """One query's answer: ``matches`` (top-k, best first), ``decision`` (see ``Localizer.answer``) and, in a
+    sequence, ``sequence`` (see ``Tracker.push``)."""
+
+    matches: list[Match]
+    decision: dict
+    sequence: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {"matches": match_dicts(self.matches), "decision": self.decision,
+                **({"sequence": self.sequence} if self.sequence is not None else {})}
+
+
+class Tracker:
+    """Sequence matching over a live stream against an index (causal: an answer uses only frames up to it).
+
+    ``seqslam``: the last ``length`` frames' similarity rows are searched as ``sequence.seqslam`` does for its
+    newest query; since that search only looks back, this equals offline ``seqslam`` over the whole stream at
+    every frame (tested). ``filter``: the Bayes filter ``sequence.SequenceFilter`` (``length`` unused), whose
+    ``probability`` is the posterior mass of the chosen position. Database route segments come from
+    ``PlaceIndex.segments`` (folders, coordinate jumps)."""
+
+    METHODS = ("seqslam", "filter")
+
+    def __init__(self, index: PlaceIndex, length: int, method: str = "seqslam") -> None:
+        if method not in self.METHODS:
+            raise ValueError(f"sequence method {method!r}: choose from {', '.join(self.METHODS)}")
+        if length < 1:
+            raise ValueError(f"sequence length {length}: must be >= 1")
+        self.index, self.length, self.method = index, length, method
+        self.segments = index.segments()
+        self.rows: deque[np.ndarray] = deque(maxlen=length)
+        self.filter = SequenceFilter(len(index), db_segments=self.segments) if method == "filter" else None
+
+    def push(self, desc: np.ndarray) -> dict:
+        """One frame's descriptor [D] -> {"match": database match, "score", "frames", "method"}."""
+        sim = self.index.similarities(desc[None])[0]
+        self.rows.append(sim)
+        if self.filter is not None:
+            j, p = self.filter.update(sim)
+            extra = {"probability": p}
+        else:
+            best, score = seqslam(np.stack(self.rows), length=self.length, db_segments=self.segments)
+            j, extra = int(best[-1]), {"score": float(score[-1])}
+        match = Match(1, j, float(sim[j]), *self.index.rows([j])[j])
+        return {"method": self.method, "frames": len(self.rows), "match": asdict(match), **extra}
 
 
 def latency_summary(ms: list[float]) -> dict:

@@ -3,8 +3,13 @@
 Endpoints:
   GET  /                      the web page (static/index.html): upload a photo, see its matches and a map
   GET  /api/health            {"status": "ok", index size, model name and fingerprint, limits}
-  POST /api/localize?k=5      multipart field ``image`` -> {"matches": [...], "ms": ...}; optional
-                              ``keep_ratio`` / ``sparsity`` override the index's runtime knobs for this query
+  POST /api/localize?k=5      multipart field ``image`` -> {"matches": [...], "decision": {...}, "ms": ...};
+                              optional ``keep_ratio`` / ``sparsity`` override the index's runtime knobs for this
+                              query; a GNSS prior ``lat``+``lon`` (or ``east``+``north``) + ``radius_m`` limits
+                              the search to the database images within it
+  POST /api/localize_sequence?length=10&method=seqslam
+                              repeated multipart field ``images`` (frames in capture order, <= max_frames) ->
+                              {"frames": [per frame: matches, decision, sequence]}
   GET  /api/thumb/{id}        JPEG thumbnail (<= 320 px) of a database image
   GET  /api/map               database positions (<= 5000, evenly spaced) for the map
 
@@ -21,7 +26,7 @@ import io
 import json
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -29,7 +34,8 @@ from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.responses import HTMLResponse, Response
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .index import match_dicts
+from .decision import GeoPrior
+from .inputs import Frame
 from .localize import Localizer
 
 THUMB_PX = 320
@@ -40,10 +46,11 @@ class ServiceLimits:
     max_upload_bytes: int = 20 * 2**20
     max_pixels: int = 40_000_000
     max_k: int = 50
+    max_frames: int = 60
 
     def __post_init__(self) -> None:  # e.g. --max-upload-mb 1.5 gives a float byte count
-        self.max_upload_bytes, self.max_pixels, self.max_k = (int(v) for v in (self.max_upload_bytes,
-                                                                               self.max_pixels, self.max_k))
+        self.max_upload_bytes, self.max_pixels, self.max_k, self.max_frames = (
+            int(v) for v in (self.max_upload_bytes, self.max_pixels, self.max_k, self.max_frames))
 
 
 class _BodyTooLarge(Exception):
@@ -157,38 +164,78 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
         m = index.model
         return {"status": "ok", "images": len(index), "model": m["name"], "fingerprint": m["fingerprint"],
                 "knobs": m["knobs"], "kind": index.manifest["kind"], "dim": index.manifest["dim"],
+                "calibration": {k: cal[k] for k in ("threshold", "target_precision", "precision", "queries")}
+                if (cal := index.manifest.get("calibration")) else None,
                 "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
-                           "max_k": limits.max_k}}
+                           "max_k": limits.max_k, "max_frames": limits.max_frames}}
 
-    @app.post("/api/localize")
-    def localize(image: UploadFile | None = File(None), k: int = 5, keep_ratio: float | None = None,
-                 sparsity: float | None = None) -> dict:
-        if image is None:
-            raise HTTPException(400, "missing multipart field 'image'")
+    def options(k: int, keep_ratio: float | None, sparsity: float | None, lat: float | None, lon: float | None,
+                east: float | None, north: float | None, radius_m: float | None) -> tuple[dict, GeoPrior | None]:
         knobs = {n: v for n, v in (("keep_ratio", keep_ratio), ("sparsity", sparsity)) if v is not None}
         for name, v in knobs.items():
             if not 0.0 <= v <= 1.0 or (name == "keep_ratio" and v == 0.0):
                 raise HTTPException(400, f"{name}={v}: must be in (0, 1] for keep_ratio, [0, 1] for sparsity")
         if not 1 <= k <= limits.max_k:
             raise HTTPException(400, f"k={k}: must be between 1 and {limits.max_k}")
-        data = image.file.read(limits.max_upload_bytes + 1)
+        if radius_m is None and any(v is not None for v in (lat, lon, east, north)):
+            raise HTTPException(400, "a GNSS prior needs radius_m (metres) with lat/lon or east/north")
         try:
-            img = decode_upload(data, limits)
+            prior = GeoPrior(radius_m, lat, lon, east, north) if radius_m is not None else None
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+        return knobs, prior
+
+    def decoded(upload: UploadFile) -> Image.Image:
+        try:
+            return decode_upload(upload.file.read(limits.max_upload_bytes + 1), limits)
         except UploadError as e:
-            raise HTTPException(e.status, str(e)) from None
-        t0 = time.perf_counter()
-        try:
-            matches = localizer.localize([img], k, knobs)[0]
-        except ValueError as e:  # a knob this model does not have, or one baked into an ONNX graph
-            raise HTTPException(400, str(e).splitlines()[0]) from None
-        ms = (time.perf_counter() - t0) * 1000
-        out = match_dicts(matches)
-        for m in out:
+            raise HTTPException(e.status, f"{upload.filename}: {e}") from None
+
+    def answered(answer, name: str | None, img: Image.Image, ms: float) -> dict:
+        out = answer.to_dict()
+        for m in out["matches"] + ([out["sequence"]["match"]] if "sequence" in out else []):
             m["name"] = Path(m["path"]).name
             m["thumb"] = f"/api/thumb/{m['id']}"
-        return {"filename": image.filename, "width": img.width, "height": img.height, "k": k, "ms": ms,
-                "knobs": {**localizer.knobs, **knobs},
-                "matches": out}
+        return {"filename": name, "width": img.width, "height": img.height, "ms": ms, **out}
+
+    def run(fn):
+        try:
+            return fn()
+        except ValueError as e:  # a knob this model does not have, one baked into an ONNX graph, a prior's field
+            raise HTTPException(400, str(e).splitlines()[0]) from None
+
+    @app.post("/api/localize")
+    def localize(image: UploadFile | None = File(None), k: int = 5, keep_ratio: float | None = None,
+                 sparsity: float | None = None, lat: float | None = None, lon: float | None = None,
+                 east: float | None = None, north: float | None = None, radius_m: float | None = None) -> dict:
+        if image is None:
+            raise HTTPException(400, "missing multipart field 'image'")
+        knobs, prior = options(k, keep_ratio, sparsity, lat, lon, east, north, radius_m)
+        img = decoded(image)
+        t0 = time.perf_counter()
+        answer = run(lambda: localizer.answer(localizer.embed([img], knobs), k, prior)[0])
+        return {"k": k, "knobs": {**localizer.knobs, **knobs}, "prior": prior and asdict(prior),
+                **answered(answer, image.filename, img, (time.perf_counter() - t0) * 1000)}
+
+    @app.post("/api/localize_sequence")
+    def localize_sequence(images: list[UploadFile] | None = File(None), k: int = 5, length: int = 10,
+                          method: str = "seqslam", keep_ratio: float | None = None, sparsity: float | None = None,
+                          lat: float | None = None, lon: float | None = None, east: float | None = None,
+                          north: float | None = None, radius_m: float | None = None) -> dict:
+        """Frames in capture order (repeated multipart field ``images``) -> per frame its answer and the
+        sequence match over the frames up to it (causal, as ``edgevpr localize --sequence``)."""
+        if not images:
+            raise HTTPException(400, "missing multipart field 'images' (the frames, in order)")
+        if len(images) > limits.max_frames:
+            raise HTTPException(413, f"{len(images)} frames: at most {limits.max_frames} per request")
+        if not 1 <= length <= 1000:
+            raise HTTPException(400, f"length={length}: must be between 1 and 1000")
+        knobs, prior = options(k, keep_ratio, sparsity, lat, lon, east, north, radius_m)
+        frames = [Frame(u.filename or f"frame {i}", decoded(u)) for i, u in enumerate(images)]
+        out = run(lambda: [answered(a, name, f.image, ms) for f, (name, a, ms) in
+                           zip(frames, localizer.stream(frames, k, knobs, prior, length, method), strict=True)])
+        return {"k": k, "length": length, "method": method, "knobs": {**localizer.knobs, **knobs},
+                "prior": prior and asdict(prior), "frames": out}
 
     @app.get("/api/thumb/{image_id}")
     def thumb(image_id: int) -> Response:

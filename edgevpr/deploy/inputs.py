@@ -1,0 +1,126 @@
+"""The photos a robot has, as one ordered stream: files, folders, lists, CSV manifests and video files.
+
+Each input of ``edgevpr localize`` may be
+  * an image file;
+  * a folder: its images, sorted by name (capture order for the usual frame-numbered names);
+  * a ``.txt`` list: one image path per line (relative paths from the list's folder; blank lines and ``#``
+    comments ignored);
+  * a ``.csv`` manifest with a ``path`` column (the format ``index build`` reads);
+  * a video file (``.mp4 .mov .avi .mkv .webm .m4v``), decoded with PyAV (FFmpeg's libraries; part of the
+    ``runtime`` extra), every ``stride``-th frame, named ``VIDEO#frameN``.
+The stream is lazy (a long video is never held in memory). An unreadable item raises a one-line
+``ImageLoadError`` naming it, or with ``skip_bad`` is reported in ``skipped`` and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from ..data.images import ImageLoadError, list_images, load_image
+
+VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
+
+
+@dataclass
+class Frame:
+    name: str
+    image: Image.Image
+
+
+@dataclass
+class Stream:
+    """The frames of ``inputs`` in order; ``skipped`` collects (name, reason) of what ``skip_bad`` passed over."""
+
+    inputs: list[str | os.PathLike]
+    stride: int = 1
+    skip_bad: bool = False
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.stride < 1:
+            raise ValueError(f"--stride {self.stride}: must be >= 1")
+
+    def __iter__(self) -> Iterator[Frame]:
+        for item in self.inputs:
+            try:
+                yield from self._expand(Path(item))
+            except ImageLoadError as e:
+                if not self.skip_bad:
+                    raise
+                self.skipped.append((e.path, e.reason))
+
+    def _expand(self, p: Path) -> Iterator[Frame]:
+        if p.is_dir():
+            paths = list_images(p)
+            if not paths:
+                raise ImageLoadError(p, "a folder without images")
+            yield from self._files(paths)
+        elif p.suffix.lower() in VIDEO_EXTS:
+            yield from video_frames(p, self.stride)
+        elif p.suffix.lower() == ".txt":
+            yield from self._files(read_list(p))
+        elif p.suffix.lower() == ".csv":
+            from ..data.datasets import read_manifest
+
+            try:
+                paths = read_manifest(p)[0]
+            except (ValueError, KeyError) as e:
+                raise ImageLoadError(p, str(e).splitlines()[0]) from None
+            yield from self._files(paths)
+        else:
+            yield from self._files([p])
+
+    def _files(self, paths: list[Path]) -> Iterator[Frame]:
+        for path in paths:
+            try:
+                yield Frame(str(path), load_image(path))
+            except ImageLoadError as e:
+                if not self.skip_bad:
+                    raise
+                self.skipped.append((e.path, e.reason))
+
+
+def read_list(path: Path) -> list[Path]:
+    """A ``.txt`` list -> its image paths (relative ones from the list's folder)."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ImageLoadError(path, f"cannot read the list ({e})") from None
+    out = []
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line:
+            q = Path(line)
+            out.append(q if q.is_absolute() else path.parent / q)
+    return out
+
+
+def video_frames(path: Path, stride: int = 1) -> Iterator[Frame]:
+    """Every ``stride``-th decoded frame of a video as RGB images, named ``PATH#frameN`` (N counts from 0)."""
+    try:
+        import av
+    except ImportError:
+        raise ImageLoadError(path, "reading video needs PyAV: pip install 'edgevpr[runtime]' (or: pip install av)") \
+            from None
+    if not path.is_file():
+        raise ImageLoadError(path, "no such file")
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError) as e:
+        raise ImageLoadError(path, f"not a readable video ({str(e).splitlines()[0]})") from None
+    with container:
+        if not container.streams.video:
+            raise ImageLoadError(path, "no video stream in the file")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            for n, frame in enumerate(container.decode(stream)):
+                if n % stride == 0:
+                    yield Frame(f"{path}#frame{n}", frame.to_image().convert("RGB"))
+        except av.FFmpegError as e:
+            raise ImageLoadError(path, f"video decoding failed ({str(e).splitlines()[0]})") from None
