@@ -387,7 +387,7 @@ EXAMPLES = {
     "index build": "edgevpr index build --model m.onnx --images db/ --out my.index --kind flat",
     "index add": "edgevpr index add --index my.index --images more_db/",
     "index info": "edgevpr index info my.index --verify",
-    "localize": "edgevpr localize --index my.index drive.mp4 --stride 15 --sequence 10 --prior -27.47,153.03,200",
+    "localize": "edgevpr localize --index my.index drive.mp4 --stride 15 --sequence 10 --prior=-27.47,153.03,200",
     "calibrate": "edgevpr calibrate --index my.index --db day_right/ --queries night_right/ --aligned 2 "
                  "--precision 0.95",
     "serve": "edgevpr serve --index my.index --port 8000",
@@ -504,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--skip-bad", action="store_true", help="skip and report unreadable photos instead of stopping")
     lo.add_argument("--stride", type=_bounded(1, 100000), default=1, help="videos: use every N-th frame (default 1)")
     lo.add_argument("--prior", metavar="LAT,LON,RADIUS_M",
-                    help="GNSS prior: search only database images within RADIUS_M metres of LAT,LON")
+                    help="GNSS prior: search only database images within RADIUS_M metres of LAT,LON (negative values: "
+                         "--prior=-27.47,153.03,200)")
     lo.add_argument("--prior-utm", metavar="EAST,NORTH,RADIUS_M", help="GNSS prior in UTM metres")
     lo.add_argument("--sequence", type=_bounded(0, 1000), default=0, metavar="L",
                     help="also match the stream as a sequence over the last L frames (default 0: off)")

@@ -73,3 +73,10 @@ def pick_device(device: str | None = None):
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def module_device(module):
+    """The device of a torch module's first parameter or buffer; ``"cpu"`` for one without any (e.g. the
+    parameter-free ``pixels-patchnorm`` model)."""
+    first = next(iter([*module.parameters(), *module.buffers()]), None)
+    return first.device if first is not None else "cpu"

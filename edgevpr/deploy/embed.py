@@ -18,8 +18,10 @@ def embed(model, x: np.ndarray, knobs: dict | None = None) -> np.ndarray:
         return model.run(x)
     import torch
 
+    from ..utils import module_device
+
     with torch.inference_mode():
-        device = next(model.parameters()).device
+        device = module_device(model)
         return model(torch.from_numpy(np.ascontiguousarray(x)).to(device), **knobs).float().cpu().numpy()
 
 

@@ -37,7 +37,7 @@ from ..data.datasets import open_dataset
 from ..integrity import sha256_file, unknown_field, warn
 from ..models.model import VPRModel, check_image_size, load_model, save_model
 from ..tokens import Tokens
-from ..utils import atomic_write, pick_device, seed_everything, write_json
+from ..utils import atomic_write, module_device, pick_device, seed_everything, write_json
 from .cache import FeatureCache
 from .losses import MultiSimilarity, StepContext, TermContext, build_terms
 from .places import PlaceBatches, PlaceSet, aligned_places, gsv_cities, manifest_places
@@ -485,7 +485,7 @@ def _load_checkpoint(out: Path, model, terms, opt, sched) -> tuple[int, float]:
 
 
 def _restore(ck: Path, model, terms, opt, sched) -> tuple[int, float]:
-    device = next(model.parameters()).device
+    device = module_device(model)
     model.load_state_dict(load_file(str(ck / "model.safetensors"), device=str(device)))
     state = json.loads((ck / "train_state.json").read_text())
     tensors = load_file(str(ck / "train_state.safetensors"), device=str(device))
@@ -711,7 +711,7 @@ def validate(model: VPRModel, sets: list, size: tuple[int, int], knobs: dict | N
     """R@1 on each validation set at the training image size, and their mean as ``val_R@1``."""
     vconf = EvalConf(cache_dir=None, efficiency=False, progress=False, image_size=size, knobs=knobs)
     was_training = model.training
-    device = next(model.parameters()).device
+    device = module_device(model)
     r1 = {f"val_R@1/{ds.name}": evaluate_dataset(model.eval(), ds, vconf, device=device)[0]["recall"]["R@1"]
           for ds in sets}
     model.train(was_training)
