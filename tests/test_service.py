@@ -15,23 +15,37 @@ from PIL import Image
 from edgevpr.deploy import index as idx
 from edgevpr.deploy.localize import Localizer
 from edgevpr.deploy.service import ServiceLimits, create_app
-from tests.conftest import free_port, shared_data
+from tests.conftest import ROOT, free_port, shared_data
 
 QUERY = "Image050.jpg"  # a Gardens Point night photo; the default model ranks its day frame 050 first
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The default model's index of Gardens Point day_right, served on a free localhost port."""
+    """The default model's index of Gardens Point day_right (coordinates along a route from a CSV manifest,
+    calibrated on night 0-49 at precision 0.9), served on a free localhost port."""
     import uvicorn
 
+    from edgevpr.data.images import load_image
+    from edgevpr.deploy.decision import Neighbourhood
+    from edgevpr.deploy.inputs import Frame
     from edgevpr.models.model import load_model
 
     data = shared_data()
-    root = tmp_path_factory.mktemp("service") / "index"
+    tmp = tmp_path_factory.mktemp("service")
+    root = tmp / "index"
+    gp = data / "gardens_point"
+    with open(tmp / "db.csv", "w") as f:
+        f.write("path,place_id,lat,lon\n")
+        for i in range(100):
+            f.write(f"{gp / 'day_right' / f'Image{i:03d}.jpg'},{i},{-27.4775 + i * 2e-5},153.028\n")
     model = load_model("effnet-lite0-gem")
-    idx.build(model, data / "gardens_point" / "day_right", root, spec="effnet-lite0-gem", progress=False)
-    app = create_app(Localizer(root, model), ServiceLimits(max_upload_bytes=600_000, max_pixels=2_000_000, max_k=20))
+    idx.build(model, tmp / "db.csv", root, spec="effnet-lite0-gem", progress=False)
+    loc = Localizer(root, model)
+    loc.calibrate([Frame(str(p), load_image(p)) for p in (gp / "night_right" / f"Image{i:03d}.jpg" for i in range(50))],
+                  [{str(gp / "day_right" / f"Image{j:03d}.jpg") for j in range(i - 2, i + 3)} for i in range(50)],
+                  0.9, Neighbourhood(radius_m=5.0))
+    app = create_app(loc, ServiceLimits(max_upload_bytes=600_000, max_pixels=2_000_000, max_k=20))
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -83,32 +97,121 @@ def test_http_upload_health_and_bad_uploads(server):
         assert c.get("/api/map").json()["count"] == 100
 
 
-def test_web_page_shows_matches_in_chromium(server, tmp_path):
+def test_prior_decision_and_sequence_over_http(server):
+    url, data, _ = server
+    night = data / "gardens_point" / "night_right"
+    with httpx.Client(base_url=url, timeout=120) as c:
+        photo = (night / QUERY).read_bytes()
+        res = c.post("/api/localize", params={"k": 3}, files={"image": (QUERY, photo)}).json()
+        d = res["decision"]
+        assert d["known"] is True and 0.9 <= d["confidence"] <= 1.0 and abs(d["position"]["lat"] + 27.4765) < 1e-4
+        near = c.post("/api/localize", params={"k": 20, "lat": -27.4775 + 20 * 2e-5, "lon": 153.028, "radius_m": 10},
+                      files={"image": (QUERY, photo)}).json()
+        assert {m["place_id"] for m in near["matches"]} <= {str(i) for i in range(15, 26)}
+        assert near["decision"]["searched"] == len(near["matches"])
+        bad = c.post("/api/localize", params={"lat": 10, "radius_m": 5}, files={"image": (QUERY, photo)})
+        assert bad.status_code == 400 and "lat and lon" in bad.json()["detail"]
+        frames = [("images", (f"Image{i:03d}.jpg", (night / f"Image{i:03d}.jpg").read_bytes())) for i in range(60, 72)]
+        seq = c.post("/api/localize_sequence", params={"length": 5, "k": 1}, files=frames).json()
+        assert len(seq["frames"]) == 12 and seq["frames"][-1]["sequence"]["frames"] == 5
+        hits = [abs(int(f["sequence"]["match"]["place_id"]) - i) <= 2 for f, i in zip(seq["frames"], range(60, 72),
+                                                                                      strict=True)]
+        assert all(hits[5:])
+        assert c.post("/api/localize_sequence", params={"method": "nope"}, files=frames[:2]).status_code == 400
+
+
+def _browser(p):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
+    return p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+
+
+SHOTS = ROOT / "outputs" / "screenshots"
+NO_OVERFLOW = "document.documentElement.scrollWidth <= window.innerWidth"
+#: markers (circle.match-marker) whose discs overlap another's: their rank numbers would be hidden
+OVERLAPS = """() => {
+  const c = [...document.querySelectorAll('circle.match-marker')].map(e => e.getBoundingClientRect());
+  let n = 0; for (let i = 0; i < c.length; i++) for (let j = i + 1; j < c.length; j++)
+    if (Math.hypot(c[i].x - c[j].x, c[i].y - c[j].y) < c[i].width - 1) n++; return n; }"""
+
+
+@pytest.mark.parametrize("width,height", [(1280, 900), (390, 844)])
+def test_web_page_in_chromium(server, width, height):
+    """Desktop and phone: no horizontal overflow, a loading cue, matches beside the query with the decision,
+    markers that do not cover each other and link to their cards, a scale bar, a failed upload that clears
+    the old results, larger previews on click; screenshots under outputs/screenshots/."""
     from playwright.sync_api import sync_playwright
 
     url, data, _ = server
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
+    SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": width, "height": height})
         page.goto(url)
         page.wait_for_selector("circle.db-point")
-        assert "100 database images" in page.inner_text("#info")
+        assert "100 database images" in page.inner_text("#info") and "calibrated" in page.inner_text("#info")
+        assert page.evaluate(NO_OVERFLOW)
+        page.evaluate("""window.sawSpinner = false; new MutationObserver(() => {
+            if (document.querySelector('#status .spinner')) window.sawSpinner = true; })
+            .observe(document.getElementById('status'), {childList: true, subtree: true});""")
         page.set_input_files("#file", str(data / "gardens_point" / "night_right" / QUERY))
         page.click("#go")
         page.wait_for_selector(".match img")
+        assert page.evaluate("window.sawSpinner")
         cards = page.locator(".match")
-        assert cards.count() == 5
-        assert QUERY in cards.nth(0).inner_text()
+        assert cards.count() == 5 and QUERY in cards.nth(0).inner_text()
         page.wait_for_function("[...document.querySelectorAll('.match img')].every(i => i.complete && i.naturalWidth)")
-        assert page.locator("circle.match-marker").count() == 5
+        decision = page.inner_text("#decision")
+        assert "Known place" in decision and "Estimated position" in decision
         assert page.locator("#query-img").is_visible()
-        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        markers = page.locator("circle.match-marker")
+        assert markers.count() == 5 and all(markers.nth(i).is_visible() for i in range(5))
+        assert page.evaluate(OVERLAPS) == 0  # ranks 1-5 lie within 10 m: without spreading they would overlap
+        assert page.locator("g.scale-bar text").text_content().endswith("m")
+        assert page.evaluate(NO_OVERFLOW)
+        page.screenshot(path=str(SHOTS / f"page-{width}x{height}.png"), full_page=True)
+        page.locator("a.match-link").nth(1).click()  # links go to their cards
+        page.wait_for_selector(".match.flash")
+        page.locator(".match img").first.click()
+        assert page.locator("#viewer").is_visible()
+        page.keyboard.press("Escape")
         page.set_input_files("#file", {"name": "broken.jpg", "mimeType": "image/jpeg", "buffer": b"\xff\xd8broken"})
         page.click("#go")
-        page.wait_for_function("document.getElementById('error').textContent.length > 0")
-        assert "Refused (400)" in page.inner_text("#error")
+        page.wait_for_function("document.getElementById('status').classList.contains('error')")
+        assert "Refused (400)" in page.inner_text("#status")
+        assert page.locator(".match").count() == 0 and page.locator("circle.match-marker").count() == 0
+        assert not page.locator("#decision").is_visible() and not page.locator("#query-img").is_visible()
+        page.screenshot(path=str(SHOTS / f"page-{width}x{height}-failed.png"), full_page=True)
+        browser.close()
+
+
+def test_web_page_sequence_mode_and_drag_and_drop(server):
+    from playwright.sync_api import sync_playwright
+
+    url, data, _ = server
+    night = data / "gardens_point" / "night_right"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        page.wait_for_selector("circle.db-point")
+        page.fill("#length", "4")
+        page.set_input_files("#file", [str(night / f"Image{i:03d}.jpg") for i in range(60, 68)])
+        page.click("#go")
+        page.wait_for_selector("#frames tbody tr")
+        assert page.locator("#frames tbody tr").count() == 8 and "Sequence of 8 frames" in page.inner_text("#results-title")
+        last = page.locator("#frames tbody tr").nth(7).inner_text()
+        assert "Image067.jpg" in last and "(4 frames)" in last
+        page.screenshot(path=str(SHOTS / "page-sequence.png"), full_page=True)
+        # a photo dropped on the drop zone (a JPEG the page fetches, wrapped as a dropped File)
+        page.evaluate("""async () => { const blob = await (await fetch('/api/thumb/30')).blob();
+            const dt = new DataTransfer(); dt.items.add(new File([blob], 'dropped.jpg', {type: 'image/jpeg'}));
+            const ev = new DragEvent('drop', {dataTransfer: dt, bubbles: true});
+            document.getElementById('drop').dispatchEvent(ev); }""")
+        page.wait_for_function("document.querySelectorAll('#frames tbody tr').length === 0 && "
+                               "document.querySelectorAll('.match').length === 5")
+        assert "Image030.jpg" in page.locator(".match").nth(0).inner_text()
         browser.close()
 
 
