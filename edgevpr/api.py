@@ -84,12 +84,15 @@ def evaluate_dataset(model: VPRModel, ds: VPRDataset, conf: EvalConf, device="cp
     if out_dir is not None:
         _write_matches(out_dir / f"{ds.name}_matches.csv", ds, scores, idx, ranks, conf.top_k)
         if conf.show_failures:
-            wrong = [i for i in np.nonzero(has_pos & (ranks != 0))[0][: conf.show_failures]]
-            if wrong:
-                rows = [(str(ds.q_paths[i]), str(ds.db_paths[idx[i, 0]]),
-                         str(ds.db_paths[ds.positives[i][0]]), float(scores[i, 0])) for i in wrong]
+            worst = report.clearest_failures(q_desc @ db_desc.T, ds.positives, conf.show_failures)
+            if worst:
+                rows = [(str(ds.q_paths[f["query"]]),
+                         (str(ds.db_paths[f["wrong"]]), f"wrong top-1, score {f['wrong_score']:.3f}"),
+                         (str(ds.db_paths[f["right"]]), f"best correct: rank {f['right_rank']}, score "
+                                                        f"{f['right_score']:.3f}")) for f in worst]
                 report.failure_grid(rows, out_dir / f"{ds.name}_failures.png",
-                                    f"{ds.name}: {int((has_pos & (ranks != 0)).sum())} wrong top-1, first {len(rows)}")
+                                    f"{ds.name}: {int((has_pos & (ranks != 0)).sum())} wrong top-1; the {len(rows)} "
+                                    "with the largest score gap to their best correct match")
     return metrics, curves
 
 

@@ -110,3 +110,18 @@ def test_gflops_counts_heads_with_fused_transformer_layers():
     with torch.inference_mode():
         inside = gflops(m, (56, 56))
     assert inside == gflops(m, (56, 56)) > 0.1
+
+
+def test_clearest_failures_are_the_largest_gaps_with_the_best_correct_rank():
+    from edgevpr.eval.report import clearest_failures, y_range
+
+    sim = np.array([[0.9, 0.1, 0.5, 0.3],  # wrong top-1 (0); its right image 1 ranks 4th, 0.8 behind
+                    [0.2, 0.8, 0.1, 0.0],  # right: not a failure
+                    [0.6, 0.55, 0.1, 0.58],  # wrong; the better of its right images (3) ranks 2nd, 0.02 behind
+                    [0.9, 0.1, 0.1, 0.1]])  # no right image at all: not shown
+    pos = [np.array([1]), np.array([1]), np.array([1, 3]), np.array([], dtype=int)]
+    rows = clearest_failures(sim, pos, 5)
+    assert [(r["query"], r["wrong"], r["right"], r["right_rank"]) for r in rows] == [(0, 0, 1, 4), (2, 0, 3, 2)]
+    assert rows[0]["gap"] == pytest.approx(0.8) and len(clearest_failures(sim, pos, 1)) == 1
+    lo, hi = y_range([np.array([0.80, 0.90, 0.95]), np.array([0.85, 0.97, 0.99])])
+    assert 0.7 < lo < 0.8 and 0.99 < hi <= 1.005  # not 0..1: the differences between curves show

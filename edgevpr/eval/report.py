@@ -41,17 +41,21 @@ def results_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def line_plot(path: Path, series: list[tuple[np.ndarray, np.ndarray, str]], **axes) -> Path:
-    """One PNG with a line per (x, y, label) series; ``axes`` go to ``Axes.set``."""
+def line_plot(path: Path, series: list[tuple[np.ndarray, np.ndarray, str]], integer_x: bool = False,
+              **axes) -> Path:
+    """One PNG with a line per (x, y, label) series; ``axes`` go to ``Axes.set``; ``integer_x``: integer ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5, 4))
     for x, y, label in series:
         ax.plot(x, y, marker="." if len(x) < 50 else None, label=label)
     ax.set(**axes)
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -65,24 +69,47 @@ def plot_curves(results: dict, curves: dict[str, dict], out: Path) -> list[Path]
     recall = [(np.arange(1, len(c["recall_at"]) + 1), np.asarray(c["recall_at"]), name) for name, c in curves.items()]
     pr = [(c["pr"]["recall"], c["pr"]["precision"], f"{name} (AUC {c['pr']['auc']:.3f})") for name, c in curves.items()]
     return [
-        line_plot(out / "recall_at_n.png", recall, xlabel="N", ylabel="Recall@N", title=results["model"]["name"],
-                   ylim=(0, 1.02)),
+        line_plot(out / "recall_at_n.png", recall, integer_x=True, xlabel="N", ylabel="Recall@N",
+                  title=results["model"]["name"], ylim=y_range([y for _, y, _ in recall])),
         line_plot(out / "pr_curve.png", pr, xlabel="recall", ylabel="precision",
                    title="precision-recall (top-1 score threshold)", xlim=(0, 1), ylim=(0, 1.02)),
     ]
 
 
-def failure_grid(rows: list[tuple[str, str, str | None, float]], out: Path, title: str) -> Path:
-    """PNG grid: one row per failed query: query | wrong top-1 (score) | a correct match."""
+def y_range(ys: list[np.ndarray]) -> tuple[float, float]:
+    """A y-range in [0, 1] that spans the curves with a little room, so that their differences show."""
+    lo, hi = min(float(np.min(y)) for y in ys), max(float(np.max(y)) for y in ys)
+    pad = max(0.02, 0.08 * (hi - lo))
+    return max(0.0, lo - pad), min(1.0, hi + pad) + 0.005
+
+
+def clearest_failures(sim: np.ndarray, positives: list[np.ndarray], n: int) -> list[dict]:
+    """Similarities [Q, N] and each query's right database ids -> up to ``n`` queries with a wrong top-1 whose
+    correct match is furthest behind (largest score gap), each {query, wrong, wrong_score, right, right_rank,
+    right_score, gap} (ranks from 1; right is None when the query has no right image)."""
+    rows = []
+    for q, pos in enumerate(positives):
+        top = int(np.argmax(sim[q]))
+        if len(pos) == 0 or top in set(pos.tolist()):
+            continue
+        right = int(pos[np.argmax(sim[q, pos])])
+        rows.append({"query": q, "wrong": top, "wrong_score": float(sim[q, top]), "right": right,
+                     "right_rank": int((sim[q] > sim[q, right]).sum()) + 1, "right_score": float(sim[q, right]),
+                     "gap": float(sim[q, top] - sim[q, right])})
+    return sorted(rows, key=lambda r: -r["gap"])[:n]
+
+
+def failure_grid(rows: list[tuple[str, tuple[str, str], tuple[str, str]]], out: Path, title: str) -> Path:
+    """PNG grid, one row per failed query: query | wrong top-1 | the best-ranked correct match; ``rows`` hold
+    (query path, (wrong path, label), (right path, label)) with the labels under each picture."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(rows), 3, figsize=(9, 2.2 * len(rows)), squeeze=False)
-    for r, (q, wrong, right, score) in enumerate(rows):
-        for c, (path, label) in enumerate(((q, "query"), (wrong, f"wrong top-1 ({score:.3f})"),
-                                           (right, "a correct match"))):
+    for r, (q, wrong, right) in enumerate(rows):
+        for c, (path, label) in enumerate(((q, "query"), wrong, right)):
             ax = axes[r, c]
             ax.axis("off")
             if path:
