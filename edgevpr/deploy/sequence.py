@@ -12,7 +12,9 @@
 * ``SequenceFilter``: an online causal filter for live use, a discrete Bayes (HMM forward) filter over database
   positions: predict by a motion model (advance by ``velocities`` frames, each equally likely, within a segment;
   with probability ``teleport`` jump anywhere, so a wrong start is recovered from), update by the likelihood
-  exp(similarity / temperature). It returns the most probable position and its probability (a confidence).
+  exp(z / temperature), z the query's similarities standardised over the database (minus their mean, over their
+  std: the same temperature then suits any model's similarity scale). It returns the most probable position and
+  its probability (a confidence). The default temperature was chosen on validation places (benchmarks/sequence.py).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class SequenceFilter:
     """Online discrete Bayes filter over N database positions (see the module notes)."""
 
     def __init__(self, n: int, velocities: tuple[int, ...] = (0, 1, 2), teleport: float = 0.05,
-                 temperature: float = 0.05, db_segments: np.ndarray | None = None) -> None:
+                 temperature: float = 2.0, db_segments: np.ndarray | None = None) -> None:
         self.n, self.velocities, self.teleport, self.t = n, velocities, teleport, temperature
         self.seg = np.zeros(n, np.int64) if db_segments is None else np.asarray(db_segments)
         self.belief = np.full(n, 1.0 / n)
@@ -87,7 +89,9 @@ class SequenceFilter:
 
     def update(self, similarity: np.ndarray) -> tuple[int, float]:
         """One query's similarities [N] -> (most probable database frame, its probability)."""
-        like = np.exp((np.asarray(similarity, np.float64) - np.max(similarity)) / self.t)
+        s = np.asarray(similarity, np.float64)
+        z = (s - s.mean()) / (s.std() + 1e-12)
+        like = np.exp((z - z.max()) / self.t)
         b = self.predict() * like
         self.belief = b / b.sum()
         j = int(np.argmax(self.belief))
