@@ -154,6 +154,15 @@ def cmd_index(args) -> int:
     from .deploy import index as idx
     from .deploy.localize import open_model
 
+    if args.action == "tune":
+        rec = idx.tune(args.index, args.target, args.sample, args.seed, progress=not args.quiet)
+        best = rec["chosen"]
+        chosen = ", ".join(f"{k} {v}" for k, v in best.items() if k not in ("agreement", "ms_per_query"))
+        note = "" if rec["reached"] else f" (target {args.target} not reached: the most accurate setting)"
+        print(json.dumps(rec, indent=2) if args.json else
+              f"{args.index}: {chosen}: top-1 agreement {best['agreement']:.3f} with exact search on "
+              f"{rec['sample']} sampled images at {best['ms_per_query']:.2f} ms/query{note}")
+        return 0
     if args.action == "info":
         if args.verify:
             report = idx.verify_index(args.index)
@@ -168,6 +177,7 @@ def cmd_index(args) -> int:
         model = open_model(args.model, device, args.int8)
         knobs = _knobs(args) or getattr(model, "baked_knobs", {})
         params = {k: v for k, v in (("nlist", args.nlist), ("pq_m", args.pq_m), ("nprobe", args.nprobe),
+                                    ("rerank", args.rerank),
                                     ("hnsw_m", args.hnsw_m), ("ef_search", args.ef_search), ("pca_dim", args.dim),
                                     ("storage", args.storage)) if v is not None}
         if (args.dim is not None or args.storage not in (None, "float32")) and args.kind != "flat":
@@ -387,6 +397,7 @@ EXAMPLES = {
     "index build": "edgevpr index build --model m.onnx --images db/ --out my.index --kind flat",
     "index add": "edgevpr index add --index my.index --images more_db/",
     "index info": "edgevpr index info my.index --verify",
+    "index tune": "edgevpr index tune --index my.index --target 0.95",
     "localize": "edgevpr localize --index my.index drive.mp4 --stride 15 --sequence 10 --prior=-27.47,153.03,200",
     "calibrate": "edgevpr calibrate --index my.index --db day_right/ --queries night_right/ --aligned 2 "
                  "--precision 0.95",
@@ -475,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--nlist", type=int, help="ivfpq: inverted lists (default 4 sqrt(N))")
     ib.add_argument("--pq-m", type=int, help="ivfpq: sub-quantisers = bytes per vector (default: <= 64)")
     ib.add_argument("--nprobe", type=int, help="ivfpq: lists searched (default min(nlist, 16))")
+    ib.add_argument("--rerank", type=_bounded(0, 1000),
+                    help="ivfpq: candidates re-ranked exactly from float16 copies of the descriptors (default 64; 0 "
+                         "off)")
     ib.add_argument("--hnsw-m", type=int, help="hnsw: neighbours per node (default 32)")
     ib.add_argument("--dim", type=_bounded(1, 65536),
                     help="flat: PCA-whitening to this many dimensions, learned on the database (default: off)")
@@ -484,6 +498,15 @@ def build_parser() -> argparse.ArgumentParser:
     _knob_flags(ib)
     ia.add_argument("--index", required=True, help="index folder to extend")
     ia.add_argument("--model", help="default: the model the index records")
+    it = isub.add_parser("tune", help="choose an ivfpq/hnsw index's search settings for a target top-1 agreement "
+                                      "with exact search, and record them")
+    it.add_argument("--index", required=True, help="index folder")
+    it.add_argument("--target", type=float, default=0.95, help="top-1 agreement with exact search to reach")
+    it.add_argument("--sample", type=_bounded(10, 100000), default=200,
+                    help="database images used as queries (default 200)")
+    it.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    it.add_argument("--json", action="store_true", help="print every trial as JSON")
+    it.add_argument("--quiet", action="store_true", help="no progress bar")
     ii = isub.add_parser("info", help="print an index's manifest")
     ii.add_argument("index", help="index folder")
     ii.add_argument("--verify", action="store_true",

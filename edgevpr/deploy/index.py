@@ -48,6 +48,10 @@ from .decision import Coordinates
 from .embed import embed, image_batches
 
 DB_FILE, FAISS_FILE, MANIFEST_FILE = "places.sqlite", "index.faiss", "manifest.json"
+#: IVF-PQ's exact re-ranking: every descriptor as float16 in id order, a plain .npy memory-mapped at search.
+VECTORS_FILE = "vectors.f16.npy"
+#: IVF-PQ: candidates re-ranked exactly by default (``--rerank``; 0 turns re-ranking off).
+DEFAULT_RERANK = 64
 KINDS = ("flat", "ivfpq", "hnsw", "binary")
 FORMAT_VERSION = 1
 #: IVF-PQ: PQ codebooks have 256 centroids per sub-quantiser; FAISS needs at least that many training vectors.
@@ -191,13 +195,14 @@ def read_manifest(root: Path) -> dict:
 
 
 def check_files(root: Path, manifest: dict, full: bool = False,
-                names: tuple[str, ...] = (FAISS_FILE, DB_FILE)) -> list[str]:
-    """Problems (one line each) of the index files against the manifest: presence, size, sha256.
+                names: tuple[str, ...] | None = None) -> list[str]:
+    """Problems (one line each) of the index files (default: every file the manifest lists) against the manifest:
+    presence, size, sha256.
 
     full=False skips the sha256 of a file whose stat stamp shows it unchanged since its last full check.
     """
     stamps, problems, checked = StampCache(root), [], False
-    for name in names:
+    for name in names or tuple(manifest["files"]):
         meta, f = manifest["files"][name], root / name
         if not f.is_file():
             problems.append(f"{f}: missing from the index folder")
@@ -284,7 +289,11 @@ def _make_faiss(kind: str, dim: int, n: int, params: dict):
         if dim % m:
             raise ValueError(f"ivfpq: pq_m={m} must divide the descriptor dimension {dim}")
         index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
-        return index, {"nlist": nlist, "pq_m": m, "nbits": 8, "nprobe": int(params.get("nprobe") or min(nlist, 16))}
+        rerank = int(params["rerank"]) if params.get("rerank") is not None else DEFAULT_RERANK
+        if not 0 <= rerank <= MAX_K:
+            raise ValueError(f"rerank={rerank}: must be between 0 and {MAX_K}")
+        return index, {"nlist": nlist, "pq_m": m, "nbits": 8, "nprobe": int(params.get("nprobe") or min(nlist, 16)),
+                       "rerank": rerank}
     raise ValueError(f"unknown index kind {kind!r} (choose from {', '.join(KINDS)})")
 
 
@@ -334,6 +343,7 @@ class PlaceIndex:
 
     def __init__(self, root: Path, manifest: dict, index, con: sqlite3.Connection) -> None:
         self.root, self.manifest, self.index, self.con = root, manifest, index, con
+        self.vectors: np.ndarray | None = None  # [N, D] float16 for IVF-PQ re-ranking (memory-mapped)
 
     # ----------------------------------------------------------------------------------------- open / info
     @classmethod
@@ -360,7 +370,12 @@ class PlaceIndex:
         if n != index.ntotal:
             raise ValueError(f"{root}: {n} images in {DB_FILE} but {index.ntotal} in {FAISS_FILE} (an interrupted "
                              "`index add`: run it again to finish)")
-        return cls(root, manifest, index, con)
+        out = cls(root, manifest, index, con)
+        if VECTORS_FILE in manifest["files"]:
+            out.vectors = np.load(root / VECTORS_FILE, mmap_mode="r" if mmap else None, allow_pickle=False)
+            if out.vectors.shape != (n, manifest["dim"]):
+                raise ValueError(f"{root / VECTORS_FILE}: shape {out.vectors.shape}, expected ({n}, {manifest['dim']})")
+        return out
 
     def close(self) -> None:
         self.con.close()
@@ -417,7 +432,11 @@ class PlaceIndex:
         if kind == "binary":
             hamming, found = self.index.search(pack_bits(desc), k, params=params)
             return 1.0 - 2.0 * hamming / desc.shape[1], found
-        return self.index.search(desc, k, params=params)
+        depth = int(self.manifest["params"].get("rerank", 0)) if self.vectors is not None else 0
+        if depth <= 0:
+            return self.index.search(desc, k, params=params)
+        _, cand = self.index.search(desc, min(max(depth, k), len(self) if ids is None else len(ids)), params=params)
+        return rerank(self.vectors, desc, cand, k)
 
     def similarities(self, desc: np.ndarray, depth: int = MAX_K) -> np.ndarray:
         """descriptors [Q, D] -> similarity to every database image [Q, N] (for sequence matching): the top
@@ -475,6 +494,20 @@ class PlaceIndex:
     def descriptors(self) -> np.ndarray:
         """All stored descriptors in id order: [N, D] float32, or [N, D/8] uint8 sign bits for a binary index."""
         return _stored_descriptors(self.con, self.manifest["dim"], 0, storage_of(self.manifest["kind"]))
+
+
+def rerank(vectors: np.ndarray, desc: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact re-ranking: candidates [Q, R] (-1 pads) of queries [Q, D] scored against ``vectors`` [N, D] (float16,
+    memory-mapped: only the candidates' rows are read) -> (scores [Q, k], ids [Q, k]), best first."""
+    scores = np.full(cand.shape, -np.inf, np.float32)
+    for q in range(len(desc)):
+        ok = cand[q] >= 0
+        rows = np.sort(cand[q][ok])  # ascending ids: sequential reads of the memory map
+        s = np.asarray(vectors[rows], np.float32) @ desc[q]
+        scores[q, ok] = s[np.searchsorted(rows, cand[q][ok])]
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(scores, order, 1)
+    return top, np.where(np.isfinite(top), np.take_along_axis(cand, order, 1), -1)
 
 
 def _stored_rows(con: sqlite3.Connection, ids: np.ndarray, dim: int) -> np.ndarray:
@@ -550,11 +583,23 @@ def _write(root: Path, con: sqlite3.Connection, index, kind: str, params: dict, 
 
     write = faiss.write_index_binary if kind == "binary" else faiss.write_index
     atomic_write(root / FAISS_FILE, lambda tmp: write(index, tmp))
+    names = (FAISS_FILE, DB_FILE)
+    if kind == "ivfpq":  # every descriptor as float16 for exact re-ranking, written in chunks (no full float32 copy)
+        names += (VECTORS_FILE,)
+
+        def save(tmp: str) -> None:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(int(index.ntotal), record["dim"]))
+            for i, (blob,) in enumerate(con.execute("SELECT descriptor FROM images ORDER BY id")):
+                out[i] = np.frombuffer(blob, np.float32)
+            out.flush()
+            del out
+
+        atomic_write(root / VECTORS_FILE, save)
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     n_failed = con.execute("SELECT COUNT(*) FROM failed").fetchone()[0]
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     stamps, files = StampCache(root), {}
-    for name in (FAISS_FILE, DB_FILE):
+    for name in names:
         files[name] = {"bytes": (root / name).stat().st_size, "sha256": sha256_file(root / name)}
         stamps.record(root / name, files[name]["sha256"])
     manifest = {
@@ -644,17 +689,74 @@ def add(model, source: str | os.PathLike, root: str | os.PathLike, batch_size: i
     new = _stored_descriptors(con, record["dim"], int(index.ntotal), storage)
     index.add(new)
     manifest = _write(root, con, index, manifest["kind"], manifest["params"], record, manifest["created"],
-                      {k: manifest[k] for k in ("calibration",) if k in manifest})
+                      {k: manifest[k] for k in ("calibration", "tuned") if k in manifest})
     con.close()
     return {**counts, "appended_to_faiss": len(new), "count": manifest["count"], "failed_paths": _failed(root)}
 
 
-def set_calibration(root: str | os.PathLike, calibration: dict) -> dict:
-    """Record a known/unknown calibration (``decision.Calibration.to_dict()``) in an index's manifest."""
+def update_manifest(root: str | os.PathLike, **fields) -> dict:
+    """Set top-level manifest fields (a calibration, tuned search settings) and write it atomically."""
     root = Path(root)
-    manifest = {**read_manifest(root), "calibration": calibration}
+    manifest = {**read_manifest(root), **fields}
     write_json(root / MANIFEST_FILE, manifest)
     return manifest
+
+
+#: What ``tune`` tries: IVF-PQ lists probed and re-rank depths, HNSW search breadths.
+TUNE_NPROBE = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+TUNE_RERANK = (0, 16, 32, 64, 128, 256)
+TUNE_EF = (16, 32, 64, 128, 256, 512)
+
+
+def tune(root: str | os.PathLike, target: float = 0.95, sample: int = 200, seed: int = 0,
+         progress: bool = True) -> dict:
+    """Choose the fastest search settings whose top-1 agrees with exact search on >= ``target`` of a sample.
+
+    Queries: ``sample`` database descriptors drawn at random (seeded), each searched for its nearest *other*
+    image (itself excluded), the exact answer computed from the stored descriptors. IVF-PQ: every nprobe x
+    re-rank depth of TUNE_NPROBE x TUNE_RERANK (re-ranking needs the index's float16 vectors); HNSW: efSearch in
+    TUNE_EF. Writes the chosen settings into the manifest's params and the measurements under ``tuned`` ->
+    that record. When no setting reaches the target, the most accurate one is chosen and ``reached`` is false."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if manifest["kind"] not in ("ivfpq", "hnsw"):
+        raise ValueError(f"{root}: a {manifest['kind']} index has no search settings to tune (ivfpq and hnsw have)")
+    if manifest["count"] < 2:
+        raise ValueError(f"{root}: tuning needs at least 2 images")
+    pi = PlaceIndex.open(root)
+    kind, n = pi.manifest["kind"], len(pi)
+    rng = np.random.default_rng(seed)
+    ids = np.sort(rng.choice(n, min(sample, n), replace=False))
+    db = pi.descriptors()
+    queries = db[ids]
+    exact = queries @ db.T
+    exact[np.arange(len(ids)), ids] = -np.inf
+    truth = exact.argmax(1)
+    del exact, db
+    if kind == "ivfpq":
+        nlist = int(pi.manifest["params"]["nlist"])
+        grid = [{"nprobe": p, "rerank": r} for p in TUNE_NPROBE if p <= nlist
+                for r in (TUNE_RERANK if pi.vectors is not None else (0,))]
+    else:
+        grid = [{"ef_search": e} for e in TUNE_EF]
+    trials = []
+    for setting in tqdm(grid, desc="index tune", disable=not progress):
+        pi.manifest["params"].update(setting)
+        _configure(pi.index, kind, pi.manifest["params"])
+        t0 = time.perf_counter()
+        _, found = pi.search_ids(queries, 2)
+        ms = (time.perf_counter() - t0) * 1000 / len(ids)
+        top = np.where(found[:, 0] == ids, found[:, 1], found[:, 0])
+        trials.append({**setting, "agreement": float(np.mean(top == truth)), "ms_per_query": ms})
+    pi.close()
+    ok = [t for t in trials if t["agreement"] >= target]
+    best = min(ok, key=lambda t: t["ms_per_query"]) if ok else max(trials, key=lambda t: (t["agreement"],
+                                                                                          -t["ms_per_query"]))
+    chosen = {k: best[k] for k in grid[0]}
+    record = {"target": target, "reached": bool(ok), "sample": len(ids), "seed": seed, "chosen": best,
+              "trials": trials, "queries": "database descriptors, nearest other image (self excluded)"}
+    update_manifest(root, params={**manifest["params"], **chosen}, tuned=record)
+    return record
 
 
 def _failed(root: Path) -> list[tuple[str, str]]:

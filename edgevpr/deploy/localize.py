@@ -21,7 +21,7 @@ from ..data.images import load_image
 from ..integrity import check_finite
 from .decision import DECISION_DEPTH, Calibration, GeoPrior, Neighbourhood, calibrate, margin, position
 from .embed import embed
-from .index import Match, PlaceIndex, check_model, match_dicts, set_calibration
+from .index import Match, PlaceIndex, check_model, match_dicts, update_manifest
 from .sequence import SequenceFilter, seqslam
 
 
@@ -135,7 +135,7 @@ class Localizer:
             scores.append(margin(s[0][ok], found[0][ok], self.index.coordinates(), hood))
             right.append(self.index.rows([int(found[0][0])])[int(found[0][0])][0] in pos)
         cal = calibrate(np.array(scores), np.array(right), precision, hood)
-        self.index.manifest = set_calibration(self.index.root, cal.to_dict())
+        self.index.manifest = update_manifest(self.index.root, calibration=cal.to_dict())
         return cal
 
     def tracker(self, length: int, method: str = "seqslam") -> Tracker:
