@@ -172,19 +172,18 @@ def cmd_index(args) -> int:
         print(json.dumps({**pi.manifest, "checked": "sizes, and sha256 of files changed since their last full "
                                                     "check (--verify reads every byte)"}, indent=2))
         return 0
+    if args.action == "merge":
+        res = idx.merge(args.parts, args.out, args.kind, _index_params(args))
+        print(json.dumps(res, indent=2) if args.json else
+              f"{args.out}: {res['count']} images from {res['parts']} parts ({res['failed']} unreadable recorded)")
+        return 0
     device = args.device
     if args.action == "build":
         model = open_model(args.model, device, args.int8)
         knobs = _knobs(args) or getattr(model, "baked_knobs", {})
-        params = {k: v for k, v in (("nlist", args.nlist), ("pq_m", args.pq_m), ("nprobe", args.nprobe),
-                                    ("rerank", args.rerank),
-                                    ("hnsw_m", args.hnsw_m), ("ef_search", args.ef_search), ("pca_dim", args.dim),
-                                    ("storage", args.storage)) if v is not None}
-        if (args.dim is not None or args.storage not in (None, "float32")) and args.kind != "flat":
-            raise ValueError("--dim and --storage apply to --kind flat (exact search over compact descriptors)")
         spec = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
         res = idx.build(model, args.images, args.out, args.kind, spec, knobs, args.batch_size, args.skip_bad,
-                        params, progress=not args.quiet)
+                        _index_params(args), progress=not args.quiet, shard=args.shard)
         where = args.out
     else:
         man = json.loads((Path(args.index) / idx.MANIFEST_FILE).read_text()) \
@@ -221,6 +220,23 @@ def _decision_line(d: dict) -> str:
     state = "uncalibrated (run `edgevpr calibrate`)" if d["known"] is None else \
         f"{'known' if d['known'] else 'unknown'}, confidence {d['confidence']:.2f}"
     return f"  decision: {state}, margin {d['score']:.3f}{where}"
+
+
+def _index_params(args) -> dict:
+    """The FAISS settings given on the command line (build, merge)."""
+    if (args.dim is not None or args.storage not in (None, "float32")) and args.kind != "flat":
+        raise ValueError("--dim and --storage apply to --kind flat (exact search over compact descriptors)")
+    return {k: v for k, v in (("nlist", args.nlist), ("pq_m", args.pq_m), ("nprobe", args.nprobe),
+                              ("rerank", args.rerank), ("hnsw_m", args.hnsw_m), ("ef_search", args.ef_search),
+                              ("pca_dim", args.dim), ("storage", args.storage)) if v is not None}
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    i, sep, n = text.partition("/")
+    if not (sep and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+        raise argparse.ArgumentTypeError(f"'{text}': expected I/N with 0 <= I < N, e.g. 0/4")
+    return int(i), int(n)
 
 
 def cmd_localize(args) -> int:
@@ -398,6 +414,7 @@ EXAMPLES = {
     "index add": "edgevpr index add --index my.index --images more_db/",
     "index info": "edgevpr index info my.index --verify",
     "index tune": "edgevpr index tune --index my.index --target 0.95",
+    "index merge": "edgevpr index merge part0.index part1.index --out my.index --kind ivfpq",
     "localize": "edgevpr localize --index my.index drive.mp4 --stride 15 --sequence 10 --prior=-27.47,153.03,200",
     "calibrate": "edgevpr calibrate --index my.index --db day_right/ --queries night_right/ --aligned 2 "
                  "--precision 0.95",
@@ -478,23 +495,30 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--model", default="effnet-lite0-gem",
                     help="named model, config, saved folder or exported .onnx file (onnxruntime)")
     ib.add_argument("--out", required=True, help="index folder")
-    ib.add_argument("--kind", choices=["flat", "ivfpq", "hnsw", "binary"], default="flat",
-                    help="flat: exact; ivfpq: compressed codes (needs >= 256 images); hnsw: graph; binary: sign bits "
-                         "(D/8 bytes per image), Hamming search (default flat)")
-    ib.add_argument("--binary", action="store_const", const="binary", dest="kind",
-                    help="same as --kind binary (TeTRA's bit-packed descriptors)")
-    ib.add_argument("--nlist", type=int, help="ivfpq: inverted lists (default 4 sqrt(N))")
-    ib.add_argument("--pq-m", type=int, help="ivfpq: sub-quantisers = bytes per vector (default: <= 64)")
-    ib.add_argument("--nprobe", type=int, help="ivfpq: lists searched (default min(nlist, 16))")
-    ib.add_argument("--rerank", type=_bounded(0, 1000),
-                    help="ivfpq: candidates re-ranked exactly from float16 copies of the descriptors (default 64; 0 "
-                         "off)")
-    ib.add_argument("--hnsw-m", type=int, help="hnsw: neighbours per node (default 32)")
-    ib.add_argument("--dim", type=_bounded(1, 65536),
-                    help="flat: PCA-whitening to this many dimensions, learned on the database (default: off)")
-    ib.add_argument("--storage", choices=["float32", "float16", "int8"],
-                    help="flat: bytes per dimension of the stored descriptors (default float32)")
-    ib.add_argument("--ef-search", type=int, help="hnsw: search breadth (default 64)")
+    im_ = isub.add_parser("merge", help="join index parts (index build --shard i/n) into one index")
+    im_.add_argument("parts", nargs="+", help="the part index folders (shards are joined in shard order)")
+    im_.add_argument("--out", required=True, help="index folder to write")
+    im_.add_argument("--json", action="store_true", help="print the summary as JSON")
+    for a in (ib, im_):
+        a.add_argument("--kind", choices=["flat", "ivfpq", "hnsw", "binary"], default="flat",
+                       help="flat: exact; ivfpq: compressed codes (needs >= 256 images); hnsw: graph; binary: sign "
+                            "bits (D/8 bytes per image), Hamming search (default flat)")
+        a.add_argument("--binary", action="store_const", const="binary", dest="kind",
+                       help="same as --kind binary (TeTRA's bit-packed descriptors)")
+        a.add_argument("--nlist", type=int, help="ivfpq: inverted lists (default 4 sqrt(N))")
+        a.add_argument("--pq-m", type=int, help="ivfpq: sub-quantisers = bytes per vector (default: <= 64)")
+        a.add_argument("--nprobe", type=int, help="ivfpq: lists searched (default min(nlist, 16))")
+        a.add_argument("--rerank", type=_bounded(0, 1000),
+                       help="ivfpq: candidates re-ranked exactly from float16 copies of the descriptors (default 64; "
+                            "0 off)")
+        a.add_argument("--hnsw-m", type=int, help="hnsw: neighbours per node (default 32)")
+        a.add_argument("--dim", type=_bounded(1, 65536),
+                       help="flat: PCA-whitening to this many dimensions, learned on the database (default: off)")
+        a.add_argument("--storage", choices=["float32", "float16", "int8"],
+                       help="flat: bytes per dimension of the stored descriptors (default float32)")
+        a.add_argument("--ef-search", type=int, help="hnsw: search breadth (default 64)")
+    ib.add_argument("--shard", type=_shard, metavar="I/N",
+                    help="index only part I of N of the image list (contiguous; join the parts with index merge)")
     _knob_flags(ib)
     ia.add_argument("--index", required=True, help="index folder to extend")
     ia.add_argument("--model", help="default: the model the index records")

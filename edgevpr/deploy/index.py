@@ -634,9 +634,13 @@ def _open_for_writing(root: Path, record: dict, storage: str) -> sqlite3.Connect
 
 def build(model, source: str | os.PathLike, out: str | os.PathLike, kind: str = "flat", spec: str | None = None,
           knobs: dict | None = None, batch_size: int = 32, skip_bad: bool = False, params: dict | None = None,
-          progress: bool = True, on_batch: Callable[[int], None] | None = None) -> dict:
+          progress: bool = True, on_batch: Callable[[int], None] | None = None,
+          shard: tuple[int, int] | None = None) -> dict:
     """Build an index of ``source`` (folder or CSV) in ``out``; resumes an interrupted build -> summary.
 
+    ``shard=(i, n)`` indexes only part i of n of the image list (contiguous parts, so that ``merge`` of parts
+    0..n-1 in order equals one build of the whole list); the part is a complete index of its own, built and
+    resumed like any other, and its manifest records which part it is.
     ``on_batch(n_added)`` is called after each stored batch (progress hooks; tests interrupt builds with it).
     """
     root = Path(out)
@@ -645,6 +649,13 @@ def build(model, source: str | os.PathLike, out: str | os.PathLike, kind: str = 
     if kind not in KINDS:
         raise ValueError(f"unknown index kind {kind!r} (choose from {', '.join(KINDS)})")
     rows = read_rows(source)
+    keep = {}
+    if shard is not None:
+        i, n = shard
+        if not 0 <= i < n:
+            raise ValueError(f"--shard {i}/{n}: need 0 <= i < n")
+        keep["shard"] = {"i": i, "n": n, "source_images": len(rows), "source": str(source)}
+        rows = rows[i * len(rows) // n:(i + 1) * len(rows) // n]
     root.mkdir(parents=True, exist_ok=True)
     record = model_record(model, spec, knobs)
     storage = storage_of(kind)
@@ -662,10 +673,83 @@ def build(model, source: str | os.PathLike, out: str | os.PathLike, kind: str = 
     if not index.is_trained:
         index.train(training_sample(desc))
     index.add(desc)
-    manifest = _write(root, con, index, kind, used, record, None)
+    manifest = _write(root, con, index, kind, used, record, None, keep)
     con.close()
     return {**counts, "count": manifest["count"], "extract_s": t_extract, "index_s": time.perf_counter() - t1,
             "failed_paths": _failed(root)}
+
+
+def merge(parts: list[str | os.PathLike], out: str | os.PathLike, kind: str = "flat",
+          params: dict | None = None) -> dict:
+    """Join index parts (``build --shard i/n``, or any indexes of one model) into one new index at ``out``.
+
+    Every part is checked (files against its manifest; the same model fingerprint, knobs and descriptor storage);
+    parts that record shards must be exactly 0..n-1 of one n, and are joined in shard order whatever order they
+    are given in. Rows are copied with new ids (an image in two parts is refused), then the FAISS index of
+    ``kind`` is built over all descriptors as ``build`` builds it. A killed merge starts over when run again."""
+    root = Path(out)
+    if (root / MANIFEST_FILE).exists():
+        raise FileExistsError(f"{root}: an index is already there")
+    if kind not in KINDS:
+        raise ValueError(f"unknown index kind {kind!r} (choose from {', '.join(KINDS)})")
+    if not parts:
+        raise ValueError("index merge: give the parts to join")
+    loaded = []
+    for p in map(Path, parts):
+        man = read_manifest(p)
+        problems = check_files(p, man)
+        if problems:
+            raise ValueError(problems[0])
+        loaded.append((p, man))
+    shards = [m.get("shard") for _, m in loaded]
+    if any(shards):
+        if not all(shards) or sorted(s["i"] for s in shards) != list(range(shards[0]["n"])) or \
+                len({s["n"] for s in shards}) != 1:
+            got = ", ".join(f"{p}: {m['shard']['i']}/{m['shard']['n']}" if m.get("shard") else f"{p}: not a shard"
+                            for p, m in loaded)
+            raise ValueError(f"index merge: the parts must be shards 0..n-1 of one n, exactly once each ({got})")
+        loaded.sort(key=lambda pm: pm[1]["shard"]["i"])
+    record, storage = loaded[0][1]["model"], storage_of(loaded[0][1]["kind"])
+    for p, man in loaded[1:]:
+        check_model(record, man["model"]["name"], man["model"]["fingerprint"], str(p))
+        if man["model"]["knobs"] != record["knobs"] or storage_of(man["kind"]) != storage:
+            raise ValueError(f"{p}: made with knobs {man['model']['knobs']} and {storage_of(man['kind'])} storage, "
+                             f"the first part with {record['knobs']} and {storage}")
+    if storage != storage_of(kind):
+        raise ValueError(f"--kind {kind}: the parts store {storage} descriptors; merge them into a "
+                         f"{'binary' if storage == 'bits' else 'flat, ivfpq or hnsw'} index")
+    root.mkdir(parents=True, exist_ok=True)
+    for name in (DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm", FAISS_FILE, VECTORS_FILE):
+        (root / name).unlink(missing_ok=True)  # what a killed merge left
+    con = _open_for_writing(root, record, storage)
+    next_id = 0
+    try:
+        with con:
+            for p, man in loaded:
+                src = sqlite3.connect(f"file:{p / DB_FILE}?mode=ro", uri=True)
+                try:
+                    rows = src.execute("SELECT id, path, place_id, lat, lon, east, north, descriptor FROM images "
+                                       "WHERE id < ? ORDER BY id", (man["count"],))
+                    con.executemany("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                    ((next_id + r[0], *r[1:]) for r in rows))
+                    next_id += man["count"]
+                    con.executemany("INSERT OR REPLACE INTO failed VALUES (?, ?, ?, ?)",
+                                    src.execute("SELECT path, reason, size, mtime_ns FROM failed"))
+                finally:
+                    src.close()
+    except sqlite3.IntegrityError as e:
+        con.close()
+        raise ValueError(f"index merge: an image is in more than one part ({e})") from None
+    desc = _stored_descriptors(con, record["dim"], 0, storage)
+    index, used = _make_faiss(kind, record["dim"], len(desc), params or {})
+    if not index.is_trained:
+        index.train(training_sample(desc))
+    index.add(desc)
+    manifest = _write(root, con, index, kind, used, record, None,
+                      {"merged_from": [{"path": str(p), "count": m["count"], **({"shard": m["shard"]}
+                                        if m.get("shard") else {})} for p, m in loaded]})
+    con.close()
+    return {"count": manifest["count"], "parts": len(loaded), "failed": manifest["failed_images"]}
 
 
 def add(model, source: str | os.PathLike, root: str | os.PathLike, batch_size: int = 32, skip_bad: bool = False,
