@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from backbones import timed
 from heldout import ROOT, data_root, held_out_sets, recall1
 
 from edgevpr.data.images import list_images
@@ -48,14 +48,7 @@ def ms_per_image(model, size: tuple[int, int], repeats: int = 20) -> float:
         def run():
             with torch.inference_mode():
                 model(xt)
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - t0) * 1000)
-    return float(np.median(times))
+    return timed(run, repeats, warmup=3)
 
 
 def calibration_csv(data: Path, out: Path, count: int = 64) -> Path:
