@@ -187,6 +187,10 @@ def test_streams_of_folders_lists_manifests_and_video(gp_index, tmp_path, capsys
     frames = list(Stream([video], stride=3))
     assert [f.name.split("#")[1] for f in frames] == ["frame0", "frame3", "frame6", "frame9"]
     loc = Localizer(root)
+    # each container is its own capture sequence: tracking starts afresh at the video
+    tracked = [a.sequence["frames"] for _, a, _ in loc.stream(Stream([tmp_path / "list.txt", video], stride=3), 1,
+                                                               sequence=5)]
+    assert tracked == [1, 2, 1, 2, 3, 4]
     top = [loc.localize([f.image], 1)[0][0].place_id for f in frames]
     assert sum(abs(int(t) - i) <= 2 for t, i in zip(top, (40, 43, 46, 49), strict=True)) >= 3  # decoded frames localize
     with pytest.raises(ImageLoadError, match="bad.jpg"):

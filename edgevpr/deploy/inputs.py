@@ -28,8 +28,12 @@ VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 
 @dataclass
 class Frame:
+    """One image of a stream; ``sequence`` names the capture sequence it belongs to: its folder, list, manifest or
+    video, or "" for photos given one by one (consecutive ones form one sequence)."""
+
     name: str
     image: Image.Image
+    sequence: str = ""
 
 
 @dataclass
@@ -59,11 +63,11 @@ class Stream:
             paths = list_images(p)
             if not paths:
                 raise ImageLoadError(p, "a folder without images")
-            yield from self._files(paths)
+            yield from self._files(paths, str(p))
         elif p.suffix.lower() in VIDEO_EXTS:
             yield from video_frames(p, self.stride)
         elif p.suffix.lower() == ".txt":
-            yield from self._files(read_list(p))
+            yield from self._files(read_list(p), str(p))
         elif p.suffix.lower() == ".csv":
             from ..data.datasets import read_manifest
 
@@ -71,14 +75,14 @@ class Stream:
                 paths = read_manifest(p)[0]
             except (ValueError, KeyError) as e:
                 raise ImageLoadError(p, str(e).splitlines()[0]) from None
-            yield from self._files(paths)
+            yield from self._files(paths, str(p))
         else:
-            yield from self._files([p])
+            yield from self._files([p], "")
 
-    def _files(self, paths: list[Path]) -> Iterator[Frame]:
+    def _files(self, paths: list[Path], sequence: str) -> Iterator[Frame]:
         for path in paths:
             try:
-                yield Frame(str(path), load_image(path))
+                yield Frame(str(path), load_image(path), sequence)
             except ImageLoadError as e:
                 if not self.skip_bad:
                     raise
@@ -121,6 +125,6 @@ def video_frames(path: Path, stride: int = 1) -> Iterator[Frame]:
         try:
             for n, frame in enumerate(container.decode(stream)):
                 if n % stride == 0:
-                    yield Frame(f"{path}#frame{n}", frame.to_image().convert("RGB"))
+                    yield Frame(f"{path}#frame{n}", frame.to_image().convert("RGB"), str(path))
         except av.FFmpegError as e:
             raise ImageLoadError(path, f"video decoding failed ({str(e).splitlines()[0]})") from None

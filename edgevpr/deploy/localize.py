@@ -145,13 +145,16 @@ class Localizer:
     def stream(self, frames, k: int = 5, knobs: dict | None = None, prior: GeoPrior | None = None,
                sequence: int = 0, method: str = "seqslam"):
         """Frames (``inputs.Frame``, in capture order) -> per frame, as it arrives: (name, Answer, ms). With
-        ``sequence`` > 0 each answer also carries the sequence match over the frames so far (causal)."""
-        tracker = self.tracker(sequence, method) if sequence else None
+        ``sequence`` > 0 each answer also carries the sequence match over the frames so far (causal); a frame
+        of another capture sequence (another video, folder or list) starts the tracking afresh."""
+        tracker, current = None, None
         for f in frames:
             t0 = time.perf_counter()
             d = self.embed([f.image], knobs)
             a = self.answer(d, k, prior)[0]
-            if tracker is not None:
+            if sequence:
+                if tracker is None or f.sequence != current:
+                    tracker, current = self.tracker(sequence, method), f.sequence
                 a.sequence = tracker.push(d[0])
             yield f.name, a, (time.perf_counter() - t0) * 1000
 
