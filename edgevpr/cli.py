@@ -228,7 +228,9 @@ def _index_params(args) -> dict:
         raise ValueError("--dim and --storage apply to --kind flat (exact search over compact descriptors)")
     return {k: v for k, v in (("nlist", args.nlist), ("pq_m", args.pq_m), ("nprobe", args.nprobe),
                               ("rerank", args.rerank), ("hnsw_m", args.hnsw_m), ("ef_search", args.ef_search),
-                              ("pca_dim", args.dim), ("storage", args.storage)) if v is not None}
+                              ("pca_dim", args.dim), ("storage", args.storage), ("url", args.qdrant_url),
+                              ("collection", args.collection), ("shard_number", args.qdrant_shards),
+                              ("replication_factor", args.qdrant_replicas)) if v is not None}
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -500,9 +502,16 @@ def build_parser() -> argparse.ArgumentParser:
     im_.add_argument("--out", required=True, help="index folder to write")
     im_.add_argument("--json", action="store_true", help="print the summary as JSON")
     for a in (ib, im_):
-        a.add_argument("--kind", choices=["flat", "ivfpq", "hnsw", "binary"], default="flat",
+        a.add_argument("--kind", choices=["flat", "ivfpq", "hnsw", "binary", "qdrant"], default="flat",
                        help="flat: exact; ivfpq: compressed codes (needs >= 256 images); hnsw: graph; binary: sign "
-                            "bits (D/8 bytes per image), Hamming search (default flat)")
+                            "bits (D/8 bytes per image), Hamming search; qdrant: a Qdrant collection (local mode in "
+                            "the index folder, or --qdrant-url) (default flat)")
+        a.add_argument("--qdrant-url", help="qdrant: a Qdrant server or cluster, e.g. http://host:6333 (default: "
+                                            "local mode)")
+        a.add_argument("--collection", help="qdrant: collection name (default edgevpr-<index folder name>)")
+        a.add_argument("--qdrant-shards", type=_bounded(1, 1024), help="qdrant server: shard_number of the collection")
+        a.add_argument("--qdrant-replicas", type=_bounded(1, 64),
+                       help="qdrant server: replication_factor of the collection")
         a.add_argument("--binary", action="store_const", const="binary", dest="kind",
                        help="same as --kind binary (TeTRA's bit-packed descriptors)")
         a.add_argument("--nlist", type=int, help="ivfpq: inverted lists (default 4 sqrt(N))")

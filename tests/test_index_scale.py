@@ -106,3 +106,52 @@ def test_shards_merged_equal_a_single_build(tmp_path, capsys):
                  str(tmp_path / "other"), "--shard", "2/3"]) == 0
     assert main(["index", "merge", parts[1], parts[2], str(tmp_path / "other"), "--out", str(tmp_path / "bad2")]) == 2
     assert "fingerprint" in capsys.readouterr().err
+
+
+def test_qdrant_local_mode_answers_as_faiss(tmp_path, capsys):
+    """The default model's Gardens Point day_right index (coordinates from a CSV manifest) in FAISS, and the same
+    rows in a Qdrant collection (local mode; made by `index merge --kind qdrant`, then extended by `index add`):
+    the same localize answers, the same geo-radius results (Qdrant's native filter, FAISS's id selector), and
+    a collection that lost points is refilled by the next add."""
+    from edgevpr.deploy.decision import GeoPrior
+
+    data = shared_data() / "gardens_point"
+    lat0, step = -27.4775, 2e-5
+
+    def manifest(path, frames):
+        path.write_text("path,place_id,lat,lon\n" + "\n".join(
+            f"{data / 'day_right' / f'Image{i:03d}.jpg'},{i},{lat0 + i * step},153.028" for i in frames))
+        return str(path)
+
+    common = ["--model", "effnet-lite0-gem", "--quiet"]
+    assert main(["index", "build", *common, "--images", manifest(tmp_path / "a.csv", range(90)), "--out",
+                 str(tmp_path / "faiss")]) == 0
+    assert main(["index", "merge", str(tmp_path / "faiss"), "--kind", "qdrant", "--out", str(tmp_path / "qd")]) == 0
+    rest = manifest(tmp_path / "b.csv", range(90, 100))
+    for name in ("faiss", "qd"):
+        assert main(["index", "add", "--index", str(tmp_path / name), "--images", rest, "--quiet"]) == 0
+    capsys.readouterr()
+    assert idx.read_manifest(tmp_path / "qd")["kind"] == "qdrant" and (tmp_path / "qd" / "qdrant").is_dir()
+    fa, qd = Localizer(tmp_path / "faiss"), Localizer(tmp_path / "qd")
+    assert len(qd.index) == len(fa.index) == 100
+    prior = GeoPrior(12.0, lat=lat0 + 60 * step, lon=153.028)
+    for i in (5, 33, 61, 95):
+        q = fa.embed([load_image(data / "night_right" / f"Image{i:03d}.jpg")])
+        a, b = fa.answer(q, 5)[0], qd.answer(q, 5)[0]
+        assert [m.id for m in a.matches] == [m.id for m in b.matches]
+        np.testing.assert_allclose([m.score for m in a.matches], [m.score for m in b.matches], atol=1e-5)
+        assert a.decision["score"] == pytest.approx(b.decision["score"], abs=1e-5)
+        ga, gb = fa.answer(q, 50, prior)[0], qd.answer(q, 50, prior)[0]
+        assert {m.id for m in ga.matches} == {m.id for m in gb.matches} == set(range(55, 66))
+    # the CLI localizes through the collection
+    photo = str(data / "night_right" / "Image050.jpg")
+    assert main(["localize", "--index", str(tmp_path / "qd"), photo, "--json", "-k", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["matches"][0]["place_id"] == "50"
+    # a collection that lost its last points (a killed upload) is refilled by the next add
+    from qdrant_client import models
+
+    qd.index.index.client.delete(qd.index.index.collection, models.PointIdsList(points=list(range(97, 100))))
+    with pytest.raises(ValueError, match="but 97 in the Qdrant collection"):
+        idx.PlaceIndex.open(tmp_path / "qd")
+    assert main(["index", "add", "--index", str(tmp_path / "qd"), "--images", rest, "--quiet"]) == 0
+    assert len(idx.PlaceIndex.open(tmp_path / "qd")) == 100

@@ -200,7 +200,8 @@ def test_web_page_sequence_mode_and_drag_and_drop(server):
         page.set_input_files("#file", [str(night / f"Image{i:03d}.jpg") for i in range(60, 68)])
         page.click("#go")
         page.wait_for_selector("#frames tbody tr")
-        assert page.locator("#frames tbody tr").count() == 8 and "Sequence of 8 frames" in page.inner_text("#results-title")
+        assert page.locator("#frames tbody tr").count() == 8
+        assert "Sequence of 8 frames" in page.inner_text("#results-title")
         last = page.locator("#frames tbody tr").nth(7).inner_text()
         assert "Image067.jpg" in last and "(4 frames)" in last
         page.screenshot(path=str(SHOTS / "page-sequence.png"), full_page=True)

@@ -52,7 +52,7 @@ DB_FILE, FAISS_FILE, MANIFEST_FILE = "places.sqlite", "index.faiss", "manifest.j
 VECTORS_FILE = "vectors.f16.npy"
 #: IVF-PQ: candidates re-ranked exactly by default (``--rerank``; 0 turns re-ranking off).
 DEFAULT_RERANK = 64
-KINDS = ("flat", "ivfpq", "hnsw", "binary")
+KINDS = ("flat", "ivfpq", "hnsw", "binary", "qdrant")
 FORMAT_VERSION = 1
 #: IVF-PQ: PQ codebooks have 256 centroids per sub-quantiser; FAISS needs at least that many training vectors.
 MIN_IVFPQ_TRAIN = 256
@@ -184,7 +184,7 @@ def read_manifest(root: Path) -> dict:
     for key, typ in need.items():
         if not isinstance(manifest, dict) or not isinstance(manifest.get(key), typ):
             raise ValueError(f"{man_file}: field '{key}' is missing or not a {typ.__name__}")
-    for name in (FAISS_FILE, DB_FILE):
+    for name in (DB_FILE,) if manifest["kind"] == "qdrant" else (FAISS_FILE, DB_FILE):
         meta = manifest["files"].get(name)
         if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or \
                 not isinstance(meta.get("bytes"), int):
@@ -263,6 +263,37 @@ def _read_faiss(path: Path, kind: str, flags: int = 0):
     import faiss
 
     return faiss.read_index_binary(str(path)) if kind == "binary" else faiss.read_index(str(path), flags)
+
+
+def _open_search(root: Path, manifest: dict, flags: int = 0):
+    """The search structure of a finished index: its FAISS file, or its Qdrant collection."""
+    if manifest["kind"] == "qdrant":
+        from .qdrant_store import QdrantStore
+
+        return QdrantStore(root, manifest["params"], manifest["dim"])
+    return _read_faiss(root / FAISS_FILE, manifest["kind"], flags)
+
+
+def _index_all(root: Path, kind: str, dim: int, desc: np.ndarray, params: dict):
+    """A new search structure of ``kind`` over ``desc`` [N, D] -> (it, the settings used). A Qdrant collection
+    is filled from the SQLite rows by ``_write`` instead."""
+    if kind == "qdrant":
+        from .qdrant_store import QdrantStore
+
+        used = {"url": params.get("url"), "collection": params.get("collection") or f"edgevpr-{root.resolve().name}",
+                **{k: int(params[k]) for k in ("shard_number", "replication_factor") if params.get(k)}}
+        if not used["url"]:
+            used["path"] = "qdrant"
+        store = QdrantStore(root, used, dim)
+        if store.client.collection_exists(store.collection) and store.ntotal > len(desc):
+            raise ValueError(f"collection {store.collection} already holds {store.ntotal} points, more than this "
+                             "index's images: choose another --collection")
+        return store, used
+    index, used = _make_faiss(kind, dim, len(desc), params)
+    if not index.is_trained:
+        index.train(training_sample(desc))
+    index.add(desc)
+    return index, used
 
 
 def _make_faiss(kind: str, dim: int, n: int, params: dict):
@@ -358,7 +389,7 @@ class PlaceIndex:
             raise ValueError(problems[0])
         flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
         try:
-            index = _read_faiss(root / FAISS_FILE, manifest["kind"], flags)
+            index = _open_search(root, manifest, flags)
         except RuntimeError as e:
             raise ValueError(f"{root / FAISS_FILE}: not a readable FAISS index ({str(e).splitlines()[0]})") from None
         _configure(index, manifest["kind"], manifest["params"])
@@ -368,7 +399,8 @@ class PlaceIndex:
         except sqlite3.Error as e:
             raise ValueError(f"{root / DB_FILE}: not a readable SQLite database ({e})") from None
         if n != index.ntotal:
-            raise ValueError(f"{root}: {n} images in {DB_FILE} but {index.ntotal} in {FAISS_FILE} (an interrupted "
+            where = f"the Qdrant collection {index.collection}" if manifest["kind"] == "qdrant" else FAISS_FILE
+            raise ValueError(f"{root}: {n} images in {DB_FILE} but {index.ntotal} in {where} (an interrupted "
                              "`index add`: run it again to finish)")
         out = cls(root, manifest, index, con)
         if VECTORS_FILE in manifest["files"]:
@@ -398,12 +430,14 @@ class PlaceIndex:
         return [[Match(r + 1, int(i), float(s), *rows[int(i)]) for r, (s, i) in enumerate(zip(sq, iq, strict=True))
                  if i >= 0] for sq, iq in zip(scores, found, strict=True)]
 
-    def search_ids(self, desc: np.ndarray, k: int, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search_ids(self, desc: np.ndarray, k: int, ids: np.ndarray | None = None,
+                   geo: tuple[float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """descriptors [Q, D] -> (scores [Q, k'], ids [Q, k']), k' = min(k, candidates), best first; -1 pads.
 
         A restricted search uses FAISS's id selectors (exact within the selection for flat, binary and IVF-PQ);
         HNSW's graph walk cannot reach a small selection reliably, so there the selected images are scored
-        exactly from their stored descriptors."""
+        exactly from their stored descriptors. A Qdrant index applies ``geo`` = (lat, lon, radius_m), the prior
+        behind ``ids``, as its native geo-radius filter (other backends use ``ids``)."""
         import faiss
 
         desc = np.ascontiguousarray(desc, dtype=np.float32)
@@ -416,6 +450,11 @@ class PlaceIndex:
         if not 1 <= k <= MAX_K:
             raise ValueError(f"k={k}: must be between 1 and {MAX_K}")
         kind, params = self.manifest["kind"], None
+        if kind == "qdrant":
+            n = len(self) if ids is None else len(ids)
+            if n == 0:
+                return np.zeros((len(desc), 0), np.float32), np.zeros((len(desc), 0), np.int64)
+            return self.index.search(desc, min(k, n), None if geo is not None else ids, geo)
         if ids is not None:
             ids = np.unique(np.asarray(ids, np.int64))
             if len(ids) == 0:
@@ -581,9 +620,13 @@ def _write(root: Path, con: sqlite3.Connection, index, kind: str, params: dict, 
     """Write the FAISS file and then the manifest (``keep``: fields carried over, e.g. a calibration)."""
     import faiss
 
-    write = faiss.write_index_binary if kind == "binary" else faiss.write_index
-    atomic_write(root / FAISS_FILE, lambda tmp: write(index, tmp))
     names = (FAISS_FILE, DB_FILE)
+    if kind == "qdrant":
+        index.sync(con)
+        names = (DB_FILE,)
+    else:
+        write = faiss.write_index_binary if kind == "binary" else faiss.write_index
+        atomic_write(root / FAISS_FILE, lambda tmp: write(index, tmp))
     if kind == "ivfpq":  # every descriptor as float16 for exact re-ranking, written in chunks (no full float32 copy)
         names += (VECTORS_FILE,)
 
@@ -668,11 +711,8 @@ def build(model, source: str | os.PathLike, out: str | os.PathLike, kind: str = 
     if len(desc) == 0:
         con.close()
         raise ValueError(f"{source}: no image could be embedded ({counts['failed']} unreadable): nothing to index")
-    index, used = _make_faiss(kind, record["dim"], len(desc), params or {})
     t1 = time.perf_counter()
-    if not index.is_trained:
-        index.train(training_sample(desc))
-    index.add(desc)
+    index, used = _index_all(root, kind, record["dim"], desc, params or {})
     manifest = _write(root, con, index, kind, used, record, None, keep)
     con.close()
     return {**counts, "count": manifest["count"], "extract_s": t_extract, "index_s": time.perf_counter() - t1,
@@ -741,10 +781,7 @@ def merge(parts: list[str | os.PathLike], out: str | os.PathLike, kind: str = "f
         con.close()
         raise ValueError(f"index merge: an image is in more than one part ({e})") from None
     desc = _stored_descriptors(con, record["dim"], 0, storage)
-    index, used = _make_faiss(kind, record["dim"], len(desc), params or {})
-    if not index.is_trained:
-        index.train(training_sample(desc))
-    index.add(desc)
+    index, used = _index_all(root, kind, record["dim"], desc, params or {})
     manifest = _write(root, con, index, kind, used, record, None,
                       {"merged_from": [{"path": str(p), "count": m["count"], **({"shard": m["shard"]}
                                         if m.get("shard") else {})} for p, m in loaded]})
@@ -760,7 +797,8 @@ def add(model, source: str | os.PathLike, root: str | os.PathLike, batch_size: i
     if not (root / MANIFEST_FILE).is_file():
         raise FileNotFoundError(f"{root}: no finished index to add to (build it first with `edgevpr index build`)")
     manifest = read_manifest(root)
-    problems = check_files(root, manifest, names=(FAISS_FILE,))  # the database may hold an interrupted add's rows
+    # the database may hold an interrupted add's rows: only the FAISS file must match (a collection has no file)
+    problems = check_files(root, manifest, names=(FAISS_FILE,)) if manifest["kind"] != "qdrant" else []
     if problems:
         raise ValueError(problems[0] + " (rebuild the index, or restore the file)")
     check_model(manifest["model"], model.name, model.fingerprint(), str(root))
@@ -769,9 +807,10 @@ def add(model, source: str | os.PathLike, root: str | os.PathLike, batch_size: i
     con = _open_for_writing(root, record, storage)
     counts = _extract_into(con, model, read_rows(source), record["knobs"], batch_size, skip_bad, progress,
                            "index add", on_batch, storage)
-    index = _read_faiss(root / FAISS_FILE, manifest["kind"])
+    index = _open_search(root, manifest)
     new = _stored_descriptors(con, record["dim"], int(index.ntotal), storage)
-    index.add(new)
+    if manifest["kind"] != "qdrant":  # a collection takes the new rows in _write
+        index.add(new)
     manifest = _write(root, con, index, manifest["kind"], manifest["params"], record, manifest["created"],
                       {k: manifest[k] for k in ("calibration", "tuned") if k in manifest})
     con.close()

@@ -96,7 +96,8 @@ class Localizer:
         if ids is not None and len(ids) == 0:
             return [Answer([], {"known": False, "reason": "no database image within the prior's radius",
                                 "searched": 0}) for _ in range(len(desc))]
-        scores, found = self.index.search_ids(desc, max(k, DECISION_DEPTH), ids)
+        geo = (prior.lat, prior.lon, prior.radius_m) if prior is not None and prior.lat is not None else None
+        scores, found = self.index.search_ids(desc, max(k, DECISION_DEPTH), ids, geo)
         top = self.index.matches(scores[:, :k], found[:, :k])
         coords, cal = self.index.coordinates(), self.calibration
         hood = Neighbourhood(**cal.neighbourhood) if cal else Neighbourhood.default(coords)
