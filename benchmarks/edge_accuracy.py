@@ -5,11 +5,12 @@
 1. CNN int8 (static QDQ, calibrated on 64 database images of training places: Gardens Point day_right 0-69 and
    Nordland summer 0-1999, never the held-out ones): PyTorch fp32, onnxruntime fp32 and onnxruntime int8 of each
    --cnn model at its own input size, R@1 and ms/img at batch 1 (median of 20 after warm-up, in this process).
-2. The composed edge model on the trained CPU hybrid student (TAT-VPR stage 2: ternary ViT blocks on an
-   EfficientNet-lite0 stem, BoQ head, 160 px; `make methods` trains it): its latent weights run as plain fp32
-   (the student was trained ternary, so this is a reference, not a trained twin), ternary, ternary + WeiToP
-   pruning after block 3 at keep 0.5 / 0.3, and the int8 ONNX export of ternary + keep 0.5 (the composed model),
-   each with R@1 and ms/img at batch 1. Skipped with a note when --student does not exist.
+2. The composed edge model on the trained CPU hybrid students (ternary ViT blocks on an EfficientNet-lite0 stem,
+   160 px; `make methods` trains them): TAT-VPR stage 1 (GeM on distilled tokens) and stage 2 (BoQ head). Each:
+   its latent weights run as plain fp32 (the student was trained ternary, so this is a reference, not a trained
+   twin), ternary, its int8 ONNX export; for a head that takes any token set (stage 1's GeM) also ternary + WeiToP
+   pruning after block 3 at keep 0.5 / 0.3 and the composed int8 ONNX at keep 0.5. BoQ's 3x3 convolution needs
+   the full token grid, so stage 2 cannot be pruned. R@1 and ms/img at batch 1; a student not trained is skipped.
 Held-out places as every table here: Gardens Point 70-99 night_right vs day_right (+-2; 30 queries, steps of 0.033)
 and Nordland 2000-2499 winter vs summer (+-1, dark frames dropped; 464 queries, the comparison to trust).
 Writes benchmarks/results/edge_accuracy.{json,md}.
@@ -81,14 +82,20 @@ def cnn_rows(spec: str, sets, data: Path, tmp: Path) -> list[dict]:
 
 
 def student_rows(path: Path, sets, tmp: Path, block: int = 3) -> list[dict]:
+    """fp32 (latent weights), ternary, int8 export; with a head that takes any token set also WeiToP pruning after
+    ``block`` at keep 0.5 / 0.3 and the composed int8 ONNX at keep 0.5 (BoQ's 3x3 convolution needs the grid)."""
     tern = load_model(path).eval()
     size = tuple(tern.image_size)
     cfg = copy.deepcopy(tern.config)
-    fp32_cfg = {k: v for k, v in cfg.items() if k != "ternary"}
-    latent = build_model(fp32_cfg).eval()
+    latent = build_model({k: v for k, v in cfg.items() if k != "ternary"}).eval()
     latent.load_state_dict(tern.state_dict(), strict=False)
     rows = [row("latent weights as fp32 (PyTorch)", latent, sets, size),
             row("ternary (PyTorch)", tern, sets, size)]
+    plain = export_onnx(tern, tmp / "tern.onnx", int8=True)
+    rows.append(row("ternary, int8 ONNX", OnnxModel(plain), sets, size))
+    rows[-1]["bytes"] = plain.stat().st_size
+    if getattr(tern.aggregator, "needs_grid", False):
+        return rows
     cfg["backbone"] = {**cfg["backbone"], "pruning": {"block": block, "method": "weitop"}}
     pruned = build_model(cfg).eval()
     missing = pruned.load_state_dict(tern.state_dict(), strict=False)
@@ -104,14 +111,16 @@ def student_rows(path: Path, sets, tmp: Path, block: int = 3) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--student", type=Path, default=ROOT / "runs" / "tat-vpr" / "cpu-stage2" / "best",
-                    help="trained hybrid student (default runs/tat-vpr/cpu-stage2/best)")
+    ap.add_argument("--students", type=Path, nargs="*",
+                    default=[ROOT / "runs" / "tat-vpr" / "cpu-stage1" / "final",
+                             ROOT / "runs" / "tat-vpr" / "cpu-stage2" / "best"],
+                    help="trained ternary hybrid students (default: TAT-VPR stage 1 with GeM, stage 2 with BoQ)")
     ap.add_argument("--cnn", nargs="*", default=["effnet-lite0-gem", str(ROOT / "runs" / "gp-nordland" / "best")],
                     help="CNN models for the int8 table (default: the preset and the fine-tuned runs/gp-nordland)")
     args = ap.parse_args()
     data = data_root()
     sets = held_out_sets(data, day_left=False)
-    res: dict = {"threads": torch.get_num_threads(), "cnn": [], "student": None}
+    res: dict = {"threads": torch.get_num_threads(), "cnn": [], "students": []}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for spec in args.cnn:
@@ -119,9 +128,12 @@ def main() -> None:
                 print(f"skipping {spec}: not trained here")
                 continue
             res["cnn"] += cnn_rows(spec, sets, data, tmp)
-        if args.student.exists():
-            res["student"] = {"path": str(args.student.relative_to(ROOT)), "rows": student_rows(args.student, sets,
-                                                                                               tmp)}
+        for st in args.students:
+            if st.exists():
+                res["students"].append({"path": str(st.resolve().relative_to(ROOT)), "rows": student_rows(st, sets,
+                                                                                                          tmp)})
+            else:
+                print(f"skipping {st}: not trained here (make methods)")
     write_json(OUT / "edge_accuracy.json", res)
     names = [ds.name for ds in sets]
     head = ["| variant | " + " | ".join(f"R@1 {n}" for n in names) + " | ms/img b1 | file |",
@@ -134,11 +146,11 @@ def main() -> None:
 
     lines = [f"# Edge paths: held-out R@1 and batch-1 speed ({res['threads']} threads; `python benchmarks/"
              "edge_accuracy.py`)", "", "## CNN int8 (static QDQ) vs fp32", "", *head, *table(res["cnn"])]
-    if res["student"]:
-        lines += ["", f"## The composed edge model on the trained CPU hybrid student ({res['student']['path']}, "
-                  "160 px, sparsity 0)", "", *head, *table(res["student"]["rows"])]
-    else:
-        lines += ["", f"The trained hybrid student ({args.student}) is not here: train it with `make methods`."]
+    for st in res["students"]:
+        lines += ["", f"## The composed edge model on a trained CPU hybrid student ({st['path']}, 160 px, "
+                  "sparsity 0)", "", *head, *table(st["rows"])]
+    if not res["students"]:
+        lines += ["", "No trained hybrid student is here: train them with `make methods`."]
     write_text(OUT / "edge_accuracy.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
