@@ -71,6 +71,7 @@ def row(label: str, model, sets, size, **knobs) -> dict:
 def cnn_rows(spec: str, sets, data: Path, tmp: Path) -> list[dict]:
     model = load_model(spec).eval()
     size = tuple(model.image_size)
+    spec = spec.removeprefix(str(ROOT) + "/")
     rows = [row(f"{spec}: PyTorch fp32", model, sets, size)]
     rows.append(row(f"{spec}: onnxruntime fp32", OnnxModel(export_onnx(model, tmp / "cnn.onnx")), sets, size))
     q8 = export_onnx(model, tmp / "cnn8.onnx", int8=True, calibration=calibration_csv(data, tmp / "cal.csv"))
