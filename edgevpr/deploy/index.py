@@ -375,6 +375,7 @@ class PlaceIndex:
     def __init__(self, root: Path, manifest: dict, index, con: sqlite3.Connection) -> None:
         self.root, self.manifest, self.index, self.con = root, manifest, index, con
         self.vectors: np.ndarray | None = None  # [N, D] float16 for IVF-PQ re-ranking (memory-mapped)
+        self._n = int(index.ntotal)  # counted once: a Qdrant count is a request
 
     # ----------------------------------------------------------------------------------------- open / info
     @classmethod
@@ -398,9 +399,9 @@ class PlaceIndex:
             n = con.execute("SELECT COUNT(*) FROM images").fetchone()[0]
         except sqlite3.Error as e:
             raise ValueError(f"{root / DB_FILE}: not a readable SQLite database ({e})") from None
-        if n != index.ntotal:
+        if n != (total := index.ntotal):
             where = f"the Qdrant collection {index.collection}" if manifest["kind"] == "qdrant" else FAISS_FILE
-            raise ValueError(f"{root}: {n} images in {DB_FILE} but {index.ntotal} in {where} (an interrupted "
+            raise ValueError(f"{root}: {n} images in {DB_FILE} but {total} in {where} (an interrupted "
                              "`index add`: run it again to finish)")
         out = cls(root, manifest, index, con)
         if VECTORS_FILE in manifest["files"]:
@@ -417,7 +418,7 @@ class PlaceIndex:
         return self.manifest["model"]
 
     def __len__(self) -> int:
-        return int(self.index.ntotal)
+        return self._n
 
     def search(self, desc: np.ndarray, k: int = 5, ids: np.ndarray | None = None) -> list[list[Match]]:
         """descriptors [Q, D] float32 (L2-normalised) -> per query its top-k matches (score = cosine); ``ids``
