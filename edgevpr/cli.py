@@ -276,7 +276,7 @@ def cmd_localize(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from .deploy.decision import Neighbourhood
-    from .deploy.inputs import Frame
+    from .deploy.inputs import Stream
     from .deploy.localize import Localizer
 
     if args.hood_m is not None and args.hood_frames is not None:
@@ -284,11 +284,9 @@ def cmd_calibrate(args) -> int:
     loc = Localizer(args.index, args.model, device=args.device)
     hood = Neighbourhood(args.hood_m, None) if args.hood_m is not None else \
         Neighbourhood(None, args.hood_frames) if args.hood_frames is not None else None
-    from .data.images import load_image
-
     results = {}
     for ds in _datasets(args):
-        frames = (Frame(str(p), load_image(p)) for p in ds.q_paths)
+        frames = Stream(list(ds.q_paths))
         positives = [{str(Path(ds.db_paths[j]).resolve()) for j in pos} for pos in ds.positives]
         cal = loc.calibrate(frames, positives, args.precision, hood)
         results[ds.name] = cal.to_dict()

@@ -12,12 +12,10 @@ import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ..data.images import load_image
 from ..integrity import check_finite
 from .decision import DECISION_DEPTH, Calibration, GeoPrior, Neighbourhood, calibrate, margin, position
 from .embed import embed
@@ -116,12 +114,10 @@ class Localizer:
     def localize_files(self, paths: list[str | os.PathLike], k: int = 5,
                        knobs: dict | None = None) -> tuple[list[list[Match]], list[float]]:
         """Per photo (loaded, embedded and searched one at a time, as a live query is): matches and ms."""
-        out, ms = [], []
-        for p in paths:
-            t0 = time.perf_counter()
-            out.append(self.localize([load_image(Path(p))], k, knobs)[0])
-            ms.append((time.perf_counter() - t0) * 1000)
-        return out, ms
+        from .inputs import Stream
+
+        answers = list(self.stream(Stream(list(paths)), k, knobs))
+        return [a.matches for _, a, _ in answers], [ms for _, _, ms in answers]
 
     def calibrate(self, frames, positives: list[set[str]], precision: float = 0.95,
                   hood: Neighbourhood | None = None) -> Calibration:
@@ -149,8 +145,8 @@ class Localizer:
         ``sequence`` > 0 each answer also carries the sequence match over the frames so far (causal); a frame
         of another capture sequence (another video, folder or list) starts the tracking afresh."""
         tracker, current = None, None
+        t0 = time.perf_counter()  # ms per frame: reading/decoding it, embedding and searching
         for f in frames:
-            t0 = time.perf_counter()
             d = self.embed([f.image], knobs)
             a = self.answer(d, k, prior)[0]
             if sequence:
@@ -158,6 +154,7 @@ class Localizer:
                     tracker, current = self.tracker(sequence, method), f.sequence
                 a.sequence = tracker.push(d[0])
             yield f.name, a, (time.perf_counter() - t0) * 1000
+            t0 = time.perf_counter()
 
 
 @dataclass
