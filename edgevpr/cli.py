@@ -155,13 +155,20 @@ def cmd_index(args) -> int:
     from .deploy.localize import open_model
 
     if args.action == "tune":
-        rec = idx.tune(args.index, args.target, args.sample, args.seed, progress=not args.quiet)
+        queries = None
+        if args.queries:
+            from .deploy.inputs import Stream
+            from .deploy.localize import Localizer
+
+            loc = Localizer(args.index, device=args.device)
+            queries = [loc.embed([f.image])[0] for f in Stream(args.queries)]
+        rec = idx.tune(args.index, args.target, args.sample, args.seed, progress=not args.quiet, queries=queries)
         best = rec["chosen"]
         chosen = ", ".join(f"{k} {v}" for k, v in best.items() if k not in ("agreement", "ms_per_query"))
         note = "" if rec["reached"] else f" (target {args.target} not reached: the most accurate setting)"
         print(json.dumps(rec, indent=2) if args.json else
               f"{args.index}: {chosen}: top-1 agreement {best['agreement']:.3f} with exact search on "
-              f"{rec['sample']} sampled images at {best['ms_per_query']:.2f} ms/query{note}")
+              f"{rec['queries']} at {best['ms_per_query']:.2f} ms/query{note}")
         return 0
     if args.action == "info":
         if args.verify:
@@ -532,10 +539,15 @@ def build_parser() -> argparse.ArgumentParser:
     it = isub.add_parser("tune", help="choose an ivfpq/hnsw index's search settings for a target top-1 agreement "
                                       "with exact search, and record them")
     it.add_argument("--index", required=True, help="index folder")
-    it.add_argument("--target", type=float, default=0.95, help="top-1 agreement with exact search to reach")
+    it.add_argument("--target", type=float, default=0.95, help="top-1 agreement with exact search to reach (default 0.95)")
     it.add_argument("--sample", type=_bounded(10, 100000), default=200,
                     help="database images used as queries (default 200)")
-    it.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    it.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    it.add_argument("--queries", nargs="+", metavar="PHOTOS",
+                    help="held-out query photos (files, folders, .txt/.csv lists, videos), embedded with the "
+                         "index's model and used instead of --sample (recommended: real queries need deeper "
+                         "search than database images; default: none)")
+    it.add_argument("--device", default="auto", help="for --queries, PyTorch models: auto, cpu, cuda (default auto)")
     it.add_argument("--json", action="store_true", help="print every trial as JSON")
     it.add_argument("--quiet", action="store_true", help="no progress bar")
     ii = isub.add_parser("info", help="print an index's manifest")

@@ -65,6 +65,28 @@ def test_index_tune_chooses_and_records_settings(nordland, capsys):
     assert "no search settings to tune" in capsys.readouterr().err
 
 
+def test_index_tune_on_held_out_query_photos(nordland, tmp_path, capsys):
+    """`index tune --queries` embeds real query photos with the index's model and measures agreement against
+    exact search over the whole index: the recorded agreement is what those queries then get."""
+    import shutil
+
+    tmp, q = nordland
+    shutil.copytree(tmp / "ivfpq", tmp_path / "i")
+    winter = sorted((shared_data() / "nordland_64x32" / "winter").glob("*.png"))[:1000:5]
+    (tmp_path / "q.txt").write_text("\n".join(str(p) for p in winter))
+    assert main(["index", "tune", "--index", str(tmp_path / "i"), "--queries", str(tmp_path / "q.txt"),
+                 "--target", "0.9", "--json", "--quiet"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["queries"] == "200 query photos (held out)" and rec["sample"] == 200
+    pi = idx.PlaceIndex.open(tmp_path / "i")
+    assert pi.manifest["params"]["nprobe"] == rec["chosen"]["nprobe"]
+    exact = idx.PlaceIndex.open(tmp / "flat").search_ids(q, 1)[1][:, 0]
+    agreement = np.mean(pi.search_ids(q, 1)[1][:, 0] == exact)
+    assert agreement == pytest.approx(rec["chosen"]["agreement"]) and agreement >= 0.9
+    with pytest.raises(ValueError, match="tuning queries have shape"):
+        idx.tune(tmp_path / "i", queries=q[:, :10], progress=False)
+
+
 def test_reranking_vectors_are_checked_at_open(nordland, tmp_path):
     import shutil
 

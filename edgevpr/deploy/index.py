@@ -833,11 +833,14 @@ TUNE_EF = (16, 32, 64, 128, 256, 512)
 
 
 def tune(root: str | os.PathLike, target: float = 0.95, sample: int = 200, seed: int = 0,
-         progress: bool = True) -> dict:
+         progress: bool = True, queries: np.ndarray | None = None) -> dict:
     """Choose the fastest search settings whose top-1 agrees with exact search on >= ``target`` of a sample.
 
-    Queries: ``sample`` database descriptors drawn at random (seeded), each searched for its nearest *other*
-    image (itself excluded), the exact answer computed from the stored descriptors. IVF-PQ: every nprobe x
+    Queries: ``queries`` [Q, D] when given (descriptors of held-out query photos, embedded by the index's
+    model: the faithful choice, since real queries lie farther from the database than its own images and so
+    need deeper search); otherwise ``sample`` database descriptors drawn at random (seeded), each searched for
+    its nearest *other* image (itself excluded; optimistic). The exact answer is computed from the stored
+    descriptors. IVF-PQ: every nprobe x
     re-rank depth of TUNE_NPROBE x TUNE_RERANK (re-ranking needs the index's float16 vectors); HNSW: efSearch in
     TUNE_EF. Writes the chosen settings into the manifest's params and the measurements under ``tuned`` ->
     that record. When no setting reaches the target, the most accurate one is chosen and ``reached`` is false."""
@@ -849,14 +852,24 @@ def tune(root: str | os.PathLike, target: float = 0.95, sample: int = 200, seed:
         raise ValueError(f"{root}: tuning needs at least 2 images")
     pi = PlaceIndex.open(root)
     kind, n = pi.manifest["kind"], len(pi)
-    rng = np.random.default_rng(seed)
-    ids = np.sort(rng.choice(n, min(sample, n), replace=False))
     db = pi.descriptors()
-    queries = db[ids]
-    exact = queries @ db.T
-    exact[np.arange(len(ids)), ids] = -np.inf
-    truth = exact.argmax(1)
-    del exact, db
+    if queries is not None:
+        queries = np.asarray(queries, np.float32)
+        if queries.ndim != 2 or queries.shape[1] != db.shape[1]:
+            raise ValueError(f"{root}: tuning queries have shape {tuple(queries.shape)}; the index holds "
+                             f"{db.shape[1]}-D descriptors")
+        ids = np.full(len(queries), -1)
+        truth = np.concatenate([(queries[i:i + 256] @ db.T).argmax(1) for i in range(0, len(queries), 256)])
+        source = f"{len(queries)} query photos (held out)"
+    else:
+        ids = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
+        queries = db[ids]
+        exact = queries @ db.T
+        exact[np.arange(len(ids)), ids] = -np.inf
+        truth = exact.argmax(1)
+        source = "database descriptors, nearest other image (self excluded)"
+        del exact
+    del db
     if kind == "ivfpq":
         nlist = int(pi.manifest["params"]["nlist"])
         grid = [{"nprobe": p, "rerank": r} for p in TUNE_NPROBE if p <= nlist
@@ -878,7 +891,7 @@ def tune(root: str | os.PathLike, target: float = 0.95, sample: int = 200, seed:
                                                                                           -t["ms_per_query"]))
     chosen = {k: best[k] for k in grid[0]}
     record = {"target": target, "reached": bool(ok), "sample": len(ids), "seed": seed, "chosen": best,
-              "trials": trials, "queries": "database descriptors, nearest other image (self excluded)"}
+              "trials": trials, "queries": source}
     update_manifest(root, params={**manifest["params"], **chosen}, tuned=record)
     return record
 
