@@ -1,6 +1,6 @@
 """What the edge paths cost in accuracy, with their speed: held-out R@1 of fp32 vs the int8 / ternary / pruned forms.
 
-    python benchmarks/edge_accuracy.py [--student runs/tat-vpr/cpu-stage2/best] [--cnn effnet-lite0-gem ...]
+    python benchmarks/edge_accuracy.py [--students RUN/best ...] [--cnn effnet-lite0-gem ...] [--append]
 
 1. CNN int8 (static QDQ, calibrated on 64 database images of training places: Gardens Point day_right 0-69 and
    Nordland summer 0-1999, never the held-out ones): PyTorch fp32, onnxruntime fp32 and onnxruntime int8 of each
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import tempfile
 from pathlib import Path
 
@@ -118,10 +119,17 @@ def main() -> None:
                     help="trained ternary hybrid students (default: TAT-VPR stage 1 with GeM, stage 2 with BoQ)")
     ap.add_argument("--cnn", nargs="*", default=["effnet-lite0-gem", str(ROOT / "runs" / "gp-nordland" / "best")],
                     help="CNN models for the int8 table (default: the preset and the fine-tuned runs/gp-nordland)")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows of edge_accuracy.json of models this run does not measure (default: afresh)")
     args = ap.parse_args()
     data = data_root()
     sets = held_out_sets(data, day_left=False)
     res: dict = {"threads": torch.get_num_threads(), "cnn": [], "students": []}
+    if args.append and (OUT / "edge_accuracy.json").is_file():
+        old = json.loads((OUT / "edge_accuracy.json").read_text())
+        names = {str(Path(s).resolve().relative_to(ROOT)) for s in args.students if Path(s).exists()}
+        res["students"] = [st for st in old["students"] if st["path"] not in names]
+        res["cnn"] = [] if args.cnn else old["cnn"]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for spec in args.cnn:

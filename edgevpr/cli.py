@@ -539,7 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     it = isub.add_parser("tune", help="choose an ivfpq/hnsw index's search settings for a target top-1 agreement "
                                       "with exact search, and record them")
     it.add_argument("--index", required=True, help="index folder")
-    it.add_argument("--target", type=float, default=0.95, help="top-1 agreement with exact search to reach (default 0.95)")
+    it.add_argument("--target", type=float, default=0.95,
+                    help="top-1 agreement with exact search to reach (default 0.95)")
     it.add_argument("--sample", type=_bounded(10, 100000), default=200,
                     help="database images used as queries (default 200)")
     it.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")

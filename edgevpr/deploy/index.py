@@ -473,10 +473,7 @@ class PlaceIndex:
             hamming, found = self.index.search(pack_bits(desc), k, params=params)
             return 1.0 - 2.0 * hamming / desc.shape[1], found
         depth = int(self.manifest["params"].get("rerank", 0)) if self.vectors is not None else 0
-        if depth <= 0:
-            return self.index.search(desc, k, params=params)
-        _, cand = self.index.search(desc, min(max(depth, k), len(self) if ids is None else len(ids)), params=params)
-        return rerank(self.vectors, desc, cand, k)
+        return faiss_search(self.index, self.vectors, depth, desc, k, len(self) if ids is None else len(ids), params)
 
     def similarities(self, desc: np.ndarray, depth: int = MAX_K) -> np.ndarray:
         """descriptors [Q, D] -> similarity to every database image [Q, N] (for sequence matching): the top
@@ -534,6 +531,17 @@ class PlaceIndex:
     def descriptors(self) -> np.ndarray:
         """All stored descriptors in id order: [N, D] float32, or [N, D/8] uint8 sign bits for a binary index."""
         return _stored_descriptors(self.con, self.manifest["dim"], 0, storage_of(self.manifest["kind"]))
+
+
+def faiss_search(index, vectors: np.ndarray | None, depth: int, desc: np.ndarray, k: int, n: int | None = None,
+                 params=None) -> tuple[np.ndarray, np.ndarray]:
+    """Search a FAISS index for queries [Q, D] -> (scores [Q, k], ids [Q, k]); with ``depth`` > 0 and the float16
+    ``vectors`` [N, D], the top max(depth, k) candidates (at most ``n``, the searchable count) are re-ranked
+    exactly."""
+    if depth <= 0 or vectors is None:
+        return index.search(desc, k, params=params)
+    _, cand = index.search(desc, min(max(depth, k), n or index.ntotal), params=params)
+    return rerank(vectors, desc, cand, k)
 
 
 def rerank(vectors: np.ndarray, desc: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -832,6 +840,36 @@ TUNE_RERANK = (0, 16, 32, 64, 128, 256)
 TUNE_EF = (16, 32, 64, 128, 256, 512)
 
 
+def search_settings(kind: str, nlist: int, can_rerank: bool, measure, target: float,
+                    progress: bool = True) -> tuple[dict, list[dict]]:
+    """The fastest setting whose top-1 agreement reaches ``target``: ``measure(setting)`` -> (agreement,
+    ms/query). Settings are tried in order of cost (IVF-PQ: nprobe ascending, and within it re-rank depth
+    ascending; HNSW: efSearch ascending), and a setting costlier than one that already reached the target is
+    skipped (time grows with nprobe and depth). -> (best trial, every trial); when none reaches the target the
+    most accurate one is returned."""
+    if kind == "ivfpq":
+        levels = [[{"nprobe": p, "rerank": r} for r in (TUNE_RERANK if can_rerank else (0,))]
+                  for p in TUNE_NPROBE if p <= nlist]
+    else:
+        levels = [[{"ef_search": e}] for e in TUNE_EF]
+    trials: list[dict] = []
+    bar = tqdm(total=sum(map(len, levels)), desc="index tune", disable=not progress)
+    for level in levels:
+        for setting in level:
+            agreement, ms = measure(setting)
+            trials.append({**setting, "agreement": agreement, "ms_per_query": ms})
+            bar.update()
+            if agreement >= target:
+                break
+        if trials[-1]["agreement"] >= target:
+            break
+    bar.close()
+    ok = [t for t in trials if t["agreement"] >= target]
+    best = min(ok, key=lambda t: t["ms_per_query"]) if ok else max(trials, key=lambda t: (t["agreement"],
+                                                                                          -t["ms_per_query"]))
+    return best, trials
+
+
 def tune(root: str | os.PathLike, target: float = 0.95, sample: int = 200, seed: int = 0,
          progress: bool = True, queries: np.ndarray | None = None) -> dict:
     """Choose the fastest search settings whose top-1 agrees with exact search on >= ``target`` of a sample.
@@ -840,10 +878,11 @@ def tune(root: str | os.PathLike, target: float = 0.95, sample: int = 200, seed:
     model: the faithful choice, since real queries lie farther from the database than its own images and so
     need deeper search); otherwise ``sample`` database descriptors drawn at random (seeded), each searched for
     its nearest *other* image (itself excluded; optimistic). The exact answer is computed from the stored
-    descriptors. IVF-PQ: every nprobe x
-    re-rank depth of TUNE_NPROBE x TUNE_RERANK (re-ranking needs the index's float16 vectors); HNSW: efSearch in
-    TUNE_EF. Writes the chosen settings into the manifest's params and the measurements under ``tuned`` ->
-    that record. When no setting reaches the target, the most accurate one is chosen and ``reached`` is false."""
+    descriptors. IVF-PQ: nprobe x re-rank depth from TUNE_NPROBE x TUNE_RERANK (re-ranking needs the index's
+    float16 vectors); HNSW: efSearch in TUNE_EF; settings costlier than the first that reaches the target are
+    skipped (``search_settings``). Writes the chosen settings into the manifest's params and the measurements
+    under ``tuned`` -> that record. When no setting reaches the target, the most accurate one is chosen and
+    ``reached`` is false."""
     root = Path(root)
     manifest = read_manifest(root)
     if manifest["kind"] not in ("ivfpq", "hnsw"):
@@ -870,28 +909,21 @@ def tune(root: str | os.PathLike, target: float = 0.95, sample: int = 200, seed:
         source = "database descriptors, nearest other image (self excluded)"
         del exact
     del db
-    if kind == "ivfpq":
-        nlist = int(pi.manifest["params"]["nlist"])
-        grid = [{"nprobe": p, "rerank": r} for p in TUNE_NPROBE if p <= nlist
-                for r in (TUNE_RERANK if pi.vectors is not None else (0,))]
-    else:
-        grid = [{"ef_search": e} for e in TUNE_EF]
-    trials = []
-    for setting in tqdm(grid, desc="index tune", disable=not progress):
+    def measure(setting: dict) -> tuple[float, float]:
         pi.manifest["params"].update(setting)
         _configure(pi.index, kind, pi.manifest["params"])
         t0 = time.perf_counter()
         _, found = pi.search_ids(queries, 2)
         ms = (time.perf_counter() - t0) * 1000 / len(ids)
         top = np.where(found[:, 0] == ids, found[:, 1], found[:, 0])
-        trials.append({**setting, "agreement": float(np.mean(top == truth)), "ms_per_query": ms})
+        return float(np.mean(top == truth)), ms
+
+    nlist = int(pi.manifest["params"].get("nlist", 0))
+    best, trials = search_settings(kind, nlist, pi.vectors is not None, measure, target, progress)
     pi.close()
-    ok = [t for t in trials if t["agreement"] >= target]
-    best = min(ok, key=lambda t: t["ms_per_query"]) if ok else max(trials, key=lambda t: (t["agreement"],
-                                                                                          -t["ms_per_query"]))
-    chosen = {k: best[k] for k in grid[0]}
-    record = {"target": target, "reached": bool(ok), "sample": len(ids), "seed": seed, "chosen": best,
-              "trials": trials, "queries": source}
+    chosen = {k: v for k, v in best.items() if k not in ("agreement", "ms_per_query")}
+    record = {"target": target, "reached": best["agreement"] >= target, "sample": len(ids), "seed": seed,
+              "chosen": best, "trials": trials, "queries": source}
     update_manifest(root, params={**manifest["params"], **chosen}, tuned=record)
     return record
 
