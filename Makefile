@@ -61,10 +61,11 @@ vit-student: runs/tat-vpr/cpu-stage1-fp32/final/model.safetensors
 FINAL = runs/$(1)/final/model.safetensors
 STUDENT_RUNS := efficientvpr/cpu tat-vpr/cpu-stage2-fp32 weitop/cpu-weiad weitop/cpu-weiad-predicted \
                 weitop/cpu-weiad-wlr100 weitop/cpu-salad
-METHOD_RUNS := tat-vpr/cpu-stage1-fp32 tat-vpr/cpu-stage1 tat-vpr/cpu-stage2 tat-vpr/cpu-stage2-fp32-nodistill \
+METHOD_RUNS := tat-vpr/cpu-stage1-fp32 tat-vpr/cpu-stage1 tat-vpr/cpu-stage2 tat-vpr/cpu-stage2-weiad \
+               tat-vpr/cpu-stage2-fp32-nodistill \
                weitop/cpu-weiad-nodistill weitop/cpu-salad-nodistill $(STUDENT_RUNS)
 $(call FINAL,tat-vpr/cpu-stage1-fp32) $(call FINAL,tat-vpr/cpu-stage1): | runs/gp-nordland/best/model.safetensors
-$(call FINAL,tat-vpr/cpu-stage2): | $(call FINAL,tat-vpr/cpu-stage1)
+$(call FINAL,tat-vpr/cpu-stage2) $(call FINAL,tat-vpr/cpu-stage2-weiad): | $(call FINAL,tat-vpr/cpu-stage1)
 $(foreach r,$(STUDENT_RUNS),$(call FINAL,$(r))): | $(call FINAL,tat-vpr/cpu-stage1-fp32)
 runs/%/final/model.safetensors: | setup
 	$(call train,configs/$*.yaml,runs/$*)
@@ -79,6 +80,7 @@ methods: $(foreach r,$(METHOD_RUNS),$(call FINAL,$(r)))
 	$(PY) benchmarks/weitop.py runs/weitop/cpu-weiad-nodistill --name weitop_nodistill
 	$(PY) benchmarks/heldout_runs.py --name weiad_nodistill runs/weitop/cpu-weiad-nodistill \
 		runs/weitop/cpu-salad-nodistill
+	$(PY) benchmarks/edge_accuracy.py
 
 # TinyVPR ablation (MS only, + distillation, + alignment, full) with the fine-tuned default model as teacher, then
 # its held-out table (benchmarks/results/tinyvpr.md). About 30 minutes a run here; each resumes after a kill.

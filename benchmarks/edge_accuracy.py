@@ -6,11 +6,13 @@
    Nordland summer 0-1999, never the held-out ones): PyTorch fp32, onnxruntime fp32 and onnxruntime int8 of each
    --cnn model at its own input size, R@1 and ms/img at batch 1 (median of 20 after warm-up, in this process).
 2. The composed edge model on the trained CPU hybrid students (ternary ViT blocks on an EfficientNet-lite0 stem,
-   160 px; `make methods` trains them): TAT-VPR stage 1 (GeM on distilled tokens) and stage 2 (BoQ head). Each:
-   its latent weights run as plain fp32 (the student was trained ternary, so this is a reference, not a trained
-   twin), ternary, its int8 ONNX export; for a head that takes any token set (stage 1's GeM) also ternary + WeiToP
-   pruning after block 3 at keep 0.5 / 0.3 and the composed int8 ONNX at keep 0.5. BoQ's 3x3 convolution needs
-   the full token grid, so stage 2 cannot be pruned. R@1 and ms/img at batch 1; a student not trained is skipped.
+   160 px; `make methods` trains them): TAT-VPR stage 1 (GeM on distilled tokens), stage 2 with BoQ, and stage 2
+   with WeiAD + a WeiToP scorer trained at random keep ratios (configs/tat-vpr/cpu-stage2-weiad.yaml: the student
+   made to be composed). Each: its latent weights run as plain fp32 (the student was trained ternary, so this is a
+   reference, not a separately trained twin), ternary, its int8 ONNX export; for a head that takes any token set
+   (GeM, WeiAD) also ternary + WeiToP pruning after block 3 at keep 0.5 / 0.3 and the composed int8 ONNX at keep
+   0.5. BoQ's 3x3 convolution needs the full token grid, so that student cannot be pruned. R@1 and ms/img at
+   batch 1; a student not trained is skipped.
 Held-out places as every table here: Gardens Point 70-99 night_right vs day_right (+-2; 30 queries, steps of 0.033)
 and Nordland 2000-2499 winter vs summer (+-1, dark frames dropped; 464 queries, the comparison to trust).
 Writes benchmarks/results/edge_accuracy.{json,md}.
@@ -115,8 +117,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--students", type=Path, nargs="*",
                     default=[ROOT / "runs" / "tat-vpr" / "cpu-stage1" / "final",
-                             ROOT / "runs" / "tat-vpr" / "cpu-stage2" / "best"],
-                    help="trained ternary hybrid students (default: TAT-VPR stage 1 with GeM, stage 2 with BoQ)")
+                             ROOT / "runs" / "tat-vpr" / "cpu-stage2" / "best",
+                             ROOT / "runs" / "tat-vpr" / "cpu-stage2-weiad" / "best"],
+                    help="trained ternary hybrid students (default: TAT-VPR stage 1 with GeM, stage 2 with BoQ, "
+                         "stage 2 with WeiAD and a trained WeiToP scorer)")
     ap.add_argument("--cnn", nargs="*", default=["effnet-lite0-gem", str(ROOT / "runs" / "gp-nordland" / "best")],
                     help="CNN models for the int8 table (default: the preset and the fine-tuned runs/gp-nordland)")
     ap.add_argument("--append", action="store_true",
