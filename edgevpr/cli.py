@@ -233,10 +233,7 @@ def _index_params(args) -> dict:
     """The FAISS settings given on the command line (build, merge)."""
     if (args.dim is not None or args.storage not in (None, "float32")) and args.kind != "flat":
         raise ValueError("--dim and --storage apply to --kind flat (exact search over compact descriptors)")
-    if args.opq and args.kind != "ivfpq":
-        raise ValueError("--opq applies to --kind ivfpq")
     return {k: v for k, v in (("nlist", args.nlist), ("pq_m", args.pq_m), ("nprobe", args.nprobe),
-                              ("opq", args.opq or None),
                               ("rerank", args.rerank), ("hnsw_m", args.hnsw_m), ("ef_search", args.ef_search),
                               ("pca_dim", args.dim), ("storage", args.storage), ("url", args.qdrant_url),
                               ("collection", args.collection), ("shard_number", args.qdrant_shards),
@@ -525,8 +522,6 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--nlist", type=int, help="ivfpq: inverted lists (default 4 sqrt(N))")
         a.add_argument("--pq-m", type=int, help="ivfpq: sub-quantisers = bytes per vector (default: <= 64)")
         a.add_argument("--nprobe", type=int, help="ivfpq: lists searched (default min(nlist, 16))")
-        a.add_argument("--opq", action="store_true",
-                       help="ivfpq: learn an OPQ rotation before the coarse and product quantisers (default: off)")
         a.add_argument("--rerank", type=_bounded(0, 1000),
                        help="ivfpq: candidates re-ranked exactly from float16 copies of the descriptors (default 64; "
                             "0 off)")

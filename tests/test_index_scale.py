@@ -49,26 +49,6 @@ def test_reranked_ivfpq_top1_equals_flat(nordland):
     np.testing.assert_allclose(rs[same, 0], fs[same, 0], atol=2e-3)  # re-ranked scores are the exact cosines
 
 
-def test_opq_index_reranked_equals_flat_and_filters(nordland, tmp_path):
-    """--opq puts a learned rotation ahead of IVF-PQ: re-ranked top-1 still equals exact search, the setting is
-    recorded, and an id selection (the GNSS prior's path) passes through the rotation."""
-    from edgevpr.models.model import load_model
-
-    tmp, q = nordland
-    idx.build(load_model("pixels-patchnorm"), tmp / "db.csv", tmp_path / "opq", kind="ivfpq",
-              spec="pixels-patchnorm", params={"opq": True}, progress=False)
-    opq, flat = idx.PlaceIndex.open(tmp_path / "opq"), idx.PlaceIndex.open(tmp / "flat")
-    opq.manifest["params"]["nprobe"] = opq.manifest["params"]["nlist"]
-    idx._configure(opq.index, "ivfpq", opq.manifest["params"])
-    assert opq.manifest["params"]["opq"] is True and opq.index.__class__.__name__ == "IndexPreTransform"
-    fs, fi = flat.search_ids(q, 2)
-    same = opq.search_ids(q, 1)[1][:, 0] == fi[:, 0]
-    assert np.all(np.abs(fs[~same, 0] - fs[~same, 1]) < 2e-3) and same.mean() >= 0.99
-    sel = np.arange(100, 140)
-    _, got = opq.search_ids(q[:20], 5, ids=sel)
-    np.testing.assert_array_equal(got, flat.search_ids(q[:20], 5, ids=sel)[1])
-
-
 def test_index_tune_chooses_and_records_settings(nordland, capsys):
     tmp, _ = nordland
     assert main(["index", "tune", "--index", str(tmp / "ivfpq"), "--target", "0.9", "--sample", "100", "--json",

@@ -319,16 +319,12 @@ def _make_faiss(kind: str, dim: int, n: int, params: dict):
         m = int(params.get("pq_m") or max(d for d in range(1, min(dim, 128) + 1) if dim % d == 0))
         if dim % m:
             raise ValueError(f"ivfpq: pq_m={m} must divide the descriptor dimension {dim}")
-        opq = bool(params.get("opq"))
-        if opq:  # OPQ rotation (learned with the codebooks) ahead of IVF and PQ: one IndexPreTransform
-            index = faiss.index_factory(dim, f"OPQ{m},IVF{nlist},PQ{m}", faiss.METRIC_INNER_PRODUCT)
-        else:
-            index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
         rerank = int(params["rerank"]) if params.get("rerank") is not None else DEFAULT_RERANK
         if not 0 <= rerank <= MAX_K:
             raise ValueError(f"rerank={rerank}: must be between 0 and {MAX_K}")
         return index, {"nlist": nlist, "pq_m": m, "nbits": 8, "nprobe": int(params.get("nprobe") or min(nlist, 16)),
-                       "rerank": rerank, **({"opq": True} if opq else {})}
+                       "rerank": rerank}
     raise ValueError(f"unknown index kind {kind!r} (choose from {', '.join(KINDS)})")
 
 
