@@ -1,7 +1,9 @@
 """The place index at scale, with distractors that are not copies: what a user with a city-sized map would see.
 
-    python benchmarks/index.py                                # real, 100k, 1M in memory + 10M on disk (~1 h here)
-    python benchmarks/index.py --sizes 0 100000 --on-disk 0   # quick
+    python benchmarks/index.py --on-disk 0                    # real, 100k, 1M in memory (~35 min here)
+    python benchmarks/index.py --sizes --append               # + 10M on disk in its own process (own peak RSS)
+    python benchmarks/index.py --sizes 1000000 --kinds ivfpq/4096 --on-disk 0 --append   # more lists at 1M
+    python benchmarks/index.py --sizes 100000 --components 1 --on-disk 0 --qdrant-max 0 --append  # single Gaussian
     python benchmarks/index.py --integrity 1000000            # cost of the integrity check at open
 
 Database: the real descriptors (default model, 1280-D) of Nordland summer (2500) + Gardens Point day_right (100),
@@ -172,8 +174,10 @@ def file_bytes(index) -> int:
 def bench_faiss(kind: str, db: np.ndarray, test, tune) -> list[dict]:
     """Rows for one FAISS kind: as built and, for IVF-PQ (+ re-ranking) and HNSW, tuned. ``test`` / ``tune`` are
     (queries [Q, D], positives, exact top-1 [Q])."""
+    kind, _, nlist = kind.partition("/")  # "ivfpq/4096": IVF-PQ with 4096 lists
     t0 = time.perf_counter()
-    index, params = _make_faiss(kind, db.shape[1], len(db), {"rerank": 0} if kind == "ivfpq" else {})
+    given = {"rerank": 0, **({"nlist": int(nlist)} if nlist else {})} if kind == "ivfpq" else {}
+    index, params = _make_faiss(kind, db.shape[1], len(db), given)
     if not index.is_trained:
         index.train(training_sample(db))
     index.add(db)
@@ -331,7 +335,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="effnet-lite0-gem", help="model of the real descriptors (default "
                                                                 "effnet-lite0-gem)")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[0, 100_000, 1_000_000],
+    ap.add_argument("--sizes", type=int, nargs="*", default=[0, 100_000, 1_000_000],
                     help="in-memory database sizes, 0 = the real database alone (default 0 100000 1000000)")
     ap.add_argument("--components", type=int, nargs="+", default=[64],
                     help="mixture components of the distractors, each run in turn; 1 = a single Gaussian "
@@ -342,14 +346,14 @@ def main() -> None:
                     help="its inverted lists (default 1024, edgevpr's largest: the coarse assignment dominates "
                          "the build on 2 cores)")
     ap.add_argument("--append", action="store_true",
-                    help="keep the rows of index.json whose size and distractors this run does not measure "
-                         "(default: start afresh)")
+                    help="keep the rows of index.json that this run does not measure again (default: start "
+                         "afresh)")
     ap.add_argument("--queries", type=int, default=500, help="real queries in the tables (default 500)")
     ap.add_argument("--tuning-queries", type=int, default=200, help="other real queries for tuning (default 200)")
     ap.add_argument("--qdrant-max", type=int, default=100_000,
                     help="largest size run in Qdrant local mode (default 100000)")
     ap.add_argument("--kinds", nargs="+", default=["flat", "ivfpq", "hnsw"],
-                    help="FAISS kinds (default flat ivfpq hnsw)")
+                    help="FAISS kinds; ivfpq/N: IVF-PQ with N lists (default flat ivfpq hnsw)")
     ap.add_argument("--integrity", type=int, metavar="N",
                     help="instead: time the integrity check at open on an index folder of N vectors (default off)")
     args = ap.parse_args()
@@ -383,16 +387,17 @@ def main() -> None:
     if args.append and (OUT / "index.json").is_file():
         import json
 
-        measured = {(n or len(real), c) for n in args.sizes for c in args.components}
-        measured |= {(args.on_disk, c) for c in args.components}
-        old = json.loads((OUT / "index.json").read_text())
-        res["rows"] = [r for r in old["rows"] if (r["size"], r["components"]) not in measured]
+        res["rows"] = json.loads((OUT / "index.json").read_text())["rows"]
+
+    def key(r: dict) -> tuple:
+        return r["size"], r["components"], r["kind"], r["params"].get("nlist"), r["params"].get("nprobe")
 
     def emit(rows: list[dict], size: int, comp: int) -> None:
         for r in rows:
             r.update(size=size or len(real), components=comp)
             print(r, flush=True)
-        res["rows"].extend(rows)
+        new = {key(r) for r in rows}  # a re-measured row replaces its earlier self
+        res["rows"] = [r for r in res["rows"] if key(r) not in new] + rows
         write_json(OUT / "index.json", res)  # after every size: a long run keeps what it measured
         write_text(OUT / "index.md", table(res))
 
