@@ -909,6 +909,7 @@ def tune(root: str | os.PathLike, target: float = 0.95, sample: int = 200, seed:
         source = "database descriptors, nearest other image (self excluded)"
         del exact
     del db
+
     def measure(setting: dict) -> tuple[float, float]:
         pi.manifest["params"].update(setting)
         _configure(pi.index, kind, pi.manifest["params"])
