@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from edgevpr.models.model import build_model, load_model
 from edgevpr.utils import write_json, write_text
 
 OUT = ROOT / "benchmarks" / "results"
+RUNS = ROOT / "runs"
 
 
 def ms_per_image(model, size: tuple[int, int], repeats: int = 20) -> float:
@@ -85,16 +87,24 @@ def cnn_rows(spec: str, sets, data: Path, tmp: Path) -> list[dict]:
     return rows
 
 
-def student_rows(path: Path, sets, tmp: Path, block: int = 3) -> list[dict]:
+def student_rows(path: Path, sets, tmp: Path, block: int = 3, twin: Path | None = None) -> list[dict]:
     """fp32 (latent weights), ternary, int8 export; with a head that takes any token set also WeiToP pruning after
-    ``block`` at keep 0.5 / 0.3 and the composed int8 ONNX at keep 0.5 (BoQ's 3x3 convolution needs the grid)."""
+    ``block`` at keep 0.5 / 0.3 and the composed int8 ONNX at keep 0.5 (BoQ's 3x3 convolution needs the grid).
+    ``twin``: a separately trained fp32 model of the same recipe, measured unpruned and at keep 0.5 / 0.3 first."""
+    rows = []
+    if twin is not None:
+        fp32 = load_model(twin).eval()
+        rows.append(row("fp32 twin (PyTorch)", fp32, sets, tuple(fp32.image_size)))
+        for keep in (0.5, 0.3):
+            rows.append(row(f"fp32 twin + WeiToP keep {keep} (PyTorch)", fp32, sets, tuple(fp32.image_size),
+                            keep_ratio=keep))
     tern = load_model(path).eval()
     size = tuple(tern.image_size)
     cfg = copy.deepcopy(tern.config)
     latent = build_model({k: v for k, v in cfg.items() if k != "ternary"}).eval()
     latent.load_state_dict(tern.state_dict(), strict=False)
-    rows = [row("latent weights as fp32 (PyTorch)", latent, sets, size),
-            row("ternary (PyTorch)", tern, sets, size)]
+    rows += [row("latent weights as fp32 (PyTorch)", latent, sets, size),
+             row("ternary (PyTorch)", tern, sets, size)]
     plain = export_onnx(tern, tmp / "tern.onnx", int8=True)
     rows.append(row("ternary, int8 ONNX", OnnxModel(plain), sets, size))
     rows[-1]["bytes"] = plain.stat().st_size
@@ -113,14 +123,33 @@ def student_rows(path: Path, sets, tmp: Path, block: int = 3) -> list[dict]:
     return rows
 
 
+def twin_gap(student: dict, names: list[str]) -> list[str]:
+    """Markdown lines: the composed int8 model at keep 0.5 against the fp32 twin, unpruned and at keep 0.5, with the
+    binomial 95% half-width of each R@1 (1.96 sqrt(p (1 - p) / n), n queries) to read the gaps against."""
+    if not student.get("twin"):
+        return []
+    by = {r["variant"]: r["recall@1"] for r in student["rows"]}
+    composed = by[student["rows"][-1]["variant"]]
+    n = student["queries"]
+
+    def gaps(ref: dict) -> str:
+        half = {name: 1.96 * math.sqrt(ref[name] * (1 - ref[name]) / n[name]) for name in names}
+        return ", ".join(f"{name} {composed[name] - ref[name]:+.3f} (+-{half[name]:.3f})" for name in names)
+
+    return ["", f"fp32 twin: {student['twin']} (the same recipe without ternary weights). The composed int8 model at "
+            f"keep 0.5 minus the twin unpruned: {gaps(by['fp32 twin (PyTorch)'])}; minus the twin at keep 0.5: "
+            f"{gaps(by['fp32 twin + WeiToP keep 0.5 (PyTorch)'])} (in brackets: the 95% half-width of the twin's R@1)."]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--students", type=Path, nargs="*",
-                    default=[ROOT / "runs" / "tat-vpr" / "cpu-stage1" / "final",
-                             ROOT / "runs" / "tat-vpr" / "cpu-stage2" / "best",
-                             ROOT / "runs" / "tat-vpr" / "cpu-stage2-weiad" / "best"],
-                    help="trained ternary hybrid students (default: TAT-VPR stage 1 with GeM, stage 2 with BoQ, "
-                         "stage 2 with WeiAD and a trained WeiToP scorer)")
+    ap.add_argument("--students", nargs="*",
+                    default=[f"{RUNS}/tat-vpr/cpu-stage1/final", f"{RUNS}/tat-vpr/cpu-stage2/best",
+                             f"{RUNS}/tat-vpr/cpu-stage2-weiad/best",
+                             f"{RUNS}/tat-vpr/cpu-edge/best={RUNS}/weitop/cpu-weiad-nodistill/best"],
+                    help="trained ternary hybrid students, each RUN or RUN=FP32_TWIN_RUN (default: TAT-VPR stage 1 "
+                         "with GeM, stage 2 with BoQ, stage 2 with WeiAD + WeiToP, and the edge student "
+                         "configs/tat-vpr/cpu-edge.yaml with its fp32 twin configs/weitop/cpu-weiad-nodistill.yaml)")
     ap.add_argument("--cnn", nargs="*", default=["effnet-lite0-gem", str(ROOT / "runs" / "gp-nordland" / "best")],
                     help="CNN models for the int8 table (default: the preset and the fine-tuned runs/gp-nordland)")
     ap.add_argument("--append", action="store_true",
@@ -129,9 +158,10 @@ def main() -> None:
     data = data_root()
     sets = held_out_sets(data, day_left=False)
     res: dict = {"threads": torch.get_num_threads(), "cnn": [], "students": []}
+    students = [(Path(a), Path(b) if b else None) for a, _, b in (spec.partition("=") for spec in args.students)]
     if args.append and (OUT / "edge_accuracy.json").is_file():
         old = json.loads((OUT / "edge_accuracy.json").read_text())
-        names = {str(Path(s).resolve().relative_to(ROOT)) for s in args.students if Path(s).exists()}
+        names = {str(st.resolve().relative_to(ROOT)) for st, _ in students if st.exists()}
         res["students"] = [st for st in old["students"] if st["path"] not in names]
         res["cnn"] = [] if args.cnn else old["cnn"]
     with tempfile.TemporaryDirectory() as d:
@@ -141,12 +171,14 @@ def main() -> None:
                 print(f"skipping {spec}: not trained here")
                 continue
             res["cnn"] += cnn_rows(spec, sets, data, tmp)
-        for st in args.students:
-            if st.exists():
-                res["students"].append({"path": str(st.resolve().relative_to(ROOT)), "rows": student_rows(st, sets,
-                                                                                                          tmp)})
-            else:
-                print(f"skipping {st}: not trained here (make methods)")
+        for st, twin in students:
+            if not st.exists() or (twin is not None and not twin.exists()):
+                print(f"skipping {st}: it or its fp32 twin {twin} is not trained here (make methods)")
+                continue
+            res["students"].append({"path": str(st.resolve().relative_to(ROOT)), "rows": student_rows(st, sets, tmp,
+                                                                                                      twin=twin),
+                                    "twin": str(twin.resolve().relative_to(ROOT)) if twin else None,
+                                    "queries": {ds.name: ds.num_queries for ds in sets}})
     write_json(OUT / "edge_accuracy.json", res)
     names = [ds.name for ds in sets]
     head = ["| variant | " + " | ".join(f"R@1 {n}" for n in names) + " | ms/img b1 | file |",
@@ -161,7 +193,7 @@ def main() -> None:
              "edge_accuracy.py`)", "", "## CNN int8 (static QDQ) vs fp32", "", *head, *table(res["cnn"])]
     for st in res["students"]:
         lines += ["", f"## The composed edge model on a trained CPU hybrid student ({st['path']}, 160 px, "
-                  "sparsity 0)", "", *head, *table(st["rows"])]
+                  "sparsity 0)", "", *head, *table(st["rows"]), *twin_gap(st, names)]
     if not res["students"]:
         lines += ["", "No trained hybrid student is here: train them with `make methods`."]
     write_text(OUT / "edge_accuracy.md", "\n".join(lines) + "\n")

@@ -279,6 +279,24 @@ def test_int8_export_of_a_ternary_vit_with_boq_head(tmp_path):
         assert q8.int8 and _cos(q8(x), model(x)) >= 0.99
 
 
+def test_composed_edge_export_ternary_pruned_int8_matches_pytorch(tmp_path):
+    """The composed edge model (configs/tat-vpr/cpu-edge.yaml's kind: ternary ViT on a CNN stem, WeiToP after block 3,
+    WeiAD) exported with keep 0.5 baked in and int8 weights gives the PyTorch model's keep-0.5 descriptors, and not
+    its unpruned ones."""
+    torch.manual_seed(0)
+    stem = {"name": "efficientnet_lite0", "crop": ["blocks.5", "blocks.6", "conv_head", "bn2"]}
+    model = load_model({"backbone": {**VIT, "init_values": 0.1, "stem": stem,
+                                     "pruning": {"block": 3, "method": "weitop"}},
+                        "aggregator": {"name": "weiad"}, "image_size": [160, 160], "ternary": {}})
+    q8 = OnnxModel(export_onnx(model, tmp_path / "edge.onnx", knobs={"keep_ratio": 0.5}, int8=True))
+    x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        pruned, full = model(x, keep_ratio=0.5), model(x)
+        out = q8(x)
+    assert q8.int8 and q8.baked_knobs == {"keep_ratio": 0.5}
+    assert _cos(out, pruned) >= 0.9999 and _cos(out, full) < 0.995  # pruned vs full: 0.989 here
+
+
 def test_manifest_coordinates_share_one_utm_zone(tmp_path):
     """Points either side of a zone border (6 deg E) stay in one frame: ~1.4 km apart, not ~660 km."""
     (tmp_path / "z.csv").write_text("path,lat,lon\na.png,50.0,5.99\nb.png,50.0,6.01\n")
