@@ -55,14 +55,15 @@ vit-student: runs/tat-vpr/cpu-stage1-fp32/final/model.safetensors
 
 # The CPU method runs on that ViT and their held-out tables (benchmarks/results/): TAT-VPR ternary vs fp32 (stages 1
 # and 2; stage 2 without stage 1), EfficientVPR vs SALAD, WeiAD (global, predicted, global at 100x weight lr) + WeiToP
-# vs SALAD and the pruning baselines (also on the undistilled hybrid). Hours on 2 cores (`OMP_NUM_THREADS=1 make
+# vs SALAD and the pruning baselines (also on the undistilled hybrid), the composed edge student (ternary + WeiToP
+# + WeiAD on the undistilled hybrid) and its fp32 twin. Hours on 2 cores (`OMP_NUM_THREADS=1 make
 # -j2 methods` runs two at a time); every run resumes after a kill. A run is done when its final/ exists
 # (order-only prerequisites: an older teacher or student never triggers retraining).
 FINAL = runs/$(1)/final/model.safetensors
 STUDENT_RUNS := efficientvpr/cpu tat-vpr/cpu-stage2-fp32 weitop/cpu-weiad weitop/cpu-weiad-predicted \
                 weitop/cpu-weiad-wlr100 weitop/cpu-salad
 METHOD_RUNS := tat-vpr/cpu-stage1-fp32 tat-vpr/cpu-stage1 tat-vpr/cpu-stage2 tat-vpr/cpu-stage2-weiad \
-               tat-vpr/cpu-stage2-fp32-nodistill \
+               tat-vpr/cpu-stage2-fp32-nodistill tat-vpr/cpu-edge \
                weitop/cpu-weiad-nodistill weitop/cpu-salad-nodistill $(STUDENT_RUNS)
 $(call FINAL,tat-vpr/cpu-stage1-fp32) $(call FINAL,tat-vpr/cpu-stage1): | runs/gp-nordland/best/model.safetensors
 $(call FINAL,tat-vpr/cpu-stage2) $(call FINAL,tat-vpr/cpu-stage2-weiad): | $(call FINAL,tat-vpr/cpu-stage1)

@@ -1,18 +1,21 @@
 """What the edge paths cost in accuracy, with their speed: held-out R@1 of fp32 vs the int8 / ternary / pruned forms.
 
-    python benchmarks/edge_accuracy.py [--students RUN/best ...] [--cnn effnet-lite0-gem ...] [--append]
+    python benchmarks/edge_accuracy.py [--students RUN/best[=FP32_TWIN/best] ...] [--cnn MODEL ...] [--append]
 
 1. CNN int8 (static QDQ, calibrated on 64 database images of training places: Gardens Point day_right 0-69 and
    Nordland summer 0-1999, never the held-out ones): PyTorch fp32, onnxruntime fp32 and onnxruntime int8 of each
    --cnn model at its own input size, R@1 and ms/img at batch 1 (median of 20 after warm-up, in this process).
 2. The composed edge model on the trained CPU hybrid students (ternary ViT blocks on an EfficientNet-lite0 stem,
-   160 px; `make methods` trains them): TAT-VPR stage 1 (GeM on distilled tokens), stage 2 with BoQ, and stage 2
-   with WeiAD + a WeiToP scorer trained at random keep ratios (configs/tat-vpr/cpu-stage2-weiad.yaml: the student
-   made to be composed). Each: its latent weights run as plain fp32 (the student was trained ternary, so this is a
-   reference, not a separately trained twin), ternary, its int8 ONNX export; for a head that takes any token set
-   (GeM, WeiAD) also ternary + WeiToP pruning after block 3 at keep 0.5 / 0.3 and the composed int8 ONNX at keep
-   0.5. BoQ's 3x3 convolution needs the full token grid, so that student cannot be pruned. R@1 and ms/img at
-   batch 1; a student not trained is skipped.
+   160 px; `make methods` trains them): TAT-VPR stage 1 (GeM on distilled tokens), stage 2 with BoQ, stage 2 with
+   WeiAD + a WeiToP scorer on the distilled blocks (configs/tat-vpr/cpu-stage2-weiad.yaml), and the edge student
+   configs/tat-vpr/cpu-edge.yaml (WeiAD + WeiToP on the undistilled hybrid) with its separately trained fp32 twin
+   (configs/weitop/cpu-weiad-nodistill.yaml: the same recipe without ternary weights), measured unpruned and at
+   keep 0.5 / 0.3. Each student: its latent weights run as plain fp32 (a reference, not a trained twin), ternary,
+   its int8 ONNX export; for a head that takes any token set (GeM, WeiAD) also ternary + WeiToP pruning after
+   block 3 at keep 0.5 / 0.3 and the composed int8 ONNX at keep 0.5. BoQ's 3x3 convolution needs the full token
+   grid, so that student cannot be pruned. R@1 and ms/img at batch 1 (the two int8 files timed in alternating
+   rounds); with a twin, the composed model's R@1 gap to it with paired 95% intervals. A student not trained is
+   skipped.
 Held-out places as every table here: Gardens Point 70-99 night_right vs day_right (+-2; 30 queries, steps of 0.033)
 and Nordland 2000-2499 winter vs summer (+-1, dark frames dropped; 464 queries, the comparison to trust).
 Writes benchmarks/results/edge_accuracy.{json,md}.
@@ -30,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from backbones import timed
-from heldout import ROOT, data_root, held_out_sets, recall1
+from heldout import ROOT, data_root, held_out_sets, top1_correct
 
 from edgevpr.data.images import list_images
 from edgevpr.deploy.export import export_onnx
@@ -42,19 +45,33 @@ OUT = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs"
 
 
-def ms_per_image(model, size: tuple[int, int], repeats: int = 20) -> float:
-    """Median ms of one batch-1 forward (PyTorch or onnxruntime) after 3 warm-up runs."""
+def forward_fn(model, size: tuple[int, int], **knobs):
+    """A no-argument batch-1 forward of ``model`` (PyTorch with runtime ``knobs``, or onnxruntime)."""
     x = np.random.default_rng(0).standard_normal((1, 3, *size)).astype(np.float32)
     if isinstance(model, OnnxModel):
-        def run():
-            model.run(x)
-    else:
-        xt = torch.from_numpy(x)
+        return lambda: model.run(x)
+    xt = torch.from_numpy(x)
 
-        def run():
-            with torch.inference_mode():
-                model(xt)
-    return timed(run, repeats, warmup=3)
+    def run():
+        with torch.inference_mode():
+            model(xt, **knobs)
+    return run
+
+
+def ms_per_image(model, size: tuple[int, int], repeats: int = 20, **knobs) -> float:
+    """Median ms of one batch-1 forward after 3 warm-up runs."""
+    return timed(forward_fn(model, size, **knobs), repeats, warmup=3)
+
+
+def ms_interleaved(models: list, size: tuple[int, int], rounds: int = 6, repeats: int = 10) -> list[float]:
+    """Median batch-1 ms of each model, timed in alternating rounds, so a slow spell of this shared machine hits
+    every model alike and their ratio holds."""
+    runs = [forward_fn(m, size) for m in models]
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for run, t in zip(runs, times, strict=True):
+            t.append(timed(run, repeats, warmup=1))
+    return [float(np.median(t)) for t in times]
 
 
 def calibration_csv(data: Path, out: Path, count: int = 64) -> Path:
@@ -68,8 +85,12 @@ def calibration_csv(data: Path, out: Path, count: int = 64) -> Path:
 
 
 def row(label: str, model, sets, size, **knobs) -> dict:
-    r = {"variant": label, "recall@1": recall1(model, sets, size, **knobs), "ms_b1": ms_per_image(model, size)}
+    """R@1 per set, each query's top-1 correctness as a '0'/'1' string (for paired gaps), batch-1 ms."""
+    hits = top1_correct(model, sets, size, **knobs)
+    r = {"variant": label, "recall@1": {n: float(h.mean()) for n, h in hits.items()},
+         "ms_b1": ms_per_image(model, size, **knobs)}
     print(r, flush=True)
+    r["top1_correct"] = {n: "".join("01"[int(v)] for v in h) for n, h in hits.items()}
     return r
 
 
@@ -107,7 +128,8 @@ def student_rows(path: Path, sets, tmp: Path, block: int = 3, twin: Path | None 
              row("ternary (PyTorch)", tern, sets, size)]
     plain = export_onnx(tern, tmp / "tern.onnx", int8=True)
     rows.append(row("ternary, int8 ONNX", OnnxModel(plain), sets, size))
-    rows[-1]["bytes"] = plain.stat().st_size
+    plain_row = rows[-1]
+    plain_row["bytes"] = plain.stat().st_size
     if getattr(tern.aggregator, "needs_grid", False):
         return rows
     cfg["backbone"] = {**cfg["backbone"], "pruning": {"block": block, "method": "weitop"}}
@@ -120,25 +142,32 @@ def student_rows(path: Path, sets, tmp: Path, block: int = 3, twin: Path | None 
     onnx = export_onnx(pruned, tmp / "edge.onnx", knobs={"keep_ratio": 0.5}, int8=True)
     rows.append(row(f"composed: int8 ONNX, ternary + keep 0.5 after block {block}", OnnxModel(onnx), sets, size))
     rows[-1]["bytes"] = onnx.stat().st_size
+    for r, ms in zip((plain_row, rows[-1]), ms_interleaved([OnnxModel(plain), OnnxModel(onnx)], size), strict=True):
+        r["ms_b1"] = ms  # the unpruned and the composed int8 file side by side
     return rows
 
 
+def paired_gap(a: str, b: str) -> tuple[float, float]:
+    """R@1 of a minus R@1 of b on the same queries ('0'/'1' strings) and the 95% half-width of that difference
+    (1.96 x the standard error of the per-query differences: only queries the two answer differently count)."""
+    d = np.array([int(x) - int(y) for x, y in zip(a, b, strict=True)], float)
+    return float(d.mean()), 1.96 * float(d.std(ddof=1)) / math.sqrt(d.size)
+
+
 def twin_gap(student: dict, names: list[str]) -> list[str]:
-    """Markdown lines: the composed int8 model at keep 0.5 against the fp32 twin, unpruned and at keep 0.5, with the
-    binomial 95% half-width of each R@1 (1.96 sqrt(p (1 - p) / n), n queries) to read the gaps against."""
+    """Markdown lines: the composed int8 model at keep 0.5 against the fp32 twin, unpruned and at keep 0.5, each
+    gap with its paired 95% interval."""
     if not student.get("twin"):
         return []
-    by = {r["variant"]: r["recall@1"] for r in student["rows"]}
-    composed = by[student["rows"][-1]["variant"]]
-    n = student["queries"]
+    by = {r["variant"]: r["top1_correct"] for r in student["rows"]}
+    composed = student["rows"][-1]["top1_correct"]
 
     def gaps(ref: dict) -> str:
-        half = {name: 1.96 * math.sqrt(ref[name] * (1 - ref[name]) / n[name]) for name in names}
-        return ", ".join(f"{name} {composed[name] - ref[name]:+.3f} (+-{half[name]:.3f})" for name in names)
+        return ", ".join("{} {:+.3f} +- {:.3f}".format(n, *paired_gap(composed[n], ref[n])) for n in names)
 
-    return ["", f"fp32 twin: {student['twin']} (the same recipe without ternary weights). The composed int8 model at "
-            f"keep 0.5 minus the twin unpruned: {gaps(by['fp32 twin (PyTorch)'])}; minus the twin at keep 0.5: "
-            f"{gaps(by['fp32 twin + WeiToP keep 0.5 (PyTorch)'])} (in brackets: the 95% half-width of the twin's R@1)."]
+    return ["", f"fp32 twin: {student['twin']} (the same recipe without ternary weights). R@1 of the composed int8 "
+            f"model at keep 0.5 minus the twin's, unpruned: {gaps(by['fp32 twin (PyTorch)'])}; at keep 0.5: "
+            f"{gaps(by['fp32 twin + WeiToP keep 0.5 (PyTorch)'])} (paired 95% intervals over the same queries)."]
 
 
 def main() -> None:
@@ -177,8 +206,7 @@ def main() -> None:
                 continue
             res["students"].append({"path": str(st.resolve().relative_to(ROOT)), "rows": student_rows(st, sets, tmp,
                                                                                                       twin=twin),
-                                    "twin": str(twin.resolve().relative_to(ROOT)) if twin else None,
-                                    "queries": {ds.name: ds.num_queries for ds in sets}})
+                                    "twin": str(twin.resolve().relative_to(ROOT)) if twin else None})
     write_json(OUT / "edge_accuracy.json", res)
     names = [ds.name for ds in sets]
     head = ["| variant | " + " | ".join(f"R@1 {n}" for n in names) + " | ms/img b1 | file |",

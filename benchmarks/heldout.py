@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from edgevpr.api import EvalConf, evaluate_dataset
 from edgevpr.data.datasets import VPRDataset, open_dataset
 
@@ -31,7 +33,13 @@ def held_out_sets(data: Path, day_left: bool = True) -> list[VPRDataset]:
     return sets
 
 
+def top1_correct(model, sets: list[VPRDataset], size: tuple[int, int], **knobs) -> dict[str, np.ndarray]:
+    """Per set, whether each query (with a positive, in order) has a correct top-1 [Q] bool, at ``size`` with
+    runtime ``knobs`` (no descriptor cache): what paired comparisons of two models on the same queries need."""
+    conf = EvalConf(cache_dir=None, efficiency=False, progress=False, image_size=size, knobs=knobs or None)
+    return {ds.name: evaluate_dataset(model.eval(), ds, conf)[1]["top1_correct"] for ds in sets}
+
+
 def recall1(model, sets: list[VPRDataset], size: tuple[int, int], **knobs) -> dict[str, float]:
     """R@1 per set at ``size`` with runtime ``knobs`` (no descriptor cache)."""
-    conf = EvalConf(cache_dir=None, efficiency=False, progress=False, image_size=size, knobs=knobs or None)
-    return {ds.name: evaluate_dataset(model.eval(), ds, conf)[0]["recall"]["R@1"] for ds in sets}
+    return {name: float(hit.mean()) for name, hit in top1_correct(model, sets, size, **knobs).items()}

@@ -80,7 +80,7 @@ def evaluate_dataset(model: VPRModel, ds: VPRDataset, conf: EvalConf, device="cp
                                or "as the single-frame ground truth",
                                "recall": {"R@1": float(np.mean(hit[has_pos]))}}
     r_at = [float(np.mean((ranks[has_pos] >= 0) & (ranks[has_pos] < n))) for n in range(1, k + 1)]
-    curves = {"recall_at": r_at, "pr": pr}
+    curves = {"recall_at": r_at, "pr": pr, "top1_correct": ranks[has_pos] == 0}  # [Q with a positive] bool
     if out_dir is not None:
         _write_matches(out_dir / f"{ds.name}_matches.csv", ds, scores, idx, ranks, conf.top_k)
         if conf.show_failures:
