@@ -7,9 +7,11 @@ Variants: PyTorch fp32; PyTorch bf16 (autocast); onnxruntime fp32; onnxruntime i
 linears, dynamic int8 activations) unpruned, and with WeiToP pruning after block 3 at keep 0.5 / 0.3, and after
 block 1 at keep 0.5 (where pruning happens). Each variant runs in its own fresh process (the onnxruntime ones
 without torch, as on a device), which reports ms/img at batch 1 and 8 (median of --repeats after warm-up) and its
-peak RSS. Reported beside them: speed-up over PyTorch fp32 and over onnxruntime fp32, GOPs per image (FLOP counter
-on the PyTorch model at the variant's keep ratio), the share of this CPU's int8 GEMM peak (577 GOP/s, DESIGN.md)
-that GOPs / time reaches, and the model file bytes. Writes benchmarks/results/edge.{json,md}.
+peak RSS; --rounds rounds of every variant in turn, the median over rounds reported (batch-1 times of one file
+varied up to 2x between minutes here). Reported beside them: speed-up over PyTorch fp32 and over onnxruntime
+fp32, GOPs per image (FLOP counter on the PyTorch model at the variant's keep ratio), the share of this CPU's int8
+GEMM peak (577 GOP/s, DESIGN.md) that GOPs / time reaches, and the model file bytes.
+Writes benchmarks/results/edge.{json,md}.
 --student RUN=FP32_TWIN: the same for a trained composed student at its own input size (PyTorch fp32 and
 onnxruntime fp32 of its separately trained fp32 twin; int8 of the ternary student unpruned and at keep 0.5 / 0.3 at
 its pruning block); writes benchmarks/results/edge_student.{json,md}.
@@ -117,6 +119,8 @@ def student_variants(d: Path, student: Path, twin: Path) -> tuple[dict, tuple[in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=10, help="timed forwards per batch size (default 10)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="fresh processes per variant, in alternating rounds; the median is reported (default 3)")
     ap.add_argument("--student", metavar="RUN=FP32_TWIN", default=None,
                     help="time a trained composed student against its fp32 twin instead (default: no, DINOv2-S)")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
@@ -140,15 +144,21 @@ def main() -> None:
             variants, size, subject = student_variants(d, Path(student), Path(twin))
         else:
             variants, size, subject = default_variants(d)
+        runs: dict[str, list[dict]] = {label: [] for label in variants}
+        for _ in range(args.rounds):  # every variant once per round, so a slow spell of this machine hits all alike
+            for label, (kind, path, _g) in variants.items():
+                r = subprocess.run([sys.executable, __file__, "--worker", kind, str(path), "--repeats",
+                                    str(args.repeats), "--size", *map(str, size)], capture_output=True, text=True,
+                                   check=True)
+                runs[label].append(json.loads(r.stdout.strip().splitlines()[-1]))
+                print(label, runs[label][-1], flush=True)
         rows = []
-        for label, (kind, path, g) in variants.items():
-            r = subprocess.run([sys.executable, __file__, "--worker", kind, str(path), "--repeats", str(args.repeats),
-                                "--size", *map(str, size)], capture_output=True, text=True, check=True)
-            res = json.loads(r.stdout.strip().splitlines()[-1])
+        for label, (_kind, path, g) in variants.items():
             path = Path(path)
             size_b = path.stat().st_size if path.is_file() else (path / "model.safetensors").stat().st_size
-            rows.append({"variant": label, **res, "gops": g, "bytes": size_b})
-            print(rows[-1], flush=True)
+            res = {k: float(np.median([r[k] for r in runs[label]])) for k in ("ms_b1", "ms_b8")}
+            rows.append({"variant": label, **res, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[label]),
+                         "gops": g, "bytes": size_b, "rounds": runs[label]})
     base_t, base_o = rows[0], next(r for r in rows if r["variant"].startswith("onnxruntime fp32"))
     for r in rows:
         for b in (1, 8):
@@ -158,7 +168,7 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results"
     write_json(out / f"{name}.json", {"threads": torch.get_num_threads(), "subject": subject, "rows": rows})
     lines = [f"# The edge model on this CPU ({torch.get_num_threads()} threads; {subject}; each variant in a fresh "
-             "process)", "",
+             f"process, median of {args.rounds} alternating rounds)", "",
              "| variant | ms/img b1 / b8 | speed-up vs PyTorch fp32 b1 / b8 | vs onnxruntime fp32 b1 / b8 | "
              "GOP/img | % of int8 GEMM peak b1 / b8 | model bytes | peak RSS MB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
