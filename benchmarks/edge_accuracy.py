@@ -205,7 +205,10 @@ def main() -> None:
                 for r in rows]
 
     lines = [f"# Edge paths: held-out R@1 and batch-1 speed ({res['threads']} threads; `python benchmarks/"
-             "edge_accuracy.py`)", "", "## CNN int8 (static QDQ) vs fp32", "", *head, *table(res["cnn"])]
+             "edge_accuracy.py`)", "", "ms/img is measured inside this accuracy run and is indicative only (one file's "
+             "batch-1 time varied up to 2x between runs here); speed comparisons are in edge.md and edge_student.md "
+             "(`benchmarks/edge.py`: fresh processes, alternating rounds).", "",
+             "## CNN int8 (static QDQ) vs fp32", "", *head, *table(res["cnn"])]
     for st in res["students"]:
         lines += ["", f"## The composed edge model on a trained CPU hybrid student ({st['path']}, 160 px, "
                   "sparsity 0)", "", *head, *table(st["rows"]), *twin_gap(st, names)]
