@@ -49,7 +49,8 @@ def _extract(model: VPRModel, paths: list[Path], conf: EvalConf, desc: str, devi
 
 def evaluate_dataset(model: VPRModel, ds: VPRDataset, conf: EvalConf, device="cpu",
                      out_dir: Path | None = None) -> tuple[dict, dict]:
-    """Recall@N, PR curve and per-query matches of ``model`` on one dataset -> (metrics, curves)."""
+    """Recall@N, PR curve and per-query matches of ``model`` on one dataset -> (metrics, curves); curves holds the
+    recall@N and PR curves and ``top1_correct`` [Q with a positive] bool, for paired comparisons of two models."""
     t0 = time.perf_counter()
     db = _extract(model, ds.db_paths, conf, f"{ds.name} db", device)
     q = _extract(model, ds.q_paths, conf, f"{ds.name} queries", device)
@@ -80,7 +81,7 @@ def evaluate_dataset(model: VPRModel, ds: VPRDataset, conf: EvalConf, device="cp
                                or "as the single-frame ground truth",
                                "recall": {"R@1": float(np.mean(hit[has_pos]))}}
     r_at = [float(np.mean((ranks[has_pos] >= 0) & (ranks[has_pos] < n))) for n in range(1, k + 1)]
-    curves = {"recall_at": r_at, "pr": pr, "top1_correct": ranks[has_pos] == 0}  # [Q with a positive] bool
+    curves = {"recall_at": r_at, "pr": pr, "top1_correct": ranks[has_pos] == 0}
     if out_dir is not None:
         _write_matches(out_dir / f"{ds.name}_matches.csv", ds, scores, idx, ranks, conf.top_k)
         if conf.show_failures:
