@@ -82,10 +82,7 @@ def _frozen_copy(model: VPRModel) -> VPRModel:
     if any(isinstance(m, Int8TernaryLinear) for m in model.modules()):
         raise ValueError(f"model {model.name}: export the ternary model, not its int8 PyTorch twin "
                          "(use --int8 on export for an int8 ONNX graph)")
-    # a pruner keeps its last forward's logits, which carry autograd history after a forward outside no_grad
-    # (training, a FLOP count) and cannot be deep-copied: the copy starts without them
-    memo = {id(m.last_logits): None for m in model.modules() if getattr(m, "last_logits", None) is not None}
-    model = copy.deepcopy(model, memo).cpu().eval()
+    model = copy.deepcopy(model).cpu().eval()
     for m in model.modules():
         if isinstance(m, TernaryLinear) and m.fixed is None:
             m.set_fixed(*m.quantized())

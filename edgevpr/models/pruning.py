@@ -81,6 +81,11 @@ class TokenPruner(nn.Module):
     def active(self) -> bool:
         return self.keep_ratio < 1.0
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out ``last_logits``: a forward's output, not state, and after a forward with
+        autograd (training, a FLOP count) a non-leaf tensor that ``copy.deepcopy`` refuses."""
+        return {**super().__getstate__(), "last_logits": None}
+
     def scores(self, t: torch.Tensor, prefix: int, block: nn.Module, block_input: torch.Tensor | None) -> torch.Tensor:
         """Per-patch-token scores [B, N] (higher = keep)."""
         patches = t[:, prefix:]
