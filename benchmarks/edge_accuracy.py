@@ -44,24 +44,21 @@ OUT = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs"
 
 
-def forward_fn(model, size: tuple[int, int], **knobs):
-    """A no-argument batch-1 forward of ``model`` (PyTorch with runtime ``knobs``, or onnxruntime)."""
+def ms_per_image(model, size: tuple[int, int], repeats: int = 20, **knobs) -> float:
+    """Median ms of one batch-1 forward (PyTorch at runtime ``knobs``, or onnxruntime) after 3 warm-up runs, right
+    after the model's accuracy in this process. Indicative only: the same int8 file measured 13.1 and 25.9 ms in two
+    runs of this script here; speed ratios are benchmarks/edge.py's job (one fresh process per variant)."""
     x = np.random.default_rng(0).standard_normal((1, 3, *size)).astype(np.float32)
     if isinstance(model, OnnxModel):
-        return lambda: model.run(x)
-    xt = torch.from_numpy(x)
+        def run():
+            model.run(x)
+    else:
+        xt = torch.from_numpy(x)
 
-    def run():
-        with torch.inference_mode():
-            model(xt, **knobs)
-    return run
-
-
-def ms_per_image(model, size: tuple[int, int], repeats: int = 20, **knobs) -> float:
-    """Median ms of one batch-1 forward (at runtime ``knobs``) after 3 warm-up runs, right after the model's
-    accuracy in this process. Indicative only: the same int8 file measured 13.1 and 25.9 ms in two runs of this
-    script here; speed ratios are benchmarks/edge.py's job (one fresh process per variant)."""
-    return timed(forward_fn(model, size, **knobs), repeats, warmup=3)
+        def run():
+            with torch.inference_mode():
+                model(xt, **knobs)
+    return timed(run, repeats, warmup=3)
 
 
 def calibration_csv(data: Path, out: Path, count: int = 64) -> Path:
