@@ -21,7 +21,7 @@ def shared_data() -> Path:
     root = Path(os.environ.get("EDGEVPR_DATA") or ROOT.parent / "shared" / "data")  # the Makefile may export ""
     if not (root / "gardens_point" / "day_right").is_dir():
         pytest.fail(f"real data missing: {root} has no gardens_point/day_right (set EDGEVPR_DATA)")
-    return root
+    return root.resolve()  # indexes record resolved paths, so tests compare with those even via a symlinked folder
 
 
 @pytest.fixture
