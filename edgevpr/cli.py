@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -64,6 +65,22 @@ def _bounded(low: int, high: int):
             raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
         if not low <= v <= high:
             raise argparse.ArgumentTypeError(f"{v} is outside [{low}, {high}]")
+        return v
+
+    return parse
+
+
+def _real(low: float, high: float, low_open: bool = False):
+    """argparse type: a finite number in [low, high] ((low, high] with ``low_open``); nan, inf and numbers outside
+    are refused by name at parse time."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if not math.isfinite(v) or v < low or v > high or (low_open and v == low):
+            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{low:g}, {high:g}]")
         return v
 
     return parse
@@ -130,7 +147,7 @@ def cmd_train(args) -> int:
 
     conf = load_config(args.config, args.set or [])
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    result = train(conf, out, resume=args.resume, progress=not args.quiet)
+    result = train(conf, out, resume=args.resume, progress=not args.quiet, allow_change=tuple(args.allow_change or ()))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, indent=2))
         print(f"run folder: {out} (final model: {out / 'final'}, best on validation: {out / 'best'})")
@@ -384,7 +401,7 @@ def cmd_import(args) -> int:
 
 
 def _knob_flags(a: argparse.ArgumentParser) -> None:
-    a.add_argument("--sparsity", type=float, help="TAT-VPR activation sparsity of ternary models (0-1)")
+    a.add_argument("--sparsity", type=_real(0, 1), help="TAT-VPR activation sparsity of ternary models (0-1)")
     a.add_argument("--knob", action="append", metavar="NAME=VALUE",
                    help="a runtime knob of the model, e.g. keep_ratio=0.5 (repeat)")
 
@@ -450,8 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     gt.add_argument("--gt", help="VPR-Bench ground_truth_new.npy")
     e.add_argument("--frames", type=_frames, metavar="START:STOP",
                    help="aligned traversals: evaluate places START..STOP-1 only (e.g. places held out of training)")
-    e.add_argument("--radius", type=float, default=25.0, help="positive radius in metres (UTM names, CSV)")
-    e.add_argument("--drop-dark", type=float, metavar="LEVEL", help="drop frames darker than LEVEL (0-255 mean)")
+    e.add_argument("--radius", type=_real(0, 1e6, low_open=True), default=25.0,
+                    help="positive radius in metres (UTM names, CSV; default 25)")
+    e.add_argument("--drop-dark", type=_real(0, 255), metavar="LEVEL",
+                    help="drop frames darker than LEVEL (0-255 mean; default: keep all)")
     e.add_argument("--skip-bad", action="store_true", help="skip and report unreadable images instead of stopping")
     e.add_argument("--image-size", type=int, nargs="+", metavar="PX", help="override the model's input size (H [W])")
     e.add_argument("--int8", action="store_true", help="run a ternary model's layers as int8 GEMMs (faster on CPU)")
@@ -483,7 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="YAML training config (see configs/)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config entry, e.g. steps=200")
     t.add_argument("--out", help="run folder (default runs/<config name>)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint; a "
+                   "config that differs from the run's own is refused (default: off)")
+    t.add_argument("--allow-change", action="append", metavar="FIELD",
+                   help="with --resume: a config field (or a prefix, e.g. optimizer) that may differ from the run's "
+                        "own (repeat; default: none)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
@@ -539,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     it = isub.add_parser("tune", help="choose an ivfpq/hnsw index's search settings for a target top-1 agreement "
                                       "with exact search, and record them")
     it.add_argument("--index", required=True, help="index folder")
-    it.add_argument("--target", type=float, default=0.95,
+    it.add_argument("--target", type=_real(0, 1, low_open=True), default=0.95,
                     help="top-1 agreement with exact search to reach (default 0.95)")
     it.add_argument("--sample", type=_bounded(10, 100000), default=200,
                     help="database images used as queries (default 200)")
@@ -592,10 +615,13 @@ def build_parser() -> argparse.ArgumentParser:
     cgt.add_argument("--aligned", type=int, metavar="K", help="aligned traversals, positives within +-K frames")
     cgt.add_argument("--gt", help="VPR-Bench ground_truth_new.npy")
     ca.add_argument("--frames", type=_frames, metavar="START:STOP", help="aligned traversals: places START..STOP-1")
-    ca.add_argument("--radius", type=float, default=25.0, help="positive radius in metres (UTM names, CSV)")
-    ca.add_argument("--drop-dark", type=float, metavar="LEVEL", help="drop frames darker than LEVEL (0-255 mean)")
-    ca.add_argument("--precision", type=float, default=0.95, help="target precision of 'known' answers")
-    ca.add_argument("--hood-m", type=float,
+    ca.add_argument("--radius", type=_real(0, 1e6, low_open=True), default=25.0,
+                    help="positive radius in metres (UTM names, CSV; default 25)")
+    ca.add_argument("--drop-dark", type=_real(0, 255), metavar="LEVEL",
+                    help="drop frames darker than LEVEL (0-255 mean; default: keep all)")
+    ca.add_argument("--precision", type=_real(0, 1, low_open=True), default=0.95,
+                    help="target precision of 'known' answers (default 0.95)")
+    ca.add_argument("--hood-m", type=_real(0, 1e6, low_open=True),
                     help="matches within this many metres of the top-1 are the same place (default 25 with "
                          "coordinates)")
     ca.add_argument("--hood-frames", type=int, help="without coordinates: within this many database ids "
@@ -609,7 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", help="default: the model the index records")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
     sv.add_argument("--port", type=int, default=8000, help="TCP port")
-    sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload, MiB")
+    sv.add_argument("--max-upload-mb", type=_real(0, 1e5, low_open=True), default=20.0,
+                    help="largest accepted upload, MiB (default 20)")
     sv.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image, pixels")
     sv.add_argument("--max-k", type=_bounded(1, 1000), default=50, help="largest k a request may ask (default 50)")
     sv.add_argument("--device", default="auto", help="PyTorch models: auto, cpu, cuda (ONNX: cpu)")

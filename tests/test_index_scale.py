@@ -130,9 +130,9 @@ def test_shards_merged_equal_a_single_build(tmp_path, capsys):
     assert "fingerprint" in capsys.readouterr().err
 
 
-def test_qdrant_local_mode_answers_as_faiss(tmp_path, capsys):
+def test_qdrant_edge_answers_as_faiss(tmp_path, capsys):
     """The default model's Gardens Point day_right index (coordinates from a CSV manifest) in FAISS, and the same
-    rows in a Qdrant collection (local mode; made by `index merge --kind qdrant`, then extended by `index add`):
+    rows in a Qdrant Edge shard (the engine in the process; made by `index merge --kind qdrant`, then extended by `index add`):
     the same localize answers, the same geo-radius results (Qdrant's native filter, FAISS's id selector), and
     a collection that lost points is refilled by the next add."""
     from edgevpr.deploy.decision import GeoPrior
@@ -153,7 +153,7 @@ def test_qdrant_local_mode_answers_as_faiss(tmp_path, capsys):
     for name in ("faiss", "qd"):
         assert main(["index", "add", "--index", str(tmp_path / name), "--images", rest, "--quiet"]) == 0
     capsys.readouterr()
-    assert idx.read_manifest(tmp_path / "qd")["kind"] == "qdrant" and (tmp_path / "qd" / "qdrant").is_dir()
+    assert idx.read_manifest(tmp_path / "qd")["kind"] == "qdrant" and (tmp_path / "qd" / "qdrant-edge").is_dir()
     fa, qd = Localizer(tmp_path / "faiss"), Localizer(tmp_path / "qd")
     assert len(qd.index) == len(fa.index) == 100
     prior = GeoPrior(12.0, lat=lat0 + 60 * step, lon=153.028)
@@ -170,10 +170,11 @@ def test_qdrant_local_mode_answers_as_faiss(tmp_path, capsys):
     assert main(["localize", "--index", str(tmp_path / "qd"), photo, "--json", "-k", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["matches"][0]["place_id"] == "50"
     # a collection that lost its last points (a killed upload) is refilled by the next add
-    from qdrant_client import models
+    from qdrant_edge import UpdateOperation
 
-    qd.index.index.client.delete(qd.index.index.collection, models.PointIdsList(points=list(range(97, 100))))
-    with pytest.raises(ValueError, match="but 97 in the Qdrant collection"):
+    qd.index.index.shard.update(UpdateOperation.delete_points(list(range(97, 100))))
+    qd.index.index.flush()
+    with pytest.raises(ValueError, match="but 97 in .*qdrant-edge"):
         idx.PlaceIndex.open(tmp_path / "qd")
     assert main(["index", "add", "--index", str(tmp_path / "qd"), "--images", rest, "--quiet"]) == 0
     assert len(idx.PlaceIndex.open(tmp_path / "qd")) == 100

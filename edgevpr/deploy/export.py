@@ -10,9 +10,10 @@ Design choices:
 * TorchScript-based exporter (``dynamo=False``): it needs no extra package and traces every head here.
 * A ViT's position embeddings are resampled (bicubic, antialiased) to the export grid *before* tracing and
   enter the graph as a constant: ONNX has no antialiased bicubic resize, and the grid is fixed anyway.
-* Integrity: the metadata records ``graph_sha256``, the sha256 of the graph (every node and every weight),
-  which ``OnnxModel`` recomputes at load: a file whose weight bytes were damaged is refused in one line instead
-  of giving NaN or wrong descriptors. int8 fingerprints include it.
+* Integrity: the metadata records ``graph_sha256``, the sha256 of the graph (every node and every weight), and
+  ``meta_sha256``, the sha256 of every other metadata entry (mean/std, input size, knobs, config), which
+  ``OnnxModel`` recomputes at load: a file whose weight bytes or preprocessing were damaged is refused in one line
+  instead of giving NaN or wrong descriptors. int8 fingerprints include the graph's.
 * fp32 exports keep the source model's fingerprint (descriptors match PyTorch to cosine >= 0.9999, tested), so
   an index built with PyTorch can be queried on a device through onnxruntime. int8 exports (transformers:
   onnxruntime dynamic quantisation, int8 weights and per-batch int8 activations; CNNs: static QDQ calibrated on
@@ -35,7 +36,7 @@ import torch
 from ..models.backbones import ViTBackbone
 from ..models.model import VPRModel
 from ..utils import atomic_write
-from .onnx_model import META_KEY, OnnxModel, graph_digest, is_onnx  # noqa: F401  (OnnxModel, is_onnx: re-exported)
+from .onnx_model import META_KEY, OnnxModel, graph_digest, is_onnx, meta_digest  # noqa: F401  (OnnxModel, is_onnx: re-exported)
 
 OPSET = 17
 #: Dynamic quantisation (transformers) quantises these ops: the linears of the blocks and heads. Conv is left in
@@ -190,6 +191,7 @@ def export_onnx(model: VPRModel, out: str | os.PathLike, knobs: dict | None = No
                 "mean": list(p.mean), "std": list(p.std), "interpolation": p.interpolation, "int8": int8,
                 "opset": opset, "quantized": quantized}
         meta["graph_sha256"] = graph_digest(proto)
+        meta["meta_sha256"] = meta_digest(meta)
         del proto.metadata_props[:]
         entry = proto.metadata_props.add()
         entry.key, entry.value = META_KEY, json.dumps(meta, sort_keys=True)

@@ -29,6 +29,7 @@ interrupted ``add`` left: the next ``add`` appends them.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -229,7 +230,8 @@ def verify_index(root: str | os.PathLike) -> dict:
         manifest = read_manifest(root)
         problems = check_files(root, manifest, full=True)
         if not problems:
-            PlaceIndex.open(root).close()  # the files parse, and their counts agree
+            PlaceIndex.open(root, verify=True).close()  # the files parse, their counts agree, a search structure
+            # derived from the rows (Qdrant) holds exactly them
     except (OSError, ValueError, RuntimeError) as e:
         problems = [str(e).splitlines()[0]]
     return {"verified": not problems, "problems": problems}
@@ -268,9 +270,9 @@ def _read_faiss(path: Path, kind: str, flags: int = 0):
 def _open_search(root: Path, manifest: dict, flags: int = 0):
     """The search structure of a finished index: its FAISS file, or its Qdrant collection."""
     if manifest["kind"] == "qdrant":
-        from .qdrant_store import QdrantStore
+        from .qdrant_store import open_store
 
-        return QdrantStore(root, manifest["params"], manifest["dim"])
+        return open_store(root, manifest["params"], manifest["dim"])
     return _read_faiss(root / FAISS_FILE, manifest["kind"], flags)
 
 
@@ -278,16 +280,16 @@ def _index_all(root: Path, kind: str, dim: int, desc: np.ndarray, params: dict):
     """A new search structure of ``kind`` over ``desc`` [N, D] -> (it, the settings used). A Qdrant collection
     is filled from the SQLite rows by ``_write`` instead."""
     if kind == "qdrant":
-        from .qdrant_store import QdrantStore
+        from .qdrant_store import EDGE_DIR, open_store
 
         used = {"url": params.get("url"), "collection": params.get("collection") or f"edgevpr-{root.resolve().name}",
                 **{k: int(params[k]) for k in ("shard_number", "replication_factor") if params.get(k)}}
         if not used["url"]:
-            used["path"] = "qdrant"
-        store = QdrantStore(root, used, dim)
-        if store.client.collection_exists(store.collection) and store.ntotal > len(desc):
-            raise ValueError(f"collection {store.collection} already holds {store.ntotal} points, more than this "
-                             "index's images: choose another --collection")
+            used["engine"], used["edge_path"] = "qdrant-edge", EDGE_DIR
+        store = open_store(root, used, dim, create=True)
+        if store.ntotal > len(desc):
+            raise ValueError(f"{store.where} already holds {store.ntotal} points, more than this index's images: "
+                             "choose another --collection (or --out)")
         return store, used
     index, used = _make_faiss(kind, dim, len(desc), params)
     if not index.is_trained:
@@ -400,9 +402,11 @@ class PlaceIndex:
         except sqlite3.Error as e:
             raise ValueError(f"{root / DB_FILE}: not a readable SQLite database ({e})") from None
         if n != (total := index.ntotal):
-            where = f"the Qdrant collection {index.collection}" if manifest["kind"] == "qdrant" else FAISS_FILE
+            where = index.where if manifest["kind"] == "qdrant" else FAISS_FILE
             raise ValueError(f"{root}: {n} images in {DB_FILE} but {total} in {where} (an interrupted "
                              "`index add`: run it again to finish)")
+        if manifest["kind"] == "qdrant" and (problems := index.check(con, full=verify)):
+            raise ValueError(problems[0])
         out = cls(root, manifest, index, con)
         if VECTORS_FILE in manifest["files"]:
             out.vectors = np.load(root / VECTORS_FILE, mmap_mode="r" if mmap else None, allow_pickle=False)
@@ -412,6 +416,8 @@ class PlaceIndex:
 
     def close(self) -> None:
         self.con.close()
+        if self.manifest["kind"] == "qdrant":
+            self.index.close()
 
     @property
     def model(self) -> dict:
@@ -558,6 +564,30 @@ def rerank(vectors: np.ndarray, desc: np.ndarray, cand: np.ndarray, k: int) -> t
     return top, np.where(np.isfinite(top), np.take_along_axis(cand, order, 1), -1)
 
 
+def rows_digest(con: sqlite3.Connection, count: int) -> str:
+    """sha256 over the rows with id < ``count`` (every column, descriptor bytes included), in id order: what a
+    finished index holds, independent of rows an interrupted ``add`` appended after them."""
+    h = hashlib.sha256()
+    q = "SELECT id, path, place_id, lat, lon, east, north, descriptor FROM images WHERE id < ? ORDER BY id"
+    for r in con.execute(q, (count,)):
+        h.update(json.dumps(r[:7]).encode())
+        h.update(r[7])
+    return h.hexdigest()
+
+
+def check_descriptors(desc: np.ndarray, where: str, storage: str = "float32") -> None:
+    """Refuse stored descriptors [N, D] that no model produced (non-finite, or not unit length: damaged bytes that
+    would otherwise win every query with a score of 1e36) before a writer builds on them."""
+    if storage == "bits" or len(desc) == 0:
+        return
+    norms = np.linalg.norm(desc, axis=1)
+    bad = ~np.isfinite(norms) | (np.abs(norms - 1.0) > 1e-2)
+    if bad.any():
+        raise ValueError(f"{where}: {int(bad.sum())} stored descriptor(s) are not unit-length finite vectors (first: "
+                         f"row {int(np.argmax(bad))}, norm {norms[int(np.argmax(bad))]:.4g}): damaged {DB_FILE}; "
+                         "rebuild the index")
+
+
 def _stored_rows(con: sqlite3.Connection, ids: np.ndarray, dim: int) -> np.ndarray:
     """Stored float32 descriptors of ``ids`` [M] (in that order) -> [M, D]."""
     out = np.empty((len(ids), dim), np.float32)
@@ -654,11 +684,14 @@ def _write(root: Path, con: sqlite3.Connection, index, kind: str, params: dict, 
     for name in names:
         files[name] = {"bytes": (root / name).stat().st_size, "sha256": sha256_file(root / name)}
         stamps.record(root / name, files[name]["sha256"])
+    count = int(index.ntotal)
+    if kind == "qdrant":
+        index.close()
     manifest = {
-        "format_version": FORMAT_VERSION, "model": record, "dim": record["dim"],
+        "format_version": FORMAT_VERSION, "model": record, "dim": record["dim"], "rows_sha256": rows_digest(con, count),
         "metric": "Hamming distance of sign bits (score 1 - 2 h / D)" if kind == "binary" else
         "inner product of L2-normalised descriptors (cosine similarity)", "kind": kind, "params": params,
-        "count": int(index.ntotal), "failed_images": n_failed, "created": created or now, "updated": now,
+        "count": count, "failed_images": n_failed, "created": created or now, "updated": now,
         "files": files, **(keep or {}),
     }
     write_json(root / MANIFEST_FILE, manifest)
@@ -706,7 +739,8 @@ def build(model, source: str | os.PathLike, out: str | os.PathLike, kind: str = 
         i, n = shard
         if not 0 <= i < n:
             raise ValueError(f"--shard {i}/{n}: need 0 <= i < n")
-        keep["shard"] = {"i": i, "n": n, "source_images": len(rows), "source": str(source)}
+        listing = hashlib.sha256("\n".join(r.path for r in rows).encode()).hexdigest()
+        keep["shard"] = {"i": i, "n": n, "source_images": len(rows), "source": str(source), "source_sha256": listing}
         rows = rows[i * len(rows) // n:(i + 1) * len(rows) // n]
     root.mkdir(parents=True, exist_ok=True)
     record = model_record(model, spec, knobs)
@@ -757,6 +791,12 @@ def merge(parts: list[str | os.PathLike], out: str | os.PathLike, kind: str = "f
             got = ", ".join(f"{p}: {m['shard']['i']}/{m['shard']['n']}" if m.get("shard") else f"{p}: not a shard"
                             for p, m in loaded)
             raise ValueError(f"index merge: the parts must be shards 0..n-1 of one n, exactly once each ({got})")
+        first = shards[0]
+        for (p, _), sh in zip(loaded, shards, strict=True):
+            for key in ("source_images", "source_sha256"):
+                if sh.get(key) != first.get(key):
+                    raise ValueError(f"index merge: {p} was cut from another image list than {loaded[0][0]} "
+                                     f"({key} {sh.get(key)} vs {first.get(key)}): build every shard from one list")
         loaded.sort(key=lambda pm: pm[1]["shard"]["i"])
     record, storage = loaded[0][1]["model"], storage_of(loaded[0][1]["kind"])
     for p, man in loaded[1:]:
@@ -790,6 +830,7 @@ def merge(parts: list[str | os.PathLike], out: str | os.PathLike, kind: str = "f
         con.close()
         raise ValueError(f"index merge: an image is in more than one part ({e})") from None
     desc = _stored_descriptors(con, record["dim"], 0, storage)
+    check_descriptors(desc, f"index merge into {root}", storage)
     index, used = _index_all(root, kind, record["dim"], desc, params or {})
     manifest = _write(root, con, index, kind, used, record, None,
                       {"merged_from": [{"path": str(p), "count": m["count"], **({"shard": m["shard"]}
@@ -806,11 +847,8 @@ def add(model, source: str | os.PathLike, root: str | os.PathLike, batch_size: i
     if not (root / MANIFEST_FILE).is_file():
         raise FileNotFoundError(f"{root}: no finished index to add to (build it first with `edgevpr index build`)")
     manifest = read_manifest(root)
-    # the database may hold an interrupted add's rows: only the FAISS file must match (a collection has no file)
-    problems = check_files(root, manifest, names=(FAISS_FILE,)) if manifest["kind"] != "qdrant" else []
-    if problems:
-        raise ValueError(problems[0] + " (rebuild the index, or restore the file)")
     check_model(manifest["model"], model.name, model.fingerprint(), str(root))
+    verify_for_writing(root, manifest)
     record = {**manifest["model"]}
     storage = storage_of(manifest["kind"])
     con = _open_for_writing(root, record, storage)
@@ -818,6 +856,7 @@ def add(model, source: str | os.PathLike, root: str | os.PathLike, batch_size: i
                            "index add", on_batch, storage)
     index = _open_search(root, manifest)
     new = _stored_descriptors(con, record["dim"], int(index.ntotal), storage)
+    check_descriptors(new, str(root / DB_FILE), storage)
     if manifest["kind"] != "qdrant":  # a collection takes the new rows in _write
         index.add(new)
     manifest = _write(root, con, index, manifest["kind"], manifest["params"], record, manifest["created"],
@@ -826,10 +865,36 @@ def add(model, source: str | os.PathLike, root: str | os.PathLike, batch_size: i
     return {**counts, "appended_to_faiss": len(new), "count": manifest["count"], "failed_paths": _failed(root)}
 
 
+def verify_for_writing(root: Path, manifest: dict) -> None:
+    """What a writer (``add``, ``merge``, ``tune``, ``calibrate``) checks before it writes a new manifest over an
+    index, so that it never re-records damaged files as valid: every file against the manifest; the database may
+    differ from its checksum only by rows an interrupted ``add`` appended, so then the rows the manifest covers
+    must still give its ``rows_sha256``."""
+    names = tuple(n for n in manifest["files"] if n != DB_FILE)
+    problems = check_files(root, manifest, names=names)
+    if not problems and check_files(root, manifest, names=(DB_FILE,)):
+        recorded = manifest.get("rows_sha256")
+        con = sqlite3.connect(f"file:{root / DB_FILE}?mode=ro", uri=True)
+        try:
+            same = recorded is not None and rows_digest(con, manifest["count"]) == recorded
+        except sqlite3.Error as e:
+            raise ValueError(f"{root / DB_FILE}: not a readable SQLite database ({e})") from None
+        finally:
+            con.close()
+        if not same:
+            problems = [f"{root / DB_FILE}: its first {manifest['count']} rows differ from the manifest's checksum "
+                        "(damaged or modified)"]
+    if problems:
+        raise ValueError(problems[0] + "; rebuild the index, or restore the file")
+
+
 def update_manifest(root: str | os.PathLike, **fields) -> dict:
-    """Set top-level manifest fields (a calibration, tuned search settings) and write it atomically."""
+    """Set top-level manifest fields (a calibration, tuned search settings) and write it atomically, after
+    checking the files it vouches for (``verify_for_writing``)."""
     root = Path(root)
-    manifest = {**read_manifest(root), **fields}
+    manifest = read_manifest(root)
+    verify_for_writing(root, manifest)
+    manifest = {**manifest, **fields}
     write_json(root / MANIFEST_FILE, manifest)
     return manifest
 
@@ -883,6 +948,8 @@ def tune(root: str | os.PathLike, target: float = 0.95, sample: int = 200, seed:
     skipped (``search_settings``). Writes the chosen settings into the manifest's params and the measurements
     under ``tuned`` -> that record. When no setting reaches the target, the most accurate one is chosen and
     ``reached`` is false."""
+    if not (isinstance(target, (int, float)) and math.isfinite(target) and 0 < target <= 1):
+        raise ValueError(f"index tune: target {target}: must be a number in (0, 1]")
     root = Path(root)
     manifest = read_manifest(root)
     if manifest["kind"] not in ("ivfpq", "hnsw"):

@@ -1,8 +1,9 @@
 """An exported model run by onnxruntime (torch-free: the deployment side).
 
 The file's metadata (key ``edgevpr``) records the source model, the runtime knobs baked into the graph, the input
-size and preprocessing, and ``graph_sha256``, the sha256 of the graph (every node and weight), recomputed at load
-so that a damaged file is refused in one line.
+size and preprocessing, ``graph_sha256``, the sha256 of the graph (every node and weight), and ``meta_sha256``, the
+sha256 of every other metadata entry (preprocessing, input size, knobs, config: all the runtime reads), both
+recomputed at load so that a damaged file is refused in one line.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ META_KEY = "edgevpr"
 def graph_digest(proto) -> str:
     """sha256 of an ONNX model's graph: its nodes, initializers (the weights) and inputs/outputs."""
     return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+#: metadata entries that are checksums, not covered by ``meta_digest``
+DIGEST_KEYS = ("graph_sha256", "meta_sha256")
+
+
+def meta_digest(meta: dict) -> str:
+    """sha256 of the canonical JSON of every metadata entry but the checksums themselves."""
+    body = {k: v for k, v in meta.items() if k not in DIGEST_KEYS}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def is_onnx(spec: str | os.PathLike) -> bool:
@@ -60,9 +71,15 @@ class OnnxModel:
         self.baked_knobs: dict[str, float] = self.meta["knobs"]
 
     def _verify(self) -> None:
-        """Refuse a file whose graph (weights included) is not the one exported."""
+        """Refuse a file whose graph (weights included) or metadata (preprocessing, size, knobs) is not the one
+        exported."""
         import onnx
 
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"{self.path}: damaged '{META_KEY}' metadata (not a JSON object)")
+        if "meta_sha256" in self.meta and meta_digest(self.meta) != self.meta["meta_sha256"]:
+            raise ValueError(f"{self.path}: its '{META_KEY}' metadata (preprocessing, input size or knobs) differs "
+                             "from the export's checksum (damaged or modified file): export it again")
         recorded = self.meta.get("graph_sha256")
         if recorded is None:
             from ..integrity import warn
@@ -70,6 +87,11 @@ class OnnxModel:
             warn(f"{self.path}: exported before edgevpr recorded a checksum of the weights; its integrity cannot be "
                  "checked (export it again)")
             return
+        if "meta_sha256" not in self.meta:
+            from ..integrity import warn
+
+            warn(f"{self.path}: exported before edgevpr recorded a checksum of its metadata; its preprocessing "
+                 "cannot be checked (export it again)")
         try:
             digest = graph_digest(onnx.load(str(self.path), load_external_data=False))
         except Exception as e:  # protobuf decode errors

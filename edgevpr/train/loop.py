@@ -89,9 +89,22 @@ SCHEMA: dict = {
 }
 #: Numeric fields with bounds: (path, low, high). Sizes beyond these are mistakes, not experiments.
 BOUNDS = (("data.places_per_batch", 1, 65536), ("data.images_per_place", 1, 1024), ("data.min_images", 1, 1024),
-          ("data.workers", 0, 256), ("steps", 0, 10**9), ("checkpoint_every", 1, 10**9),
+          ("data.workers", 0, 256), ("steps", 1, 10**9), ("epochs", 1e-6, 10**6), ("checkpoint_every", 1, 10**9),
           ("keep_checkpoints", 1, 1000), ("optimizer.lr", 0, 10), ("data.cache_host_gb", 0, 4096),
           ("data.cache_disk_gb", 0, 10**6))
+
+#: Fields with a fixed set of values, refused by name at parse time (a typo must not run something else).
+ENUMS = (("precision", ("fp32", "bf16")), ("trainable.mode", ("all", "tail", "head", "match")),
+         ("trainable.norm_stats", ("train", "frozen")), ("data.sampler", ("auto", "uniform", "in-city")),
+         ("optimizer.name", ("adamw", "adam", "sgd")),
+         ("schedule.name", ("constant", "cosine", "step", "multistep", "linear")))
+
+
+def _field(conf: dict, path: str):
+    node = conf
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def check_fields(node, schema, where: str, path: str = "") -> None:
@@ -117,13 +130,15 @@ def check_keys(conf: dict, where: str = "config") -> None:
     """Known fields at every level (``SCHEMA``) and numeric fields within ``BOUNDS``; one-line errors."""
     check_fields(conf, SCHEMA, where)
     for path, low, high in BOUNDS:
-        node = conf
-        for part in path.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
+        node = _field(conf, path)
         if node is None:
             continue
         if isinstance(node, bool) or not isinstance(node, (int, float)) or not low <= node <= high:
             raise ValueError(f"{where}: field '{path}' = {node!r} must be a number in [{low}, {high}]")
+    for path, values in ENUMS:
+        node = _field(conf, path)
+        if node is not None and node not in values:
+            raise ValueError(f"{where}: field '{path}' = {node!r} is not one of {', '.join(values)}")
     size = (conf.get("data") or {}).get("image_size")
     if size is not None:
         check_image_size(size, f"{where}: field 'data.image_size'")
@@ -532,9 +547,12 @@ def _barrier() -> None:
 
 
 def train(conf: dict, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None, on_step: Callable[[int, dict], None] | None = None) -> dict:
+          stop_after: int | None = None, on_step: Callable[[int, dict], None] | None = None,
+          allow_change: tuple[str, ...] = ()) -> dict:
     """Train per ``conf`` (merged over DEFAULTS) into ``out_dir``; returns the final metrics.
 
+    ``resume`` refuses a config that differs from the run's own unless every changed field is under a prefix in
+    ``allow_change`` (e.g. ``("optimizer.lr",)``; the new learning rates then apply from the resumed step).
     Writes ``final/`` (the last weights), ``best/`` (the best validation R@1, step 0 included, so it is the
     starting model when training never beat it), ``metrics.csv``, ``config.json``, ``checkpoints/`` and
     TensorBoard logs. stop_after: end after that many steps of *this* invocation without finishing (used
@@ -546,14 +564,40 @@ def train(conf: dict, out_dir: str | os.PathLike, resume: bool = False, progress
     conf["knobs"] = conf["knobs"] or {}  # "knobs: null" in a config clears a base config's knobs
     rank, world, device = _init_distributed(conf["device"])
     try:
-        return _train(conf, Path(out_dir), resume, progress and rank == 0, stop_after, rank, world, device, on_step)
+        return _train(conf, Path(out_dir), resume, progress and rank == 0, stop_after, rank, world, device, on_step,
+                      tuple(allow_change))
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
+def config_changes(old, new, path: str = "") -> list[str]:
+    """Dotted paths of the fields whose values differ between two configs (nested dicts compared field by field)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted(set(old) | set(new), key=str)
+                for c in config_changes(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))]
+    return [] if old == new else [path]
+
+
+def check_resume(out: Path, conf: dict, allow: tuple[str, ...] = ()) -> list[str]:
+    """Refuse to resume the run in ``out`` with a config that differs from the one it started with, unless every
+    changed field is under a prefix in ``allow`` (``--allow-change optimizer.lr``) -> the allowed changes."""
+    try:
+        old = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{out / 'config.json'}: the run's config cannot be read ({e}); cannot check that the "
+                         "resumed run is the same") from None
+    changed = config_changes(old, json.loads(json.dumps(conf)))
+    refused = [c for c in changed if not any(c == a or c.startswith(a + ".") for a in allow)]
+    if refused:
+        raise ValueError(f"{out}: --resume with a changed config ({', '.join(refused)}); resume with the run's own "
+                         f"config, or say what may change: --allow-change {' --allow-change '.join(refused)}")
+    return changed
+
+
 def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int | None, rank: int, world: int,
-           device: torch.device, on_step: Callable[[int, dict], None] | None = None) -> dict:
+           device: torch.device, on_step: Callable[[int, dict], None] | None = None,
+           allow_change: tuple[str, ...] = ()) -> dict:
     main = rank == 0
     if not resume and (out / "checkpoints").exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
@@ -613,7 +657,15 @@ def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int 
     val = open_val_sets(conf["val"]["sets"]) if conf["val"] and main else None
     start, best = 0, -1.0
     if resume and (out / "checkpoints" / "latest.json").exists():
+        changed = check_resume(out, conf, allow_change)
+        configured = [g["lr"] for g in opt.param_groups]  # this config's base learning rates
         start, best = _load_checkpoint(out, model, terms, opt, sched)
+        if any(c.startswith(("optimizer", "schedule")) for c in changed):  # allowed: the new rates apply from here
+            sched.base_lrs = configured
+            for g, lr, f in zip(opt.param_groups, configured, [fn(start) for fn in sched.lr_lambdas], strict=True):
+                g["initial_lr"], g["lr"] = lr, lr * f
+        if changed and main:
+            warn(f"{out}: resumed with changed {', '.join(changed)} (allowed by --allow-change)")
     out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out / "metrics.csv", ["step", "loss", "lr", "batch_acc", "loss/ms",
                                            *(f"loss/{k}" for k in terms), *(f"knob/{k}" for k in conf["knobs"]),
