@@ -329,7 +329,8 @@ def cmd_serve(args) -> int:
     from .deploy.service import ServiceLimits, create_app
 
     loc = Localizer(args.index, args.model, device=args.device)
-    app = create_app(loc, ServiceLimits(args.max_upload_mb * 2**20, args.max_pixels, args.max_k))
+    app = create_app(loc, ServiceLimits(args.max_upload_mb * 2**20, args.max_pixels, args.max_k, args.max_frames,
+                                        args.max_request_pixels))
     print(f"serving {loc.index.root} ({len(loc.index)} images, model {loc.model.name}) on "
           f"http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -637,7 +638,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000, help="TCP port")
     sv.add_argument("--max-upload-mb", type=_real(0, 1e5, low_open=True), default=20.0,
                     help="largest accepted upload, MiB (default 20)")
-    sv.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image, pixels")
+    sv.add_argument("--max-pixels", type=_bounded(1, 10**10), default=40_000_000,
+                    help="largest accepted image, pixels (default 40000000)")
+    sv.add_argument("--max-frames", type=_bounded(1, 10000), default=60,
+                    help="most frames in one sequence request (default 60)")
+    sv.add_argument("--max-request-pixels", type=_bounded(1, 10**11), default=100_000_000,
+                    help="all frames of one sequence request together, pixels, checked from their headers before "
+                         "any is decoded (default 100000000)")
     sv.add_argument("--max-k", type=_bounded(1, 1000), default=50, help="largest k a request may ask (default 50)")
     sv.add_argument("--device", default="auto", help="PyTorch models: auto, cpu, cuda (ONNX: cpu)")
     sv.set_defaults(func=cmd_serve)

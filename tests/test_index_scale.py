@@ -132,9 +132,9 @@ def test_shards_merged_equal_a_single_build(tmp_path, capsys):
 
 def test_qdrant_edge_answers_as_faiss(tmp_path, capsys):
     """The default model's Gardens Point day_right index (coordinates from a CSV manifest) in FAISS, and the same
-    rows in a Qdrant Edge shard (the engine in the process; made by `index merge --kind qdrant`, then extended by `index add`):
-    the same localize answers, the same geo-radius results (Qdrant's native filter, FAISS's id selector), and
-    a collection that lost points is refilled by the next add."""
+    rows in a Qdrant Edge shard (the engine in the process; made by `index merge --kind qdrant`, then extended by
+    `index add`): the same localize answers, the same geo-radius results (Qdrant's native filter, FAISS's id
+    selector), and a shard that lost points is refilled by the next add."""
     from edgevpr.deploy.decision import GeoPrior
 
     data = shared_data() / "gardens_point"

@@ -29,7 +29,9 @@ interrupted ``add`` left: the next ``add`` appends them.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -235,6 +237,40 @@ def verify_index(root: str | os.PathLike) -> dict:
     except (OSError, ValueError, RuntimeError) as e:
         problems = [str(e).splitlines()[0]]
     return {"verified": not problems, "problems": problems}
+
+
+LOCK_FILE = ".lock"
+
+
+def _exclusive(arg: str):
+    """Decorator for the writers: an exclusive lock on the index folder named by argument ``arg`` while it runs (a
+    second writer is refused in one line instead of colliding on SQLite rows), and SQLite failures (disk full, a
+    damaged database) as one line naming the file; finished batches stay, so the same command resumes."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            import fcntl
+
+            root = Path(inspect.signature(fn).bind(*args, **kwargs).arguments[arg])
+            root.mkdir(parents=True, exist_ok=True)
+            with open(root / LOCK_FILE, "a+") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise ValueError(f"{root}: another edgevpr process is writing to this index; wait for it to "
+                                     "finish (or stop it), then run the command again") from None
+                try:
+                    return fn(*args, **kwargs)
+                except sqlite3.Error as e:
+                    raise ValueError(f"{root / DB_FILE}: {str(e).splitlines()[0]} (free disk space or restore the "
+                                     "file; finished batches are kept: run the same command again)") from None
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+
+        return run
+
+    return wrap
 
 
 def model_record(model, spec: str | None, knobs: dict | None) -> dict:
@@ -717,6 +753,7 @@ def _open_for_writing(root: Path, record: dict, storage: str) -> sqlite3.Connect
     return con
 
 
+@_exclusive("out")
 def build(model, source: str | os.PathLike, out: str | os.PathLike, kind: str = "flat", spec: str | None = None,
           knobs: dict | None = None, batch_size: int = 32, skip_bad: bool = False, params: dict | None = None,
           progress: bool = True, on_batch: Callable[[int], None] | None = None,
@@ -762,6 +799,7 @@ def build(model, source: str | os.PathLike, out: str | os.PathLike, kind: str = 
             "failed_paths": _failed(root)}
 
 
+@_exclusive("out")
 def merge(parts: list[str | os.PathLike], out: str | os.PathLike, kind: str = "flat",
           params: dict | None = None) -> dict:
     """Join index parts (``build --shard i/n``, or any indexes of one model) into one new index at ``out``.
@@ -839,6 +877,7 @@ def merge(parts: list[str | os.PathLike], out: str | os.PathLike, kind: str = "f
     return {"count": manifest["count"], "parts": len(loaded), "failed": manifest["failed_images"]}
 
 
+@_exclusive("root")
 def add(model, source: str | os.PathLike, root: str | os.PathLike, batch_size: int = 32, skip_bad: bool = False,
         progress: bool = True, on_batch: Callable[[int], None] | None = None) -> dict:
     """Append the images of ``source`` not yet in the index at ``root`` (same model and knobs required)."""
@@ -888,7 +927,7 @@ def verify_for_writing(root: Path, manifest: dict) -> None:
         raise ValueError(problems[0] + "; rebuild the index, or restore the file")
 
 
-def update_manifest(root: str | os.PathLike, **fields) -> dict:
+def _update_manifest(root: str | os.PathLike, **fields) -> dict:
     """Set top-level manifest fields (a calibration, tuned search settings) and write it atomically, after
     checking the files it vouches for (``verify_for_writing``)."""
     root = Path(root)
@@ -897,6 +936,12 @@ def update_manifest(root: str | os.PathLike, **fields) -> dict:
     manifest = {**manifest, **fields}
     write_json(root / MANIFEST_FILE, manifest)
     return manifest
+
+
+@_exclusive("root")
+def update_manifest(root: str | os.PathLike, **fields) -> dict:
+    """``_update_manifest`` under the index's writer lock."""
+    return _update_manifest(root, **fields)
 
 
 #: What ``tune`` tries: IVF-PQ lists probed and re-rank depths, HNSW search breadths.
@@ -935,6 +980,7 @@ def search_settings(kind: str, nlist: int, can_rerank: bool, measure, target: fl
     return best, trials
 
 
+@_exclusive("root")
 def tune(root: str | os.PathLike, target: float = 0.95, sample: int = 200, seed: int = 0,
          progress: bool = True, queries: np.ndarray | None = None) -> dict:
     """Choose the fastest search settings whose top-1 agrees with exact search on >= ``target`` of a sample.
@@ -992,7 +1038,7 @@ def tune(root: str | os.PathLike, target: float = 0.95, sample: int = 200, seed:
     chosen = {k: v for k, v in best.items() if k not in ("agreement", "ms_per_query")}
     record = {"target": target, "reached": best["agreement"] >= target, "sample": len(ids), "seed": seed,
               "chosen": best, "trials": trials, "queries": source}
-    update_manifest(root, params={**manifest["params"], **chosen}, tuned=record)
+    _update_manifest(root, params={**manifest["params"], **chosen}, tuned=record)
     return record
 
 

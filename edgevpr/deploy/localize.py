@@ -20,7 +20,7 @@ from ..integrity import check_finite
 from .decision import DECISION_DEPTH, Calibration, GeoPrior, Neighbourhood, calibrate, margin, position
 from .embed import embed
 from .index import Match, PlaceIndex, check_model, match_dicts, update_manifest
-from .sequence import SequenceFilter, seqslam
+from .sequence import SEQSLAM_VELOCITIES, SequenceFilter, local_contrast, trajectory_search
 
 
 def open_model(spec: str | os.PathLike, device="cpu", int8: bool = False):
@@ -189,21 +189,23 @@ class Tracker:
             raise ValueError(f"sequence length {length}: must be >= 1")
         self.index, self.length, self.method = index, length, method
         self.segments = index.segments()
-        self.rows: deque[np.ndarray] = deque(maxlen=length)
+        self.rows: deque[np.ndarray] = deque(maxlen=length)  # a fixed-size ring: constant cost per frame
+        self.frames = 0
         self.filter = SequenceFilter(len(index), db_segments=self.segments) if method == "filter" else None
 
     def push(self, desc: np.ndarray) -> dict:
         """One frame's descriptor [D] -> {"match": database match, "score", "frames", "method"}."""
         sim = self.index.similarities(desc[None])[0]
-        self.rows.append(sim)
+        self.frames += 1
         if self.filter is not None:
             j, p = self.filter.update(sim)
             extra = {"probability": p}
-        else:
-            best, score = seqslam(np.stack(self.rows), length=self.length, db_segments=self.segments)
-            j, extra = int(best[-1]), {"score": float(score[-1])}
+        else:  # rows are normalised once, as they arrive (the normalisation is per row)
+            self.rows.append(local_contrast(sim[None].astype(np.float64))[0])
+            j, score = trajectory_search(np.stack(self.rows), self.length, SEQSLAM_VELOCITIES, self.segments)
+            extra = {"score": score}
         match = Match(1, j, float(sim[j]), *self.index.rows([j])[j])
-        return {"method": self.method, "frames": len(self.rows), "match": asdict(match), **extra}
+        return {"method": self.method, "frames": min(self.frames, self.length), "match": asdict(match), **extra}
 
 
 def latency_summary(ms: list[float]) -> dict:

@@ -35,7 +35,10 @@ def local_contrast(s: np.ndarray, window: int = 10) -> np.ndarray:
     return (s - mean) / (np.sqrt(var) + 1e-6)
 
 
-def seqslam(s: np.ndarray, length: int = 10, velocities: tuple[float, ...] = (0.8, 0.9, 1.0, 1.1, 1.25),
+SEQSLAM_VELOCITIES = (0.8, 0.9, 1.0, 1.1, 1.25)
+
+
+def seqslam(s: np.ndarray, length: int = 10, velocities: tuple[float, ...] = SEQSLAM_VELOCITIES,
             window: int = 10, db_segments: np.ndarray | None = None,
             q_starts: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Similarities [Q, N] -> (best database frame [Q], its sequence score [Q]) by sequence search."""
@@ -47,25 +50,36 @@ def seqslam(s: np.ndarray, length: int = 10, velocities: tuple[float, ...] = (0.
         seq_start[a:] = a
     norm = local_contrast(s.astype(np.float64), window)
     best_j, best_score = np.zeros(q, np.int64), np.full(q, -np.inf)
-    js = np.arange(n)
     for i in range(q):
-        steps = min(length, i - seq_start[i] + 1)
-        for v in velocities:
-            # a fractional velocity's line need not pass through an integer frame at query i: try sub-frame phases
-            for phase in ((0.0,) if float(v).is_integer() else (-1 / 3, 0.0, 1 / 3)):
-                total = np.zeros(n)
-                valid = np.ones(n, bool)
-                for k in range(steps):  # k frames before query i
-                    jj = np.floor(js + phase - k * v + 0.5).astype(np.int64)
-                    ok = (jj >= 0) & (jj < n)
-                    jj_c = np.clip(jj, 0, n - 1)
-                    valid &= ok & (seg[jj_c] == seg)
-                    total += norm[i - k, jj_c]
-                score = np.where(valid, total / steps, -np.inf)
-                j = int(np.argmax(score))
-                if score[j] > best_score[i]:
-                    best_j[i], best_score[i] = j, score[j]
+        best_j[i], best_score[i] = trajectory_search(norm[seq_start[i]:i + 1], length, velocities, seg)
     return best_j, best_score
+
+
+def trajectory_search(norm: np.ndarray, length: int, velocities: tuple[float, ...],
+                      seg: np.ndarray) -> tuple[int, float]:
+    """Normalised similarities [T, N] of one sequence's frames so far (the newest last) -> (best database frame
+    for the newest frame, its score): straight trajectories over the last min(length, T) frames. Its cost depends on
+    ``length``, not on T, so a live stream pays the same for every frame."""
+    t, n = norm.shape
+    steps = min(length, t)
+    js = np.arange(n)
+    best_j, best = 0, -np.inf
+    for v in velocities:
+        # a fractional velocity's line need not pass through an integer frame at query i: try sub-frame phases
+        for phase in ((0.0,) if float(v).is_integer() else (-1 / 3, 0.0, 1 / 3)):
+            total = np.zeros(n)
+            valid = np.ones(n, bool)
+            for k in range(steps):  # k frames before the newest
+                jj = np.floor(js + phase - k * v + 0.5).astype(np.int64)
+                ok = (jj >= 0) & (jj < n)
+                jj_c = np.clip(jj, 0, n - 1)
+                valid &= ok & (seg[jj_c] == seg)
+                total += norm[t - 1 - k, jj_c]
+            score = np.where(valid, total / steps, -np.inf)
+            j = int(np.argmax(score))
+            if score[j] > best:
+                best_j, best = j, float(score[j])
+    return best_j, best
 
 
 class SequenceFilter:

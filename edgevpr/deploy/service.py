@@ -13,8 +13,10 @@ Endpoints:
   GET  /api/thumb/{id}        JPEG thumbnail (<= 320 px) of a database image
   GET  /api/map               database positions (<= 5000, evenly spaced) for the map
 
-Bad uploads get a 4xx with a one-line ``detail``: 413 for a body over ``max_upload_bytes`` or an image over
-``max_pixels``, 400 for a missing field or a file that is not a readable image. The body limit holds while the
+Bad uploads get a 4xx with a one-line ``detail``: 413 for a body over ``max_upload_bytes``, an image over
+``max_pixels`` or a sequence whose frames together (from their headers, before any is decoded) exceed
+``max_request_pixels`` (frames are then decoded one at a time, as the stream reaches them), 400 for a missing
+field or a file that is not a readable image. The body limit holds while the
 body streams in, whatever the transfer encoding (``BodyLimit``: refused from a Content-Length before reading,
 and a chunked body is cut off as soon as it passes the limit), so neither memory nor the temporary files of
 the multipart parser grow past it. The server keeps serving after any of them.
@@ -47,10 +49,13 @@ class ServiceLimits:
     max_pixels: int = 40_000_000
     max_k: int = 50
     max_frames: int = 60
+    #: all frames of one request together, checked from their headers before any is decoded
+    max_request_pixels: int = 100_000_000
 
     def __post_init__(self) -> None:  # e.g. --max-upload-mb 1.5 gives a float byte count
-        self.max_upload_bytes, self.max_pixels, self.max_k, self.max_frames = (
-            int(v) for v in (self.max_upload_bytes, self.max_pixels, self.max_k, self.max_frames))
+        self.max_upload_bytes, self.max_pixels, self.max_k, self.max_frames, self.max_request_pixels = (
+            int(v) for v in (self.max_upload_bytes, self.max_pixels, self.max_k, self.max_frames,
+                             self.max_request_pixels))
 
 
 class _BodyTooLarge(Exception):
@@ -121,8 +126,9 @@ class UploadError(ValueError):
         self.status = status
 
 
-def decode_upload(data: bytes, limits: ServiceLimits) -> Image.Image:
-    """Bytes of an uploaded photo -> upright RGB image, or UploadError(4xx, reason)."""
+def decode_upload(data: bytes, limits: ServiceLimits, header_only: bool = False) -> Image.Image:
+    """Bytes of an uploaded photo -> upright RGB image, or UploadError(4xx, reason). ``header_only``: read the
+    header and check the declared size only (nothing is decoded; the image is returned unloaded)."""
     if not data:
         raise UploadError(400, "empty upload: send the photo in the multipart field 'image'")
     if len(data) > limits.max_upload_bytes:
@@ -134,6 +140,8 @@ def decode_upload(data: bytes, limits: ServiceLimits) -> Image.Image:
             w, h = img.size
             if w * h > limits.max_pixels:
                 raise UploadError(413, f"image of {w}x{h} = {w * h} pixels exceeds the limit of {limits.max_pixels}")
+            if header_only:
+                return img
             img.load()
             return ImageOps.exif_transpose(img).convert("RGB")
     except UploadError:
@@ -144,6 +152,14 @@ def decode_upload(data: bytes, limits: ServiceLimits) -> Image.Image:
                           else str(e).splitlines()[0]) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise UploadError(400, f"corrupt or truncated image: {str(e).splitlines()[0]}") from None
+
+
+def _rotated(img: Image.Image) -> bool:
+    """True when the EXIF orientation swaps width and height (5-8)."""
+    try:
+        return img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except Exception:  # a damaged EXIF block: the frame's decoding will report it
+        return False
 
 
 def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
@@ -167,7 +183,8 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
                 "calibration": {k: cal[k] for k in ("threshold", "target_precision", "precision", "queries")}
                 if (cal := index.manifest.get("calibration")) else None,
                 "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
-                           "max_k": limits.max_k, "max_frames": limits.max_frames}}
+                           "max_k": limits.max_k, "max_frames": limits.max_frames,
+                           "max_request_pixels": limits.max_request_pixels}}
 
     def options(k: int, keep_ratio: float | None, sparsity: float | None, lat: float | None, lon: float | None,
                 east: float | None, north: float | None, radius_m: float | None) -> tuple[dict, GeoPrior | None]:
@@ -185,18 +202,20 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
             raise HTTPException(400, str(e)) from None
         return knobs, prior
 
-    def decoded(upload: UploadFile) -> Image.Image:
+    def decoded(upload: UploadFile, data: bytes | None = None, header_only: bool = False) -> Image.Image:
         try:
-            return decode_upload(upload.file.read(limits.max_upload_bytes + 1), limits)
+            if data is None:
+                data = upload.file.read(limits.max_upload_bytes + 1)
+            return decode_upload(data, limits, header_only)
         except UploadError as e:
             raise HTTPException(e.status, f"{upload.filename}: {e}") from None
 
-    def answered(answer, name: str | None, img: Image.Image, ms: float) -> dict:
+    def answered(answer, name: str | None, size: tuple[int, int], ms: float) -> dict:
         out = answer.to_dict()
         for m in out["matches"] + ([out["sequence"]["match"]] if "sequence" in out else []):
             m["name"] = Path(m["path"]).name
             m["thumb"] = f"/api/thumb/{m['id']}"
-        return {"filename": name, "width": img.width, "height": img.height, "ms": ms, **out}
+        return {"filename": name, "width": size[0], "height": size[1], "ms": ms, **out}
 
     def run(fn):
         try:
@@ -215,7 +234,7 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
         t0 = time.perf_counter()
         answer = run(lambda: localizer.answer(localizer.embed([img], knobs), k, prior)[0])
         return {"k": k, "knobs": {**localizer.knobs, **knobs}, "prior": prior and asdict(prior),
-                **answered(answer, image.filename, img, (time.perf_counter() - t0) * 1000)}
+                **answered(answer, image.filename, img.size, (time.perf_counter() - t0) * 1000)}
 
     @app.post("/api/localize_sequence")
     def localize_sequence(images: list[UploadFile] | None = File(None), k: int = 5, length: int = 10,
@@ -231,9 +250,22 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
         if not 1 <= length <= 1000:
             raise HTTPException(400, f"length={length}: must be between 1 and 1000")
         knobs, prior = options(k, keep_ratio, sparsity, lat, lon, east, north, radius_m)
-        frames = [Frame(u.filename or f"frame {i}", decoded(u)) for i, u in enumerate(images)]
-        out = run(lambda: [answered(a, name, f.image, ms) for f, (name, a, ms) in
-                           zip(frames, localizer.stream(frames, k, knobs, prior, length, method), strict=True)])
+        data = [u.file.read(limits.max_upload_bytes + 1) for u in images]
+        sizes = []
+        for u, b in zip(images, data, strict=True):  # headers only: every size is known before any decoding
+            with decoded(u, b, header_only=True) as im:
+                sizes.append(im.size[::-1] if _rotated(im) else im.size)
+        total = sum(w * h for w, h in sizes)
+        if total > limits.max_request_pixels:
+            raise HTTPException(413, f"{len(images)} frames of {total} pixels in all exceed the request limit of "
+                                     f"{limits.max_request_pixels} (--max-request-pixels)")
+
+        def frames():  # decoded one at a time as the stream asks: one full-size frame in memory, not all of them
+            for i, (u, b) in enumerate(zip(images, data, strict=True)):
+                yield Frame(u.filename or f"frame {i}", decoded(u, b))
+
+        out = run(lambda: [answered(a, name, size, ms) for size, (name, a, ms) in
+                           zip(sizes, localizer.stream(frames(), k, knobs, prior, length, method), strict=True)])
         return {"k": k, "length": length, "method": method, "knobs": {**localizer.knobs, **knobs},
                 "prior": prior and asdict(prior), "frames": out}
 

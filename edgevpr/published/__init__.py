@@ -9,8 +9,9 @@ sha256 of the source file, licence, and the upstream keys left out on purpose wi
 
 from __future__ import annotations
 
-import io
 import os
+import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -23,33 +24,89 @@ from .base import FAMILIES, CheckpointError, Converted, Family, Ledger
 __all__ = ["FAMILIES", "CheckpointError", "Converted", "Family", "convert", "import_checkpoint", "read_checkpoint"]
 
 
+def max_checkpoint_bytes() -> int:
+    """The largest checkpoint read (a file, a zip member, or the tensors it declares), in bytes: 4 GiB by default
+    (the largest release, DINOv2-B + BoQ, is under 0.5 GiB); ``EDGEVPR_MAX_CHECKPOINT_GB`` raises it."""
+    return int(float(os.environ.get("EDGEVPR_MAX_CHECKPOINT_GB", "4")) * 2**30)
+
+
+def _too_big(what: str, n: int) -> CheckpointError | None:
+    limit = max_checkpoint_bytes()
+    if n <= limit:
+        return None
+    return CheckpointError(f"{what} is {n / 2**30:.1f} GiB, over the {limit / 2**30:g} GiB checkpoint limit "
+                           "(EDGEVPR_MAX_CHECKPOINT_GB raises it)")
+
+
+def _torch_load(path: Path) -> object:
+    """``torch.load`` weights-only; a zip-format file is memory-mapped, so storages are not read before the
+    tensors built on them are checked (``_check_tensors``)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+
+
+def _check_tensors(sd: dict, where: Path) -> None:
+    """Refuse tensors that declare more memory than the file holds: a view wider than its storage (stride 0 or
+    overlapping: e.g. [2^21, 512] over 512 floats) would cost its full size at the first copy or cast."""
+    total = 0
+    for k, t in sd.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        declared = t.numel() * t.element_size()
+        if declared > t.untyped_storage().nbytes() - t.storage_offset() * t.element_size():
+            raise CheckpointError(f"{where}: tensor {k} declares shape {list(t.shape)} ({declared} bytes) over a "
+                                  f"storage of {t.untyped_storage().nbytes()} bytes (an overlapping or stride-0 view): "
+                                  "refused")
+        total += declared
+    if err := _too_big(f"{where}: the tensors it declares", total):
+        raise err
+
+
+def _unwrap(sd: object) -> object:
+    """A Lightning checkpoint's ``state_dict``; anything else as it is."""
+    return sd["state_dict"] if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict) else sd
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a release file (.pth/.ckpt/.pt, .safetensors, or a .zip holding one .pth); never unpickles code."""
+    """Tensors of a release file (.pth/.ckpt/.pt, .safetensors, or a .zip holding one .pth); never unpickles code.
+
+    Bounds before work: the file, a zip member (by its declared size, before it is read) and the tensors a file
+    declares are each held to ``max_checkpoint_bytes``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if err := _too_big(str(path), path.stat().st_size):
+        raise err
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             sd = load_file(str(path))
         elif path.suffix == ".zip":
-            with zipfile.ZipFile(path) as z:
-                members = [n for n in z.namelist() if n.endswith((".pth", ".pt", ".ckpt")) and not n.startswith("__")]
+            with zipfile.ZipFile(path) as z, tempfile.TemporaryDirectory() as tmp:
+                members = [i for i in z.infolist() if i.filename.endswith((".pth", ".pt", ".ckpt"))
+                           and not i.filename.startswith("__")]
                 if len(members) != 1:
-                    raise CheckpointError(f"{path}: expected one .pth inside the zip, found {members or 'none'}")
-                sd = torch.load(io.BytesIO(z.read(members[0])), map_location="cpu", weights_only=True)
+                    raise CheckpointError(f"{path}: expected one .pth inside the zip, found "
+                                          f"{[i.filename for i in members] or 'none'}")
+                if err := _too_big(f"{path}: member {members[0].filename}", members[0].file_size):
+                    raise err
+                inner = Path(tmp) / "member.pth"
+                with z.open(members[0]) as src, open(inner, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                sd = _unwrap(_torch_load(inner))
+                if isinstance(sd, dict):  # copied off the memory map before the temporary file goes
+                    _check_tensors(sd, path)
+                    sd = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in sd.items()}
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = _unwrap(_torch_load(path))
     except CheckpointError:
         raise
     except Exception as e:  # truncated zips, bad pickles, bad safetensors headers: one line
         raise CheckpointError(f"{path}: damaged or not a weights-only checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})"[:300]) from None
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # Lightning checkpoints
-        sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
+    _check_tensors(sd, path)
     return sd
 
 
@@ -76,6 +133,7 @@ def import_checkpoint(fmt: str, path: str | os.PathLike, out: str | os.PathLike,
     cfg["name"] = name or f"{fmt}-{path.stem}"
     cfg["provenance"] = {"format": fmt, "upstream": f"https://github.com/{family.upstream}",
                          "release": (release or {}).get("url"), "file": path.name, "sha256": sha256_file(path),
+                         **{k: release[k] for k in ("fetched_from", "sha256_pinned") if k in (release or {})},
                          "licence": (release or {}).get("licence", family.licence),
                          "weights": "published VPR weights", "unused_keys": conv.unused}
     model = build_model(cfg).eval()

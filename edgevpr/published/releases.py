@@ -1,8 +1,10 @@
 """Named published models: where each release file lives, its format and licence, and the fetch-import-reuse path.
 
 ``load_release(name)`` downloads the release file from its real URL into ``<EDGEVPR_CACHE>/published/<name>/``
-on first use (progress bar with rate and ETA; written atomically; its sha256 recorded and, where the table knows
-it, checked), imports it with ``edgevpr import``'s code into ``<...>/<name>/model`` and reuses that folder after.
+on first use (progress bar with rate and ETA; size-bounded, streamed to a temporary file and cached only once it
+is complete, plausible and the architecture its name promises; its sha256 recorded and, where the table pins it,
+checked: no release in the table is pinned yet, since none of their files could be obtained here to identify),
+imports it with ``edgevpr import``'s code into ``<...>/<name>/model`` and reuses that folder after.
 ``EDGEVPR_MIRROR`` (a base URL) fetches the files by name from a mirror instead. Offline, one line names the URL
 and the ``edgevpr import`` command for a file obtained elsewhere. MixVPR's weights sit behind a Google Drive page
 and are imported from a local file only.
@@ -30,7 +32,11 @@ class Release:
     url: str | None
     licence: str
     note: str = ""
-    sha256: str | None = None  # checked when known; recorded always
+    sha256: str | None = None  # pinned: checked when known; recorded always
+    #: what the name promises, checked on the imported model before anything is cached: descriptor dimension,
+    #: and the backbone (timm name of a CNN, or a ViT's width) where the name says it
+    out_dim: int | None = None
+    backbone: dict | None = None
 
     @property
     def file_name(self) -> str:
@@ -40,17 +46,18 @@ class Release:
 def _table() -> dict[str, Release]:
     rel = [
         Release("megaloc", "megaloc", "https://huggingface.co/gberton/MegaLoc/resolve/main/model.safetensors", "MIT",
-                "DINOv2-B + SALAD + linear, 8448-D"),
+                "DINOv2-B + SALAD + linear, 8448-D", out_dim=8448),
         Release("dinov2-salad", "salad", f"{_GH}/serizba/salad/releases/download/v1.0.0/dino_salad.ckpt", "GPL-3.0",
-                "DINOv2-B + SALAD, 8448-D, 322 px"),
+                "DINOv2-B + SALAD, 8448-D, 322 px", out_dim=8448),
         Release("dinov2-boq", "boq", f"{_GH}/amaralibey/Bag-of-Queries/releases/download/v1.0/dinov2_12288.pth",
-                "MIT", "DINOv2-B + BoQ, 12288-D, 322 px"),
+                "MIT", "DINOv2-B + BoQ, 12288-D, 322 px", out_dim=12288),
         Release("resnet50-boq", "boq", f"{_GH}/amaralibey/Bag-of-Queries/releases/download/v1.0/resnet50_16384.pth",
-                "MIT", "ResNet50 (to layer3) + BoQ, 16384-D, 384 px"),
+                "MIT", "ResNet50 (to layer3) + BoQ, 16384-D, 384 px", out_dim=16384,
+                backbone={"timm_name": "resnet50"}),
         Release("tetra-boq", "tetra", f"{_GH}/OliverGrainge/TeTRA-VPR/releases/download/V1.0/boq.pth.zip", "MIT",
-                "ternary ViT-B + BoQ, 12288-D (1536 bytes binary), 322 px"),
+                "ternary ViT-B + BoQ, 12288-D (1536 bytes binary), 322 px", out_dim=12288),
         Release("tetra-salad", "tetra", f"{_GH}/OliverGrainge/TeTRA-VPR/releases/download/V1.0/salad.pth.zip", "MIT",
-                "ternary ViT-B + SALAD, 8448-D (1056 bytes binary), 322 px"),
+                "ternary ViT-B + SALAD, 8448-D (1056 bytes binary), 322 px", out_dim=8448),
     ]
     for dim, (channels, rows) in {"4096": (1024, 4), "512": (256, 2), "128": (64, 2)}.items():
         rel.append(Release(f"mixvpr-{dim}", "mixvpr", None, "MIT",
@@ -69,7 +76,8 @@ def _table() -> dict[str, Release]:
             for d in dims:
                 rel.append(Release(f"{fam}-{backbone.lower()}-{d}", fam,
                                    f"{_GH}/gmberton/{repo}/releases/download/v1.0/{backbone}_{d}_{fam}.pth", "MIT",
-                                   f"{backbone} + GeM + FC, {d}-D"))
+                                   f"{backbone} + GeM + FC, {d}-D", out_dim=d,
+                                   backbone={"timm_name": backbone.lower()}))
     return {r.name: r for r in rel}
 
 
@@ -85,27 +93,86 @@ def release_url(r: Release) -> str:
     return f"{mirror.rstrip('/')}/{r.file_name}" if mirror else r.url
 
 
-def _download(url: str, dst: Path, progress: bool) -> None:
-    """Stream ``url`` into ``dst`` atomically, with a progress bar (rate, ETA)."""
+#: the largest release file fetched or read (bytes); ``EDGEVPR_MAX_DOWNLOAD_GB`` raises it
+def max_download_bytes() -> int:
+    return int(float(os.environ.get("EDGEVPR_MAX_DOWNLOAD_GB", "4")) * 2**30)
+
+
+def _download(url: str, tmp: Path, progress: bool) -> None:
+    """Stream ``url`` into ``tmp`` with a progress bar (rate, ETA); refuses an HTML page, a declared or actual body
+    over ``max_download_bytes`` (checked before and while reading) and a body shorter than its Content-Length."""
     from tqdm.auto import tqdm
 
-    from ..utils import atomic_write
+    limit = max_download_bytes()
+    with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as f:
+        if "html" in (resp.headers.get("Content-Type") or "").lower():
+            raise OSError(f"{url} answered with an HTML page, not the release file")
+        total = int(resp.headers.get("Content-Length") or 0) or None
+        if total is not None and total > limit:
+            raise OSError(f"{url} declares {total / 2**30:.1f} GiB, over the {limit / 2**30:g} GiB download limit "
+                          "(EDGEVPR_MAX_DOWNLOAD_GB raises it)")
+        with tqdm(total=total, unit="B", unit_scale=True, desc=tmp.name, disable=not progress) as bar:
+            for block in iter(lambda: resp.read(1 << 20), b""):
+                f.write(block)
+                bar.update(len(block))
+                if f.tell() > limit:
+                    raise OSError(f"{url} sent more than the {limit / 2**30:g} GiB download limit "
+                                  "(EDGEVPR_MAX_DOWNLOAD_GB raises it)")
+        if total is not None and f.tell() != total:
+            raise OSError(f"download of {url} ended after {f.tell()} of {total} bytes")
 
-    def write(tmp: str) -> None:
-        with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as f:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dst.name, disable=not progress) as bar:
-                for block in iter(lambda: resp.read(1 << 20), b""):
-                    f.write(block)
-                    bar.update(len(block))
-            if total is not None and f.tell() != total:
-                raise OSError(f"download of {url} ended after {f.tell()} of {total} bytes")
 
-    atomic_write(dst, write)
+def check_plausible(path: Path, file_name: str) -> None:
+    """Refuse a file that cannot be the release ``file_name`` (an error page, a body cut short): a safetensors file
+    must have a JSON header whose tensors end exactly at the end of the file; a ``.pth``/``.ckpt``/``.zip`` must be
+    a complete zip (PyTorch's format since 1.6, and TeTRA's archive) whose members all pass their CRC."""
+    import struct
+    import zipfile
+
+    size = path.stat().st_size
+    if file_name.endswith(".safetensors"):
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            try:
+                header = json.loads(f.read(n)) if 0 < n <= min(size - 8, 100 << 20) else None
+            except ValueError:
+                header = None
+        ends = [v["data_offsets"][1] for k, v in (header or {}).items() if k != "__metadata__" and isinstance(v, dict)
+                and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2]
+        if not ends or 8 + n + max(ends) != size:
+            raise ValueError("not a complete safetensors file (an error page, or a body cut short)")
+        return
+    if not zipfile.is_zipfile(path):
+        raise ValueError("not a complete PyTorch checkpoint (no zip directory: an error page, or a body cut short)")
+    with zipfile.ZipFile(path) as z:
+        bad = z.testzip()
+    if bad is not None:
+        raise ValueError(f"member {bad} fails its CRC (damaged download)")
+
+
+def check_promise(r: Release, model) -> None:
+    """Refuse an imported model that is not the architecture release ``r``'s name promises."""
+    if r.out_dim is not None and model.out_dim != r.out_dim:
+        raise ValueError(f"{r.name}: the file gives {model.out_dim}-D descriptors, the release is {r.out_dim}-D "
+                         "(another release's file under this name?)")
+    for key, want in (r.backbone or {}).items():
+        got = model.config["backbone"].get(key)
+        if got != want:
+            raise ValueError(f"{r.name}: the file's backbone has {key} {got}, the release {want} (another release's "
+                             "file under this name?)")
 
 
 def load_release(name: str, progress: bool = True) -> Path:
-    """The imported edgevpr model folder of release ``name`` (fetched and imported on first use)."""
+    """The imported edgevpr model folder of release ``name`` (fetched and imported on first use).
+
+    Nothing reaches the cache unless it is complete and plausible: the file streams into a temporary name, is
+    checked (``check_plausible``, the pinned sha256 where the table has one), imported into a temporary folder,
+    checked against what the name promises (``check_promise``), and only then moved into place; any failure
+    removes both, so the next run asks the server (or mirror) again."""
+    import shutil
+    import tempfile
+
     from . import import_checkpoint
 
     r = RELEASES[name]
@@ -117,19 +184,41 @@ def load_release(name: str, progress: bool = True) -> Path:
         raise ValueError(f"{name}: {r.note}")
     src = folder / r.file_name
     url = release_url(r)
-    if not src.is_file():
+    folder.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".fetch-", dir=folder))
+    try:
+        tmp = work / r.file_name
+        if src.is_file():  # a file kept by an earlier edgevpr: checked like a new download
+            shutil.copyfile(src, tmp)
+        else:
+            try:
+                _download(url, tmp, progress)
+            except (urllib.error.URLError, OSError, TimeoutError) as e:
+                raise ValueError(f"{name}: cannot fetch {url} ({getattr(e, 'reason', e)}); offline? get the file "
+                                 f"elsewhere and run `edgevpr import {r.format} FILE --out DIR`, then use --model DIR"
+                                 ) from None
         try:
-            _download(url, src, progress)
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
-            raise ValueError(f"{name}: cannot fetch {url} ({getattr(e, 'reason', e)}); offline? get the file "
-                             f"elsewhere and run `edgevpr import {r.format} FILE --out DIR`, then use --model DIR"
+            check_plausible(tmp, r.file_name)
+        except ValueError as e:
+            raise ValueError(f"{name}: {url} gave {tmp.stat().st_size} bytes that are {e}; nothing was cached"
                              ) from None
-    digest = sha256_file(src)
-    if r.sha256 and digest != r.sha256:
-        src.unlink()
-        raise ValueError(f"{name}: {url} gave a file with sha256 {digest}, expected {r.sha256} (removed)")
-    import_checkpoint(r.format, src, model_dir, {"url": r.url, "licence": r.licence}, name=name)
-    write_json(folder / "fetched.json", {"url": url, "sha256": digest, "file": r.file_name})
+        digest = sha256_file(tmp)
+        if r.sha256 and digest != r.sha256:
+            raise ValueError(f"{name}: {url} gave a file with sha256 {digest}, expected {r.sha256}; nothing was cached")
+        provenance = {"url": r.url, "fetched_from": url, "licence": r.licence, "sha256_pinned": r.sha256 is not None}
+        model = import_checkpoint(r.format, tmp, work / "model", provenance, name=name)
+        check_promise(r, model)
+        os.replace(tmp, src)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        os.replace(work / "model", model_dir)
+        write_json(folder / "fetched.json", {"url": url, "sha256": digest, "file": r.file_name,
+                                             "sha256_pinned": r.sha256 is not None})
+    except Exception:
+        if src.is_file() and not (model_dir / "config.json").is_file():
+            src.unlink()  # a kept file that failed its checks is not reused
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return model_dir
 
 
