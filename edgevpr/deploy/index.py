@@ -242,7 +242,7 @@ def verify_index(root: str | os.PathLike) -> dict:
 LOCK_FILE = ".lock"
 
 
-def _exclusive(arg: str):
+def _exclusive(arg: str, create: bool = False):
     """Decorator for the writers: an exclusive lock on the index folder named by argument ``arg`` while it runs (a
     second writer is refused in one line instead of colliding on SQLite rows), and SQLite failures (disk full, a
     damaged database) as one line naming the file; finished batches stay, so the same command resumes."""
@@ -253,7 +253,10 @@ def _exclusive(arg: str):
             import fcntl
 
             root = Path(inspect.signature(fn).bind(*args, **kwargs).arguments[arg])
-            root.mkdir(parents=True, exist_ok=True)
+            if create:
+                root.mkdir(parents=True, exist_ok=True)
+            elif not root.is_dir():
+                raise FileNotFoundError(f"{root}: no such index folder")
             with open(root / LOCK_FILE, "a+") as lock:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -753,7 +756,7 @@ def _open_for_writing(root: Path, record: dict, storage: str) -> sqlite3.Connect
     return con
 
 
-@_exclusive("out")
+@_exclusive("out", create=True)
 def build(model, source: str | os.PathLike, out: str | os.PathLike, kind: str = "flat", spec: str | None = None,
           knobs: dict | None = None, batch_size: int = 32, skip_bad: bool = False, params: dict | None = None,
           progress: bool = True, on_batch: Callable[[int], None] | None = None,
@@ -799,7 +802,7 @@ def build(model, source: str | os.PathLike, out: str | os.PathLike, kind: str = 
             "failed_paths": _failed(root)}
 
 
-@_exclusive("out")
+@_exclusive("out", create=True)
 def merge(parts: list[str | os.PathLike], out: str | os.PathLike, kind: str = "flat",
           params: dict | None = None) -> dict:
     """Join index parts (``build --shard i/n``, or any indexes of one model) into one new index at ``out``.

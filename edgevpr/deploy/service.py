@@ -154,14 +154,6 @@ def decode_upload(data: bytes, limits: ServiceLimits, header_only: bool = False)
         raise UploadError(400, f"corrupt or truncated image: {str(e).splitlines()[0]}") from None
 
 
-def _rotated(img: Image.Image) -> bool:
-    """True when the EXIF orientation swaps width and height (5-8)."""
-    try:
-        return img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-    except Exception:  # a damaged EXIF block: the frame's decoding will report it
-        return False
-
-
 def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
     """The FastAPI application serving ``localizer``."""
     limits = limits or ServiceLimits()
@@ -251,21 +243,24 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
             raise HTTPException(400, f"length={length}: must be between 1 and 1000")
         knobs, prior = options(k, keep_ratio, sparsity, lat, lon, east, north, radius_m)
         data = [u.file.read(limits.max_upload_bytes + 1) for u in images]
-        sizes = []
+        total = 0
         for u, b in zip(images, data, strict=True):  # headers only: every size is known before any decoding
             with decoded(u, b, header_only=True) as im:
-                sizes.append(im.size[::-1] if _rotated(im) else im.size)
-        total = sum(w * h for w, h in sizes)
+                total += im.width * im.height
         if total > limits.max_request_pixels:
             raise HTTPException(413, f"{len(images)} frames of {total} pixels in all exceed the request limit of "
                                      f"{limits.max_request_pixels} (--max-request-pixels)")
 
+        sizes: list[tuple[int, int]] = []
+
         def frames():  # decoded one at a time as the stream asks: one full-size frame in memory, not all of them
             for i, (u, b) in enumerate(zip(images, data, strict=True)):
-                yield Frame(u.filename or f"frame {i}", decoded(u, b))
+                img = decoded(u, b)
+                sizes.append(img.size)
+                yield Frame(u.filename or f"frame {i}", img)
 
-        out = run(lambda: [answered(a, name, size, ms) for size, (name, a, ms) in
-                           zip(sizes, localizer.stream(frames(), k, knobs, prior, length, method), strict=True)])
+        out = run(lambda: [answered(a, name, sizes[i], ms) for i, (name, a, ms) in
+                           enumerate(localizer.stream(frames(), k, knobs, prior, length, method))])
         return {"k": k, "length": length, "method": method, "knobs": {**localizer.knobs, **knobs},
                 "prior": prior and asdict(prior), "frames": out}
 

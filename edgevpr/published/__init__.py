@@ -34,7 +34,7 @@ def _too_big(what: str, n: int) -> CheckpointError | None:
     limit = max_checkpoint_bytes()
     if n <= limit:
         return None
-    return CheckpointError(f"{what} is {n / 2**30:.1f} GiB, over the {limit / 2**30:g} GiB checkpoint limit "
+    return CheckpointError(f"{what} is {n / 2**30:.3g} GiB, over the {limit / 2**30:.3g} GiB checkpoint limit "
                            "(EDGEVPR_MAX_CHECKPOINT_GB raises it)")
 
 

@@ -109,14 +109,14 @@ def _download(url: str, tmp: Path, progress: bool) -> None:
             raise OSError(f"{url} answered with an HTML page, not the release file")
         total = int(resp.headers.get("Content-Length") or 0) or None
         if total is not None and total > limit:
-            raise OSError(f"{url} declares {total / 2**30:.1f} GiB, over the {limit / 2**30:g} GiB download limit "
+            raise OSError(f"{url} declares {total / 2**30:.3g} GiB, over the {limit / 2**30:.3g} GiB download limit "
                           "(EDGEVPR_MAX_DOWNLOAD_GB raises it)")
         with tqdm(total=total, unit="B", unit_scale=True, desc=tmp.name, disable=not progress) as bar:
             for block in iter(lambda: resp.read(1 << 20), b""):
                 f.write(block)
                 bar.update(len(block))
                 if f.tell() > limit:
-                    raise OSError(f"{url} sent more than the {limit / 2**30:g} GiB download limit "
+                    raise OSError(f"{url} sent more than the {limit / 2**30:.3g} GiB download limit "
                                   "(EDGEVPR_MAX_DOWNLOAD_GB raises it)")
         if total is not None and f.tell() != total:
             raise OSError(f"download of {url} ended after {f.tell()} of {total} bytes")
