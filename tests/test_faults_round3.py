@@ -29,8 +29,7 @@ from edgevpr.published import releases as rel
 from edgevpr.train.loop import load_config, train
 from tests.conftest import TINY_MODEL, make_image
 from tests.test_faults import _folder, _one_line_error, _Payload, _train_conf
-
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "published"
+from tests.test_published import fixture
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +65,18 @@ def test_qdrant_index_runs_no_planted_pickle_on_any_read_path(tiny, tmp_path, ca
     root = _build(tiny, tmp_path, kind="qdrant")
     marker = tmp_path / "pwned"
     payload = pickle.dumps(_Payload(marker))
+    # the layout qdrant-client's local mode writes (a real collection), with its stored point replaced by the payload
+    from qdrant_client import QdrantClient, models
+
+    client = QdrantClient(path=str(root / "qdrant"))
+    client.create_collection(f"edgevpr-{root.name}", models.VectorParams(size=4, distance=models.Distance.COSINE))
+    client.upsert(f"edgevpr-{root.name}", [models.PointStruct(id=0, vector=[1.0, 0, 0, 0])])
+    client.close()
     storage = root / "qdrant" / "collection" / f"edgevpr-{root.name}" / "storage.sqlite"
-    storage.parent.mkdir(parents=True)
     con = sqlite3.connect(storage)
-    con.execute("CREATE TABLE points (id TEXT, point BLOB)")
-    con.execute("INSERT INTO points VALUES (?, ?)", ("0", payload))
+    con.execute("UPDATE points SET point = ?", (payload,))
     con.commit()
     con.close()
-    (root / "qdrant" / "meta.json").write_text(json.dumps({"collections": {f"edgevpr-{root.name}": {}}}))
     for seg in (root / "qdrant-edge").rglob("*.json"):  # and one beside the engine's own files
         seg.with_suffix(".pkl").write_bytes(payload)
     photo = str(tmp_path / "index-db" / "img002.png")
@@ -337,9 +340,8 @@ def _cosplace_release(tmp_path, monkeypatch, url: str) -> Path:
 
 
 def test_bad_downloads_are_never_cached_and_a_good_mirror_is_asked_again(tmp_path, monkeypatch, capsys):
-    ckpt = (FIXTURES / "cosplace" / "ResNet18_512_cosplace.pth").read_bytes()
-    name = "ResNet18_512_cosplace.pth"
-    dim = json.loads((FIXTURES / "cosplace" / "fixture.json").read_text())["arch"]["fc_output_dim"]
+    meta, path = fixture("cosplace")
+    ckpt, name, dim = path.read_bytes(), "ResNet18_512_cosplace.pth", meta["arch"]["fc_output_dim"]
     for files, needle in (
             ({name: (b"<html>rate limited</html>", {"Content-Type": "text/html"}, None)}, "HTML page"),
             ({name: (ckpt, {}, len(ckpt) // 2)}, "body cut short"),  # no Content-Length: only the format tells

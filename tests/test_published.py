@@ -3,6 +3,7 @@ the full-size published layouts, refusals, the loopback download path, and TeTRA
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -144,6 +145,9 @@ def test_named_release_downloads_once_from_a_loopback_server(data_root, tmp_path
     served.mkdir()
     (served / "model.safetensors").write_bytes(ckpt.read_bytes())
     monkeypatch.setenv("EDGEVPR_CACHE", str(tmp_path / "cache"))
+    # the fixture is a small MegaLoc: the release's promise (8448-D) is set to the fixture's dimension
+    dim = load_file(str(FIXTURES / "megaloc" / "expected.safetensors"))["output"].shape[1]
+    monkeypatch.setitem(rel.RELEASES, "megaloc", dataclasses.replace(rel.RELEASES["megaloc"], out_dim=dim))
     with serve_folder(served) as url:
         monkeypatch.setenv("EDGEVPR_MIRROR", url)
         model = load_model("megaloc")

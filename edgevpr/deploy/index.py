@@ -920,7 +920,7 @@ def verify_for_writing(root: Path, manifest: dict) -> None:
         try:
             same = recorded is not None and rows_digest(con, manifest["count"]) == recorded
         except sqlite3.Error as e:
-            raise ValueError(f"{root / DB_FILE}: not a readable SQLite database ({e})") from None
+            raise ValueError(f"{root / DB_FILE}: not a usable SQLite database ({e})") from None
         finally:
             con.close()
         if not same:

@@ -40,7 +40,7 @@ from ..tokens import Tokens
 from ..utils import atomic_write, module_device, pick_device, seed_everything, write_json
 from .cache import FeatureCache
 from .losses import MultiSimilarity, StepContext, TermContext, build_terms
-from .places import PlaceBatches, PlaceSet, aligned_places, gsv_cities, manifest_places
+from .places import SAMPLERS, PlaceBatches, PlaceSet, aligned_places, gsv_cities, manifest_places
 from .places import steps_per_epoch as epoch_steps
 
 DEFAULTS: dict[str, Any] = {
@@ -95,7 +95,7 @@ BOUNDS = (("data.places_per_batch", 1, 65536), ("data.images_per_place", 1, 1024
 
 #: Fields with a fixed set of values, refused by name at parse time (a typo must not run something else).
 ENUMS = (("precision", ("fp32", "bf16")), ("trainable.mode", ("all", "tail", "head", "match")),
-         ("trainable.norm_stats", ("train", "frozen")), ("data.sampler", ("auto", "uniform", "in-city")),
+         ("trainable.norm_stats", ("train", "frozen")), ("data.sampler", SAMPLERS),
          ("optimizer.name", ("adamw", "adam", "sgd")),
          ("schedule.name", ("constant", "cosine", "step", "multistep", "linear")))
 
