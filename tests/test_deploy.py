@@ -270,29 +270,19 @@ def test_query_knobs_override_the_index_knobs(tmp_path):
 
 
 def test_int8_export_of_a_ternary_vit_with_boq_head(tmp_path):
-    """onnxruntime's symbolic shape inference fails on BoQ's graph; the export falls back and still quantises.
-
-    LayerScale 0.1 as in the composed edge student: a random 12-block ViT with LayerScale 1.0 amplifies per-batch
-    int8 activation error block by block (cosine 0.83-0.92 over seeds 0-2 with onnxruntime 1.23-1.32 here), which
-    says nothing about the export; at 0.1 the same seeds give 0.971-0.979."""
+    """onnxruntime's symbolic shape inference fails on BoQ's graph; the export falls back and still quantises."""
     torch.manual_seed(0)
-    model = load_model({"backbone": {**VIT, "init_values": 0.1}, "aggregator": {"name": "boq"},
-                        "image_size": [98, 98], "ternary": {}})
+    model = load_model({"backbone": VIT, "aggregator": {"name": "boq"}, "image_size": [98, 98], "ternary": {}})
     q8 = OnnxModel(export_onnx(model, tmp_path / "q8.onnx", int8=True))
     x = torch.randn(2, 3, 98, 98, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        assert q8.int8 and q8.meta["quantized"]["ops"] and _cos(q8(x), model(x)) >= 0.95
+        assert q8.int8 and _cos(q8(x), model(x)) >= 0.99
 
 
 def test_composed_edge_export_ternary_pruned_int8_matches_pytorch(tmp_path):
     """The composed edge model (configs/tat-vpr/cpu-edge.yaml's kind: ternary ViT on a CNN stem, WeiToP after block 3,
     WeiAD) exported with keep 0.5 baked in and int8 weights gives the PyTorch model's keep-0.5 descriptors, and not
-    its unpruned ones.
-
-    The baked pruning is checked exactly on the fp32 export (pruned vs full differ by 0.989 here, so a loose bound
-    could not tell them apart); the int8 file (56 MatMulInteger with onnxruntime 1.32: per-batch int8 activations
-    of a random ternary ViT, cosine 0.992 to PyTorch here) must sit closer to the pruned descriptors than to the
-    unpruned ones."""
+    its unpruned ones."""
     torch.manual_seed(0)
     stem = {"name": "efficientnet_lite0", "crop": ["blocks.5", "blocks.6", "conv_head", "bn2"]}
     model = load_model({"backbone": {**VIT, "init_values": 0.1, "stem": stem,
@@ -300,14 +290,12 @@ def test_composed_edge_export_ternary_pruned_int8_matches_pytorch(tmp_path):
                         "aggregator": {"name": "weiad"}, "image_size": [160, 160], "ternary": {}})
     x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(1))
     model(x, keep_ratio=0.5)  # a forward with autograd first (as a FLOP count does): export must still copy it
-    fp32 = OnnxModel(export_onnx(model, tmp_path / "edge32.onnx", knobs={"keep_ratio": 0.5}))
     q8 = OnnxModel(export_onnx(model, tmp_path / "edge.onnx", knobs={"keep_ratio": 0.5}, int8=True))
     with torch.inference_mode():
         pruned, full = model(x, keep_ratio=0.5), model(x)
-        exact, out = fp32(x), q8(x)
-    assert q8.int8 and q8.baked_knobs == fp32.baked_knobs == {"keep_ratio": 0.5}
-    assert _cos(exact, pruned) >= 0.9999 and _cos(exact, full) < 0.995
-    assert _cos(out, pruned) >= 0.99 and _cos(out, pruned) > _cos(out, full)
+        out = q8(x)
+    assert q8.int8 and q8.baked_knobs == {"keep_ratio": 0.5}
+    assert _cos(out, pruned) >= 0.9999 and _cos(out, full) < 0.995  # pruned vs full: 0.989 here
 
 
 def test_manifest_coordinates_share_one_utm_zone(tmp_path):
