@@ -217,7 +217,7 @@ def test_zip_member_over_the_limit_is_refused_before_it_is_read(tmp_path, monkey
     with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as f:
         f.writestr("boq.pth", b"\0" * (3 << 20))  # 3 MiB of zeros: a few KiB compressed
     assert z.stat().st_size < 64 << 10
-    monkeypatch.setattr(pub, "_torch_load", lambda p: pytest.fail("the member was read"))
+    monkeypatch.setattr(pub, "torch_load", lambda p: pytest.fail("the member was read"))
     with pytest.raises(CheckpointError, match=r"boq.pth.zip: member boq.pth is 0.00293 GiB, over the 0.000977 GiB "
                                               r"checkpoint limit \(EDGEVPR_MAX_CHECKPOINT_GB raises it\)"):
         read_checkpoint(z)
@@ -232,6 +232,10 @@ def test_stride0_tensor_declaring_gigabytes_is_refused_before_any_copy(tmp_path,
         read_checkpoint(pth)
     _one_line_error(capsys, ["import", "cosplace", str(pth), "--out", str(tmp_path / "m")], "crafted.pth", "stride-0")
     assert not (tmp_path / "m").exists()
+    from edgevpr.models.weights import WeightsError, read_state_dict
+
+    with pytest.raises(WeightsError, match="stride-0"):  # a backbone's local weights file: the same bound
+        read_state_dict(pth)
 
 
 def test_planted_pickles_in_checkpoints_run_no_code(tmp_path):

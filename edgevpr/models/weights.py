@@ -14,6 +14,8 @@ Weight sources (the ``weights`` field of a backbone config):
 from __future__ import annotations
 
 import importlib.util
+import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -48,6 +50,43 @@ def offline_file(key: str) -> Path:
     return hits[0]
 
 
+def max_checkpoint_bytes() -> int:
+    """The largest checkpoint read (a file, a zip member, or the tensors it declares), in bytes: 4 GiB by default
+    (the largest release, DINOv2-B + BoQ, is under 0.5 GiB); ``EDGEVPR_MAX_CHECKPOINT_GB`` raises it."""
+    return int(float(os.environ.get("EDGEVPR_MAX_CHECKPOINT_GB", "4")) * 2**30)
+
+
+def too_big(what: str, n: int, error: type[Exception] = ValueError) -> Exception | None:
+    """An error naming the limit when ``n`` bytes exceed ``max_checkpoint_bytes``, else None."""
+    limit = max_checkpoint_bytes()
+    if n <= limit:
+        return None
+    return error(f"{what} is {n / 2**30:.3g} GiB, over the {limit / 2**30:.3g} GiB checkpoint limit "
+                 "(EDGEVPR_MAX_CHECKPOINT_GB raises it)")
+
+
+def torch_load(path: Path) -> object:
+    """``torch.load`` weights-only; a zip-format file is memory-mapped, so storages are not read before the
+    tensors built on them are checked (``check_tensors``)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+
+
+def check_tensors(sd: dict, where: Path, error: type[Exception] = ValueError) -> None:
+    """Refuse tensors that declare more memory than the file holds: a view wider than its storage (stride 0 or
+    overlapping: e.g. [2^21, 512] over 512 floats) would cost its full size at the first copy or cast."""
+    total = 0
+    for k, t in sd.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        declared = t.numel() * t.element_size()
+        if declared > t.untyped_storage().nbytes() - t.storage_offset() * t.element_size():
+            raise error(f"{where}: tensor {k} declares shape {list(t.shape)} ({declared} bytes) over a storage of "
+                        f"{t.untyped_storage().nbytes()} bytes (an overlapping or stride-0 view): refused")
+        total += declared
+    if err := too_big(f"{where}: the tensors it declares", total, error):
+        raise err
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file (.safetensors, or torch pickle with weights_only=True)."""
     path = Path(path)
@@ -67,8 +106,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
+    if err := too_big(str(path), path.stat().st_size, WeightsError):
+        raise err
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch_load(path)
     except Exception as e:  # noqa: BLE001 - any unpickling failure becomes one clear line
         raise WeightsError(f"{path}: cannot read as a weights-only torch checkpoint ({type(e).__name__})") from None
     for key in ("state_dict", "model", "teacher"):
@@ -76,6 +117,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             sd = sd[key]
     if not isinstance(sd, dict):
         raise WeightsError(f"{path}: not a state dict")
+    check_tensors(sd, path, WeightsError)
     return sd
 
 

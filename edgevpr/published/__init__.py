@@ -18,47 +18,15 @@ from pathlib import Path
 import torch
 
 from ..integrity import sha256_file
+from ..models.weights import check_tensors, too_big, torch_load
 from . import boq, cosplace, mixvpr, salad, tetra  # noqa: F401  (registers the families)
 from .base import FAMILIES, CheckpointError, Converted, Family, Ledger
 
 __all__ = ["FAMILIES", "CheckpointError", "Converted", "Family", "convert", "import_checkpoint", "read_checkpoint"]
 
 
-def max_checkpoint_bytes() -> int:
-    """The largest checkpoint read (a file, a zip member, or the tensors it declares), in bytes: 4 GiB by default
-    (the largest release, DINOv2-B + BoQ, is under 0.5 GiB); ``EDGEVPR_MAX_CHECKPOINT_GB`` raises it."""
-    return int(float(os.environ.get("EDGEVPR_MAX_CHECKPOINT_GB", "4")) * 2**30)
-
-
-def _too_big(what: str, n: int) -> CheckpointError | None:
-    limit = max_checkpoint_bytes()
-    if n <= limit:
-        return None
-    return CheckpointError(f"{what} is {n / 2**30:.3g} GiB, over the {limit / 2**30:.3g} GiB checkpoint limit "
-                           "(EDGEVPR_MAX_CHECKPOINT_GB raises it)")
-
-
-def _torch_load(path: Path) -> object:
-    """``torch.load`` weights-only; a zip-format file is memory-mapped, so storages are not read before the
-    tensors built on them are checked (``_check_tensors``)."""
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-
-
-def _check_tensors(sd: dict, where: Path) -> None:
-    """Refuse tensors that declare more memory than the file holds: a view wider than its storage (stride 0 or
-    overlapping: e.g. [2^21, 512] over 512 floats) would cost its full size at the first copy or cast."""
-    total = 0
-    for k, t in sd.items():
-        if not isinstance(t, torch.Tensor):
-            continue
-        declared = t.numel() * t.element_size()
-        if declared > t.untyped_storage().nbytes() - t.storage_offset() * t.element_size():
-            raise CheckpointError(f"{where}: tensor {k} declares shape {list(t.shape)} ({declared} bytes) over a "
-                                  f"storage of {t.untyped_storage().nbytes()} bytes (an overlapping or stride-0 view): "
-                                  "refused")
-        total += declared
-    if err := _too_big(f"{where}: the tensors it declares", total):
-        raise err
+def _too_big(what: str, n: int) -> Exception | None:
+    return too_big(what, n, CheckpointError)
 
 
 def _unwrap(sd: object) -> object:
@@ -93,12 +61,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 inner = Path(tmp) / "member.pth"
                 with z.open(members[0]) as src, open(inner, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
-                sd = _unwrap(_torch_load(inner))
+                sd = _unwrap(torch_load(inner))
                 if isinstance(sd, dict):  # copied off the memory map before the temporary file goes
-                    _check_tensors(sd, path)
+                    check_tensors(sd, path, CheckpointError)
                     sd = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in sd.items()}
         else:
-            sd = _unwrap(_torch_load(path))
+            sd = _unwrap(torch_load(path))
     except CheckpointError:
         raise
     except Exception as e:  # truncated zips, bad pickles, bad safetensors headers: one line
@@ -106,7 +74,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                               f"{str(e).splitlines()[0] if str(e) else ''})"[:300]) from None
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
-    _check_tensors(sd, path)
+    check_tensors(sd, path, CheckpointError)
     return sd
 
 
