@@ -75,7 +75,7 @@ def evaluate_dataset(model: VPRModel, ds: VPRDataset, conf: EvalConf, device="cp
 
         best, _ = seqslam(q_desc @ db_desc.T, length=conf.sequence)
         hit = np.array([b in set(p.tolist()) for b, p in zip(best, ds.positives, strict=True)])
-        metrics["sequence"] = {"length": conf.sequence, "method": "seqslam (offline; local contrast window 10, "
+        metrics["sequence"] = {"length": conf.sequence, "method": "seqslam (offline; similarity rows z-scored, "
                                "velocities 0.8-1.25 database frames per query frame)",
                                "tolerance": {k: v for k, v in ds.info.items() if k in ("tolerance_frames", "radius_m")}
                                or "as the single-frame ground truth",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -242,7 +243,8 @@ def _decision_line(d: dict) -> str:
     where = "" if pos is None else (f" at {pos['lat']:.6f}, {pos['lon']:.6f}" if "lat" in pos else
                                     f" at E {pos['east']:.1f} N {pos['north']:.1f}") + f" (+-{pos['spread_m']:.0f} m)"
     state = "uncalibrated (run `edgevpr calibrate`)" if d["known"] is None else \
-        f"{'known' if d['known'] else 'unknown'}, confidence {d['confidence']:.2f}"
+        f"{'known' if d['known'] else 'unknown'}, P(right place) {d['confidence']:.2f} (known at >= " \
+        f"{d['threshold']:.3g})"
     return f"  decision: {state}, margin {d['score']:.3f}{where}"
 
 
@@ -308,18 +310,49 @@ def cmd_calibrate(args) -> int:
     loc = Localizer(args.index, args.model, device=args.device)
     hood = Neighbourhood(args.hood_m, None) if args.hood_m is not None else \
         Neighbourhood(None, args.hood_frames) if args.hood_frames is not None else None
-    results = {}
-    for ds in _datasets(args):
-        frames = Stream(list(ds.q_paths))
-        positives = [{str(Path(ds.db_paths[j]).resolve()) for j in pos} for pos in ds.positives]
-        cal = loc.calibrate(frames, positives, args.precision, hood)
-        results[ds.name] = cal.to_dict()
-        print(f"{ds.name}: {cal.queries} queries; threshold {cal.threshold:.4f} on the margin gives precision "
-              f"{cal.precision:.3f} (target {cal.target_precision}) at recall {cal.recall:.3f}; written to "
-              f"{loc.index.root}/manifest.json")
+    sets = _datasets(args)  # every query set is pooled into one calibration; frames are read as they are used
+    frames = itertools.chain.from_iterable(Stream(list(ds.q_paths)) for ds in sets)
+    positives = [{str(Path(ds.db_paths[j]).resolve()) for j in pos} for ds in sets for pos in ds.positives]
+    unknown = Stream(list(args.unknown)) if args.unknown else []
+    cal = loc.calibrate(frames, positives, args.precision, hood, unknown)
+    plot = Path(args.plot) if args.plot else Path(args.index) / "reliability.png"
+    wrote = _reliability_plot(cal, plot)
+    print(f"{cal.queries} queries pooled from {len(sets)} set(s) and {cal.unknown_queries} unknown-place photos: "
+          f"known when P(right) >= {cal.threshold:.4g}, precision {cal.precision:.3f} (target "
+          f"{cal.target_precision}) at recall {cal.recall:.3f}; ECE {cal.ece:.3f}, Brier {cal.brier:.3f} (on these "
+          f"answers); written to {loc.index.root}/manifest.json" + (f"; reliability diagram {plot}" if wrote else ""))
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(cal.to_dict(), indent=2))
     return 0
+
+
+def _reliability_plot(cal, path: Path) -> bool:
+    """A reliability diagram of the calibration answers (PNG, written atomically) -> whether it was written
+    (matplotlib is part of the research install; the runtime install records ECE/Brier only)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    from .utils import atomic_write
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=120)
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfect")
+    if cal.reliability:
+        p, acc, n = (list(c) for c in zip(*cal.reliability, strict=True))
+        ax.plot(p, acc, "o-", label="calibration answers")
+        for x, y, c in zip(p, acc, n, strict=True):
+            ax.annotate(str(c), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.axvline(cal.threshold, color="tab:red", lw=1, label=f"known at P >= {cal.threshold:.3g}")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted P(top-1 right)", ylabel="fraction right",
+           title=f"ECE {cal.ece:.3f}, Brier {cal.brier:.3f}, {cal.queries} answers")
+    ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return True
 
 
 def cmd_serve(args) -> int:
@@ -605,8 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
     _knob_flags(lo)  # override the index's knobs for the queries, e.g. a lower keep_ratio
     lo.set_defaults(func=cmd_localize)
 
-    ca = sub.add_parser("calibrate", help="set an index's known/unknown threshold from validation queries "
-                                          "with ground truth, at a target precision")
+    ca = sub.add_parser("calibrate", help="fit an index's confidence (a calibrated P(top-1 is the right place)) "
+                                          "and known/unknown threshold on validation queries with ground truth "
+                                          "(all sets pooled) and unknown-place photos, at a target precision")
     ca.add_argument("--index", required=True, help="index folder (its manifest gains the calibration)")
     ca.add_argument("--model", help="default: the model the index records")
     ca.add_argument("--db", help="the database the index was built from (folder or CSV), for the ground truth")
@@ -628,6 +662,10 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--hood-frames", type=int, help="without coordinates: within this many database ids "
                                                     "(default 2)")
     ca.add_argument("--device", default="auto", help="PyTorch models: auto, cpu, cuda (ONNX: cpu)")
+    ca.add_argument("--unknown", action="append", metavar="DIR",
+                    help="photos of places the map does not hold (a folder, list or video; repeat): every answer "
+                         "to them counts as wrong (default: none)")
+    ca.add_argument("--plot", metavar="PNG", help="reliability diagram (default: INDEX/reliability.png)")
     ca.add_argument("--json", action="store_true", help="print the calibration as JSON")
     ca.set_defaults(func=cmd_calibrate)
 

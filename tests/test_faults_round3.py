@@ -277,18 +277,18 @@ def test_sequence_tracking_costs_the_same_at_every_frame(tiny, tmp_path, monkeyp
     root = _build(tiny, tmp_path, n=12)
     pi = idx.PlaceIndex.open(root)
     normalised, searched = [], []
-    real_lc, real_ts = seq_mod.local_contrast, seq_mod.trajectory_search
+    real_n, real_ts = seq_mod.normalise, seq_mod.trajectory_search
 
-    def lc(s, *a, **k):
+    def norm(s, *a, **k):
         normalised.append(len(s))
-        return real_lc(s, *a, **k)
+        return real_n(s, *a, **k)
 
     def ts(norm, *a, **k):
         searched.append(len(norm))
         return real_ts(norm, *a, **k)
 
     for mod in (seq_mod, loc_mod):
-        monkeypatch.setattr(mod, "local_contrast", lc, raising=False)
+        monkeypatch.setattr(mod, "normalise", norm, raising=False)
         monkeypatch.setattr(mod, "trajectory_search", ts, raising=False)
     tracker = loc_mod.Tracker(pi, length=4)
     desc = pi.descriptors()

@@ -104,9 +104,9 @@ def test_gnss_prior_in_every_faiss_kind_equals_exact_search_of_the_selection(kin
 
 
 def test_calibrated_known_unknown_on_real_data(gp_index):
-    """Calibrate at precision 0.9 on Gardens Point night 0-49 plus 50 Nordland frames (places the index does not
-    hold); on the other 50 night queries and 50 other Nordland frames the 'known' answers keep their precision
-    and nearly every Nordland frame is unknown (measured: precision 0.91, Gardens Point known 0.62, Nordland 0.04)."""
+    """Calibrate at precision 0.9 on Gardens Point night 0-49, pooled with 50 Nordland frames given as unknown-place
+    photos; on the other 50 night queries and 50 other Nordland frames the 'known' answers keep their precision,
+    nearly every Nordland frame is unknown, and the confidence behaves as a probability of being right."""
     root, data = gp_index
     gp, nl = data / "gardens_point", sorted((data / "nordland_64x32" / "summer").glob("*.png"))
     loc = Localizer(root)
@@ -115,33 +115,64 @@ def test_calibrated_known_unknown_on_real_data(gp_index):
         return {str(gp / "day_right" / f"Image{j:03d}.jpg") for j in range(max(0, i - 2), min(100, i + 3))}
 
     hood = Neighbourhood(radius_m=None, frames=2)
-    cal = loc.calibrate(_frames([gp / "night_right" / f"Image{i:03d}.jpg" for i in range(50)] + nl[:50]),
-                        [positives(i) for i in range(50)] + [set()] * 50, 0.9, hood)
-    assert cal.precision >= 0.9 and 0.1 < cal.recall < 0.5
+    cal = loc.calibrate(_frames([gp / "night_right" / f"Image{i:03d}.jpg" for i in range(50)]),
+                        [positives(i) for i in range(50)], 0.9, hood, unknown_frames=_frames(nl[:50]))
+    assert cal.queries == 100 and cal.unknown_queries == 50 and cal.precision >= 0.9 and 0.1 < cal.recall < 0.5
+    assert 0.0 <= cal.ece <= 0.1 and cal.reliability
     reopened = Localizer(root)  # the calibration is in the manifest now
     assert reopened.calibration.threshold == cal.threshold
-    known, right, conf = [], [], []
+    known, right, prob = [], [], []
     for f, pos in zip(_frames([gp / "night_right" / f"Image{i:03d}.jpg" for i in range(50, 100)] + nl[100:150]),
                       [positives(i) for i in range(50, 100)] + [set()] * 50, strict=True):
         a = reopened.answer(reopened.embed([f.image]), 5)[0]
-        assert a.decision["known"] == (a.decision["score"] >= cal.threshold)
+        assert a.decision["known"] == (a.decision["confidence"] >= cal.threshold)
         known.append(a.decision["known"])
         right.append(a.matches[0].path in pos)
-        conf.append((a.decision["score"], a.decision["confidence"]))
-    known, right = np.array(known), np.array(right)
-    assert right[known].mean() >= 0.8 and known[:50].mean() >= 0.4 and known[50:].mean() <= 0.15
-    conf.sort()
-    assert all(b[1] >= a[1] for a, b in zip(conf, conf[1:], strict=False))  # confidence never falls with the score
+        prob.append(a.decision["confidence"])
+    known, right, prob = np.array(known), np.array(right), np.array(prob)
+    assert right[known].mean() >= 0.8 and known[:50].mean() >= 0.4 and known[50:].mean() <= 0.1
+    assert prob[right].mean() > 0.7 > 0.2 > prob[~right].mean()  # right answers are likely, wrong ones are not
+    # a probability, not a precision floor: a Nordland frame against this campus map is not 88% anything
+    assert np.median(prob[50:]) < 0.1
 
 
-def test_calibration_picks_the_lowest_threshold_reaching_the_precision():
-    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
-    right = np.array([1, 1, 1, 0, 1, 1, 0, 0, 1, 0], bool)
-    cal = calibrate(scores, right, 0.8, Neighbourhood())
-    assert cal.threshold == 0.4 and cal.precision == pytest.approx(5 / 6) and cal.recall == pytest.approx(0.5)
-    assert cal.confidence(0.95) == 1.0 and cal.confidence(-1.0) == 0.0
-    never = calibrate(scores, np.zeros(10, bool), 0.5, Neighbourhood())
-    assert never.threshold > scores.max() and never.recall == 0.0
+def test_calibration_is_a_probability_and_refuses_what_it_cannot_promise():
+    """Synthetic answers whose true P(right) is a logistic function of the margin: the fitted confidence matches
+    it on fresh answers (ECE <= 0.05 on 4000), the threshold holds its precision there, and targets that cannot
+    be met (or answers of one class) are refused in one line."""
+    from edgevpr.deploy.decision import FEATURES, expected_calibration_error, precision_threshold
+
+    def answers(n, seed):
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(n, len(FEATURES)))
+        right = rng.random(n) < 1 / (1 + np.exp(-(2.5 * x[:, 0] - 0.5)))
+        return x, right
+
+    x, y = answers(2000, 0)
+    cal = calibrate(x, y, 0.9, Neighbourhood())
+    xt, yt = answers(4000, 1)
+    p = np.array([cal.probability(dict(zip(FEATURES, row, strict=True))) for row in xt])
+    assert expected_calibration_error(p, yt)[0] <= 0.05
+    assert abs(cal.coef[0] * 1 / cal.std[0] - 2.5) < 0.4 and all(abs(c) < 0.2 for c in cal.coef[1:])
+    assert yt[p >= cal.threshold].mean() >= 0.87  # the target precision holds on fresh answers (up to noise)
+    assert precision_threshold(np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0]),
+                               np.array([1, 1, 1, 0, 1, 1, 0, 0, 1, 0], bool), 0.8, min_known=2) == (0.4, 5 / 6, 0.5)
+    noise = np.random.default_rng(2).random(200) < 0.5
+    with pytest.raises(ValueError, match=r"target precision 0.99 cannot be reached .* at most"):
+        calibrate(x[:200], noise, 0.99, Neighbourhood())
+    with pytest.raises(ValueError, match="all 200 calibration answers are wrong"):
+        calibrate(x[:200], np.zeros(200, bool), 0.9, Neighbourhood())
+
+
+def test_old_calibrations_are_not_read_as_probabilities(gp_index, capsys):
+    root, _ = gp_index
+    loc = Localizer(root)
+    loc.index.manifest["calibration"] = {"threshold": 0.05, "target_precision": 0.9, "precision": 0.9, "recall": 0.5,
+                                         "queries": 50, "neighbourhood": {}, "curve_scores": [0.0],
+                                         "curve_precision": [0.88]}
+    assert loc.calibration is None and loc.calibration is None
+    warned = [w for w in capsys.readouterr().err.splitlines() if "calibrate` again" in w]
+    assert len(warned) == 1
 
 
 def test_position_estimate_and_margin_on_real_data(gp_index):

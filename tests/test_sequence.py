@@ -89,3 +89,19 @@ def test_pixels_patchnorm_is_invariant_to_each_blocks_brightness_and_contrast(da
     with torch.no_grad():
         a, b, c = m(x), m(y), m(z)
     assert float((a - b).abs().max()) < 1e-4 and float((a - c).abs().max()) > 1e-2
+
+
+def test_default_normalisation_keeps_a_broad_peak_that_local_contrast_erases():
+    """A dense map (neighbouring database frames look alike: the true peak is 15 frames wide) with per-query
+    offsets (a night query scores lower everywhere): the default (row z-scores) finds the route, local contrast
+    over +-10 frames flattens the peak it should find (benchmarks/results/sequence_norm.md)."""
+    rng = np.random.default_rng(0)
+    q, n = 60, 300
+    truth = np.arange(q) + 50
+    frames = np.arange(n)
+    s = (0.3 * np.exp(-0.5 * ((frames[None] - truth[:, None]) / 15.0) ** 2) + rng.normal(0, 0.08, (q, n))
+         + rng.normal(0, 0.2, (q, 1)))
+    hits = {how: float(np.mean(np.abs(seqslam(s, length=10, how=how)[0] - truth) <= 4))
+            for how in ("row-z", "local")}
+    assert seqslam(s, length=10)[0].tolist() == seqslam(s, length=10, how="row-z")[0].tolist()  # the default
+    assert hits["row-z"] >= 0.7 and hits["local"] <= 0.4, hits

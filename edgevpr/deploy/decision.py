@@ -10,10 +10,12 @@
   0.964 (margin) vs 0.866 (top-1 cosine), day_left 0.989 vs 0.961, Nordland winter 0.184 vs 0.070 (the model is
   right on 4% of Nordland queries). A place that looks like many others (repetitive corridors, rails) gets a low
   margin even when its top-1 cosine is high.
-* **Calibration** (``calibrate``): on validation queries with ground truth, the scores of right and wrong top-1
-  answers give a precision-recall curve; the threshold is the lowest score at which the precision of the
-  answers scoring at least that much reaches the target precision. ``confidence`` of an answer is then that
-  empirical precision at its score (monotone in the score), and ``known`` is score >= threshold.
+* **Calibration** (``calibrate``): ``confidence`` is a calibrated probability that the top-1 is the right place:
+  a logistic model on evidence free at query time (``evidence``: margin, top-1 cosine, the top-1's standing in its
+  own ranking, the spatial spread of the top-10 poses) fitted on validation answers pooled over every query set
+  given, plus photos of places the map does not hold (every answer to them counts as wrong). ``known`` is
+  probability >= the lowest threshold at which the pooled answers reach the target precision; a target no
+  threshold reaches is refused. ECE and Brier score of the fit are recorded with it.
 * **Position estimate**: the score-weighted mean of the coordinates of the top-k matches inside the top-1's
   neighbourhood (clipped at zero weight), with their weighted spread in metres.
 """
@@ -170,9 +172,62 @@ def position(scores: np.ndarray, ids: np.ndarray, coords: Coordinates, hood: Nei
     return out
 
 
+#: The evidence a calibrated confidence is fitted on, all free at query time (one search DECISION_DEPTH deep).
+FEATURES = ("margin", "top1", "top1_z", "log_spread")
+#: Top-K poses whose spatial spread is the SUE-style feature (Zaffar et al., CVPR 2024).
+SPREAD_K = 10
+ECE_BINS = 10
+
+
+def evidence(scores: np.ndarray, ids: np.ndarray, coords: Coordinates, hood: Neighbourhood) -> dict[str, float]:
+    """One query's ranked scores [M] and ids [M] -> the features of ``FEATURES``:
+
+    * ``margin``: top-1 minus the best score outside its neighbourhood (``margin``);
+    * ``top1``: the top-1 cosine;
+    * ``top1_z``: the top-1 standardised over the M retrieved scores (a similarity-distribution statistic in the
+      spirit of Miller et al. 2025: how far the best stands out of its own ranking);
+    * ``log_spread``: log(1 + spatial spread of the top-``SPREAD_K`` poses), the spread being their RMS distance
+      from their mean, weighted by a softmax of their scores at the temperature of those scores' own std (SUE:
+      answers whose best matches sit in one place are more often right); metres with coordinates, database ids
+      without.
+    """
+    if len(ids) == 0:
+        return {f: float("nan") for f in FEATURES}
+    s = np.asarray(scores, np.float64)
+    z = float((s[0] - s.mean()) / (s.std() + 1e-6)) if len(s) > 1 else 0.0
+    top_s, top_i = s[:SPREAD_K], np.asarray(ids[:SPREAD_K])
+    w = np.exp((top_s - top_s.max()) / (top_s.std() + 1e-6))
+    w /= w.sum()
+    x, y = coords.east[top_i], coords.north[top_i]
+    if not np.isfinite(x).all():  # lat/lon only: local metres around the top-1 (equirectangular)
+        lat0 = coords.lat[top_i[0]]
+        x = np.radians(coords.lon[top_i] - coords.lon[top_i[0]]) * EARTH_RADIUS_M * math.cos(math.radians(lat0))
+        y = np.radians(coords.lat[top_i] - lat0) * EARTH_RADIUS_M
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):  # no coordinates: database ids along the route
+        x, y = top_i.astype(np.float64), np.zeros(len(top_i))
+    spread = math.sqrt(float(np.sum(w * ((x - np.sum(w * x)) ** 2 + (y - np.sum(w * y)) ** 2))))
+    return {"margin": margin(s, np.asarray(ids), coords, hood), "top1": float(s[0]), "top1_z": z,
+            "log_spread": math.log1p(spread)}
+
+
+def expected_calibration_error(p: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> tuple[float, list]:
+    """ECE over ``bins`` equal-width probability bins -> (ECE, [per bin: [mean p, accuracy, count]])."""
+    p, correct = np.asarray(p, np.float64), np.asarray(correct, np.float64)
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            table.append([float(p[sel].mean()), float(correct[sel].mean()), int(sel.sum())])
+            ece += sel.mean() * abs(p[sel].mean() - correct[sel].mean())
+    return float(ece), table
+
+
 @dataclass
 class Calibration:
-    """A known/unknown threshold on the margin score and the empirical precision curve behind confidences."""
+    """Confidence = a calibrated probability that the top-1 is the right place: a logistic model on the evidence
+    (``FEATURES``, standardised), fitted on validation answers; ``known`` = probability >= ``threshold``, the lowest
+    probability at which the pooled calibration answers reach ``target_precision``."""
 
     threshold: float
     target_precision: float
@@ -180,49 +235,90 @@ class Calibration:
     recall: float  # share of the calibration queries answered 'known' and right at the threshold
     queries: int
     neighbourhood: dict
-    curve_scores: list[float] = field(default_factory=list)  # ascending
-    curve_precision: list[float] = field(default_factory=list)  # precision of answers with score >= curve_scores[i]
+    features: list[str]
+    mean: list[float]
+    std: list[float]
+    coef: list[float]
+    intercept: float
+    unknown_queries: int = 0  # of ``queries``: photos of places outside the map (every answer to them is wrong)
+    ece: float = float("nan")  # on the calibration answers themselves (held-out ECE: benchmarks/confidence.py)
+    brier: float = float("nan")
+    reliability: list = field(default_factory=list)  # per probability bin: [mean probability, accuracy, count]
+    kind: str = "logistic"
 
-    def confidence(self, score: float) -> float:
-        """Empirical precision of calibration answers scoring at least ``score`` (0 below every one of them)."""
-        i = int(np.searchsorted(np.asarray(self.curve_scores), score, side="right")) - 1
-        return float(self.curve_precision[i]) if i >= 0 else 0.0
+    def probability(self, ev: dict[str, float]) -> float:
+        """Evidence of one answer (``evidence``) -> P(its top-1 is the right place)."""
+        x = np.array([ev[f] for f in self.features], np.float64)
+        if not np.isfinite(x).all():
+            return 0.0
+        z = (x - np.asarray(self.mean)) / np.asarray(self.std)
+        return float(1.0 / (1.0 + math.exp(-float(np.dot(self.coef, z) + self.intercept))))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> Calibration:
+        if d.get("kind") != "logistic":
+            raise ValueError(f"{where}: its calibration was made by an earlier edgevpr (a threshold on the margin, "
+                             "whose confidence was not a probability): run `edgevpr calibrate` again")
         try:
             return cls(**d)
         except TypeError as e:
             raise ValueError(f"{where}: malformed calibration record ({e})") from None
 
 
-def calibrate(scores: np.ndarray, correct: np.ndarray, target_precision: float, neighbourhood: Neighbourhood,
-              points: int = 200) -> Calibration:
-    """Margins [Q] and whether each query's top-1 is right [Q] -> the lowest threshold whose precision (of the
-    answers at or above it) reaches ``target_precision``. When no threshold reaches it, the threshold is above
-    every score (everything 'unknown') and the note is in ``precision`` (the best precision reached)."""
+#: A threshold must keep at least this many calibration answers above it: a precision measured on one or two
+#: answers (reached by luck at the very top) promises nothing.
+MIN_KNOWN = 10
+
+
+def precision_threshold(p: np.ndarray, correct: np.ndarray, target: float,
+                        min_known: int = MIN_KNOWN) -> tuple[float | None, float, float]:
+    """Scores [Q] and right/wrong [Q] -> (the lowest threshold whose answers at or above it, at least ``min_known``
+    of them, reach ``target`` precision, or None; the precision there, or the best any such threshold reaches when
+    none does; the share of all queries answered right at or above it)."""
+    order = np.argsort(-p, kind="stable")
+    s, c = p[order], correct[order]
+    prec = np.cumsum(c) / np.arange(1, len(c) + 1)
+    last = np.r_[s[1:] != s[:-1], True]  # a threshold counts every answer scoring >= it: the last of equal runs
+    last &= np.arange(1, len(c) + 1) >= min(min_known, len(c))
+    ok = np.nonzero(last & (prec >= target))[0]
+    if not len(ok):
+        return None, float(prec[last].max()), 0.0
+    i = int(ok[-1])
+    return float(s[i]), float(prec[i]), float(np.cumsum(c)[i] / len(c))
+
+
+def calibrate(features: np.ndarray, correct: np.ndarray, target_precision: float, neighbourhood: Neighbourhood,
+              unknown: int = 0, names: tuple[str, ...] = FEATURES) -> Calibration:
+    """Evidence [Q, F] (columns ``names``) and whether each top-1 is right [Q] -> a fitted Calibration.
+
+    Logistic regression (scikit-learn, L2, C = 1) on standardised features: monotone in each feature's learned
+    direction, smooth, and fitted well by a few hundred answers, where isotonic regression over several features
+    would need far more. Refuses in one line when the answers hold only one class or when no threshold reaches the
+    target precision (nothing is written then)."""
+    from sklearn.linear_model import LogisticRegression
+
     if not 0.0 < target_precision <= 1.0:
         raise ValueError(f"precision {target_precision}: must be in (0, 1]")
-    scores, correct = np.asarray(scores, np.float64), np.asarray(correct, bool)
-    if len(scores) < 10:
-        raise ValueError(f"{len(scores)} calibration queries: need at least 10")
-    order = np.argsort(-scores, kind="stable")
-    s, c = scores[order], correct[order]
-    prec = np.cumsum(c) / np.arange(1, len(c) + 1)  # precision of the top-i answers, by descending score
-    # precision at threshold s[i] counts every answer scoring >= s[i]: take the last of each run of equal scores
-    last = np.r_[s[1:] != s[:-1], True]
-    ok = np.nonzero(last & (prec >= target_precision))[0]
-    if len(ok):
-        i = int(ok[-1])
-        threshold, reached, recall = float(s[i]), float(prec[i]), float(np.cumsum(c)[i] / len(c))
-    else:
-        threshold, reached, recall = float(s[0] + 1e-6), float(prec[last].max()), 0.0
-    asc_s, asc_p = s[last][::-1], prec[last][::-1]
-    # confidence must not fall as the score rises: running max of the precision from low to high scores
-    asc_p = np.maximum.accumulate(asc_p)
-    keep = np.unique(np.linspace(0, len(asc_s) - 1, min(points, len(asc_s))).round().astype(int))
-    return Calibration(threshold, float(target_precision), reached, recall, int(len(scores)),
-                       asdict(neighbourhood), asc_s[keep].tolist(), asc_p[keep].tolist())
+    x, y = np.asarray(features, np.float64), np.asarray(correct, bool)
+    if len(x) < 10:
+        raise ValueError(f"{len(x)} calibration queries: need at least 10")
+    if y.all() or not y.any():
+        raise ValueError(f"all {len(y)} calibration answers are {'right' if y.all() else 'wrong'}: a confidence "
+                         "needs both (add photos of places outside the map with --unknown, or queries the model gets "
+                         "right)")
+    x = np.where(np.isfinite(x), x, np.nanmin(np.where(np.isfinite(x), x, np.inf), axis=0))
+    mean, std = x.mean(0), x.std(0) + 1e-9
+    lr = LogisticRegression(C=1.0, max_iter=1000).fit((x - mean) / std, y)
+    p = lr.predict_proba((x - mean) / std)[:, 1]
+    threshold, reached, recall = precision_threshold(p, y, target_precision)
+    if threshold is None:
+        raise ValueError(f"target precision {target_precision} cannot be reached on these {len(y)} calibration "
+                         f"answers ({int(y.sum())} right): at most {reached:.3f}; lower --precision or add "
+                         "validation queries")
+    ece, table = expected_calibration_error(p, y)
+    return Calibration(threshold, float(target_precision), reached, recall, int(len(y)), asdict(neighbourhood),
+                       list(names), mean.tolist(), std.tolist(), lr.coef_[0].tolist(), float(lr.intercept_[0]),
+                       int(unknown), ece, float(np.mean((p - y) ** 2)), table)

@@ -6,6 +6,7 @@ onnxruntime and faiss alone (``pip install "edgevpr[runtime]"``).
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import threading
@@ -16,11 +17,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from ..integrity import check_finite
-from .decision import DECISION_DEPTH, Calibration, GeoPrior, Neighbourhood, calibrate, margin, position
+from ..integrity import check_finite, warn
+from .decision import DECISION_DEPTH, FEATURES, Calibration, GeoPrior, Neighbourhood, calibrate, evidence, position
 from .embed import embed
 from .index import Match, PlaceIndex, check_model, match_dicts, update_manifest
-from .sequence import SEQSLAM_VELOCITIES, SequenceFilter, local_contrast, trajectory_search
+from .sequence import SEQSLAM_VELOCITIES, SequenceFilter, normalise, trajectory_search
 
 
 def open_model(spec: str | os.PathLike, device="cpu", int8: bool = False):
@@ -83,8 +84,17 @@ class Localizer:
 
     @property
     def calibration(self) -> Calibration | None:
+        """The index's calibration; None (with a one-line warning) for one made by an earlier edgevpr."""
         rec = self.index.manifest.get("calibration")
-        return Calibration.from_dict(rec, str(self.index.root)) if rec else None
+        if not rec:
+            return None
+        try:
+            return Calibration.from_dict(rec, str(self.index.root))
+        except ValueError as e:
+            if not getattr(self, "_warned", False):
+                warn(str(e))
+                self._warned = True
+            return None
 
     def answer(self, desc: np.ndarray, k: int = 5, prior: GeoPrior | None = None) -> list[Answer]:
         """Descriptors [Q, D] -> per query its top-k matches and a decision (see ``decision``): position
@@ -102,12 +112,12 @@ class Localizer:
         out = []
         for matches, sq, iq in zip(top, scores, found, strict=True):
             sq, iq = sq[iq >= 0], iq[iq >= 0]
-            score = margin(sq, iq, coords, hood)
+            ev = evidence(sq, iq, coords, hood)
+            p = cal.probability(ev) if cal else None
             out.append(Answer(matches, {
-                "position": position(sq, iq, coords, hood, k), "score": score,
-                "confidence": cal.confidence(score) if cal else None,
-                "known": bool(score >= cal.threshold) if cal else None,
-                "threshold": cal.threshold if cal else None,
+                "position": position(sq, iq, coords, hood, max(k, DECISION_DEPTH)), "score": ev["margin"],
+                "confidence": p, "known": bool(p >= cal.threshold) if cal else None,
+                "threshold": cal.threshold if cal else None, "evidence": ev,
                 "searched": len(self.index) if ids is None else len(ids)}))
         return out
 
@@ -120,18 +130,23 @@ class Localizer:
         return [a.matches for _, a, _ in answers], [ms for _, _, ms in answers]
 
     def calibrate(self, frames, positives: list[set[str]], precision: float = 0.95,
-                  hood: Neighbourhood | None = None) -> Calibration:
-        """Validation frames (``inputs.Frame``) and, per frame, the database paths that count as right ->
-        a Calibration at the target ``precision``, recorded in the index (a frame without any right database
-        image is a place the index does not know: its answer counts as wrong)."""
+                  hood: Neighbourhood | None = None, unknown_frames=()) -> Calibration:
+        """Validation frames (``inputs.Frame``, every query set pooled) and, per frame, the database paths that
+        count as right, plus ``unknown_frames``: photos of places the map does not hold (every answer to them is
+        wrong) -> a Calibration at the target ``precision``, recorded in the index. Refused in one line (nothing
+        written) when the target cannot be reached."""
         hood = hood or Neighbourhood.default(self.index.coordinates())
-        scores, right = [], []
-        for f, pos in zip(frames, positives, strict=True):
+        coords = self.index.coordinates()
+        feats, right, n_unknown = [], [], 0
+        pairs = itertools.chain(zip(frames, positives, strict=True), ((f, set()) for f in unknown_frames))
+        for f, pos in pairs:  # one frame in memory at a time
             s, found = self.index.search_ids(self.embed([f.image]), DECISION_DEPTH)
             ok = found[0] >= 0
-            scores.append(margin(s[0][ok], found[0][ok], self.index.coordinates(), hood))
+            ev = evidence(s[0][ok], found[0][ok], coords, hood)
+            feats.append([ev[name] for name in FEATURES])
             right.append(self.index.rows([int(found[0][0])])[int(found[0][0])][0] in pos)
-        cal = calibrate(np.array(scores), np.array(right), precision, hood)
+            n_unknown += not pos
+        cal = calibrate(np.array(feats), np.array(right), precision, hood, unknown=n_unknown)
         self.index.manifest = update_manifest(self.index.root, calibration=cal.to_dict())
         return cal
 
@@ -201,7 +216,7 @@ class Tracker:
             j, p = self.filter.update(sim)
             extra = {"probability": p}
         else:  # rows are normalised once, as they arrive (the normalisation is per row)
-            self.rows.append(local_contrast(sim[None].astype(np.float64))[0])
+            self.rows.append(normalise(sim[None])[0])
             j, score = trajectory_search(np.stack(self.rows), self.length, SEQSLAM_VELOCITIES, self.segments)
             extra = {"score": score}
         match = Match(1, j, float(sim[j]), *self.index.rows([j])[j])

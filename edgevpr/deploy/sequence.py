@@ -1,8 +1,10 @@
 """Sequence matching over any model's descriptors: pure functions of similarities, no model and no I/O (numpy only).
 
-* ``seqslam``: offline SeqSLAM-style search (Milford & Wyeth 2012) over a whole query stream: the similarity matrix
-  S [Q, N] (queries in capture order, database in route order) is contrast-normalised locally along the database
-  axis (each entry minus the mean, over the std, of its row within +-``window`` database frames), then for every
+* ``seqslam``: offline SeqSLAM-style search (Milford & Wyeth 2012) over a whole query stream: each row of the
+  similarity matrix S [Q, N] (queries in capture order, database in route order) is normalised (``how``, default
+  ``row-z``: minus its mean, over its std, over the whole database; SeqSLAM's local contrast within +-``window``
+  database frames is ``local``: it erases the true peak where neighbouring frames look alike, and was the default
+  until benchmarks/sequence_norm.py chose row z-scores on validation places of both map kinds), then for every
   query i and database frame j the straight trajectories ending at (i, j) with a velocity in
   ``velocities`` (database frames per query frame) are scored by their mean normalised similarity over the last
   ``length`` queries; the best trajectory gives the match of query i. Trajectories never leave the database route
@@ -35,12 +37,30 @@ def local_contrast(s: np.ndarray, window: int = 10) -> np.ndarray:
     return (s - mean) / (np.sqrt(var) + 1e-6)
 
 
+def row_z(s: np.ndarray) -> np.ndarray:
+    """S [Q, N] -> each row standardised over the whole database (minus its mean, over its std): removes a query's
+    overall similarity level (night frames score lower everywhere) without touching the shape of its row."""
+    return (s - s.mean(axis=1, keepdims=True)) / (s.std(axis=1, keepdims=True) + 1e-6)
+
+
+#: Per-row normalisations of the similarity matrix before the trajectory search (each acts on one row alone, so a
+#: live stream normalises each frame once).
+NORMALISATIONS = {"none": lambda s, window: s, "row-z": lambda s, window: row_z(s),
+                  "local": lambda s, window: local_contrast(s, window)}
 SEQSLAM_VELOCITIES = (0.8, 0.9, 1.0, 1.1, 1.25)
+DEFAULT_NORMALISATION = "row-z"
+
+
+def normalise(s: np.ndarray, how: str = DEFAULT_NORMALISATION, window: int = 10) -> np.ndarray:
+    """S [Q, N] float -> normalised [Q, N] float64 (``NORMALISATIONS``)."""
+    if how not in NORMALISATIONS:
+        raise ValueError(f"sequence normalisation {how!r}: choose from {', '.join(NORMALISATIONS)}")
+    return NORMALISATIONS[how](np.asarray(s, np.float64), window)
 
 
 def seqslam(s: np.ndarray, length: int = 10, velocities: tuple[float, ...] = SEQSLAM_VELOCITIES,
             window: int = 10, db_segments: np.ndarray | None = None,
-            q_starts: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+            q_starts: list[int] | None = None, how: str = DEFAULT_NORMALISATION) -> tuple[np.ndarray, np.ndarray]:
     """Similarities [Q, N] -> (best database frame [Q], its sequence score [Q]) by sequence search."""
     q, n = s.shape
     seg = np.zeros(n, np.int64) if db_segments is None else np.asarray(db_segments)
@@ -48,7 +68,7 @@ def seqslam(s: np.ndarray, length: int = 10, velocities: tuple[float, ...] = SEQ
     seq_start = np.zeros(q, np.int64)
     for a in starts:
         seq_start[a:] = a
-    norm = local_contrast(s.astype(np.float64), window)
+    norm = normalise(s, how, window)
     best_j, best_score = np.zeros(q, np.int64), np.full(q, -np.inf)
     for i in range(q):
         best_j[i], best_score[i] = trajectory_search(norm[seq_start[i]:i + 1], length, velocities, seg)
