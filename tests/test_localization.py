@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -280,3 +281,23 @@ def test_database_segments_from_folders_and_coordinate_jumps(tmp_path):
               progress=False)
     seg = Localizer(tmp_path / "i").index.segments()
     assert seg.tolist() == [0] * 20 + [1] * 10 + [2] * 10
+
+
+def test_calibrate_command_pools_sets_and_unknown_photos(gp_index, tmp_path, capsys):
+    """`calibrate --queries A --queries B --unknown LIST` fits one calibration on all of them (it used to calibrate
+    each set alone, the last one winning), records ECE/Brier, and draws the reliability diagram."""
+    root, data = gp_index
+    gp = data / "gardens_point"
+    index = tmp_path / "index"
+    shutil.copytree(root, index)
+    unknown = tmp_path / "elsewhere.txt"
+    unknown.write_text("\n".join(str(p) for p in sorted((data / "nordland_64x32" / "summer").glob("*.png"))[:40]))
+    assert main(["calibrate", "--index", str(index), "--db", str(gp / "day_right"), "--queries",
+                 str(gp / "night_right"), "--queries", str(gp / "day_left"), "--aligned", "2", "--unknown",
+                 str(unknown), "--precision", "0.9", "--hood-frames", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "240 queries pooled from 2 set(s) and 40 unknown-place photos" in out, out
+    cal = idx.read_manifest(index)["calibration"]
+    assert cal["queries"] == 240 and cal["unknown_queries"] == 40 and cal["precision"] >= 0.9
+    assert 0 <= cal["ece"] <= 0.1 and 0 <= cal["brier"] <= 0.25
+    assert (index / "reliability.png").stat().st_size > 5000
