@@ -284,7 +284,8 @@ def cmd_localize(args) -> int:
         print(_decision_line(answer.decision))
         if answer.sequence:
             m, sq = answer.sequence["match"], answer.sequence
-            print(f"  sequence ({sq['method']}, {sq['frames']} frames): {Path(m['path']).name}"
+            print(f"  sequence ({sq['method']}, {sq['frames']} frame{'s' if sq['frames'] != 1 else ''}): "
+                  f"{Path(m['path']).name}"
                   + (f" (place {m['place_id']})" if m["place_id"] else ""))
     for path, reason in stream.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -348,7 +349,7 @@ def _reliability_plot(cal, path: Path) -> bool:
     ax.axvline(cal.threshold, color="tab:red", lw=1, label=f"known at P >= {cal.threshold:.3g}")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted P(top-1 right)", ylabel="fraction right",
            title=f"ECE {cal.ece:.3f}, Brier {cal.brier:.3f}, {cal.queries} answers")
-    ax.legend(loc="upper left", fontsize=7)
+    ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
@@ -519,7 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also match sequences of L query frames (SeqSLAM-style; queries in capture order); 0: off")
     e.add_argument("--top-k", type=_bounded(1, 1000), default=20, help="matches per query in the CSV (default 20)")
     e.add_argument("--plot", action="store_true", help="write recall@N and PR curves as PNG")
-    e.add_argument("--show-failures", type=int, default=0, metavar="N", help="PNG grid of the first N wrong queries")
+    e.add_argument("--show-failures", type=_bounded(0, 1000), default=0, metavar="N",
+                   help="PNG grid of the N clearest failures: largest score gap between the wrong top-1 and the "
+                        "best-ranked correct match (default 0: none)")
     e.add_argument("--no-efficiency", action="store_true", help="skip latency/FLOPs/memory measurement")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -125,3 +125,14 @@ def test_clearest_failures_are_the_largest_gaps_with_the_best_correct_rank():
     assert rows[0]["gap"] == pytest.approx(0.8) and len(clearest_failures(sim, pos, 1)) == 1
     lo, hi = y_range([np.array([0.80, 0.90, 0.95]), np.array([0.85, 0.97, 0.99])])
     assert 0.7 < lo < 0.8 and 0.99 < hi <= 1.005  # not 0..1: the differences between curves show
+
+
+def test_efficiency_profile_of_a_parameter_free_model():
+    """`eval --model pixels-patchnorm` measured its efficiency with next(model.parameters()) and crashed
+    (StopIteration): a model without parameters runs on the CPU."""
+    from edgevpr.eval.efficiency import profile
+    from edgevpr.models.model import load_model
+
+    model = load_model("pixels-patchnorm")
+    out = profile(model, (32, 64), model.out_dim, batch_size=2, repeats=2)
+    assert out["device"] == "cpu" and out["params"] == 0 and out["ms_per_img_b1"] > 0

@@ -301,3 +301,12 @@ def test_calibrate_command_pools_sets_and_unknown_photos(gp_index, tmp_path, cap
     assert cal["queries"] == 240 and cal["unknown_queries"] == 40 and cal["precision"] >= 0.9
     assert 0 <= cal["ece"] <= 0.1 and 0 <= cal["brier"] <= 0.25
     assert (index / "reliability.png").stat().st_size > 5000
+
+
+def test_great_circle_distance_east_west():
+    """Every test route runs north-south at one longitude, where dropping cos(lat1) cos(lat2) changes nothing: an
+    east-west step of 0.01 degrees at Brisbane's latitude is 986.6 m (1111.9 m at the equator)."""
+    lat = -27.47
+    expected = 6_371_008.8 * np.cos(np.radians(lat)) * np.radians(0.01)
+    assert float(haversine(lat, 153.00, lat, 153.01)) == pytest.approx(expected, abs=0.05)
+    assert float(haversine(0.0, 153.00, 0.0, 153.01)) == pytest.approx(1111.95, abs=0.05)

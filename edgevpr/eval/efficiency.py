@@ -8,6 +8,8 @@ import time
 import torch
 from torch import nn
 
+from ..utils import module_device
+
 
 def count_params(model: nn.Module) -> dict[str, int]:
     return {"params": sum(p.numel() for p in model.parameters()),
@@ -27,7 +29,7 @@ def gflops(model: nn.Module, image_size: tuple[int, int], **knobs) -> float:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.zeros(1, 3, *image_size, device=next(model.parameters()).device)
+    x = torch.zeros(1, 3, *image_size, device=module_device(model))
     with torch.inference_mode(False), torch.enable_grad(), FlopCounterMode(display=False) as fc:
         model(x, **knobs)
     return fc.get_total_flops() / 1e9
@@ -63,7 +65,7 @@ def peak_memory(model: nn.Module, image_size: tuple[int, int], batch_size: int =
 def latency(model, image_size: tuple[int, int], batch_size: int = 1, warmup: int = 2,
             repeats: int = 5, **knobs) -> dict[str, float]:
     """Median ms per image over ``repeats`` timed forwards of a [batch_size, 3, H, W] batch (after warm-up)."""
-    device = next(model.parameters()).device if isinstance(model, nn.Module) else torch.device("cpu")
+    device = torch.device(module_device(model)) if isinstance(model, nn.Module) else torch.device("cpu")
     x = torch.randn(batch_size, 3, *image_size, device=device)
     cuda = device.type == "cuda"
     for _ in range(warmup):
@@ -86,7 +88,7 @@ def profile(model: nn.Module, image_size: tuple[int, int], out_dim: int, batch_s
     model.eval()
     b1 = latency(model, image_size, 1, repeats=repeats, **knobs)
     bn = latency(model, image_size, batch_size, warmup=1, repeats=max(2, repeats // 2), **knobs)
-    device = next(model.parameters()).device
+    device = torch.device(module_device(model))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         latency(model, image_size, 1, warmup=0, repeats=1, **knobs)
