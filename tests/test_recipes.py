@@ -87,12 +87,23 @@ def test_losses_run_in_fp32_under_mixed_precision():
 
 @pytest.fixture(scope="module")
 def release_mirror(tmp_path_factory):
-    """The published teachers' release files (fixture-size) served on loopback: EDGEVPR_MIRROR points here."""
+    """The published teachers' release files (fixture-size) served on loopback: EDGEVPR_MIRROR points here. The
+    fixtures are small instances, so the releases' promised descriptor sizes are set to theirs."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from edgevpr.published import releases as rel
+
     served = tmp_path_factory.mktemp("mirror")
-    for folder, name in (("boq_dinov2", "dinov2_12288.pth"), ("salad", "dino_salad.ckpt")):
-        (served / name).symlink_to(FIXTURES / folder / name)
-    with serve_folder(served) as url:
-        yield url
+    with pytest.MonkeyPatch.context() as mp:
+        for folder, name, release in (("boq_dinov2", "dinov2_12288.pth", "dinov2-boq"),
+                                      ("salad", "dino_salad.ckpt", "dinov2-salad")):
+            (served / name).symlink_to(FIXTURES / folder / name)
+            dim = load_file(str(FIXTURES / folder / "expected.safetensors"))["output"].shape[1]
+            mp.setitem(rel.RELEASES, release, dataclasses.replace(rel.RELEASES[release], out_dim=dim))
+        with serve_folder(served) as url:
+            yield url
 
 
 def _rss_mb() -> float:
