@@ -74,7 +74,7 @@ def evaluate(name: str, model, db_paths, cal_sets, test_sets, hood: Neighbourhoo
 
     xc, yc, uc = pooled(cal_sets)
     xt, yt, ut = pooled(test_sets)
-    cal = calibrate(xc, yc, target, hood, unknown=int(uc.sum()))
+    cal = calibrate(xc, yc, target, hood, unknown=int(uc.sum()), refuse=False)  # `calibrate` would refuse
     p = np.array([cal.probability(dict(zip(FEATURES, row, strict=True))) for row in xt])
     row = {"calibration_answers": int(len(yc)), "calibration_right": int(yc.sum()), "test_answers": int(len(yt)),
            "test_right": int(yt.sum()), "test_unknown": int(ut.sum()), "auc_pr": {}}
@@ -84,7 +84,10 @@ def evaluate(name: str, model, db_paths, cal_sets, test_sets, hood: Neighbourhoo
     row["auc_pr"]["fused (calibrated)"] = float(average_precision_score(yt, p))
     known = p >= cal.threshold
     row.update({"ece": expected_calibration_error(p, yt)[0], "brier": float(np.mean((p - yt) ** 2)),
-                "threshold": cal.threshold, "known_precision": float(yt[known].mean()) if known.any() else None,
+                "threshold": cal.threshold if np.isfinite(cal.threshold) else None,
+                "target_reached_on_calibration": bool(np.isfinite(cal.threshold)),
+                "calibration_best_precision": cal.precision,
+                "known_precision": float(yt[known].mean()) if known.any() else None,
                 "known_share_of_known_places": float(known[~ut].mean()),
                 "unknown_rejected": float((~known[ut]).mean()), "calibration_ece": cal.ece})
     print(name, row, flush=True)
@@ -134,6 +137,8 @@ def main() -> None:
              "|---|---|" + "---:|" * (len(est) + 5)]
     for name, r in res["maps"].items():
         kp = "-" if r["known_precision"] is None else f"{r['known_precision']:.3f}"
+        if not r["target_reached_on_calibration"]:
+            kp = f"refused (calibration reaches at most {r['calibration_best_precision']:.3f}: nothing 'known')"
         lines.append(f"| {name} | {r['test_answers']} ({r['test_right']} / {r['test_unknown']}) | " +
                      " | ".join(f"{r['auc_pr'][e]:.3f}" for e in est) +
                      f" | {r['ece']:.3f} | {r['brier']:.3f} | {kp} | {r['unknown_rejected']:.3f} | "

@@ -291,13 +291,14 @@ def precision_threshold(p: np.ndarray, correct: np.ndarray, target: float,
 
 
 def calibrate(features: np.ndarray, correct: np.ndarray, target_precision: float, neighbourhood: Neighbourhood,
-              unknown: int = 0, names: tuple[str, ...] = FEATURES) -> Calibration:
+              unknown: int = 0, names: tuple[str, ...] = FEATURES, refuse: bool = True) -> Calibration:
     """Evidence [Q, F] (columns ``names``) and whether each top-1 is right [Q] -> a fitted Calibration.
 
     Logistic regression (scikit-learn, L2, C = 1) on standardised features: monotone in each feature's learned
     direction, smooth, and fitted well by a few hundred answers, where isotonic regression over several features
     would need far more. Refuses in one line when the answers hold only one class or when no threshold reaches the
-    target precision (nothing is written then)."""
+    target precision (nothing is written then); ``refuse=False`` (benchmarks) returns the fit with an infinite
+    threshold (nothing 'known') and the best precision reached instead."""
     from sklearn.linear_model import LogisticRegression
 
     if not 0.0 < target_precision <= 1.0:
@@ -314,7 +315,9 @@ def calibrate(features: np.ndarray, correct: np.ndarray, target_precision: float
     lr = LogisticRegression(C=1.0, max_iter=1000).fit((x - mean) / std, y)
     p = lr.predict_proba((x - mean) / std)[:, 1]
     threshold, reached, recall = precision_threshold(p, y, target_precision)
-    if threshold is None:
+    if threshold is None and not refuse:
+        threshold = math.inf
+    elif threshold is None:
         raise ValueError(f"target precision {target_precision} cannot be reached on these {len(y)} calibration "
                          f"answers ({int(y.sum())} right): at most {reached:.3f}; lower --precision or add "
                          "validation queries")
