@@ -271,7 +271,7 @@ def cmd_localize(args) -> int:
     from .deploy.inputs import Stream
     from .deploy.localize import Localizer, latency_summary
 
-    loc = Localizer(args.index, args.model, mmap=not args.no_mmap, device=args.device)
+    loc = Localizer(args.index, args.model, mmap=not args.no_mmap, device=args.device, verify=args.verify)
     stream = Stream(args.photos, args.stride, args.skip_bad)
     results, ms = [], []
     for name, answer, t in loc.stream(stream, args.top_k, _knobs(args) or None, _prior(args), args.sequence,
@@ -308,7 +308,7 @@ def cmd_calibrate(args) -> int:
 
     if args.hood_m is not None and args.hood_frames is not None:
         raise ValueError("give --hood-m or --hood-frames, not both")
-    loc = Localizer(args.index, args.model, device=args.device)
+    loc = Localizer(args.index, args.model, device=args.device, verify=args.verify)
     hood = Neighbourhood(args.hood_m, None) if args.hood_m is not None else \
         Neighbourhood(None, args.hood_frames) if args.hood_frames is not None else None
     sets = _datasets(args)  # every query set is pooled into one calibration; frames are read as they are used
@@ -362,7 +362,7 @@ def cmd_serve(args) -> int:
     from .deploy.localize import Localizer
     from .deploy.service import ServiceLimits, create_app
 
-    loc = Localizer(args.index, args.model, device=args.device)
+    loc = Localizer(args.index, args.model, device=args.device, verify=args.verify)
     app = create_app(loc, ServiceLimits(args.max_upload_mb * 2**20, args.max_pixels, args.max_k, args.max_frames,
                                         args.max_request_pixels))
     print(f"serving {loc.index.root} ({len(loc.index)} images, model {loc.model.name}) on "
@@ -634,6 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GNSS prior: search only database images within RADIUS_M metres of LAT,LON (negative values: "
                          "--prior=-27.47,153.03,200)")
     lo.add_argument("--prior-utm", metavar="EAST,NORTH,RADIUS_M", help="GNSS prior in UTM metres")
+    lo.add_argument("--verify", type=_bounded(0, 1000), default=0, metavar="K",
+                    help="re-rank the top K candidates by geometric verification (SIFT + MAGSAC++; needs "
+                         "opencv-python-headless); 10 was chosen on validation (default 0: off)")
     lo.add_argument("--sequence", type=_bounded(0, 1000), default=0, metavar="L",
                     help="also match the stream as a sequence over the last L frames (default 0: off)")
     lo.add_argument("--sequence-method", choices=["seqslam", "filter"], default="seqslam",
@@ -665,6 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--hood-frames", type=int, help="without coordinates: within this many database ids "
                                                     "(default 2)")
     ca.add_argument("--device", default="auto", help="PyTorch models: auto, cpu, cuda (ONNX: cpu)")
+    ca.add_argument("--verify", type=_bounded(0, 1000), default=0, metavar="K",
+                    help="re-rank the top K candidates by geometric verification (SIFT + MAGSAC++; needs "
+                         "opencv-python-headless); 10 was chosen on validation (default 0: off)")
     ca.add_argument("--unknown", action="append", metavar="DIR",
                     help="photos of places the map does not hold (a folder, list or video; repeat): every answer "
                          "to them counts as wrong (default: none)")
@@ -686,6 +692,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-request-pixels", type=_bounded(1, 10**11), default=100_000_000,
                     help="all frames of one sequence request together, pixels, checked from their headers before "
                          "any is decoded (default 100000000)")
+    sv.add_argument("--verify", type=_bounded(0, 1000), default=0, metavar="K",
+                    help="re-rank the top K candidates by geometric verification (SIFT + MAGSAC++; needs "
+                         "opencv-python-headless); 10 was chosen on validation (default 0: off)")
     sv.add_argument("--max-k", type=_bounded(1, 1000), default=50, help="largest k a request may ask (default 50)")
     sv.add_argument("--device", default="auto", help="PyTorch models: auto, cpu, cuda (ONNX: cpu)")
     sv.set_defaults(func=cmd_serve)

@@ -54,8 +54,15 @@ class Localizer:
     """Index + model, checked to belong together. Thread-safe (one forward at a time)."""
 
     def __init__(self, index: str | os.PathLike | PlaceIndex, model=None, mmap: bool = True,
-                 device="cpu") -> None:
+                 device="cpu", verify: int = 0) -> None:
+        """``verify`` > 0: geometric verification re-ranks each answer's top ``verify`` candidates
+        (``deploy.verify``; needs the query images, so ``stream`` and ``localize`` apply it)."""
         self.index = index if isinstance(index, PlaceIndex) else PlaceIndex.open(index, mmap=mmap)
+        self.verifier, self._hood = None, None
+        if verify:
+            from .verify import Verifier
+
+            self.verifier = Verifier(k=verify)
         rec = self.index.model
         if model is None:
             if not rec.get("spec"):
@@ -80,7 +87,7 @@ class Localizer:
     def localize(self, images: list[Image.Image], k: int = 5, knobs: dict | None = None,
                  prior: GeoPrior | None = None) -> list[list[Match]]:
         """RGB images -> per image its top-k matches (within the GNSS ``prior`` when given)."""
-        return [a.matches for a in self.answer(self.embed(images, knobs), k, prior)]
+        return [a.matches for a in self.answer(self.embed(images, knobs), k, prior, images)]
 
     @property
     def calibration(self) -> Calibration | None:
@@ -96,21 +103,31 @@ class Localizer:
                 self._warned = True
             return None
 
-    def answer(self, desc: np.ndarray, k: int = 5, prior: GeoPrior | None = None) -> list[Answer]:
+    def answer(self, desc: np.ndarray, k: int = 5, prior: GeoPrior | None = None,
+               images: list[Image.Image] | None = None) -> list[Answer]:
         """Descriptors [Q, D] -> per query its top-k matches and a decision (see ``decision``): position
         estimate, margin score, calibrated confidence and known/unknown. Searches ``DECISION_DEPTH`` deep to find
-        the best match outside the top-1's neighbourhood."""
+        the best match outside the top-1's neighbourhood. With a verifier and the query ``images``, the top
+        candidates are re-ranked by geometric verification first, and the decision is made on the new order
+        (``decision.verification`` records the inliers)."""
         ids = prior.ids(self.index.coordinates(), str(self.index.root)) if prior is not None else None
         if ids is not None and len(ids) == 0:
             return [Answer([], {"known": False, "reason": "no database image within the prior's radius",
                                 "searched": 0}) for _ in range(len(desc))]
         geo = (prior.lat, prior.lon, prior.radius_m) if prior is not None and prior.lat is not None else None
         scores, found = self.index.search_ids(desc, max(k, DECISION_DEPTH), ids, geo)
+        checks: list[dict | None] = [None] * len(desc)
+        if self.verifier is not None and images is not None:
+            for q, img in enumerate(images):
+                n = int(min(self.verifier.k, (found[q] >= 0).sum()))
+                rows = self.index.rows([int(i) for i in found[q, :n]])
+                order, checks[q] = self.verifier.rerank(img, scores[q, :n], [rows[int(i)][0] for i in found[q, :n]])
+                scores[q, :n], found[q, :n] = scores[q, :n][order], found[q, :n][order]
         top = self.index.matches(scores[:, :k], found[:, :k])
         coords, cal = self.index.coordinates(), self.calibration
-        hood = Neighbourhood(**cal.neighbourhood) if cal else Neighbourhood.default(coords)
+        hood = self._hood or (Neighbourhood(**cal.neighbourhood) if cal else Neighbourhood.default(coords))
         out = []
-        for matches, sq, iq in zip(top, scores, found, strict=True):
+        for matches, sq, iq, check in zip(top, scores, found, checks, strict=True):
             sq, iq = sq[iq >= 0], iq[iq >= 0]
             ev = evidence(sq, iq, coords, hood)
             p = cal.probability(ev) if cal else None
@@ -118,7 +135,8 @@ class Localizer:
                 "position": position(sq, iq, coords, hood, max(k, DECISION_DEPTH)), "score": ev["margin"],
                 "confidence": p, "known": bool(p >= cal.threshold) if cal else None,
                 "threshold": cal.threshold if cal else None, "evidence": ev,
-                "searched": len(self.index) if ids is None else len(ids)}))
+                "searched": len(self.index) if ids is None else len(ids),
+                **({"verification": check} if check is not None else {})}))
         return out
 
     def localize_files(self, paths: list[str | os.PathLike], k: int = 5,
@@ -136,16 +154,17 @@ class Localizer:
         wrong) -> a Calibration at the target ``precision``, recorded in the index. Refused in one line (nothing
         written) when the target cannot be reached."""
         hood = hood or Neighbourhood.default(self.index.coordinates())
-        coords = self.index.coordinates()
         feats, right, n_unknown = [], [], 0
         pairs = itertools.chain(zip(frames, positives, strict=True), ((f, set()) for f in unknown_frames))
-        for f, pos in pairs:  # one frame in memory at a time
-            s, found = self.index.search_ids(self.embed([f.image]), DECISION_DEPTH)
-            ok = found[0] >= 0
-            ev = evidence(s[0][ok], found[0][ok], coords, hood)
-            feats.append([ev[name] for name in FEATURES])
-            right.append(self.index.rows([int(found[0][0])])[int(found[0][0])][0] in pos)
-            n_unknown += not pos
+        self._hood = hood  # the answers below are made in this neighbourhood (and verified when verification is on)
+        try:
+            for f, pos in pairs:  # one frame in memory at a time
+                a = self.answer(self.embed([f.image]), 1, None, [f.image])[0]
+                feats.append([a.decision["evidence"][name] for name in FEATURES])
+                right.append(a.matches[0].path in pos)
+                n_unknown += not pos
+        finally:
+            self._hood = None
         cal = calibrate(np.array(feats), np.array(right), precision, hood, unknown=n_unknown)
         self.index.manifest = update_manifest(self.index.root, calibration=cal.to_dict())
         return cal
@@ -163,7 +182,7 @@ class Localizer:
         t0 = time.perf_counter()  # ms per frame: reading/decoding it, embedding and searching
         for f in frames:
             d = self.embed([f.image], knobs)
-            a = self.answer(d, k, prior)[0]
+            a = self.answer(d, k, prior, [f.image])[0]
             if sequence:
                 if tracker is None or f.sequence != current:
                     tracker, current = self.tracker(sequence, method), f.sequence

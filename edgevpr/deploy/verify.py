@@ -1,0 +1,124 @@
+"""Geometric verification re-ranking of the top-K candidates (torch-free: OpenCV and numpy).
+
+The spatial verification of hloc and Patch-NetVLAD, with weight-free parts: SIFT keypoints (at most ``features`` per
+image, 1000 by default, on the image resized to ``max_side`` px) described as RootSIFT (L1-normalised, square-
+rooted: Arandjelovic and Zisserman 2012, better matching than raw SIFT at no cost), mutual nearest neighbours (a
+match must be each descriptor's nearest in both directions) passing Lowe's ratio test at 0.8 (hloc's SIFT matcher),
+and a fundamental matrix fitted by OpenCV's USAC MAGSAC++ (any rigid scene seen from two viewpoints; a homography
+would assume a plane). Its inliers are the evidence.
+
+Re-ranking: the top-K candidates are reordered by ``similarity + weight * log(1 + inliers)`` (a fusion: similarity
+still breaks ties between candidates with few inliers, and a handful of chance inliers cannot overturn a clear
+descriptor match); candidates below K keep their order. Frames too small or too plain for local features (Nordland's
+64x32 thumbnails have a few SIFT points) are not verified: when the query has fewer than ``min_features`` keypoints
+the answer keeps its similarity order and says why. Database features are computed on first use and kept (a bounded
+cache), so a live stream pays for each database image once.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+#: Lowe's ratio test on top of the mutual check (hloc's SIFT matcher: mutual nearest neighbours, ratio 0.8)
+RATIO = 0.8
+#: Defaults, chosen on validation places (benchmarks/verification.py).
+DEFAULT_K = 10
+DEFAULT_WEIGHT = 0.05
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise ValueError("geometric verification needs OpenCV: pip install opencv-python-headless") from None
+    return cv2
+
+
+@dataclass
+class Features:
+    """Keypoints [N, 2] (pixels of the resized image) and RootSIFT descriptors [N, 128] float32."""
+
+    xy: np.ndarray
+    desc: np.ndarray
+
+
+def local_features(img: Image.Image, max_side: int = 640, features: int = 1000) -> Features:
+    """An RGB image -> its SIFT keypoints and RootSIFT descriptors."""
+    cv2 = _cv2()
+    g = np.asarray(img.convert("L"))
+    scale = max_side / max(g.shape)
+    if scale < 1:
+        g = cv2.resize(g, (round(g.shape[1] * scale), round(g.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+    kps, desc = cv2.SIFT_create(nfeatures=features).detectAndCompute(g, None)
+    if desc is None or not kps:
+        return Features(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32))
+    desc = desc / (np.abs(desc).sum(1, keepdims=True) + 1e-7)
+    return Features(np.array([k.pt for k in kps], np.float32), np.sqrt(desc).astype(np.float32))
+
+
+def inliers(a: Features, b: Features, threshold_px: float = 3.0) -> int:
+    """Mutual nearest-neighbour matches of two images that a MAGSAC++ fundamental matrix explains."""
+    cv2 = _cv2()
+    if len(a.desc) < 8 or len(b.desc) < 8:
+        return 0
+    bf = cv2.BFMatcher(cv2.NORM_L2)
+    ab = bf.knnMatch(a.desc, b.desc, k=2)
+    back = {m[0].queryIdx: m[0].trainIdx for m in bf.knnMatch(b.desc, a.desc, k=1) if m}
+    pairs = [(m[0].queryIdx, m[0].trainIdx) for m in ab if len(m) == 2 and m[0].distance < RATIO * m[1].distance
+             and back.get(m[0].trainIdx) == m[0].queryIdx]
+    if len(pairs) < 8:
+        return 0
+    p1 = a.xy[[i for i, _ in pairs]]
+    p2 = b.xy[[j for _, j in pairs]]
+    _, mask = cv2.findFundamentalMat(p1, p2, cv2.USAC_MAGSAC, threshold_px, 0.999, 2000)
+    return 0 if mask is None else int(mask.sum())
+
+
+@dataclass
+class Verifier:
+    """Re-ranks a query's top-``k`` candidates by geometric verification (see the module notes)."""
+
+    k: int = DEFAULT_K
+    weight: float = DEFAULT_WEIGHT
+    max_side: int = 640
+    features: int = 1000
+    min_features: int = 50
+    cache_size: int = 4096
+    _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= 1000:
+            raise ValueError(f"--verify {self.k}: must be between 1 and 1000 candidates")
+        _cv2()
+
+    def db_features(self, path: str) -> Features:
+        if path in self._cache:
+            self._cache.move_to_end(path)
+            return self._cache[path]
+        from ..data.images import load_image
+
+        f = local_features(load_image(path), self.max_side, self.features)
+        self._cache[path] = f
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return f
+
+    def rerank(self, query: Image.Image, scores: np.ndarray, paths: list[str]) -> tuple[np.ndarray, dict]:
+        """The similarity-ranked candidates (scores [M], database paths [M]) -> (new order [M]: the first
+        min(k, M) re-ranked by fused score, the rest as they were; a record of what was done)."""
+        n = min(self.k, len(paths))
+        q = local_features(query, self.max_side, self.features)
+        if len(q.desc) < self.min_features:
+            return np.arange(len(paths)), {"verified": False, "reason": f"the query has {len(q.desc)} local "
+                                           f"features (< {self.min_features}): too small or plain to verify"}
+        counts = np.array([inliers(q, self.db_features(p)) for p in paths[:n]])
+        fused = np.asarray(scores[:n], np.float64) + self.weight * np.log1p(counts)
+        top = np.argsort(-fused, kind="stable")
+        order = np.r_[top, np.arange(n, len(paths))]
+        return order, {"verified": True, "candidates": n, "inliers": counts[top].tolist(),
+                       "fused": fused[top].tolist(), "moved": bool(top[0] != 0)}
+
