@@ -56,12 +56,20 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve_folder(folder: Path):
-    """Serve ``folder`` over HTTP on loopback for the duration of the block -> its base URL."""
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
+def serve(handler, **attributes):
+    """An HTTP server on loopback with ``handler`` (a request handler class or factory) for the duration of the
+    block -> its base URL; ``attributes`` are set on the server (handlers read them as ``self.server.NAME``)."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    for name, value in attributes.items():
+        setattr(srv, name, value)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{srv.server_address[1]}"
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def serve_folder(folder: Path):
+    """Serve ``folder`` over HTTP on loopback for the duration of the block -> its base URL."""
+    return serve(functools.partial(_QuietHandler, directory=str(folder)))

@@ -9,9 +9,7 @@ import http.server
 import json
 import pickle
 import sqlite3
-import threading
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ from edgevpr.models.model import load_model, save_model
 from edgevpr.published import CheckpointError, read_checkpoint
 from edgevpr.published import releases as rel
 from edgevpr.train.loop import load_config, train
-from tests.conftest import TINY_MODEL, make_image
+from tests.conftest import TINY_MODEL, make_image, serve
 from tests.test_faults import _folder, _one_line_error, _Payload, _train_conf
 from tests.test_published import fixture
 
@@ -325,16 +323,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@contextmanager
 def _server(files: dict):
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.files = files
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    return serve(_Handler, files=files)
 
 
 def _cosplace_release(tmp_path, monkeypatch, url: str) -> Path:
@@ -379,16 +369,11 @@ def test_an_endless_download_stops_at_the_limit(tmp_path, monkeypatch):
             except OSError:
                 pass
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
     monkeypatch.setenv("EDGEVPR_MAX_DOWNLOAD_GB", str(2 / 1024))  # 2 MiB
-    try:
-        folder = _cosplace_release(tmp_path, monkeypatch, f"http://127.0.0.1:{srv.server_address[1]}")
+    with serve(Endless) as url:
+        folder = _cosplace_release(tmp_path, monkeypatch, url)
         with pytest.raises(ValueError, match=r"sent more than the 0.00195 GiB download limit"):
             rel.load_release("cosplace-resnet18-512", progress=False)
-    finally:
-        srv.shutdown()
-        srv.server_close()
     assert not any(p.is_file() for p in folder.rglob("*"))
 
 
