@@ -58,7 +58,7 @@ class Localizer:
         """``verify`` > 0: geometric verification re-ranks each answer's top ``verify`` candidates
         (``deploy.verify``; needs the query images, so ``stream`` and ``localize`` apply it)."""
         self.index = index if isinstance(index, PlaceIndex) else PlaceIndex.open(index, mmap=mmap)
-        self.verifier, self._hood = None, None
+        self.verifier = None
         if verify:
             from .verify import Verifier
 
@@ -104,12 +104,13 @@ class Localizer:
             return None
 
     def answer(self, desc: np.ndarray, k: int = 5, prior: GeoPrior | None = None,
-               images: list[Image.Image] | None = None) -> list[Answer]:
+               images: list[Image.Image] | None = None, hood: Neighbourhood | None = None) -> list[Answer]:
         """Descriptors [Q, D] -> per query its top-k matches and a decision (see ``decision``): position
         estimate, margin score, calibrated confidence and known/unknown. Searches ``DECISION_DEPTH`` deep to find
         the best match outside the top-1's neighbourhood. With a verifier and the query ``images``, the top
         candidates are re-ranked by geometric verification first, and the decision is made on the new order
-        (``decision.verification`` records the inliers)."""
+        (``decision.verification`` records the inliers). ``hood``: the neighbourhood of the margin (default: the
+        calibration's, else 25 m or +-2 ids)."""
         ids = prior.ids(self.index.coordinates(), str(self.index.root)) if prior is not None else None
         if ids is not None and len(ids) == 0:
             return [Answer([], {"known": False, "reason": "no database image within the prior's radius",
@@ -125,7 +126,7 @@ class Localizer:
                 scores[q, :n], found[q, :n] = scores[q, :n][order], found[q, :n][order]
         top = self.index.matches(scores[:, :k], found[:, :k])
         coords, cal = self.index.coordinates(), self.calibration
-        hood = self._hood or (Neighbourhood(**cal.neighbourhood) if cal else Neighbourhood.default(coords))
+        hood = hood or (Neighbourhood(**cal.neighbourhood) if cal else Neighbourhood.default(coords))
         out = []
         for matches, sq, iq, check in zip(top, scores, found, checks, strict=True):
             sq, iq = sq[iq >= 0], iq[iq >= 0]
@@ -156,15 +157,11 @@ class Localizer:
         hood = hood or Neighbourhood.default(self.index.coordinates())
         feats, right, n_unknown = [], [], 0
         pairs = itertools.chain(zip(frames, positives, strict=True), ((f, set()) for f in unknown_frames))
-        self._hood = hood  # the answers below are made in this neighbourhood (and verified when verification is on)
-        try:
-            for f, pos in pairs:  # one frame in memory at a time
-                a = self.answer(self.embed([f.image]), 1, None, [f.image])[0]
-                feats.append([a.decision["evidence"][name] for name in FEATURES])
-                right.append(a.matches[0].path in pos)
-                n_unknown += not pos
-        finally:
-            self._hood = None
+        for f, pos in pairs:  # one frame in memory at a time; answered as live queries are (verified when on)
+            a = self.answer(self.embed([f.image]), 1, None, [f.image], hood)[0]
+            feats.append([a.decision["evidence"][name] for name in FEATURES])
+            right.append(a.matches[0].path in pos)
+            n_unknown += not pos
         cal = calibrate(np.array(feats), np.array(right), precision, hood, unknown=n_unknown)
         self.index.manifest = update_manifest(self.index.root, calibration=cal.to_dict())
         return cal
