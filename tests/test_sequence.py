@@ -56,7 +56,8 @@ def test_online_filter_recovers_after_a_wrong_start():
 
 
 def test_eval_reports_sequence_recall_beside_single_frame(data_root, tmp_path):
-    """`edgevpr eval --sequence 10` on Gardens Point night 70-99: results.json gains the sequence recall."""
+    """`edgevpr eval --sequence 10` on Gardens Point night 70-99: results.json and the table (results.md, the
+    printed table) gain the sequence recall."""
     import json
 
     from edgevpr.cli import main
@@ -70,6 +71,8 @@ def test_eval_reports_sequence_recall_beside_single_frame(data_root, tmp_path):
     seq = ds["sequence"]
     assert seq["length"] == 10 and seq["tolerance"] == {"tolerance_frames": 2}
     assert seq["recall"]["R@1"] >= ds["recall"]["R@1"]  # measured: single-frame 0.800, sequence 1.000
+    table = (tmp_path / "results.md").read_text()  # and the table says it too, beside the single frame
+    assert "| sequence R@1 | single-frame R@1 |" in table and f"| {seq['recall']['R@1']:.3f} | 0.800 | 10 |" in table
 
 
 def test_pixels_patchnorm_is_invariant_to_each_blocks_brightness_and_contrast(data_root):

@@ -22,6 +22,12 @@ def results_table(results: dict) -> str:
         vals = " | ".join(f"{r['recall'][n]:.3f}" for n in ns)
         lines.append(f"| {name} | {r['num_db']} | {r['num_queries']} | {vals} | {r['pr_auc']:.3f} | "
                      f"{r['recall_at_100p']:.3f} |")
+    seq = {name: r["sequence"] for name, r in ds.items() if r.get("sequence")}
+    if seq:
+        lines += ["", "| dataset | sequence R@1 | single-frame R@1 | frames | method |", "|---|---:|---:|---:|---|"]
+        for name, q in seq.items():
+            lines.append(f"| {name} | {q['recall']['R@1']:.3f} | {ds[name]['recall'][ns[0]]:.3f} | {q['length']} | "
+                         f"{q['method']} |")
     eff = results.get("efficiency")
     if eff:
         lines += ["", "| params (M) | GFLOPs | ms/img b1 | ms/img batched | peak RSS MB (b1) | inference MB (b1) "
