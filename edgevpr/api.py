@@ -40,6 +40,7 @@ class EvalConf:
     progress: bool = True
     knobs: dict | None = None  # runtime knobs, e.g. {"sparsity": 0.4}
     sequence: int = 0  # > 0: also sequence matching (SeqSLAM-style, offline) over this many query frames
+    verify: int = 0  # > 0: geometric verification re-ranks each query's top ``verify`` candidates
 
 
 def _extract(model: VPRModel, paths: list[Path], conf: EvalConf, desc: str, device) -> Extraction:
@@ -58,10 +59,15 @@ def evaluate_dataset(model: VPRModel, ds: VPRDataset, conf: EvalConf, device="cp
     if failed:
         ds = ds.subset(db.ok, q.ok)
     db_desc, q_desc = db.descriptors[db.ok], q.descriptors[q.ok]
-    k = max(max(conf.ns), conf.top_k)
+    k = max(max(conf.ns), conf.top_k, conf.verify)
     scores, idx = search(db_desc, q_desc, k)
-    ranks = first_hit_rank(idx, ds.positives)
     has_pos = np.array([len(p) > 0 for p in ds.positives])
+    verification = None
+    if conf.verify:
+        unverified = recall_at_n(first_hit_rank(idx, ds.positives), has_pos, conf.ns)
+        scores, idx, verification = _verify(ds, scores, idx, conf)
+        verification["recall_unverified"] = unverified
+    ranks = first_hit_rank(idx, ds.positives)
     recall = recall_at_n(ranks, has_pos, conf.ns)
     pr = pr_curve(scores[:, 0], ranks == 0, has_pos)
     metrics = {
@@ -69,6 +75,7 @@ def evaluate_dataset(model: VPRModel, ds: VPRDataset, conf: EvalConf, device="cp
         "recall": recall, "pr_auc": pr["auc"], "recall_at_100p": pr["recall_at_100p"],
         "failed_images": [{"path": p, "reason": r} for p, r in failed], "ground_truth": ds.info,
         "seconds": time.perf_counter() - t0,
+        **({"verification": verification} if verification else {}),
     }
     if conf.sequence:
         from .deploy.sequence import seqslam
@@ -95,6 +102,33 @@ def evaluate_dataset(model: VPRModel, ds: VPRDataset, conf: EvalConf, device="cp
                                     f"{ds.name}: {int((has_pos & (ranks != 0)).sum())} wrong top-1; the {len(rows)} "
                                     "with the largest score gap to their best correct match")
     return metrics, curves
+
+
+def _verify(ds: VPRDataset, scores: np.ndarray, idx: np.ndarray, conf: EvalConf) -> tuple[np.ndarray, np.ndarray,
+                                                                                          dict]:
+    """Ranked scores and ids [Q, k] -> the same with each query's top ``conf.verify`` re-ranked by geometric
+    verification (``deploy.verify``, as ``localize --verify`` does), and a record: K, ms per query, queries whose
+    top-1 moved, queries too plain to verify."""
+    from tqdm.auto import tqdm
+
+    from .data.images import load_image
+    from .deploy.verify import Verifier
+
+    verifier = Verifier(k=conf.verify)
+    scores, idx = scores.copy(), idx.copy()
+    n = min(conf.verify, idx.shape[1])
+    moved = plain = 0
+    t0 = time.perf_counter()
+    for q in tqdm(range(len(idx)), desc=f"{ds.name} verify top-{n}", unit="query", disable=not conf.progress,
+                  dynamic_ncols=True):
+        order, rec = verifier.rerank(load_image(ds.q_paths[q]), scores[q, :n], [str(ds.db_paths[j]) for j in idx[q, :n]])
+        scores[q, :n], idx[q, :n] = scores[q, :n][order], idx[q, :n][order]
+        moved += bool(rec.get("moved"))
+        plain += not rec["verified"]
+    return scores, idx, {"k": n, "ms_per_query": (time.perf_counter() - t0) * 1000 / max(len(idx), 1),
+                         "top1_moved": moved, "not_verified": plain,
+                         "method": "SIFT (RootSIFT) + mutual NN + ratio 0.8 + MAGSAC++ F; similarity + "
+                                   f"{verifier.weight} log(1 + inliers)"}
 
 
 def _write_matches(path: Path, ds: VPRDataset, scores, idx, ranks, top_k: int) -> None:

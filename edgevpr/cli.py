@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import itertools
+import dataclasses
 import json
 import math
 import os
@@ -112,7 +112,7 @@ def cmd_eval(args) -> int:
     conf = EvalConf(batch_size=args.batch_size, num_workers=args.workers, skip_bad=args.skip_bad,
                     cache_dir=None if args.no_cache else args.cache_dir, top_k=args.top_k, plot=args.plot,
                     show_failures=args.show_failures, efficiency=not args.no_efficiency,
-                    image_size=_image_size(args), progress=not args.quiet, sequence=args.sequence,
+                    image_size=_image_size(args), progress=not args.quiet, sequence=args.sequence, verify=args.verify,
                     knobs=_knobs(args) or getattr(model, "baked_knobs", None) or None)
     out = Path(args.out or Path("outputs") / "eval" / model.name.replace("/", "_"))
     results = evaluate(model, datasets, conf, out, device)
@@ -155,8 +155,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _print_matches(photo: str, matches: list, ms: float) -> None:
-    print(f"{photo}  ({ms:.0f} ms)")
+def _print_matches(matches: list) -> None:
     print(f"  {'rank':>4}  {'score':>6}  {'place':>8}  {'lat, lon / east, north':>26}  path")
     for m in matches:
         if m.lat is not None:
@@ -166,6 +165,25 @@ def _print_matches(photo: str, matches: list, ms: float) -> None:
         else:
             where = "-"
         print(f"  {m.rank:>4}  {m.score:6.3f}  {m.place_id or '-':>8}  {where:>26}  {m.path}")
+
+
+def _print_answer(photo: str, answer, ms: float) -> None:
+    """One answer for people: the headline first (the sequence answer when a sequence is on), then the single
+    frame's matches and decision."""
+    print(f"{photo}  ({ms:.0f} ms)")
+    if answer.sequence is None:
+        _print_matches(answer.matches)
+        print(_decision_line(answer.decision))
+        return
+    sq, m = answer.sequence, answer.sequence["match"]
+    warm = f"warming up, {sq['frames']} of {sq['length']} frames" if sq["decision"]["warming_up"] else \
+        f"{sq['frames']} frame{'s' if sq['frames'] != 1 else ''}"
+    print(f"  sequence answer ({sq['method']}, {warm}): {m['path']}" + (f" (place {m['place_id']})"
+                                                                          if m["place_id"] else ""))
+    print(_decision_line(sq["decision"]))
+    print("  single frame:")
+    _print_matches(answer.matches)
+    print(_decision_line(answer.decision, "single-frame decision"))
 
 
 def cmd_index(args) -> int:
@@ -236,16 +254,20 @@ def _prior(args):
         if args.prior_utm else None
 
 
-def _decision_line(d: dict) -> str:
+def _decision_line(d: dict, label: str = "decision") -> str:
     if d.get("reason"):
-        return f"  decision: unknown ({d['reason']})"
+        return f"  {label}: unknown ({d['reason']})"
     pos = d.get("position")
     where = "" if pos is None else (f" at {pos['lat']:.6f}, {pos['lon']:.6f}" if "lat" in pos else
                                     f" at E {pos['east']:.1f} N {pos['north']:.1f}") + f" (+-{pos['spread_m']:.0f} m)"
-    state = "uncalibrated (run `edgevpr calibrate`)" if d["known"] is None else \
-        f"{'known' if d['known'] else 'unknown'}, P(right place) {d['confidence']:.2f} (known at >= " \
-        f"{d['threshold']:.3g})"
-    return f"  decision: {state}, margin {d['score']:.3f}{where}"
+    if d.get("warming_up"):
+        state = "warming up, not known until the sequence has its L frames"
+    elif d["known"] is None:
+        state = "uncalibrated (run `edgevpr calibrate`)"
+    else:
+        state = f"{'known' if d['known'] else 'unknown'}, P(right place) {d['confidence']:.2f} (known at >= " \
+                f"{d['threshold']:.3g})"
+    return f"  {label}: {state}, margin {d['score']:.3f}{where}"
 
 
 def _index_params(args) -> dict:
@@ -280,13 +302,7 @@ def cmd_localize(args) -> int:
         if args.json:
             results.append({"photo": name, "ms": t, **answer.to_dict()})
             continue
-        _print_matches(name, answer.matches, t)
-        print(_decision_line(answer.decision))
-        if answer.sequence:
-            m, sq = answer.sequence["match"], answer.sequence
-            print(f"  sequence ({sq['method']}, {sq['frames']} frame{'s' if sq['frames'] != 1 else ''}): "
-                  f"{Path(m['path']).name}"
-                  + (f" (place {m['place_id']})" if m["place_id"] else ""))
+        _print_answer(name, answer, t)
     for path, reason in stream.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if not ms:
@@ -312,24 +328,31 @@ def cmd_calibrate(args) -> int:
     hood = Neighbourhood(args.hood_m, None) if args.hood_m is not None else \
         Neighbourhood(None, args.hood_frames) if args.hood_frames is not None else None
     sets = _datasets(args)  # every query set is pooled into one calibration; frames are read as they are used
-    frames = itertools.chain.from_iterable(Stream(list(ds.q_paths)) for ds in sets)
-    positives = [{str(Path(ds.db_paths[j]).resolve()) for j in pos} for ds in sets for pos in ds.positives]
+    # each query set is its own capture sequence (the tracker starts afresh on each)
+    frames = (dataclasses.replace(f, sequence=f"set {i}") for i, ds in enumerate(sets)
+              for f in Stream(list(ds.q_paths)))
+    positives = [{os.path.abspath(ds.db_paths[j]) for j in pos} for ds in sets for pos in ds.positives]
     unknown = Stream(list(args.unknown)) if args.unknown else []
-    cal = loc.calibrate(frames, positives, args.precision, hood, unknown)
+    cal, seq = loc.calibrate(frames, positives, args.precision, hood, unknown, args.sequence, args.sequence_method)
     plot = Path(args.plot) if args.plot else Path(args.index) / "reliability.png"
-    wrote = _reliability_plot(cal, plot)
-    print(f"{cal.queries} queries pooled from {len(sets)} set(s) and {cal.unknown_queries} unknown-place photos: "
-          f"known when P(right) >= {cal.threshold:.4g}, precision {cal.precision:.3f} (target "
-          f"{cal.target_precision}) at recall {cal.recall:.3f}; ECE {cal.ece:.3f}, Brier {cal.brier:.3f} (on these "
-          f"answers); written to {loc.index.root}/manifest.json" + (f"; reliability diagram {plot}" if wrote else ""))
+    wrote = _reliability_plot([(cal, "single frames")] + ([(seq, f"sequences of {args.sequence}")] if seq else []),
+                              plot)
+    print(f"{cal.queries} queries pooled from {len(sets)} set(s) and {cal.unknown_queries} unknown-place photos")
+    for c, what in ((cal, "single frames"), (seq, f"sequences of {args.sequence} ({args.sequence_method})")):
+        if c is not None:
+            print(f"  {what}: {c.queries} answers, known when P(right) >= {c.threshold:.4g}, precision "
+                  f"{c.precision:.3f} (target {c.target_precision}) at recall {c.recall:.3f}; ECE {c.ece:.3f}, "
+                  f"Brier {c.brier:.3f} (on these answers)")
+    print(f"written to {loc.index.root}/manifest.json" + (f"; reliability diagram {plot}" if wrote else ""))
     if args.json:
-        print(json.dumps(cal.to_dict(), indent=2))
+        print(json.dumps({"single_frame": cal.to_dict(), "sequence": seq and seq.to_dict()}, indent=2))
     return 0
 
 
-def _reliability_plot(cal, path: Path) -> bool:
-    """A reliability diagram of the calibration answers (PNG, written atomically) -> whether it was written
-    (matplotlib is part of the research install; the runtime install records ECE/Brier only)."""
+def _reliability_plot(cals: list, path: Path) -> bool:
+    """A reliability diagram of the calibration answers, one curve per (Calibration, label) (PNG, written
+    atomically) -> whether it was written (matplotlib is part of the research install; the runtime install records
+    ECE/Brier only)."""
     try:
         import matplotlib
 
@@ -339,17 +362,19 @@ def _reliability_plot(cal, path: Path) -> bool:
         return False
     from .utils import atomic_write
 
-    fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(4.6, 4.6), dpi=120)
     ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfect")
-    if cal.reliability:
-        p, acc, n = (list(c) for c in zip(*cal.reliability, strict=True))
-        ax.plot(p, acc, "o-", label="calibration answers")
-        for x, y, c in zip(p, acc, n, strict=True):
-            ax.annotate(str(c), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    ax.axvline(cal.threshold, color="tab:red", lw=1, label=f"known at P >= {cal.threshold:.3g}")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted P(top-1 right)", ylabel="fraction right",
-           title=f"ECE {cal.ece:.3f}, Brier {cal.brier:.3f}, {cal.queries} answers")
-    ax.legend(loc="lower right", fontsize=7)
+    for (cal, label), colour in zip(cals, ("tab:blue", "tab:green"), strict=False):
+        if cal.reliability:
+            p, acc, n = (list(c) for c in zip(*cal.reliability, strict=True))
+            ax.plot(p, acc, "o-", color=colour, label=f"{label}: ECE {cal.ece:.3f}, Brier {cal.brier:.3f}, "
+                                                      f"{cal.queries} answers")
+            for x, y, c in zip(p, acc, n, strict=True):
+                ax.annotate(str(c), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color=colour)
+        ax.axvline(cal.threshold, color=colour, lw=1, ls=":", label=f"{label}: known at P >= {cal.threshold:.3g}")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted P(answer right)", ylabel="fraction right",
+           title="reliability of the calibration answers")
+    ax.legend(loc="upper left", fontsize=6)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
@@ -518,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-cache", action="store_true", help="do not read or write the descriptor cache")
     e.add_argument("--sequence", type=_bounded(0, 1000), default=0, metavar="L",
                    help="also match sequences of L query frames (SeqSLAM-style; queries in capture order); 0: off")
+    e.add_argument("--verify", type=_bounded(0, 1000), default=0, metavar="K",
+                   help="re-rank each query's top K candidates by geometric verification (SIFT + MAGSAC++, as "
+                        "localize --verify); recall is then the verified one, beside the unverified (default 0: off)")
     e.add_argument("--top-k", type=_bounded(1, 1000), default=20, help="matches per query in the CSV (default 20)")
     e.add_argument("--plot", action="store_true", help="write recall@N and PR curves as PNG")
     e.add_argument("--show-failures", type=_bounded(0, 1000), default=0, metavar="N",
@@ -640,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--sequence", type=_bounded(0, 1000), default=0, metavar="L",
                     help="also match the stream as a sequence over the last L frames (default 0: off)")
     lo.add_argument("--sequence-method", choices=["seqslam", "filter"], default="seqslam",
-                    help="seqslam: SeqSLAM search over the last L frames; filter: online Bayes filter")
+                    help="seqslam: SeqSLAM search over the last L frames; filter: online Bayes filter (default seqslam)")
     _knob_flags(lo)  # override the index's knobs for the queries, e.g. a lower keep_ratio
     lo.set_defaults(func=cmd_localize)
 
@@ -674,6 +702,11 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--unknown", action="append", metavar="DIR",
                     help="photos of places the map does not hold (a folder, list or video; repeat): every answer "
                          "to them counts as wrong (default: none)")
+    ca.add_argument("--sequence", type=_bounded(0, 1000), default=0, metavar="L",
+                    help="also calibrate sequence answers over L frames (each query set is one capture sequence; "
+                         "frames before the L-th are warm-up and not used) (default 0: single frames only)")
+    ca.add_argument("--sequence-method", choices=["seqslam", "filter"], default="seqslam",
+                    help="the sequence method to calibrate (default seqslam)")
     ca.add_argument("--plot", metavar="PNG", help="reliability diagram (default: INDEX/reliability.png)")
     ca.add_argument("--json", action="store_true", help="print the calibration as JSON")
     ca.set_defaults(func=cmd_calibrate)

@@ -116,8 +116,9 @@ def test_calibrated_known_unknown_on_real_data(gp_index):
         return {str(gp / "day_right" / f"Image{j:03d}.jpg") for j in range(max(0, i - 2), min(100, i + 3))}
 
     hood = Neighbourhood(radius_m=None, frames=2)
-    cal = loc.calibrate(_frames([gp / "night_right" / f"Image{i:03d}.jpg" for i in range(50)]),
-                        [positives(i) for i in range(50)], 0.9, hood, unknown_frames=_frames(nl[:50]))
+    cal, seq = loc.calibrate(_frames([gp / "night_right" / f"Image{i:03d}.jpg" for i in range(50)]),
+                             [positives(i) for i in range(50)], 0.9, hood, unknown_frames=_frames(nl[:50]))
+    assert seq is None and idx.read_manifest(root)["sequence_calibration"] is None
     assert cal.queries == 100 and cal.unknown_queries == 50 and cal.precision >= 0.9 and 0.1 < cal.recall < 0.5
     assert 0.0 <= cal.ece <= 0.1 and cal.reliability
     reopened = Localizer(root)  # the calibration is in the manifest now
@@ -135,6 +136,46 @@ def test_calibrated_known_unknown_on_real_data(gp_index):
     assert prob[right].mean() > 0.7 > 0.2 > prob[~right].mean()  # right answers are likely, wrong ones are not
     # a probability, not a precision floor: a Nordland frame against this campus map is not 88% anything
     assert np.median(prob[50:]) < 0.1
+
+
+def test_sequence_answers_headline_with_their_own_calibration_and_warm_up_never_known(gp_index, tmp_path):
+    """Calibrate single frames and sequences of 5 on Gardens Point night 0-49 plus a Nordland sequence of unknown
+    places; on held-out night 50-99 and another Nordland sequence: the sequence answer is the headline, its first 4
+    frames are warming up and never known, and past them its calibrated confidence keeps the target precision and
+    rejects the unknown places (measured: precision 0.94 of known answers, 0.98 of night answers known, 2 of 26
+    Nordland answers known)."""
+    root, data = gp_index
+    index = tmp_path / "index"
+    shutil.copytree(root, index)
+    gp, nl = data / "gardens_point", sorted((data / "nordland_64x32" / "summer").glob("*.png"))
+
+    def positives(i):
+        return {str(gp / "day_right" / f"Image{j:03d}.jpg") for j in range(max(0, i - 2), min(100, i + 3))}
+
+    loc = Localizer(index)
+    cal, seq = loc.calibrate(_frames([gp / "night_right" / f"Image{i:03d}.jpg" for i in range(50)]),
+                             [positives(i) for i in range(50)], 0.9, Neighbourhood(radius_m=None, frames=2),
+                             unknown_frames=_frames(nl[:80]), sequence=5)
+    assert seq.sequence_length == 5 and seq.features[-1] == "agree" and seq.precision >= 0.9
+    assert seq.queries == (50 - 4) + (80 - 4) and cal.queries == 130
+    loc = Localizer(index)
+    held = [Frame(str(p), load_image(p), "night") for p in (gp / "night_right" / f"Image{i:03d}.jpg"
+                                                             for i in range(50, 100))]
+    held += [Frame(str(p), load_image(p), "nordland") for p in nl[100:130]]
+    pos = [positives(i) for i in range(50, 100)] + [set()] * 30
+    rows = []
+    for (_, a, _), good in zip(loc.stream(held, 3, sequence=5), pos, strict=True):
+        head, d = a.headline(), a.sequence["decision"]
+        assert head["source"] == "sequence" and head["match"] == a.sequence["match"] and a.to_dict()["headline"] == head
+        if a.sequence["frames"] < 5:
+            assert d["warming_up"] and d["known"] is False and d["confidence"] is None
+            continue
+        assert not d["warming_up"] and d["known"] == (d["confidence"] >= seq.threshold)
+        rows.append((d["known"], head["match"]["path"] in good, d["confidence"]))
+    assert len(rows) == 46 + 26
+    known, right, prob = (np.array(c) for c in zip(*rows, strict=True))
+    assert right[known].mean() >= 0.9 and known[:46].mean() >= 0.8 and known[46:].mean() <= 0.1
+    assert prob[right].mean() > 0.6 > 0.3 > prob[~right].mean()
 
 
 def test_calibration_is_a_probability_and_refuses_what_it_cannot_promise():
@@ -294,13 +335,29 @@ def test_calibrate_command_pools_sets_and_unknown_photos(gp_index, tmp_path, cap
     unknown.write_text("\n".join(str(p) for p in sorted((data / "nordland_64x32" / "summer").glob("*.png"))[:40]))
     assert main(["calibrate", "--index", str(index), "--db", str(gp / "day_right"), "--queries",
                  str(gp / "night_right"), "--queries", str(gp / "day_left"), "--aligned", "2", "--unknown",
-                 str(unknown), "--precision", "0.9", "--hood-frames", "2"]) == 0
+                 str(unknown), "--precision", "0.9", "--hood-frames", "2", "--sequence", "5"]) == 0
     out = capsys.readouterr().out
     assert "240 queries pooled from 2 set(s) and 40 unknown-place photos" in out, out
-    cal = idx.read_manifest(index)["calibration"]
+    manifest = idx.read_manifest(index)
+    cal, seq = manifest["calibration"], manifest["sequence_calibration"]
     assert cal["queries"] == 240 and cal["unknown_queries"] == 40 and cal["precision"] >= 0.9
     assert 0 <= cal["ece"] <= 0.1 and 0 <= cal["brier"] <= 0.25
+    # each set is its own sequence: 4 warm-up frames of each of the three are left out of the sequence fit
+    assert seq["queries"] == 240 - 3 * 4 and seq["sequence_length"] == 5 and seq["precision"] >= 0.9
     assert (index / "reliability.png").stat().st_size > 5000
+    # localize headlines the sequence answer; its first four frames are warming up, never known
+    frames = tmp_path / "frames.txt"
+    frames.write_text("\n".join(str(gp / "day_left" / f"Image{i:03d}.jpg") for i in range(30, 38)))
+    assert main(["localize", "--index", str(index), str(frames), "--sequence", "5", "-k", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    starts = [i for i, line in enumerate(out) if line.startswith(str(gp / "day_left"))] + [len(out) - 1]
+    assert len(starts) == 9
+    for i in range(8):
+        lines = out[starts[i]:starts[i + 1]]
+        assert lines[1].startswith("  sequence answer (seqslam, ") and lines[2].startswith("  decision: ")
+        assert lines[3] == "  single frame:" and lines[-1].startswith("  single-frame decision: ")
+        assert ("warming up" in lines[1] and "warming up" in lines[2]) == (i < 4)
+        assert (" known, P(right place)" in lines[2]) <= (i >= 4)
 
 
 def test_great_circle_distance_east_west():

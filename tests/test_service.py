@@ -23,7 +23,8 @@ QUERY = "Image050.jpg"  # a Gardens Point night photo; the default model ranks i
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The default model's index of Gardens Point day_right (coordinates along a route from a CSV manifest,
-    calibrated on night 0-49 at precision 0.9), served on a free localhost port."""
+    calibrated on night 0-49 and 80 Nordland frames of unknown places at precision 0.9, single frames and sequences
+    of 4), served on a free localhost port."""
     import uvicorn
 
     from edgevpr.data.images import load_image
@@ -44,7 +45,9 @@ def server(tmp_path_factory):
     loc = Localizer(root, model)
     loc.calibrate([Frame(str(p), load_image(p)) for p in (gp / "night_right" / f"Image{i:03d}.jpg" for i in range(50))],
                   [{str(gp / "day_right" / f"Image{j:03d}.jpg") for j in range(i - 2, i + 3)} for i in range(50)],
-                  0.9, Neighbourhood(radius_m=5.0))
+                  0.9, Neighbourhood(radius_m=5.0), sequence=4,
+                  unknown_frames=[Frame(str(p), load_image(p), "nordland") for p in
+                                  sorted((data / "nordland_64x32" / "summer").glob("*.png"))[:80]])
     app = create_app(loc, ServiceLimits(max_upload_bytes=600_000, max_pixels=2_000_000, max_k=20))
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -185,7 +188,12 @@ def test_web_page_in_chromium(server, width, height):
         browser.close()
 
 
-def test_web_page_sequence_mode_and_drag_and_drop(server):
+@pytest.mark.parametrize("width,height", [(1280, 900), (390, 844)])
+def test_web_page_sequence_mode_headlines_the_sequence_answer(server, width, height):
+    """Eight night frames 60-67, sequence length 4: the decision box, the first (orange) card and the orange map
+    marker are the sequence answer, with its own calibrated decision; the last frame's own answer stays visible as
+    secondary; the per-frame table marks frames 1-3 as warming up (never known) and does not break words or
+    widen the phone page; the position ring is drawn over the markers. Screenshots kept."""
     from playwright.sync_api import sync_playwright
 
     url, data, _ = server
@@ -193,18 +201,42 @@ def test_web_page_sequence_mode_and_drag_and_drop(server):
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = _browser(p)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page = browser.new_page(viewport={"width": width, "height": height})
         page.goto(url)
         page.wait_for_selector("circle.db-point")
         page.fill("#length", "4")
         page.set_input_files("#file", [str(night / f"Image{i:03d}.jpg") for i in range(60, 68)])
         page.click("#go")
         page.wait_for_selector("#frames tbody tr")
-        assert page.locator("#frames tbody tr").count() == 8
+        rows = page.locator("#frames tbody tr")
+        assert rows.count() == 8
         assert "Sequence of 8 frames" in page.inner_text("#results-title")
-        last = page.locator("#frames tbody tr").nth(7).inner_text()
-        assert "Image067.jpg" in last and "(4 frames)" in last
-        page.screenshot(path=str(SHOTS / "page-sequence.png"), full_page=True)
+        head = page.locator("#decision .headline").inner_text()
+        assert head.startswith("Sequence answer (4 of 4 frames): Known place") and "Estimated position" in head
+        assert page.locator("#decision .secondary").inner_text().startswith("Last frame alone:")
+        first = page.locator(".match").nth(0)
+        assert first.get_attribute("id") == "card-S" and "sequence answer" in first.inner_text()
+        assert "match top" in first.get_attribute("class") and page.locator(".match.top").count() == 1
+        shown = int(first.locator(".name").inner_text().split("Image")[1][:3])
+        assert abs(shown - 67) <= 2, shown  # the sequence answer is right
+        assert page.locator(".match").nth(1).inner_text().startswith("frame #1")
+        orange = page.locator("circle.match-marker[fill='#d9480f']")
+        assert orange.count() == 1 and orange.get_attribute("data-rank") == "S"
+        for i in range(8):
+            text = rows.nth(i).inner_text()
+            assert ("warming up" in text) == (i < 3) and ("known" in text.replace("unknown", "")) <= (i >= 3)
+        assert f"Image{shown:03d}.jpg" in rows.nth(7).inner_text()
+        assert page.evaluate(NO_OVERFLOW)
+        assert page.evaluate("[...document.querySelectorAll('#frames td')].every(td => td.scrollWidth <= "
+                             "td.clientWidth + 1)")  # no cell cut or broken inside a word
+        ring = page.evaluate("""() => { const svg = document.getElementById('map'), e = svg.querySelector('.estimate');
+            const all = [...svg.children]; return [all.indexOf(e) > all.indexOf(
+              svg.querySelector('circle.match-marker').parentNode), +e.getAttribute('r')]; }""")
+        assert ring[0] and ring[1] >= 13  # over the markers, wider than a marker's disc
+        page.screenshot(path=str(SHOTS / f"page-sequence-{width}x{height}.png"), full_page=True)
+        if width < 1280:
+            browser.close()
+            return
         # a photo dropped on the drop zone (a JPEG the page fetches, wrapped as a dropped File)
         page.evaluate("""async () => { const blob = await (await fetch('/api/thumb/30')).blob();
             const dt = new DataTransfer(); dt.items.add(new File([blob], 'dropped.jpg', {type: 'image/jpeg'}));

@@ -174,6 +174,9 @@ def position(scores: np.ndarray, ids: np.ndarray, coords: Coordinates, hood: Nei
 
 #: The evidence a calibrated confidence is fitted on, all free at query time (one search DECISION_DEPTH deep).
 FEATURES = ("margin", "top1", "top1_z", "log_spread")
+#: The evidence of a sequence answer: the same statistics over the ranking of trajectory scores, plus ``agree``
+#: (1 when the newest frame's own top-1 lies in the sequence match's neighbourhood, else 0).
+SEQUENCE_FEATURES = (*FEATURES, "agree")
 #: Top-K poses whose spatial spread is the SUE-style feature (Zaffar et al., CVPR 2024).
 SPREAD_K = 10
 ECE_BINS = 10
@@ -245,6 +248,8 @@ class Calibration:
     brier: float = float("nan")
     reliability: list = field(default_factory=list)  # per probability bin: [mean probability, accuracy, count]
     kind: str = "logistic"
+    sequence_length: int = 0  # a calibration of sequence answers: their length L and method (0, "": single frames)
+    sequence_method: str = ""
 
     def probability(self, ev: dict[str, float]) -> float:
         """Evidence of one answer (``evidence``) -> P(its top-1 is the right place)."""
@@ -291,23 +296,25 @@ def precision_threshold(p: np.ndarray, correct: np.ndarray, target: float,
 
 
 def calibrate(features: np.ndarray, correct: np.ndarray, target_precision: float, neighbourhood: Neighbourhood,
-              unknown: int = 0, names: tuple[str, ...] = FEATURES, refuse: bool = True) -> Calibration:
+              unknown: int = 0, names: tuple[str, ...] = FEATURES, refuse: bool = True,
+              what: str = "calibration") -> Calibration:
     """Evidence [Q, F] (columns ``names``) and whether each top-1 is right [Q] -> a fitted Calibration.
 
     Logistic regression (scikit-learn, L2, C = 1) on standardised features: monotone in each feature's learned
     direction, smooth, and fitted well by a few hundred answers, where isotonic regression over several features
     would need far more. Refuses in one line when the answers hold only one class or when no threshold reaches the
     target precision (nothing is written then); ``refuse=False`` (benchmarks) returns the fit with an infinite
-    threshold (nothing 'known') and the best precision reached instead."""
+    threshold (nothing 'known') and the best precision reached instead. ``what`` names the answers in errors
+    ("calibration", "sequence")."""
     from sklearn.linear_model import LogisticRegression
 
     if not 0.0 < target_precision <= 1.0:
         raise ValueError(f"precision {target_precision}: must be in (0, 1]")
     x, y = np.asarray(features, np.float64), np.asarray(correct, bool)
     if len(x) < 10:
-        raise ValueError(f"{len(x)} calibration queries: need at least 10")
+        raise ValueError(f"{len(x)} {what} answers: need at least 10")
     if y.all() or not y.any():
-        raise ValueError(f"all {len(y)} calibration answers are {'right' if y.all() else 'wrong'}: a confidence "
+        raise ValueError(f"all {len(y)} {what} answers are {'right' if y.all() else 'wrong'}: a confidence "
                          "needs both (add photos of places outside the map with --unknown, or queries the model gets "
                          "right)")
     x = np.where(np.isfinite(x), x, np.nanmin(np.where(np.isfinite(x), x, np.inf), axis=0))
@@ -318,7 +325,7 @@ def calibrate(features: np.ndarray, correct: np.ndarray, target_precision: float
     if threshold is None and not refuse:
         threshold = math.inf
     elif threshold is None:
-        raise ValueError(f"target precision {target_precision} cannot be reached on these {len(y)} calibration "
+        raise ValueError(f"target precision {target_precision} cannot be reached on these {len(y)} {what} "
                          f"answers ({int(y.sum())} right): at most {reached:.3f}; lower --precision or add "
                          "validation queries")
     ece, table = expected_calibration_error(p, y)

@@ -104,9 +104,9 @@ def read_rows(source: str | os.PathLike) -> list[Row]:
         for p in list_images(src):
             try:
                 east, north = parse_utm_name(p)
-                rows.append(Row(str(p.resolve()), east=east, north=north))
+                rows.append(Row(os.path.abspath(p), east=east, north=north))
             except ValueError:
-                rows.append(Row(str(p.resolve())))
+                rows.append(Row(os.path.abspath(p)))
         if not rows:
             raise ValueError(f"{src}: no images in this folder")
         return rows
@@ -130,7 +130,7 @@ def read_rows(source: str | os.PathLike) -> list[Row]:
     for line, r in enumerate(table, start=2):
         p = Path(r["path"])
         p = p if p.is_absolute() else src.parent / p
-        row = Row(str(p.resolve()), (r.get("place_id") or None), num(r, "lat", line), num(r, "lon", line),
+        row = Row(os.path.abspath(p), (r.get("place_id") or None), num(r, "lat", line), num(r, "lon", line),
                   num(r, "utm_east", line), num(r, "utm_north", line))
         if row.lat is not None and row.lon is not None and (abs(row.lat) > 84 or abs(row.lon) > 180):
             raise ValueError(f"{src}: line {line}: lat/lon out of range ({row.lat}, {row.lon})")

@@ -6,6 +6,7 @@ onnxruntime and faiss alone (``pip install "edgevpr[runtime]"``).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import statistics
@@ -18,10 +19,20 @@ import numpy as np
 from PIL import Image
 
 from ..integrity import check_finite, warn
-from .decision import DECISION_DEPTH, FEATURES, Calibration, GeoPrior, Neighbourhood, calibrate, evidence, position
+from .decision import (
+    DECISION_DEPTH,
+    FEATURES,
+    SEQUENCE_FEATURES,
+    Calibration,
+    GeoPrior,
+    Neighbourhood,
+    calibrate,
+    evidence,
+    position,
+)
 from .embed import embed
 from .index import Match, PlaceIndex, check_model, match_dicts, update_manifest
-from .sequence import SEQSLAM_VELOCITIES, SequenceFilter, normalise, trajectory_search
+from .sequence import SEQSLAM_VELOCITIES, SequenceFilter, normalise, trajectory_scores
 
 
 def open_model(spec: str | os.PathLike, device="cpu", int8: bool = False):
@@ -91,8 +102,17 @@ class Localizer:
 
     @property
     def calibration(self) -> Calibration | None:
-        """The index's calibration; None (with a one-line warning) for one made by an earlier edgevpr."""
-        rec = self.index.manifest.get("calibration")
+        """The index's single-frame calibration; None (with a one-line warning) for one made by an earlier
+        edgevpr."""
+        return self._calibration("calibration")
+
+    @property
+    def sequence_calibration(self) -> Calibration | None:
+        """The index's calibration of sequence answers (``calibrate --sequence L``), or None."""
+        return self._calibration("sequence_calibration")
+
+    def _calibration(self, key: str) -> Calibration | None:
+        rec = self.index.manifest.get(key)
         if not rec:
             return None
         try:
@@ -102,6 +122,12 @@ class Localizer:
                 warn(str(e))
                 self._warned = True
             return None
+
+    def hood(self, hood: Neighbourhood | None = None) -> Neighbourhood:
+        """The neighbourhood of a margin: ``hood``, else the calibration's, else 25 m or +-2 ids."""
+        cal = self.calibration
+        return hood or (Neighbourhood(**cal.neighbourhood) if cal else
+                        Neighbourhood.default(self.index.coordinates()))
 
     def answer(self, desc: np.ndarray, k: int = 5, prior: GeoPrior | None = None,
                images: list[Image.Image] | None = None, hood: Neighbourhood | None = None) -> list[Answer]:
@@ -125,8 +151,7 @@ class Localizer:
                 order, checks[q] = self.verifier.rerank(img, scores[q, :n], [rows[int(i)][0] for i in found[q, :n]])
                 scores[q, :n], found[q, :n] = scores[q, :n][order], found[q, :n][order]
         top = self.index.matches(scores[:, :k], found[:, :k])
-        coords, cal = self.index.coordinates(), self.calibration
-        hood = hood or (Neighbourhood(**cal.neighbourhood) if cal else Neighbourhood.default(coords))
+        coords, cal, hood = self.index.coordinates(), self.calibration, self.hood(hood)
         out = []
         for matches, sq, iq, check in zip(top, scores, found, checks, strict=True):
             sq, iq = sq[iq >= 0], iq[iq >= 0]
@@ -149,41 +174,69 @@ class Localizer:
         return [a.matches for _, a, _ in answers], [ms for _, _, ms in answers]
 
     def calibrate(self, frames, positives: list[set[str]], precision: float = 0.95,
-                  hood: Neighbourhood | None = None, unknown_frames=()) -> Calibration:
-        """Validation frames (``inputs.Frame``, every query set pooled) and, per frame, the database paths that
-        count as right, plus ``unknown_frames``: photos of places the map does not hold (every answer to them is
-        wrong) -> a Calibration at the target ``precision``, recorded in the index. Refused in one line (nothing
-        written) when the target cannot be reached."""
-        hood = hood or Neighbourhood.default(self.index.coordinates())
-        feats, right, n_unknown = [], [], 0
-        pairs = itertools.chain(zip(frames, positives, strict=True), ((f, set()) for f in unknown_frames))
-        for f, pos in pairs:  # one frame in memory at a time; answered as live queries are (verified when on)
-            a = self.answer(self.embed([f.image]), 1, None, [f.image], hood)[0]
+                  hood: Neighbourhood | None = None, unknown_frames=(), sequence: int = 0,
+                  method: str = "seqslam") -> tuple[Calibration, Calibration | None]:
+        """Validation frames (``inputs.Frame``, in capture order, every query set pooled) and, per frame, the
+        database paths that count as right, plus ``unknown_frames``: photos of places the map does not hold (every
+        answer to them is wrong) -> (single-frame Calibration, sequence Calibration or None) at the target
+        ``precision``, recorded in the index together. With ``sequence`` L > 0 the frames are also tracked as
+        sequences (each capture sequence on its own) and the sequence answers of every frame past the warm-up are
+        calibrated on ``SEQUENCE_FEATURES``. Refused in one line (nothing written) when a target cannot be
+        reached."""
+        hood = self.hood(hood)
+        pos = itertools.chain(positives, itertools.repeat(set()))
+        unknown = (dataclasses.replace(f, sequence=f"unknown:{f.sequence}") for f in unknown_frames)
+        feats, right, seq_feats, seq_right, n_unknown = [], [], [], [], 0
+        # one frame in memory at a time; answered as live queries are (verified when on)
+        for (_, a, _), good in zip(self.stream(itertools.chain(frames, unknown), 1, sequence=sequence,
+                                               method=method, hood=hood), pos):
             feats.append([a.decision["evidence"][name] for name in FEATURES])
-            right.append(a.matches[0].path in pos)
-            n_unknown += not pos
+            right.append(a.matches[0].path in good)
+            n_unknown += not good
+            if a.sequence is not None and not a.sequence["decision"]["warming_up"]:
+                seq_feats.append([a.sequence["decision"]["evidence"][name] for name in SEQUENCE_FEATURES])
+                seq_right.append(a.sequence["match"]["path"] in good)
         cal = calibrate(np.array(feats), np.array(right), precision, hood, unknown=n_unknown)
-        self.index.manifest = update_manifest(self.index.root, calibration=cal.to_dict())
-        return cal
+        seq = None
+        if sequence:
+            if not seq_feats:
+                raise ValueError(f"--sequence {sequence}: no query set has more than {sequence - 1} frames, so no "
+                                 "sequence answer is past its warm-up")
+            seq = calibrate(np.array(seq_feats), np.array(seq_right), precision, hood, names=SEQUENCE_FEATURES,
+                            what="sequence")
+            seq.sequence_length, seq.sequence_method = sequence, method
+        self.index.manifest = update_manifest(self.index.root, calibration=cal.to_dict(),
+                                              sequence_calibration=seq.to_dict() if seq else None)
+        return cal, seq
 
-    def tracker(self, length: int, method: str = "seqslam") -> Tracker:
-        """A sequence tracker over this index (see ``Tracker``)."""
-        return Tracker(self.index, length, method)
+    def tracker(self, length: int, method: str = "seqslam", hood: Neighbourhood | None = None) -> Tracker:
+        """A sequence tracker over this index (see ``Tracker``), with the index's sequence calibration when it was
+        made for this ``length`` and ``method``."""
+        cal = self.sequence_calibration
+        if cal is not None and (cal.sequence_length, cal.sequence_method) != (length, method):
+            if not getattr(self, "_warned_seq", False):
+                warn(f"{self.index.root}: its sequence calibration was made for {cal.sequence_method} L="
+                     f"{cal.sequence_length}, not {method} L={length}: sequence answers are uncalibrated (run "
+                     f"`edgevpr calibrate --sequence {length}`)")
+                self._warned_seq = True
+            cal = None
+        return Tracker(self.index, length, method, cal, self.hood(hood))
 
     def stream(self, frames, k: int = 5, knobs: dict | None = None, prior: GeoPrior | None = None,
-               sequence: int = 0, method: str = "seqslam"):
+               sequence: int = 0, method: str = "seqslam", hood: Neighbourhood | None = None):
         """Frames (``inputs.Frame``, in capture order) -> per frame, as it arrives: (name, Answer, ms). With
-        ``sequence`` > 0 each answer also carries the sequence match over the frames so far (causal); a frame
-        of another capture sequence (another video, folder or list) starts the tracking afresh."""
+        ``sequence`` > 0 each answer also carries the sequence answer over the frames so far (causal), which
+        becomes its headline; a frame of another capture sequence (another video, folder or list) starts the
+        tracking afresh."""
         tracker, current = None, None
         t0 = time.perf_counter()  # ms per frame: reading/decoding it, embedding and searching
         for f in frames:
             d = self.embed([f.image], knobs)
-            a = self.answer(d, k, prior, [f.image])[0]
+            a = self.answer(d, k, prior, [f.image], hood)[0]
             if sequence:
                 if tracker is None or f.sequence != current:
-                    tracker, current = self.tracker(sequence, method), f.sequence
-                a.sequence = tracker.push(d[0])
+                    tracker, current = self.tracker(sequence, method, hood), f.sequence
+                a.sequence = tracker.push(d[0], a.matches[0].id if a.matches else None)
             yield f.name, a, (time.perf_counter() - t0) * 1000
             t0 = time.perf_counter()
 
@@ -191,14 +244,23 @@ class Localizer:
 @dataclass
 class Answer:
     """One query's answer: ``matches`` (top-k, best first), ``decision`` (see ``Localizer.answer``) and, in a
-    sequence, ``sequence`` (see ``Tracker.push``)."""
+    sequence, ``sequence`` (see ``Tracker.push``), whose answer is then the headline."""
 
     matches: list[Match]
     decision: dict
     sequence: dict | None = None
 
+    def headline(self) -> dict:
+        """The answer to act on: {"source": "sequence" or "frame", "match" (a match dict, or None), "decision"}.
+        The sequence answer when a sequence is on (warming up until it has its L frames: never known then), else
+        the single frame's top-1."""
+        if self.sequence is not None:
+            return {"source": "sequence", "match": self.sequence["match"], "decision": self.sequence["decision"]}
+        return {"source": "frame", "match": match_dicts(self.matches[:1])[0] if self.matches else None,
+                "decision": self.decision}
+
     def to_dict(self) -> dict:
-        return {"matches": match_dicts(self.matches), "decision": self.decision,
+        return {"headline": self.headline(), "matches": match_dicts(self.matches), "decision": self.decision,
                 **({"sequence": self.sequence} if self.sequence is not None else {})}
 
 
@@ -207,36 +269,58 @@ class Tracker:
 
     ``seqslam``: the last ``length`` frames' similarity rows are searched as ``sequence.seqslam`` does for its
     newest query; since that search only looks back, this equals offline ``seqslam`` over the whole stream at
-    every frame (tested). ``filter``: the Bayes filter ``sequence.SequenceFilter`` (``length`` unused), whose
+    every frame (tested). ``filter``: the Bayes filter ``sequence.SequenceFilter`` (``length``: its warm-up), whose
     ``probability`` is the posterior mass of the chosen position. Database route segments come from
-    ``PlaceIndex.segments`` (folders, coordinate jumps)."""
+    ``PlaceIndex.segments`` (folders, coordinate jumps).
+
+    Each sequence answer carries a decision like a single frame's: the position estimate from the best trajectory
+    ends in the match's neighbourhood, the evidence (``decision.evidence`` over the ranking of trajectory scores,
+    plus ``agree``: whether the single frame's top-1 lies in the sequence match's neighbourhood) and, with a
+    sequence calibration, the calibrated confidence and known/unknown. Until ``length`` frames have been seen the
+    answer is ``warming_up`` and never known."""
 
     METHODS = ("seqslam", "filter")
 
-    def __init__(self, index: PlaceIndex, length: int, method: str = "seqslam") -> None:
+    def __init__(self, index: PlaceIndex, length: int, method: str = "seqslam",
+                 calibration: Calibration | None = None, hood: Neighbourhood | None = None) -> None:
         if method not in self.METHODS:
             raise ValueError(f"sequence method {method!r}: choose from {', '.join(self.METHODS)}")
         if length < 1:
             raise ValueError(f"sequence length {length}: must be >= 1")
-        self.index, self.length, self.method = index, length, method
+        self.index, self.length, self.method, self.calibration = index, length, method, calibration
+        self.coords = index.coordinates()
+        self.hood = hood or Neighbourhood.default(self.coords)
         self.segments = index.segments()
         self.rows: deque[np.ndarray] = deque(maxlen=length)  # a fixed-size ring: constant cost per frame
         self.frames = 0
         self.filter = SequenceFilter(len(index), db_segments=self.segments) if method == "filter" else None
 
-    def push(self, desc: np.ndarray) -> dict:
-        """One frame's descriptor [D] -> {"match": database match, "score", "frames", "method"}."""
+    def push(self, desc: np.ndarray, frame_top: int | None = None) -> dict:
+        """One frame's descriptor [D] and its single-frame top-1 id -> {"method", "frames" (used), "match"
+        (database match), "score", "decision"}."""
         sim = self.index.similarities(desc[None])[0]
         self.frames += 1
         if self.filter is not None:
-            j, p = self.filter.update(sim)
-            extra = {"probability": p}
+            self.filter.update(sim)
+            scores = self.filter.belief
         else:  # rows are normalised once, as they arrive (the normalisation is per row)
             self.rows.append(normalise(sim[None])[0])
-            j, score = trajectory_search(np.stack(self.rows), self.length, SEQSLAM_VELOCITIES, self.segments)
-            extra = {"score": score}
+            scores = trajectory_scores(np.stack(self.rows), self.length, SEQSLAM_VELOCITIES, self.segments)
+        ids = np.argsort(-scores, kind="stable")[:DECISION_DEPTH]
+        ids = ids[np.isfinite(scores[ids])]
+        j = int(ids[0])
+        ev = evidence(scores[ids], ids, self.coords, self.hood)
+        ev["agree"] = float(frame_top is not None and bool(self.hood.near(self.coords, j, np.array([frame_top]))[0]))
+        warming, cal = self.frames < self.length, self.calibration
+        p = cal.probability(ev) if cal is not None and not warming else None
+        decision = {"position": position(scores[ids], ids, self.coords, self.hood, DECISION_DEPTH),
+                    "score": ev["margin"], "confidence": p,
+                    "known": False if warming else (bool(p >= cal.threshold) if cal is not None else None),
+                    "threshold": cal.threshold if cal is not None else None, "evidence": ev,
+                    "warming_up": warming}
         match = Match(1, j, float(sim[j]), *self.index.rows([j])[j])
-        return {"method": self.method, "frames": min(self.frames, self.length), "match": asdict(match), **extra}
+        return {"method": self.method, "frames": min(self.frames, self.length), "length": self.length,
+                "match": asdict(match), "score": float(scores[j]), "decision": decision}
 
 
 def latency_summary(ms: list[float]) -> dict:

@@ -75,15 +75,15 @@ def seqslam(s: np.ndarray, length: int = 10, velocities: tuple[float, ...] = SEQ
     return best_j, best_score
 
 
-def trajectory_search(norm: np.ndarray, length: int, velocities: tuple[float, ...],
-                      seg: np.ndarray) -> tuple[int, float]:
-    """Normalised similarities [T, N] of one sequence's frames so far (the newest last) -> (best database frame
-    for the newest frame, its score): straight trajectories over the last min(length, T) frames. Its cost depends on
-    ``length``, not on T, so a live stream pays the same for every frame."""
+def trajectory_scores(norm: np.ndarray, length: int, velocities: tuple[float, ...], seg: np.ndarray) -> np.ndarray:
+    """Normalised similarities [T, N] of one sequence's frames so far (the newest last) -> per database frame j the
+    score of the best straight trajectory over the last min(length, T) frames that ends at j [N] (-inf where none
+    fits inside j's route segment). Its cost depends on ``length``, not on T, so a live stream pays the same for
+    every frame."""
     t, n = norm.shape
     steps = min(length, t)
     js = np.arange(n)
-    best_j, best = 0, -np.inf
+    best = np.full(n, -np.inf)
     for v in velocities:
         # a fractional velocity's line need not pass through an integer frame at query i: try sub-frame phases
         for phase in ((0.0,) if float(v).is_integer() else (-1 / 3, 0.0, 1 / 3)):
@@ -95,11 +95,17 @@ def trajectory_search(norm: np.ndarray, length: int, velocities: tuple[float, ..
                 jj_c = np.clip(jj, 0, n - 1)
                 valid &= ok & (seg[jj_c] == seg)
                 total += norm[t - 1 - k, jj_c]
-            score = np.where(valid, total / steps, -np.inf)
-            j = int(np.argmax(score))
-            if score[j] > best:
-                best_j, best = j, float(score[j])
-    return best_j, best
+            np.maximum(best, np.where(valid, total / steps, -np.inf), out=best)
+    return best
+
+
+def trajectory_search(norm: np.ndarray, length: int, velocities: tuple[float, ...],
+                      seg: np.ndarray) -> tuple[int, float]:
+    """Normalised similarities [T, N] -> (best database frame for the newest frame, its score): the argmax of
+    ``trajectory_scores``."""
+    score = trajectory_scores(norm, length, velocities, seg)
+    j = int(np.argmax(score))
+    return j, float(score[j])
 
 
 class SequenceFilter:

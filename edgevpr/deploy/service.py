@@ -3,13 +3,14 @@
 Endpoints:
   GET  /                      the web page (static/index.html): upload a photo, see its matches and a map
   GET  /api/health            {"status": "ok", index size, model name and fingerprint, limits}
-  POST /api/localize?k=5      multipart field ``image`` -> {"matches": [...], "decision": {...}, "ms": ...};
+  POST /api/localize?k=5      multipart field ``image`` -> {"headline": {...}, "matches": [...], "decision": {...},
+                              "ms": ...} (``headline``: the answer to act on, see ``localize.Answer.headline``);
                               optional ``keep_ratio`` / ``sparsity`` override the index's runtime knobs for this
                               query; a GNSS prior ``lat``+``lon`` (or ``east``+``north``) + ``radius_m`` limits
                               the search to the database images within it
   POST /api/localize_sequence?length=10&method=seqslam
                               repeated multipart field ``images`` (frames in capture order, <= max_frames) ->
-                              {"frames": [per frame: matches, decision, sequence]}
+                              {"frames": [per frame: headline (the sequence answer), matches, decision, sequence]}
   GET  /api/thumb/{id}        JPEG thumbnail (<= 320 px) of a database image
   GET  /api/map               database positions (<= 5000, evenly spaced) for the map
 
@@ -204,7 +205,8 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
 
     def answered(answer, name: str | None, size: tuple[int, int], ms: float) -> dict:
         out = answer.to_dict()
-        for m in out["matches"] + ([out["sequence"]["match"]] if "sequence" in out else []):
+        head = [out["headline"]["match"]] if out["headline"]["match"] else []
+        for m in out["matches"] + head + ([out["sequence"]["match"]] if "sequence" in out else []):
             m["name"] = Path(m["path"]).name
             m["thumb"] = f"/api/thumb/{m['id']}"
         return {"filename": name, "width": size[0], "height": size[1], "ms": ms, **out}
@@ -224,7 +226,7 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
         knobs, prior = options(k, keep_ratio, sparsity, lat, lon, east, north, radius_m)
         img = decoded(image)
         t0 = time.perf_counter()
-        answer = run(lambda: localizer.answer(localizer.embed([img], knobs), k, prior)[0])
+        answer = run(lambda: localizer.answer(localizer.embed([img], knobs), k, prior, [img])[0])
         return {"k": k, "knobs": {**localizer.knobs, **knobs}, "prior": prior and asdict(prior),
                 **answered(answer, image.filename, img.size, (time.perf_counter() - t0) * 1000)}
 

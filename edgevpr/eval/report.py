@@ -28,6 +28,13 @@ def results_table(results: dict) -> str:
         for name, q in seq.items():
             lines.append(f"| {name} | {q['recall']['R@1']:.3f} | {ds[name]['recall'][ns[0]]:.3f} | {q['length']} | "
                          f"{q['method']} |")
+    ver = {name: r["verification"] for name, r in ds.items() if r.get("verification")}
+    if ver:
+        lines += ["", "| dataset | verified R@1 | R@1 without | K | ms/query | top-1 moved | not verifiable |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, v in ver.items():
+            lines.append(f"| {name} | {ds[name]['recall'][ns[0]]:.3f} | {v['recall_unverified'][ns[0]]:.3f} | "
+                         f"{v['k']} | {v['ms_per_query']:.0f} | {v['top1_moved']} | {v['not_verified']} |")
     eff = results.get("efficiency")
     if eff:
         lines += ["", "| params (M) | GFLOPs | ms/img b1 | ms/img batched | peak RSS MB (b1) | inference MB (b1) "
