@@ -121,7 +121,8 @@ def _verify(ds: VPRDataset, scores: np.ndarray, idx: np.ndarray, conf: EvalConf)
     t0 = time.perf_counter()
     for q in tqdm(range(len(idx)), desc=f"{ds.name} verify top-{n}", unit="query", disable=not conf.progress,
                   dynamic_ncols=True):
-        order, rec = verifier.rerank(load_image(ds.q_paths[q]), scores[q, :n], [str(ds.db_paths[j]) for j in idx[q, :n]])
+        paths = [str(ds.db_paths[j]) for j in idx[q, :n]]
+        order, rec = verifier.rerank(load_image(ds.q_paths[q]), scores[q, :n], paths)
         scores[q, :n], idx[q, :n] = scores[q, :n][order], idx[q, :n][order]
         moved += bool(rec.get("moved"))
         plain += not rec["verified"]

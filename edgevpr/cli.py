@@ -668,7 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--sequence", type=_bounded(0, 1000), default=0, metavar="L",
                     help="also match the stream as a sequence over the last L frames (default 0: off)")
     lo.add_argument("--sequence-method", choices=["seqslam", "filter"], default="seqslam",
-                    help="seqslam: SeqSLAM search over the last L frames; filter: online Bayes filter (default seqslam)")
+                    help="seqslam: SeqSLAM search over the last L frames; filter: online Bayes filter "
+                         "(default seqslam)")
     _knob_flags(lo)  # override the index's knobs for the queries, e.g. a lower keep_ratio
     lo.set_defaults(func=cmd_localize)
 

@@ -184,12 +184,18 @@ class Localizer:
         calibrated on ``SEQUENCE_FEATURES``. Refused in one line (nothing written) when a target cannot be
         reached."""
         hood = self.hood(hood)
-        pos = itertools.chain(positives, itertools.repeat(set()))
-        unknown = (dataclasses.replace(f, sequence=f"unknown:{f.sequence}") for f in unknown_frames)
+        unknown = ((dataclasses.replace(f, sequence=f"unknown:{f.sequence}"), set()) for f in unknown_frames)
+        pending: deque[set[str]] = deque()
+
+        def tagged():  # each frame's positives travel beside it through the stream
+            for f, good in itertools.chain(zip(frames, positives, strict=True), unknown):
+                pending.append(good)
+                yield f
+
         feats, right, seq_feats, seq_right, n_unknown = [], [], [], [], 0
         # one frame in memory at a time; answered as live queries are (verified when on)
-        for (_, a, _), good in zip(self.stream(itertools.chain(frames, unknown), 1, sequence=sequence,
-                                               method=method, hood=hood), pos):
+        for _, a, _ in self.stream(tagged(), 1, sequence=sequence, method=method, hood=hood):
+            good = pending.popleft()
             feats.append([a.decision["evidence"][name] for name in FEATURES])
             right.append(a.matches[0].path in good)
             n_unknown += not good
