@@ -10,12 +10,19 @@ Two maps, each calibrated on validation queries and judged on held-out ones (no 
 * Nordland: database summer 1500-2499 (dark frames dropped); calibration winter 1500-1999 plus Gardens Point
   night_right and day_left 0-49 as unknown places; test winter 2000-2499 plus Gardens Point 50-99.
 
-Per estimator (single frame; sequences have no confidence of their own yet): AUC-PR (average precision) of
-"the top-1 is right" on the test answers, unknown-place answers counting as wrong. Estimators: top-1 cosine, the
-margin over the best other place, SUE (the spatial spread of the top-10 poses, lower = surer; database ids here,
-as these maps carry no coordinates), SD (the top-1 z-scored within its top-100), and the fused, calibrated
-probability (``edgevpr.deploy.decision.calibrate``). For the fused one also: held-out ECE (10 bins) and Brier,
-the precision of its "known" answers at the target precision, and the fraction of unknown-place queries rejected.
+Per estimator: AUC-PR (average precision) of "the answer is right" on the test answers, unknown-place answers
+counting as wrong, on each test set (with the unknown-place answers) and on all of them pooled. Estimators: top-1
+cosine, the margin over the best other place, SUE (the spatial spread of the top-10 poses, lower = surer; database
+ids here, as these maps carry no coordinates), SD (the top-1 z-scored within its top-100), and the fused,
+calibrated probability (``edgevpr.deploy.decision.calibrate``). For the fused one also: held-out ECE (10 bins) and
+Brier, the precision of its "known" answers at the target precision, and the fraction of unknown-place queries
+rejected.
+
+With sequences (``--sequence L``, default 10): each query set (and each unknown-place set) is streamed as one
+capture sequence, as ``localize --sequence`` does (row z-scores, SeqSLAM trajectories over the last L frames);
+the answer is the sequence match, the estimators are the same statistics over the ranking of trajectory scores
+plus ``agree`` (the frame's own top-1 in the sequence match's neighbourhood), fused by the sequence calibration.
+The first L-1 frames of each sequence are warm-up (never known) and left out.
 No Corridor data is available here. Writes benchmarks/results/confidence.{json,md}.
 """
 
@@ -31,57 +38,88 @@ from edgevpr.data.datasets import open_dataset
 from edgevpr.deploy.decision import (
     DECISION_DEPTH,
     FEATURES,
+    SEQUENCE_FEATURES,
     Coordinates,
     Neighbourhood,
     calibrate,
     evidence,
     expected_calibration_error,
 )
+from edgevpr.deploy.sequence import SEQSLAM_VELOCITIES, row_z, trajectory_scores
 from edgevpr.eval.extract import extract
 from edgevpr.models.model import load_model
 from edgevpr.utils import default_cache_dir, write_json, write_text
 
 ESTIMATORS = {"top-1 cosine": "top1", "margin": "margin", "SUE (spread)": "log_spread", "SD (z-score)": "top1_z"}
+SEQ_ESTIMATORS = {"top-1 trajectory": "top1", "margin": "margin", "SUE (spread)": "log_spread",
+                  "SD (z-score)": "top1_z", "agreement": "agree"}
 
 
 def descriptors(model, paths) -> np.ndarray:
     return extract(model, list(paths), 32, default_cache_dir(), False, 0, "cpu", None, progress=False).descriptors
 
 
-def answers(q: np.ndarray, db: np.ndarray, positives: list, hood: Neighbourhood) -> tuple[np.ndarray, np.ndarray]:
-    """Queries [Q, D] against a database [N, D] -> (evidence [Q, F], top-1 right [Q]); positives[i] empty: an
-    unknown place (always wrong)."""
+def answers(q: np.ndarray, db: np.ndarray, positives: list, hood: Neighbourhood,
+            length: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One capture sequence of queries [Q, D] against a database [N, D] -> (evidence [A, F], answer right [A]);
+    positives[i] empty: an unknown place (always wrong). ``length`` 0: single frames (A = Q, ``FEATURES``); L > 0:
+    the sequence answers past the warm-up (A = Q - L + 1, ``SEQUENCE_FEATURES``), computed as ``Tracker`` does."""
     nan = np.full(len(db), np.nan)
     coords = Coordinates(nan, nan, nan, nan)
     s = q @ db.T
-    top = np.argsort(-s, axis=1)[:, :DECISION_DEPTH]
+    norm, seg = row_z(s), np.zeros(len(db), np.int64)
     feats, right = [], []
     for i in range(len(q)):
-        ev = evidence(s[i, top[i]], top[i], coords, hood)
-        feats.append([ev[f] for f in FEATURES])
-        right.append(int(top[i, 0]) in set(positives[i]))
+        top = np.argsort(-s[i])[:DECISION_DEPTH]
+        if not length:
+            ev = evidence(s[i, top], top, coords, hood)
+            feats.append([ev[f] for f in FEATURES])
+            right.append(int(top[0]) in set(positives[i]))
+            continue
+        if i < length - 1:
+            continue
+        t = trajectory_scores(norm[i - length + 1:i + 1], length, SEQSLAM_VELOCITIES, seg)
+        ids = np.argsort(-t, kind="stable")[:DECISION_DEPTH]
+        ids = ids[np.isfinite(t[ids])]
+        ev = evidence(t[ids], ids, coords, hood)
+        ev["agree"] = float(hood.near(coords, int(ids[0]), np.array([top[0]]))[0])
+        feats.append([ev[f] for f in SEQUENCE_FEATURES])
+        right.append(int(ids[0]) in set(positives[i]))
     return np.array(feats), np.array(right)
 
 
-def evaluate(name: str, model, db_paths, cal_sets, test_sets, hood: Neighbourhood, target: float) -> dict:
-    """cal_sets / test_sets: lists of (query paths, positives per query; [] = unknown place)."""
+def evaluate(name: str, model, db_paths, cal_sets, test_sets, hood: Neighbourhood, target: float,
+             length: int = 0) -> dict:
+    """cal_sets / test_sets: lists of (label, query paths, positives per query; [] = unknown place), each one
+    capture sequence."""
     db = descriptors(model, db_paths)
+    names, estimators = (SEQUENCE_FEATURES, SEQ_ESTIMATORS) if length else (FEATURES, ESTIMATORS)
 
     def pooled(sets):
-        parts = [answers(descriptors(model, paths), db, pos, hood) for paths, pos in sets]
-        unknown = np.concatenate([[len(p) == 0 for p in pos] for _, pos in sets])
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), unknown
+        parts = [answers(descriptors(model, paths), db, pos, hood, length) for _, paths, pos in sets]
+        unknown = np.concatenate([np.full(len(p[1]), len(pos) > 0 and not any(pos)) for p, (_, _, pos)
+                                  in zip(parts, sets, strict=True)])
+        label = np.concatenate([np.full(len(p[1]), lab) for p, (lab, _, _) in zip(parts, sets, strict=True)])
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), unknown, label
 
-    xc, yc, uc = pooled(cal_sets)
-    xt, yt, ut = pooled(test_sets)
-    cal = calibrate(xc, yc, target, hood, unknown=int(uc.sum()), refuse=False)  # `calibrate` would refuse
-    p = np.array([cal.probability(dict(zip(FEATURES, row, strict=True))) for row in xt])
-    row = {"calibration_answers": int(len(yc)), "calibration_right": int(yc.sum()), "test_answers": int(len(yt)),
-           "test_right": int(yt.sum()), "test_unknown": int(ut.sum()), "auc_pr": {}}
-    for label, feat in ESTIMATORS.items():
-        score = xt[:, FEATURES.index(feat)] * (-1 if feat == "log_spread" else 1)
-        row["auc_pr"][label] = float(average_precision_score(yt, score))
-    row["auc_pr"]["fused (calibrated)"] = float(average_precision_score(yt, p))
+    xc, yc, uc, _ = pooled(cal_sets)
+    xt, yt, ut, lt = pooled(test_sets)
+    cal = calibrate(xc, yc, target, hood, unknown=int(uc.sum()), names=names, refuse=False)
+    p = np.array([cal.probability(dict(zip(names, row, strict=True))) for row in xt])
+
+    def auc(sel) -> dict:
+        out = {}
+        for label, feat in estimators.items():
+            score = xt[sel, names.index(feat)] * (-1 if feat == "log_spread" else 1)
+            out[label] = float(average_precision_score(yt[sel], score))
+        out["fused (calibrated)"] = float(average_precision_score(yt[sel], p[sel]))
+        return out
+
+    known_sets = [lab for lab, _, pos in test_sets if any(pos)]
+    row = {"sequence_length": length, "calibration_answers": int(len(yc)), "calibration_right": int(yc.sum()),
+           "test_answers": int(len(yt)), "test_right": int(yt.sum()), "test_unknown": int(ut.sum()),
+           "auc_pr": auc(np.ones(len(yt), bool)),
+           "auc_pr_by_set": {lab: auc((lt == lab) | ut) for lab in known_sets} if len(known_sets) > 1 else {}}
     known = p >= cal.threshold
     row.update({"ece": expected_calibration_error(p, yt)[0], "brier": float(np.mean((p - yt) ** 2)),
                 "threshold": cal.threshold if np.isfinite(cal.threshold) else None,
@@ -90,14 +128,38 @@ def evaluate(name: str, model, db_paths, cal_sets, test_sets, hood: Neighbourhoo
                 "known_precision": float(yt[known].mean()) if known.any() else None,
                 "known_share_of_known_places": float(known[~ut].mean()),
                 "unknown_rejected": float((~known[ut]).mean()), "calibration_ece": cal.ece})
-    print(name, row, flush=True)
+    print(name, f"L={length}", row, flush=True)
     return row
+
+
+def table(res: dict, length: int) -> list[str]:
+    """The markdown rows of one mode (single frames: length 0, or sequences of ``length``)."""
+    rows = []
+    for name, r in res["maps"].items():
+        r = r[f"L={length}"]
+        est = list(r["auc_pr"])
+        if not rows:
+            rows = ["| map / test set | answers (right / unknown) | " + " | ".join(est) + " | ECE | Brier | "
+                    "known precision | unknown rejected | known places answered 'known' |",
+                    "|---|---|" + "---:|" * (len(est) + 5)]
+        kp = "-" if r["known_precision"] is None else f"{r['known_precision']:.3f}"
+        if not r["target_reached_on_calibration"]:
+            kp = f"refused (calibration reaches at most {r['calibration_best_precision']:.3f}: nothing 'known')"
+        rows.append(f"| **{name}** (all) | {r['test_answers']} ({r['test_right']} / {r['test_unknown']}) | " +
+                    " | ".join(f"{r['auc_pr'][e]:.3f}" for e in est) +
+                    f" | {r['ece']:.3f} | {r['brier']:.3f} | {kp} | {r['unknown_rejected']:.3f} | "
+                    f"{r['known_share_of_known_places']:.3f} |")
+        for lab, a in r["auc_pr_by_set"].items():
+            rows.append(f"| {name}: {lab} + unknown | | " + " | ".join(f"{a[e]:.3f}" for e in est) +
+                        " | | | | | |")
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="effnet-lite0-gem", help="model (default effnet-lite0-gem)")
     ap.add_argument("--precision", type=float, default=0.9, help="target precision of 'known' (default 0.9)")
+    ap.add_argument("--sequence", type=int, default=10, help="sequence length L of the sequence rows (default 10)")
     args = ap.parse_args()
     data = data_root()
     gp, nl = data / "gardens_point", data / "nordland_64x32"
@@ -105,44 +167,40 @@ def main() -> None:
 
     def gp_queries(folder, a, b):  # against the whole day_right database: +-2 frames
         ds = open_dataset(gp / "day_right", gp / folder, aligned_tolerance=2)
-        return [ds.q_paths[i] for i in range(a, b)], [ds.positives[i].tolist() for i in range(a, b)]
+        return folder, [ds.q_paths[i] for i in range(a, b)], [ds.positives[i].tolist() for i in range(a, b)]
 
-    def unknown(paths):
-        return list(paths), [[] for _ in paths]
+    def unknown(label, paths):
+        return label, list(paths), [[] for _ in paths]
 
     nl_summer = sorted((nl / "summer").glob("*.png"))
-    res: dict = {"model": model.name, "target_precision": args.precision, "maps": {}}
-    res["maps"]["gardens_point"] = evaluate(
-        "gardens_point", model, sorted((gp / "day_right").glob("*.jpg")),
-        [gp_queries("night_right", 0, 50), gp_queries("day_left", 0, 50), unknown(nl_summer[0:2000:10])],
-        [gp_queries("night_right", 50, 100), gp_queries("day_left", 50, 100), unknown(nl_summer[5:2000:10])],
-        Neighbourhood(radius_m=None, frames=2), args.precision)
     val = open_dataset(nl / "summer", nl / "winter", aligned_tolerance=1, frames=(1500, 2500), drop_dark=10)
     cut = int(np.searchsorted([int(p.stem.split("-")[1]) for p in val.q_paths], 20000))  # winter 2000- (test)
-    nl_q = [(val.q_paths[:cut], [p.tolist() for p in val.positives[:cut]]),
-            (val.q_paths[cut:], [p.tolist() for p in val.positives[cut:]])]
+    nl_q = [("winter", val.q_paths[:cut], [p.tolist() for p in val.positives[:cut]]),
+            ("winter", val.q_paths[cut:], [p.tolist() for p in val.positives[cut:]])]
     gp_night = sorted((gp / "night_right").glob("*.jpg"))
     gp_left = sorted((gp / "day_left").glob("*.jpg"))
-    res["maps"]["nordland"] = evaluate(
-        "nordland", model, val.db_paths, [nl_q[0], unknown(gp_night[:50] + gp_left[:50])],
-        [nl_q[1], unknown(gp_night[50:] + gp_left[50:])], Neighbourhood(radius_m=None, frames=1), args.precision)
+    res: dict = {"model": model.name, "target_precision": args.precision, "maps": {"gardens_point": {},
+                                                                                   "nordland": {}}}
+    for length in (0, args.sequence):
+        res["maps"]["gardens_point"][f"L={length}"] = evaluate(
+            "gardens_point", model, sorted((gp / "day_right").glob("*.jpg")),
+            [gp_queries("night_right", 0, 50), gp_queries("day_left", 0, 50),
+             unknown("nordland", nl_summer[0:2000:10])],
+            [gp_queries("night_right", 50, 100), gp_queries("day_left", 50, 100),
+             unknown("nordland", nl_summer[5:2000:10])],
+            Neighbourhood(radius_m=None, frames=2), args.precision, length)
+        res["maps"]["nordland"][f"L={length}"] = evaluate(
+            "nordland", model, val.db_paths,
+            [nl_q[0], unknown("gp night", gp_night[:50]), unknown("gp day_left", gp_left[:50])],
+            [nl_q[1], unknown("gp night", gp_night[50:]), unknown("gp day_left", gp_left[50:])],
+            Neighbourhood(radius_m=None, frames=1), args.precision, length)
     write_json(ROOT / "benchmarks" / "results" / "confidence.json", res)
-    est = [*ESTIMATORS, "fused (calibrated)"]
     lines = [f"# Confidence estimators on held-out answers (`python benchmarks/confidence.py`, {res['model']})", "",
-             "AUC-PR of 'the top-1 is right' (unknown-place answers count as wrong); the fused estimator is the "
-             f"calibrated probability, fitted on the calibration split; target precision {args.precision}. "
-             "Single frame only; no Corridor data here.", "",
-             "| map | test answers (right / unknown) | " + " | ".join(est) + " | ECE | Brier | known precision | "
-             "unknown rejected | known places answered 'known' |",
-             "|---|---|" + "---:|" * (len(est) + 5)]
-    for name, r in res["maps"].items():
-        kp = "-" if r["known_precision"] is None else f"{r['known_precision']:.3f}"
-        if not r["target_reached_on_calibration"]:
-            kp = f"refused (calibration reaches at most {r['calibration_best_precision']:.3f}: nothing 'known')"
-        lines.append(f"| {name} | {r['test_answers']} ({r['test_right']} / {r['test_unknown']}) | " +
-                     " | ".join(f"{r['auc_pr'][e]:.3f}" for e in est) +
-                     f" | {r['ece']:.3f} | {r['brier']:.3f} | {kp} | {r['unknown_rejected']:.3f} | "
-                     f"{r['known_share_of_known_places']:.3f} |")
+             "AUC-PR of 'the answer is right' (unknown-place answers count as wrong), on each map's test answers "
+             "pooled and per test set (with the unknown-place answers); the fused estimator is the calibrated "
+             f"probability, fitted on the calibration split; target precision {args.precision}. No Corridor data "
+             "here.", "", "## Single frames", "", *table(res, 0), "",
+             f"## Sequences of {args.sequence} frames (answers past the warm-up)", "", *table(res, args.sequence)]
     write_text(ROOT / "benchmarks" / "results" / "confidence.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -275,7 +275,7 @@ def test_sequence_tracking_costs_the_same_at_every_frame(tiny, tmp_path, monkeyp
     root = _build(tiny, tmp_path, n=12)
     pi = idx.PlaceIndex.open(root)
     normalised, searched = [], []
-    real_n, real_ts = seq_mod.normalise, seq_mod.trajectory_search
+    real_n, real_ts = seq_mod.normalise, seq_mod.trajectory_scores
 
     def norm(s, *a, **k):
         normalised.append(len(s))
@@ -287,7 +287,7 @@ def test_sequence_tracking_costs_the_same_at_every_frame(tiny, tmp_path, monkeyp
 
     for mod in (seq_mod, loc_mod):
         monkeypatch.setattr(mod, "normalise", norm, raising=False)
-        monkeypatch.setattr(mod, "trajectory_search", ts, raising=False)
+        monkeypatch.setattr(mod, "trajectory_scores", ts, raising=False)
     tracker = loc_mod.Tracker(pi, length=4)
     desc = pi.descriptors()
     answers = [tracker.push(desc[i % len(desc)]) for i in range(10)]
