@@ -58,3 +58,18 @@ def test_frames_too_small_for_local_features_fall_back_cleanly():
     frame = load_image(sorted((shared_data() / "nordland_64x32" / "winter").glob("*.png"))[1000])
     order, info = Verifier().rerank(frame, np.array([0.9, 0.8, 0.7]), ["a.png", "b.png", "c.png"])
     assert order.tolist() == [0, 1, 2] and info["verified"] is False and "local features" in info["reason"]
+
+
+def test_eval_verify_reports_the_verified_recall_beside_the_unverified(tmp_path, capsys):
+    """`eval --verify 10` on Gardens Point night 60-79 (20 queries; night 68 is the known rescue above): the
+    recall is the verified one, the unverified one stands beside it, and the table says so."""
+    gp = shared_data() / "gardens_point"
+    assert main(["eval", "--model", "effnet-lite0-gem", "--db", str(gp / "day_right"), "--queries",
+                 str(gp / "night_right"), "--aligned", "2", "--frames", "60:80", "--verify", "10", "--no-efficiency", "--no-cache", "--quiet", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    res = json.loads((tmp_path / "results.json").read_text())
+    r = next(iter(res["datasets"].values()))
+    v = r["verification"]
+    assert v["k"] == 10 and v["top1_moved"] >= 1 and v["not_verified"] == 0 and v["ms_per_query"] > 0
+    assert r["recall"]["R@1"] > v["recall_unverified"]["R@1"], (r["recall"], v)
+    assert "| verified R@1 | R@1 without |" in out and "| verified R@1 |" in (tmp_path / "results.md").read_text()
