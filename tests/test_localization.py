@@ -367,3 +367,19 @@ def test_great_circle_distance_east_west():
     expected = 6_371_008.8 * np.cos(np.radians(lat)) * np.radians(0.01)
     assert float(haversine(lat, 153.00, lat, 153.01)) == pytest.approx(expected, abs=0.05)
     assert float(haversine(0.0, 153.00, 0.0, 153.01)) == pytest.approx(1111.95, abs=0.05)
+
+
+def test_paths_are_kept_as_given_not_resolved_through_symlinks(tmp_path, capsys):
+    """A database folder reached through a symlink is recorded and printed under the path the user gave (it used
+    to be resolved to the link's target, which the user never typed)."""
+    from edgevpr.models.model import load_model
+
+    target = shared_data() / "nordland_64x32" / "summer"
+    link = tmp_path / "my_route"
+    link.mkdir()
+    for p in sorted(target.glob("*.png"))[:6]:
+        (link / p.name).symlink_to(p)
+    idx.build(load_model("pixels-patchnorm"), link, tmp_path / "i", spec="pixels-patchnorm", progress=False)
+    assert main(["localize", "--index", str(tmp_path / "i"), str(link / "images-00030.png"), "-k", "1", "--json"]) == 0
+    path = json.loads(capsys.readouterr().out)["results"][0]["matches"][0]["path"]
+    assert Path(path).parent == link  # not the shared data folder the links point into

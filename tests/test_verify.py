@@ -65,7 +65,8 @@ def test_eval_verify_reports_the_verified_recall_beside_the_unverified(tmp_path,
     recall is the verified one, the unverified one stands beside it, and the table says so."""
     gp = shared_data() / "gardens_point"
     assert main(["eval", "--model", "effnet-lite0-gem", "--db", str(gp / "day_right"), "--queries",
-                 str(gp / "night_right"), "--aligned", "2", "--frames", "60:80", "--verify", "10", "--no-efficiency", "--no-cache", "--quiet", "--out", str(tmp_path)]) == 0
+                 str(gp / "night_right"), "--aligned", "2", "--frames", "60:80", "--verify", "10",
+                 "--no-efficiency", "--no-cache", "--quiet", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     res = json.loads((tmp_path / "results.json").read_text())
     r = next(iter(res["datasets"].values()))
