@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, threads
 
 GARDENS_POINT_SETS = (("night_right", "day_right"), ("day_left", "day_right"))
 
@@ -421,26 +421,24 @@ def cmd_export(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import AGGREGATORS, BACKBONES, preset_config, preset_names
-    from .models.model import weights_status
-    from .published import FAMILIES
+    from .catalogue import AGGREGATOR_NAMES, BACKBONE_NAMES, IMPORT_FORMATS, preset_config, preset_names, weights_status
     from .published.releases import RELEASES, describe
 
     rows = [{"name": n, "weights": weights_status(preset_config(n)), "source": "config (edgevpr/configs/models)"}
             for n in preset_names()]
     rows += [{**describe(n), "weights": "published VPR weights"} for n in RELEASES]
     if args.json:
-        print(json.dumps({"models": rows, "backbones": BACKBONES.names(), "aggregators": AGGREGATORS.names(),
-                          "import_formats": FAMILIES.names()}, indent=2))
+        print(json.dumps({"models": rows, "backbones": list(BACKBONE_NAMES), "aggregators": list(AGGREGATOR_NAMES),
+                          "import_formats": list(IMPORT_FORMATS)}, indent=2))
         return 0
     width = max(len(r["name"]) for r in rows)
     print(f"{'named model':<{width}}  weights")
     for r in rows:
         extra = f" [{r['about']}; {r['licence']}{'; cached' if r.get('cached') else ''}]" if "about" in r else ""
         print(f"{r['name']:<{width}}  {r['weights']}{extra}")
-    print("\nbackbones:      " + ", ".join(BACKBONES.names()))
-    print("aggregators:    " + ", ".join(AGGREGATORS.names()))
-    print("import formats: " + ", ".join(FAMILIES.names()) + "  (edgevpr import FORMAT CHECKPOINT --out DIR)")
+    print("\nbackbones:      " + ", ".join(BACKBONE_NAMES))
+    print("aggregators:    " + ", ".join(AGGREGATOR_NAMES))
+    print("import formats: " + ", ".join(IMPORT_FORMATS) + "  (edgevpr import FORMAT CHECKPOINT --out DIR)")
     return 0
 
 
@@ -764,6 +762,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _leaf_parsers(parser: argparse.ArgumentParser):
+    """Every sub-command's parser that runs a command (has ``func``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                if sp.get_default("func") is not None:
+                    yield sp
+                yield from _leaf_parsers(sp)
+
+
+def _thread_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--threads`` on every command (``threads.configure``: torch, onnxruntime, FAISS/OpenMP, OpenCV)."""
+    for sp in _leaf_parsers(parser):
+        extra = " per request (requests take the model one at a time)" if sp.prog.endswith(" serve") else ""
+        sp.add_argument("--threads", type=_bounded(1, 1024), metavar="N",
+                        help=f"compute threads{extra} for torch, onnxruntime, FAISS and OpenCV (default: "
+                             "EDGEVPR_THREADS, else the physical cores this process may run on)")
+    return parser
+
+
 def _with_examples(parser: argparse.ArgumentParser, path: str = "") -> argparse.ArgumentParser:
     """Each sub-command's --help ends with an example (EXAMPLES, keyed by the sub-command path)."""
     for action in parser._actions:
@@ -779,13 +797,29 @@ def _with_examples(parser: argparse.ArgumentParser, path: str = "") -> argparse.
     return parser
 
 
+#: the extra that brings each optional top-level module (pyproject.toml's optional dependencies)
+EXTRAS = {"full": ("torch", "torchvision", "timm", "pytorch_metric_learning", "safetensors", "matplotlib"),
+          "runtime": ("onnxruntime", "onnx", "faiss", "fastapi", "uvicorn", "multipart", "av", "cv2", "sklearn"),
+          "qdrant": ("qdrant_edge", "qdrant_client")}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _with_examples(build_parser()).parse_args(argv)
+    args = _thread_flags(_with_examples(build_parser())).parse_args(argv)
     try:
+        threads.configure(args.threads)  # before any library that starts a thread pool is imported
         return args.func(args)
     except KeyboardInterrupt:
         print("edgevpr: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:  # a part of an extra this install lacks (e.g. torch in the runtime install)
+        if os.environ.get("EDGEVPR_DEBUG") or not e.name:
+            raise
+        top = e.name.split(".")[0]
+        extra = next((x for x, mods in EXTRAS.items() if top in mods), None)
+        command = args.func.__name__.removeprefix("cmd_")
+        print(f"edgevpr: error: `edgevpr {command}` needs {top}, which this install lacks: " +
+              (f"pip install 'edgevpr[{extra}]'" if extra else f"pip install {top}"), file=sys.stderr)
+        return 2
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
         if os.environ.get("EDGEVPR_DEBUG"):
             raise

@@ -208,7 +208,7 @@ def test_onnx_preprocessing_metadata_is_checksummed(tiny, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------------------------- bounds before work
 def test_zip_member_over_the_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
-    import edgevpr.published as pub
+    import edgevpr.published.importer as pub
 
     monkeypatch.setenv("EDGEVPR_MAX_CHECKPOINT_GB", str(1 / 1024))  # 1 MiB
     z = tmp_path / "boq.pth.zip"

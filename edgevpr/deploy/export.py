@@ -36,7 +36,14 @@ import torch
 from ..models.backbones import ViTBackbone
 from ..models.model import VPRModel
 from ..utils import atomic_write
-from .onnx_model import META_KEY, OnnxModel, graph_digest, is_onnx, meta_digest  # noqa: F401  (OnnxModel, is_onnx: re-exported)
+from .onnx_model import (  # noqa: F401  (OnnxModel, is_onnx: re-exported)
+    META_KEY,
+    OnnxModel,
+    file_graph_digest,
+    graph_digest,
+    is_onnx,
+    meta_digest,
+)
 
 OPSET = 17
 #: Dynamic quantisation (transformers) quantises these ops: the linears of the blocks and heads. Conv is left in
@@ -198,5 +205,13 @@ def export_onnx(model: VPRModel, out: str | os.PathLike, knobs: dict | None = No
         del proto.metadata_props[:]
         entry = proto.metadata_props.add()
         entry.key, entry.value = META_KEY, json.dumps(meta, sort_keys=True)
-        atomic_write(out, lambda tmp: onnx.save(proto, tmp))
+        atomic_write(out, lambda tmp: _save_checked(onnx, proto, tmp, meta["graph_sha256"]))
     return out
+
+
+def _save_checked(onnx, proto, path: str, digest: str) -> None:
+    """Save ``proto`` and check that the runtime's byte-level checksum reads what was recorded."""
+    onnx.save(proto, path)
+    if file_graph_digest(path) != digest:
+        raise RuntimeError(f"{path}: the saved graph's bytes do not match its checksum (protobuf serialised it "
+                           "non-canonically); please report this")

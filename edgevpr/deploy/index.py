@@ -42,7 +42,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..data.images import ImageLoadError, list_images
 from ..integrity import StampCache, check_finite, sha256_file
@@ -666,6 +665,8 @@ def _extract_into(con: sqlite3.Connection, model, rows: list[Row], knobs: dict, 
     batches = image_batches([Path(r.path) for r in todo], model.transform(), batch_size)
     next_id = con.execute("SELECT COALESCE(MAX(id) + 1, 0) FROM images").fetchone()[0]
     added = failed = 0
+    from tqdm.auto import tqdm  # lazily: 60 ms of a cold start that shows no bar
+
     bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     for xs, idx, bad in batches:  # idx, bad: positions in todo
         if bad and not skip_bad:
@@ -966,6 +967,8 @@ def search_settings(kind: str, nlist: int, can_rerank: bool, measure, target: fl
     else:
         levels = [[{"ef_search": e}] for e in TUNE_EF]
     trials: list[dict] = []
+    from tqdm.auto import tqdm
+
     bar = tqdm(total=sum(map(len, levels)), desc="index tune", disable=not progress)
     for level in levels:
         for setting in level:

@@ -3,18 +3,22 @@
 The file's metadata (key ``edgevpr``) records the source model, the runtime knobs baked into the graph, the input
 size and preprocessing, ``graph_sha256``, the sha256 of the graph (every node and weight), and ``meta_sha256``, the
 sha256 of every other metadata entry (preprocessing, input size, knobs, config: all the runtime reads), both
-recomputed at load so that a damaged file is refused in one line.
+recomputed at load so that a damaged file is refused in one line. The graph's checksum is recomputed from the
+file's bytes (``file_graph_digest``: the graph field of the ModelProto, found by reading the protobuf wire format),
+so loading needs neither the ``onnx`` package (1.1 s of import, most of a cold start) nor a parse of the model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from pathlib import Path
 
 import numpy as np
 
+from .. import threads as threads_policy
 from ..data.transforms import ToModelInput
 
 META_KEY = "edgevpr"
@@ -23,6 +27,54 @@ META_KEY = "edgevpr"
 def graph_digest(proto) -> str:
     """sha256 of an ONNX model's graph: its nodes, initializers (the weights) and inputs/outputs."""
     return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+#: ModelProto's field number of its graph (onnx.proto: ``GraphProto graph = 7``)
+GRAPH_FIELD = 7
+
+
+def _varint(buf, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise ValueError("truncated or malformed varint")
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if not b & 0x80:
+            return value, i
+
+
+def file_graph_digest(path: str | os.PathLike) -> str:
+    """sha256 of the graph field's bytes as they lie in an ONNX file (the top-level ModelProto read as protobuf
+    wire format: each field a varint key, then a varint, 8 bytes, 4 bytes or a length-prefixed run). For a file
+    written by protobuf's serializer this equals ``graph_digest`` of the loaded model (a GraphProto has no map
+    fields, so its serialisation is canonical); ValueError when the bytes are not a ModelProto with one graph."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        i, found = 0, None
+        while i < len(buf):
+            key, i = _varint(buf, i)
+            field, wire = key >> 3, key & 7
+            if wire == 0:
+                _, i = _varint(buf, i)
+            elif wire == 1:
+                i += 8
+            elif wire == 5:
+                i += 4
+            elif wire == 2:
+                n, i = _varint(buf, i)
+                if field == GRAPH_FIELD:
+                    if found is not None:
+                        raise ValueError("two graph fields")
+                    found = hashlib.sha256(buf[i:i + n]).hexdigest()
+                i += n
+            else:
+                raise ValueError(f"wire type {wire} at byte {i}")
+            if i > len(buf):
+                raise ValueError("a field runs past the end of the file")
+        if found is None:
+            raise ValueError("no graph")
+        return found
 
 
 #: metadata entries that are checksums, not covered by ``meta_digest``
@@ -39,6 +91,17 @@ def is_onnx(spec: str | os.PathLike) -> bool:
     return str(spec).lower().endswith(".onnx")
 
 
+def _loaded_graph_digest(path: Path) -> str | None:
+    """``graph_digest`` of the parsed file: the slow path, for a file whose graph bytes another writer serialised
+    differently (never for edgevpr's own exports); None when ``onnx`` is not installed or cannot parse it."""
+    try:
+        import onnx
+
+        return graph_digest(onnx.load(str(path), load_external_data=False))
+    except Exception:  # ImportError, protobuf decode errors
+        return None
+
+
 class OnnxModel:
     """An exported model run by onnxruntime; quacks like a VPRModel where extraction and search need it.
 
@@ -53,8 +116,11 @@ class OnnxModel:
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such ONNX file")
         opts = ort.SessionOptions()
+        threads_policy.onnx_session_options(opts)  # the process's thread policy (``edgevpr.threads``)
         if threads:
             opts.intra_op_num_threads = threads
+        if (threads or threads_policy.current() or 0) > 1:  # a shared CPU: idle pool threads sleep, not spin
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
@@ -73,8 +139,6 @@ class OnnxModel:
     def _verify(self) -> None:
         """Refuse a file whose graph (weights included) or metadata (preprocessing, size, knobs) is not the one
         exported."""
-        import onnx
-
         if not isinstance(self.meta, dict):
             raise ValueError(f"{self.path}: damaged '{META_KEY}' metadata (not a JSON object)")
         if "meta_sha256" in self.meta and meta_digest(self.meta) != self.meta["meta_sha256"]:
@@ -93,10 +157,10 @@ class OnnxModel:
             warn(f"{self.path}: exported before edgevpr recorded a checksum of its metadata; its preprocessing "
                  "cannot be checked (export it again)")
         try:
-            digest = graph_digest(onnx.load(str(self.path), load_external_data=False))
-        except Exception as e:  # protobuf decode errors
-            raise ValueError(f"{self.path}: damaged ONNX file ({str(e).splitlines()[0]})") from None
-        if digest != recorded:
+            digest = file_graph_digest(self.path)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{self.path}: damaged ONNX file ({e})") from None
+        if digest != recorded and _loaded_graph_digest(self.path) != recorded:
             raise ValueError(f"{self.path}: the weights or graph differ from the export's checksum (damaged or "
                              "modified file): export it again")
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from .. import threads
+
 #: Lowe's ratio test on top of the mutual check (hloc's SIFT matcher: mutual nearest neighbours, ratio 0.8)
 RATIO = 0.8
 #: Defaults, chosen on validation places (benchmarks/verification.py).
@@ -35,6 +37,8 @@ def _cv2():
         import cv2
     except ImportError:
         raise ValueError("geometric verification needs OpenCV: pip install opencv-python-headless") from None
+    if threads.current():
+        cv2.setNumThreads(threads.current())
     return cv2
 
 

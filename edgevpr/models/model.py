@@ -12,7 +12,6 @@ import copy
 import hashlib
 import json
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,9 @@ import torch
 import yaml
 from torch import nn
 
+from .. import threads
+from ..catalogue import head_untrained, preset_names, weights_status  # noqa: F401  (re-exported)
+from ..catalogue import preset_config as _preset_config
 from ..data.transforms import ToModelInput
 from ..tokens import Tokens
 from ..utils import atomic_write, write_json
@@ -228,26 +230,13 @@ def _load_packed(model: VPRModel, sd: dict[str, torch.Tensor], source: Path) -> 
     return sd
 
 
-PRESET_DIR = "configs/models"
-
-
-def preset_names() -> list[str]:
-    files = resources.files("edgevpr").joinpath(PRESET_DIR).iterdir()
-    return sorted(f.name[:-5] for f in files if f.name.endswith(".yaml"))
-
-
 def preset_config(name: str) -> dict[str, Any]:
-    f = resources.files("edgevpr").joinpath(f"{PRESET_DIR}/{name}.yaml")
-    if not f.is_file():
-        raise KeyError(f"unknown model '{name}': not a folder with {CONFIG_FILE}, not a config file, "
-                       f"and not a named model ({', '.join(preset_names())}, or a published one: `edgevpr models`)")
-    cfg = yaml.safe_load(f.read_text())
-    cfg.setdefault("name", name)
-    return cfg
+    return _preset_config(name, CONFIG_FILE)
 
 
 def load_model(spec: str | os.PathLike | dict, device: str | torch.device = "cpu") -> VPRModel:
     """A model from a named preset, a config file (.yaml/.json), a saved folder, or a config dict."""
+    threads.apply_torch()  # the process's thread policy, when one was configured (``edgevpr.threads``)
     from safetensors.torch import load_file
 
     if isinstance(spec, dict):
@@ -296,35 +285,6 @@ def load_model(spec: str | os.PathLike | dict, device: str | torch.device = "cpu
 
 
 #: Heads whose only parameters need no training (GeM's p starts at 3, CLS has none).
-_PARAMETER_FREE_HEADS = ("gem", "cls", "flatten")
-
-
-def _head_untrained(config: dict, saved: bool) -> bool:
-    """A model built from a config (no published or saved weights) whose head has parameters to train."""
-    return not saved and not (config.get("provenance") or {}).get("weights") and \
-        config["backbone"]["name"] != "pixels" and config["aggregator"]["name"] not in _PARAMETER_FREE_HEADS
-
-
-def weights_status(config: dict, saved: bool = False) -> str:
-    """What a model's weights are: published VPR weights, a saved edgevpr model, or a backbone with an untrained
-    head (one line, for `edgevpr models` and the untrained-head warning). saved: loaded from a model folder."""
-    prov = config.get("provenance") or {}
-    if prov.get("weights"):
-        return f"{prov['weights']} ({prov.get('upstream', '?')})"
-    if saved:
-        return "saved edgevpr model (trained or built by edgevpr)"
-    if config["backbone"]["name"] == "pixels":
-        return "no weights (patch-normalised pixels)"
-    w = config["backbone"].get("weights")
-    backbone = {"offline": "offline ImageNet backbone", "hub": "pretrained backbone (downloaded)",
-                "timm": "pretrained backbone (timm, downloaded)", None: "random backbone",
-                "random": "random backbone"}.get(w, f"backbone from {w}")
-    head = config["aggregator"]["name"]
-    if not _head_untrained(config, saved):
-        return f"{backbone} + {head} (no head to train)"
-    return f"{backbone} + UNTRAINED {head} head: a starting point for training, not for evaluation"
-
-
 def untrained_head(model) -> bool:
     """True for a model built from a config (not a saved folder) whose head has parameters to train."""
-    return _head_untrained(model.config, saved=getattr(model, "source", None) is not None)
+    return head_untrained(model.config, saved=getattr(model, "source", None) is not None)
