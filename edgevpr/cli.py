@@ -291,13 +291,15 @@ def _shard(text: str) -> tuple[int, int]:
 
 def cmd_localize(args) -> int:
     from .deploy.inputs import Stream
-    from .deploy.localize import Localizer, latency_summary
+    from .deploy.localize import Localizer
+    from .deploy.pipeline import Pipeline, latency_percentiles
 
     loc = Localizer(args.index, args.model, mmap=not args.no_mmap, device=args.device, verify=args.verify)
     stream = Stream(args.photos, args.stride, args.skip_bad)
+    loop = Pipeline(loc, stream, args.top_k, _knobs(args) or None, _prior(args), args.sequence, args.sequence_method,
+                    live=True if args.live else None, max_fps=args.max_fps)
     results, ms = [], []
-    for name, answer, t in loc.stream(stream, args.top_k, _knobs(args) or None, _prior(args), args.sequence,
-                                      args.sequence_method):
+    for name, answer, t in loop:
         ms.append(t)
         if args.json:
             results.append({"photo": name, "ms": t, **answer.to_dict()})
@@ -307,13 +309,19 @@ def cmd_localize(args) -> int:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if not ms:
         raise ValueError("no photo could be localized" + (" (every input was skipped)" if stream.skipped else ""))
+    st = loop.stats
+    if st.dropped or st.skipped_fps:
+        print(f"dropped {st.dropped} frame(s) the loop could not keep up with (live source; first: "
+              f"{', '.join(st.dropped_names[:3]) or '-'}) and skipped {st.skipped_fps} over --max-fps",
+              file=sys.stderr)
     if args.json:
         print(json.dumps({"model": loc.index.model["name"], "fingerprint": loc.index.model["fingerprint"],
-                          "latency": latency_summary(ms), "results": results,
+                          "latency": latency_percentiles(ms), "stream": st.to_dict(), "results": results,
                           "skipped": [{"path": p, "reason": r} for p, r in stream.skipped]}, indent=2))
     elif len(ms) > 1:
-        s = latency_summary(ms)
-        print(f"{s['photos']} photos: p50 {s['p50_ms']:.1f} ms, p90 {s['p90_ms']:.1f} ms per photo")
+        s = latency_percentiles(ms)
+        print(f"{s['frames']} photos: p50 {s['p50_ms']:.1f} ms, p95 {s['p95_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms "
+              "per photo (read to answer)")
     return 0
 
 
@@ -646,8 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     lo = sub.add_parser("localize", help="top-K database matches of photos, with coordinates and scores")
     lo.add_argument("photos", nargs="+",
-                    help="photos, folders (sorted), .txt lists, .csv manifests or videos (.mp4 .mov .avi .mkv "
-                         ".webm), taken as one stream in the order given")
+                    help="photos, folders (sorted), .txt lists, .csv manifests, videos (.mp4 .mov .avi .mkv "
+                         ".webm), cameras (/dev/video0) or stream URLs (rtsp://...), taken as one stream in the order "
+                         "given")
     lo.add_argument("--index", required=True, help="index folder")
     lo.add_argument("--model", help="default: the model the index records (an exported .onnx of it works too)")
     lo.add_argument("--top-k", "-k", type=_bounded(1, 1000), default=5, help="matches per photo (default 5)")
@@ -665,6 +674,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "opencv-python-headless); 10 was chosen on validation (default 0: off)")
     lo.add_argument("--sequence", type=_bounded(0, 1000), default=0, metavar="L",
                     help="also match the stream as a sequence over the last L frames (default 0: off)")
+    lo.add_argument("--max-fps", type=_real(0, 1e4, low_open=True), metavar="F",
+                    help="keep at most F frames per second of the source's clock; the rest are skipped and counted "
+                         "(default: every frame)")
+    lo.add_argument("--live", action="store_true",
+                    help="treat the input as a live source: drop the oldest waiting frame rather than fall behind, "
+                         "and report the drops (default: on for cameras and stream URLs, off for files)")
     lo.add_argument("--sequence-method", choices=["seqslam", "filter"], default="seqslam",
                     help="seqslam: SeqSLAM search over the last L frames; filter: online Bayes filter "
                          "(default seqslam)")

@@ -16,7 +16,7 @@ from edgevpr.cli import main
 from edgevpr.data.images import ImageLoadError, load_image
 from edgevpr.deploy import index as idx
 from edgevpr.deploy.decision import GeoPrior, Neighbourhood, calibrate, haversine
-from edgevpr.deploy.inputs import Frame, Stream
+from edgevpr.deploy.inputs import Frame, Stream, write_video
 from edgevpr.deploy.localize import Localizer
 from edgevpr.deploy.sequence import seqslam
 from tests.conftest import shared_data
@@ -235,17 +235,7 @@ def test_position_estimate_and_margin_on_real_data(gp_index):
 
 
 def _write_video(path: Path, images: list[Path]) -> None:
-    import av
-
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 480, 272, "yuv420p"
-        for p in images:
-            frame = av.VideoFrame.from_image(load_image(p).resize((480, 272)))
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    write_video(path, images, (480, 272), fps=10)
 
 
 def test_streams_of_folders_lists_manifests_and_video(gp_index, tmp_path, capsys):

@@ -7,7 +7,10 @@ Each input of ``edgevpr localize`` may be
     comments ignored);
   * a ``.csv`` manifest with a ``path`` column (the format ``index build`` reads);
   * a video file (``.mp4 .mov .avi .mkv .webm .m4v``), decoded with PyAV (FFmpeg's libraries; part of the
-    ``runtime`` extra), every ``stride``-th frame, named ``VIDEO#frameN``.
+    ``runtime`` extra), every ``stride``-th frame, named ``VIDEO#frameN``, with its presentation time;
+  * a live source PyAV opens: a camera device (``/dev/video0``) or a network stream URL (``rtsp://``,
+    ``rtmp://``, ``udp://``, ``http(s)://``, ``srt://``); such a stream is ``live`` (it does not wait for the
+    consumer: ``pipeline.Pipeline`` drops frames rather than falls behind it).
 The stream is lazy (a long video is never held in memory). An unreadable item raises a one-line
 ``ImageLoadError`` naming it, or with ``skip_bad`` is reported in ``skipped`` and the stream goes on.
 """
@@ -24,6 +27,12 @@ from PIL import Image
 from ..data.images import ImageLoadError, list_images, load_image
 
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
+LIVE_PREFIXES = ("rtsp://", "rtmp://", "udp://", "http://", "https://", "srt://", "/dev/video")
+
+
+def is_live(item: str | os.PathLike) -> bool:
+    """A camera device or a network stream (not a file that waits for its reader)."""
+    return str(item).startswith(LIVE_PREFIXES)
 
 
 @dataclass
@@ -34,6 +43,7 @@ class Frame:
     name: str
     image: Image.Image
     sequence: str = ""
+    time: float | None = None  # seconds on the source's clock (video presentation time), when it has one
 
 
 @dataclass
@@ -49,17 +59,24 @@ class Stream:
         if self.stride < 1:
             raise ValueError(f"--stride {self.stride}: must be >= 1")
 
+    @property
+    def live(self) -> bool:
+        """Whether any input is a live source (a camera or network stream)."""
+        return any(is_live(i) for i in self.inputs)
+
     def __iter__(self) -> Iterator[Frame]:
         for item in self.inputs:
             try:
-                yield from self._expand(Path(item))
+                yield from self._expand(item if is_live(item) else Path(item))
             except ImageLoadError as e:
                 if not self.skip_bad:
                     raise
                 self.skipped.append((e.path, e.reason))
 
-    def _expand(self, p: Path) -> Iterator[Frame]:
-        if p.is_dir():
+    def _expand(self, p: Path | str) -> Iterator[Frame]:
+        if is_live(p):
+            yield from video_frames(p, self.stride, live=True)
+        elif p.is_dir():
             paths = list_images(p)
             if not paths:
                 raise ImageLoadError(p, "a folder without images")
@@ -104,19 +121,21 @@ def read_list(path: Path) -> list[Path]:
     return out
 
 
-def video_frames(path: Path, stride: int = 1) -> Iterator[Frame]:
-    """Every ``stride``-th decoded frame of a video as RGB images, named ``PATH#frameN`` (N counts from 0)."""
+def video_frames(path: Path | str, stride: int = 1, live: bool = False) -> Iterator[Frame]:
+    """Every ``stride``-th decoded frame of a video (or, ``live``, of a camera device or stream URL PyAV opens) as
+    RGB images, named ``PATH#frameN`` (N counts from 0), with their presentation time in seconds."""
     try:
         import av
     except ImportError:
         raise ImageLoadError(path, "reading video needs PyAV: pip install 'edgevpr[runtime]' (or: pip install av)") \
             from None
-    if not path.is_file():
+    if not live and not Path(path).is_file():
         raise ImageLoadError(path, "no such file")
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError) as e:
-        raise ImageLoadError(path, f"not a readable video ({str(e).splitlines()[0]})") from None
+        raise ImageLoadError(path, f"not a readable {'stream' if live else 'video'} ({str(e).splitlines()[0]})") \
+            from None
     with container:
         if not container.streams.video:
             raise ImageLoadError(path, "no video stream in the file")
@@ -125,6 +144,24 @@ def video_frames(path: Path, stride: int = 1) -> Iterator[Frame]:
         try:
             for n, frame in enumerate(container.decode(stream)):
                 if n % stride == 0:
-                    yield Frame(f"{path}#frame{n}", frame.to_image().convert("RGB"), str(path))
+                    yield Frame(f"{path}#frame{n}", frame.to_image().convert("RGB"), str(path), frame.time)
         except av.FFmpegError as e:
             raise ImageLoadError(path, f"video decoding failed ({str(e).splitlines()[0]})") from None
+
+
+def write_video(path: str | os.PathLike, images: list[str | os.PathLike], size: tuple[int, int] = (640, 480),
+                fps: float = 25, codec: str = "mpeg4") -> Path:
+    """Encode image files as a video (each resized to ``size`` = (width, height), ``fps`` frames per second) with
+    PyAV; for benchmarks and tests that need a real video of known frames."""
+    import av
+
+    path = Path(path)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for p in images:
+            for packet in stream.encode(av.VideoFrame.from_image(load_image(p).resize(size))):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path

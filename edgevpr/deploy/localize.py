@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import statistics
 import threading
 import time
 from collections import deque
@@ -88,11 +87,19 @@ class Localizer:
     def embed(self, images: list[Image.Image], knobs: dict | None = None) -> np.ndarray:
         """RGB images -> descriptors [B, D] float32. ``knobs`` override the index's for these queries only
         (e.g. a lower keep_ratio for faster queries against a database embedded unpruned)."""
-        x = np.stack([self.transform.array(im) for im in images])
+        return self.embed_arrays(np.stack([self.prepare(im) for im in images]), knobs,
+                                 [getattr(im, "filename", "") or f"query {i}" for i, im in enumerate(images)])
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """An RGB image -> the model's input [3, H, W] float32 (resized and normalised as the index's images were)."""
+        return self.transform.array(image)
+
+    def embed_arrays(self, x: np.ndarray, knobs: dict | None = None, names: list[str] | None = None) -> np.ndarray:
+        """Prepared images [B, 3, H, W] -> descriptors [B, D] float32 (one forward at a time: thread-safe)."""
         with self._lock:
             self.model.eval()
             d = embed(self.model, x, {**self.knobs, **(knobs or {})})
-        check_finite(d, [getattr(im, "filename", "") or f"query {i}" for i, im in enumerate(images)], self.model.name)
+        check_finite(d, names or [f"query {i}" for i in range(len(x))], self.model.name)
         return d
 
     def localize(self, images: list[Image.Image], k: int = 5, knobs: dict | None = None,
@@ -234,17 +241,33 @@ class Localizer:
         ``sequence`` > 0 each answer also carries the sequence answer over the frames so far (causal), which
         becomes its headline; a frame of another capture sequence (another video, folder or list) starts the
         tracking afresh."""
-        tracker, current = None, None
+        tracks = Sequences(self, sequence, method, hood)
         t0 = time.perf_counter()  # ms per frame: reading/decoding it, embedding and searching
         for f in frames:
             d = self.embed([f.image], knobs)
-            a = self.answer(d, k, prior, [f.image], hood)[0]
-            if sequence:
-                if tracker is None or f.sequence != current:
-                    tracker, current = self.tracker(sequence, method, hood), f.sequence
-                a.sequence = tracker.push(d[0], a.matches[0].id if a.matches else None)
+            a = tracks.push(f, d[0], self.answer(d, k, prior, [f.image], hood)[0])
             yield f.name, a, (time.perf_counter() - t0) * 1000
             t0 = time.perf_counter()
+
+
+class Sequences:
+    """Sequence state over a stream of frames: one ``Tracker`` per capture sequence, started afresh when a frame of
+    another sequence (video, folder, list) arrives; ``length`` 0: off."""
+
+    def __init__(self, localizer: Localizer, length: int, method: str = "seqslam",
+                 hood: Neighbourhood | None = None) -> None:
+        self.loc, self.length, self.method, self.hood = localizer, length, method, hood
+        self.tracker: Tracker | None = None
+        self.current: str | None = None
+
+    def push(self, frame, desc: np.ndarray, answer: Answer) -> Answer:
+        """A frame, its descriptor [D] and single-frame answer -> the answer, with its sequence answer when on."""
+        if self.length:
+            if self.tracker is None or frame.sequence != self.current:
+                self.tracker = self.loc.tracker(self.length, self.method, self.hood)
+                self.current = frame.sequence
+            answer.sequence = self.tracker.push(desc, answer.matches[0].id if answer.matches else None)
+        return answer
 
 
 @dataclass
@@ -327,9 +350,3 @@ class Tracker:
         match = Match(1, j, float(sim[j]), *self.index.rows([j])[j])
         return {"method": self.method, "frames": min(self.frames, self.length), "length": self.length,
                 "match": asdict(match), "score": float(scores[j]), "decision": decision}
-
-
-def latency_summary(ms: list[float]) -> dict:
-    s = sorted(ms)
-    return {"photos": len(ms), "p50_ms": statistics.median(s), "p90_ms": s[min(len(s) - 1, int(0.9 * len(s)))],
-            "mean_ms": statistics.fmean(s)}

@@ -1,0 +1,174 @@
+"""A streaming localization loop: decoding, the model and the decision overlap, in bounded memory (numpy only).
+
+Three stages, each a thread, joined by bounded queues (``depth`` items each):
+
+1. **read**: pulls frames from the source (decoding happens there: PIL, PyAV) and prepares the model input
+   (resize, normalise: ``Localizer.prepare``);
+2. **embed**: the model (onnxruntime and torch release the GIL while they compute, so this overlaps stage 1);
+3. **decide** (the caller's thread, as the iterator is consumed): search, verification, sequence and decision.
+
+A file, folder or list is read as fast as the model takes it (the reader blocks on a full queue: nothing is
+dropped and the answers equal ``Localizer.stream``'s, tested). A **live** source (a camera or a network stream,
+``Stream.live``, or ``live=True``) does not wait for us: when the reader finds the queue full it drops the *oldest*
+waiting frame (the freshest is the one worth answering), and ``max_fps`` keeps at most that many frames per second
+of the source's own clock (frame timestamps where the source has them, else arrival time). Every dropped frame is
+counted and named in ``stats`` (the first ``NAMES_KEPT``), so a robot knows what it did not see. Latency is
+measured per frame from the moment the reader had it to the moment its answer is ready.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: dropped frames named in the stats (their count is always exact)
+NAMES_KEPT = 100
+_END = object()
+
+
+@dataclass
+class PipelineStats:
+    """What the loop did: frames read from the source, answered, dropped (full queue on a live source) and skipped
+    (over ``max_fps``), the first dropped names, and the deepest each queue got."""
+
+    read: int = 0
+    answered: int = 0
+    dropped: int = 0
+    skipped_fps: int = 0
+    dropped_names: list[str] = field(default_factory=list)
+    max_queue: list[int] = field(default_factory=lambda: [0, 0])
+
+    def to_dict(self) -> dict:
+        return {"read": self.read, "answered": self.answered, "dropped": self.dropped,
+                "skipped_over_max_fps": self.skipped_fps, "dropped_names": self.dropped_names,
+                "max_queue_depth": self.max_queue}
+
+
+class _Queue(queue.Queue):
+    """A bounded queue that can drop its oldest item instead of blocking (live sources)."""
+
+    def put_dropping(self, item) -> object | None:
+        """Put ``item``; when full, first remove and return the oldest item (else None)."""
+        with self.mutex:
+            old = None
+            if 0 < self.maxsize <= self._qsize():
+                old = self._get()
+            self._put(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+            return old
+
+
+class Pipeline:
+    """``Pipeline(localizer, frames, ...)``; iterate it for (name, Answer, latency ms) per answered frame, in order;
+    ``stats`` says what was read, answered and dropped. Arguments as ``Localizer.stream``, plus ``live``,
+    ``max_fps`` and ``depth`` (queue size)."""
+
+    def __init__(self, localizer, frames: Iterable, k: int = 5, knobs: dict | None = None, prior=None,
+                 sequence: int = 0, method: str = "seqslam", live: bool | None = None, max_fps: float | None = None,
+                 depth: int = 2) -> None:
+        if max_fps is not None and not max_fps > 0:
+            raise ValueError(f"--max-fps {max_fps}: must be > 0")
+        if depth < 1:
+            raise ValueError(f"queue depth {depth}: must be >= 1")
+        self.loc, self.frames, self.k, self.knobs, self.prior = localizer, frames, k, knobs, prior
+        self.sequence, self.method, self.max_fps = sequence, method, max_fps
+        self.live = bool(getattr(frames, "live", False)) if live is None else live
+        self.stats = PipelineStats()
+        self._q = [_Queue(depth), _Queue(depth)]
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+
+    def _put(self, stage: int, item) -> None:
+        q = self._q[stage]
+        if self.live and stage == 0 and item is not _END:
+            old = q.put_dropping(item)
+            if old is not None and old is not _END:
+                self.stats.dropped += 1
+                if len(self.stats.dropped_names) < NAMES_KEPT:
+                    self.stats.dropped_names.append(old[0].name)
+        else:
+            while not self._stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+        self.stats.max_queue[stage] = max(self.stats.max_queue[stage], q.qsize())
+
+    def _read(self) -> None:
+        last = None
+        try:
+            for f in self.frames:
+                if self._stop.is_set():
+                    return
+                t_in = time.perf_counter()
+                self.stats.read += 1
+                stamp = f.time if getattr(f, "time", None) is not None else t_in
+                if self.max_fps is not None and last is not None and stamp - last < 1.0 / self.max_fps - 1e-9:
+                    self.stats.skipped_fps += 1
+                    continue
+                last = stamp
+                self._put(0, (f, self.loc.prepare(f.image), t_in))
+        except BaseException as e:  # handed to the consumer, which raises it in its own thread
+            self._error = e
+        finally:
+            self._put(0, _END)
+
+    def _embed(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    item = self._q[0].get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if item is _END:
+                    break
+                f, x, t_in = item
+                self._put(1, (f, self.loc.embed_arrays(x[None], self.knobs), t_in))
+        except BaseException as e:
+            self._error = e
+        finally:
+            self._put(1, _END)
+
+    def __iter__(self) -> Iterator:
+        workers = [threading.Thread(target=self._read, name="edgevpr-read", daemon=True),
+                   threading.Thread(target=self._embed, name="edgevpr-embed", daemon=True)]
+        for w in workers:
+            w.start()
+        from .localize import Sequences
+
+        tracks = Sequences(self.loc, self.sequence, self.method)
+        try:
+            while True:
+                item = self._q[1].get()
+                if item is _END:
+                    break
+                f, d, t_in = item
+                a = tracks.push(f, d[0], self.loc.answer(d, self.k, self.prior, [f.image])[0])
+                self.stats.answered += 1
+                yield f.name, a, (time.perf_counter() - t_in) * 1000
+            if self._error is not None:
+                raise self._error
+        finally:
+            self._stop.set()
+            for q in self._q:  # unblock the workers, then wait for them
+                while not q.empty():
+                    q.get_nowait()
+            for w in workers:
+                w.join(timeout=5)
+
+
+def latency_percentiles(ms: list[float]) -> dict:
+    """Per-frame latencies -> count, p50/p95/p99 and mean (ms)."""
+    a = np.asarray(ms, np.float64)
+    if not len(a):
+        return {"frames": 0}
+    p50, p95, p99 = np.percentile(a, [50, 95, 99])
+    return {"frames": int(len(a)), "p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99),
+            "mean_ms": float(a.mean())}
