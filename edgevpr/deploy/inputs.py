@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 from PIL import Image
@@ -157,7 +158,7 @@ def write_video(path: str | os.PathLike, images: list[str | os.PathLike], size: 
 
     path = Path(path)
     with av.open(str(path), "w") as out:
-        stream = out.add_stream(codec, rate=fps)
+        stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
         for p in images:
             for packet in stream.encode(av.VideoFrame.from_image(load_image(p).resize(size))):

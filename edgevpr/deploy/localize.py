@@ -31,7 +31,7 @@ from .decision import (
 )
 from .embed import embed
 from .index import Match, PlaceIndex, check_model, match_dicts, update_manifest
-from .sequence import SEQSLAM_VELOCITIES, SequenceFilter, normalise, trajectory_scores
+from .sequence import SEQSLAM_VELOCITIES, SequenceFilter, normalise, trajectory_lines, trajectory_scores
 
 
 def open_model(spec: str | os.PathLike, device="cpu", int8: bool = False):
@@ -309,6 +309,9 @@ class Tracker:
     answer is ``warming_up`` and never known."""
 
     METHODS = ("seqslam", "filter")
+    #: the trajectory index tables are kept (``sequence.trajectory_lines``, 4 bytes x velocities and phases each)
+    #: while database size x steps stays within this; larger indexes recompute them per frame
+    KEEP_LINES = 4_000_000
 
     def __init__(self, index: PlaceIndex, length: int, method: str = "seqslam",
                  calibration: Calibration | None = None, hood: Neighbourhood | None = None) -> None:
@@ -322,6 +325,7 @@ class Tracker:
         self.segments = index.segments()
         self.rows: deque[np.ndarray] = deque(maxlen=length)  # a fixed-size ring: constant cost per frame
         self.frames = 0
+        self._lines: dict[int, list] = {}
         self.filter = SequenceFilter(len(index), db_segments=self.segments) if method == "filter" else None
 
     def push(self, desc: np.ndarray, frame_top: int | None = None) -> dict:
@@ -334,7 +338,11 @@ class Tracker:
             scores = self.filter.belief
         else:  # rows are normalised once, as they arrive (the normalisation is per row)
             self.rows.append(normalise(sim[None])[0])
-            scores = trajectory_scores(np.stack(self.rows), self.length, SEQSLAM_VELOCITIES, self.segments)
+            steps = len(self.rows)
+            if steps not in self._lines and len(self.index) * steps <= self.KEEP_LINES:
+                self._lines[steps] = trajectory_lines(len(self.index), steps, SEQSLAM_VELOCITIES, self.segments)
+            scores = trajectory_scores(np.stack(self.rows), self.length, SEQSLAM_VELOCITIES, self.segments,
+                                       self._lines.get(steps))
         ids = np.argsort(-scores, kind="stable")[:DECISION_DEPTH]
         ids = ids[np.isfinite(scores[ids])]
         j = int(ids[0])

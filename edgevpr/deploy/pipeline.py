@@ -1,6 +1,8 @@
 """A streaming localization loop: decoding, the model and the decision overlap, in bounded memory (numpy only).
 
-Three stages, each a thread, joined by bounded queues (``depth`` items each):
+Three stages, each a thread, joined by bounded queues (``depth`` items each: 2 for files, so the model never
+waits for the reader; 1 for live sources, so no frame waits behind another and the answer is as fresh as it can
+be):
 
 1. **read**: pulls frames from the source (decoding happens there: PIL, PyAV) and prepares the model input
    (resize, normalise: ``Localizer.prepare``);
@@ -71,14 +73,15 @@ class Pipeline:
 
     def __init__(self, localizer, frames: Iterable, k: int = 5, knobs: dict | None = None, prior=None,
                  sequence: int = 0, method: str = "seqslam", live: bool | None = None, max_fps: float | None = None,
-                 depth: int = 2) -> None:
+                 depth: int | None = None) -> None:
         if max_fps is not None and not max_fps > 0:
             raise ValueError(f"--max-fps {max_fps}: must be > 0")
-        if depth < 1:
-            raise ValueError(f"queue depth {depth}: must be >= 1")
         self.loc, self.frames, self.k, self.knobs, self.prior = localizer, frames, k, knobs, prior
         self.sequence, self.method, self.max_fps = sequence, method, max_fps
         self.live = bool(getattr(frames, "live", False)) if live is None else live
+        depth = depth if depth is not None else 1 if self.live else 2
+        if depth < 1:
+            raise ValueError(f"queue depth {depth}: must be >= 1")
         self.stats = PipelineStats()
         self._q = [_Queue(depth), _Queue(depth)]
         self._stop = threading.Event()

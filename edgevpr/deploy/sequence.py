@@ -75,27 +75,37 @@ def seqslam(s: np.ndarray, length: int = 10, velocities: tuple[float, ...] = SEQ
     return best_j, best_score
 
 
-def trajectory_scores(norm: np.ndarray, length: int, velocities: tuple[float, ...], seg: np.ndarray) -> np.ndarray:
+def trajectory_lines(n: int, steps: int, velocities: tuple[float, ...], seg: np.ndarray) -> list:
+    """The straight trajectories over ``steps`` query frames ending at each of ``n`` database frames: per velocity
+    (and, for a fractional one, sub-frame phase: its line need not pass through an integer frame at the newest
+    query) the database frame at each step [steps, n] int32 (step 0 = the newest query) and which ends keep the
+    whole line inside the database and inside the end's route segment ``seg`` [n] bool."""
+    js = np.arange(n)
+    back = np.arange(steps)[:, None]
+    out = []
+    for v in velocities:
+        for phase in ((0.0,) if float(v).is_integer() else (-1 / 3, 0.0, 1 / 3)):
+            jj = np.floor(js + phase - back * v + 0.5).astype(np.int64)
+            ok = ((jj >= 0) & (jj < n)).all(0)
+            jj = np.clip(jj, 0, n - 1)
+            ok &= (seg[jj] == seg).all(0)
+            out.append((jj.astype(np.int32), ok))
+    return out
+
+
+def trajectory_scores(norm: np.ndarray, length: int, velocities: tuple[float, ...], seg: np.ndarray,
+                      lines: list | None = None) -> np.ndarray:
     """Normalised similarities [T, N] of one sequence's frames so far (the newest last) -> per database frame j the
-    score of the best straight trajectory over the last min(length, T) frames that ends at j [N] (-inf where none
-    fits inside j's route segment). Its cost depends on ``length``, not on T, so a live stream pays the same for
-    every frame."""
+    mean score of the best straight trajectory over the last min(length, T) frames that ends at j [N] (-inf where
+    none fits inside j's route segment). ``lines``: ``trajectory_lines`` for these sizes, when the caller keeps
+    them (a live tracker does). Its cost depends on ``length``, not on T, so a live stream pays the same for every
+    frame: one gather of [steps, N] per velocity and phase."""
     t, n = norm.shape
     steps = min(length, t)
-    js = np.arange(n)
+    rows = (t - 1 - np.arange(steps))[:, None]
     best = np.full(n, -np.inf)
-    for v in velocities:
-        # a fractional velocity's line need not pass through an integer frame at query i: try sub-frame phases
-        for phase in ((0.0,) if float(v).is_integer() else (-1 / 3, 0.0, 1 / 3)):
-            total = np.zeros(n)
-            valid = np.ones(n, bool)
-            for k in range(steps):  # k frames before the newest
-                jj = np.floor(js + phase - k * v + 0.5).astype(np.int64)
-                ok = (jj >= 0) & (jj < n)
-                jj_c = np.clip(jj, 0, n - 1)
-                valid &= ok & (seg[jj_c] == seg)
-                total += norm[t - 1 - k, jj_c]
-            np.maximum(best, np.where(valid, total / steps, -np.inf), out=best)
+    for jj, ok in lines if lines is not None else trajectory_lines(n, steps, velocities, seg):
+        np.maximum(best, np.where(ok, norm[rows, jj].sum(0) / steps, -np.inf), out=best)
     return best
 
 
