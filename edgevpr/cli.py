@@ -397,7 +397,7 @@ def cmd_serve(args) -> int:
 
     loc = Localizer(args.index, args.model, device=args.device, verify=args.verify)
     app = create_app(loc, ServiceLimits(args.max_upload_mb * 2**20, args.max_pixels, args.max_k, args.max_frames,
-                                        args.max_request_pixels))
+                                        args.max_request_pixels, args.concurrency))
     print(f"serving {loc.index.root} ({len(loc.index)} images, model {loc.model.name}) on "
           f"http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -743,6 +743,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="re-rank the top K candidates by geometric verification (SIFT + MAGSAC++; needs "
                          "opencv-python-headless); 10 was chosen on validation (default 0: off)")
     sv.add_argument("--max-k", type=_bounded(1, 1000), default=50, help="largest k a request may ask (default 50)")
+    sv.add_argument("--concurrency", type=_bounded(1, 256), default=1,
+                    help="requests decoded and answered at once, each with --threads; the others wait their turn "
+                         "(default 1)")
     sv.add_argument("--device", default="auto", help="PyTorch models: auto, cpu, cuda (ONNX: cpu)")
     sv.set_defaults(func=cmd_serve)
 

@@ -45,4 +45,19 @@ def test_runtime_install_localizes_without_torch(data_root, tmp_path):
                           text=True)
     assert info.returncode == 0 and json.loads(info.stdout)["verified"] is True
     _, help_wall, _ = _timed([cli, "--help"])
-    print(f"runtime venv: localize cold {wall:.2f} s, peak RSS {rss:.0f} MB; --help {help_wall:.2f} s")
+    models, models_wall, models_rss = _timed([cli, "models"])
+    assert models.returncode == 0 and "effnet-lite0-gem" in models.stdout, models.stderr[-2000:]
+    # a torch-only command says in one line which extra it needs
+    train = subprocess.run([str(cli), "eval", "--model", "effnet-lite0-gem", "--db", str(gp / "day_right"),
+                            "--queries", str(gp / "night_right"), "--aligned", "2"], capture_output=True, text=True)
+    assert train.returncode == 2 and train.stderr.strip().splitlines() == [
+        "edgevpr: error: `edgevpr eval` needs torch, which this install lacks: pip install 'edgevpr[full]'"], \
+        train.stderr
+    # the hot path of localize never imports onnx (1.1 s of a cold start): the checksum is read from the file bytes
+    code = ("import sys\nfrom edgevpr.cli import main\nmain(sys.argv[1:])\n"
+            "print('onnx' in sys.modules, file=sys.stderr)")
+    hot = subprocess.run([str(py), "-c", code, "localize", "--index", str(tmp_path / "idx"), "--model", str(onnx),
+                          str(gp / "night_right" / "Image050.jpg")], capture_output=True, text=True)
+    assert hot.returncode == 0 and hot.stderr.strip().splitlines()[-1] == "False", hot.stderr
+    print(f"runtime venv: localize cold {wall:.2f} s, peak RSS {rss:.0f} MB; --help {help_wall:.2f} s; models "
+          f"{models_wall:.2f} s, {models_rss:.0f} MB")

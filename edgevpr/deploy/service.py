@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -52,11 +53,14 @@ class ServiceLimits:
     max_frames: int = 60
     #: all frames of one request together, checked from their headers before any is decoded
     max_request_pixels: int = 100_000_000
+    #: requests decoded and answered at once (each with the process's ``--threads``); the others wait their turn,
+    #: so requests do not fight over the cores
+    concurrency: int = 1
 
     def __post_init__(self) -> None:  # e.g. --max-upload-mb 1.5 gives a float byte count
-        self.max_upload_bytes, self.max_pixels, self.max_k, self.max_frames, self.max_request_pixels = (
-            int(v) for v in (self.max_upload_bytes, self.max_pixels, self.max_k, self.max_frames,
-                             self.max_request_pixels))
+        self.max_upload_bytes, self.max_pixels, self.max_k, self.max_frames, self.max_request_pixels, \
+            self.concurrency = (int(v) for v in (self.max_upload_bytes, self.max_pixels, self.max_k, self.max_frames,
+                                                 self.max_request_pixels, self.concurrency))
 
 
 class _BodyTooLarge(Exception):
@@ -211,6 +215,8 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
             m["thumb"] = f"/api/thumb/{m['id']}"
         return {"filename": name, "width": size[0], "height": size[1], "ms": ms, **out}
 
+    busy = threading.BoundedSemaphore(limits.concurrency)
+
     def run(fn):
         try:
             return fn()
@@ -224,9 +230,10 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
         if image is None:
             raise HTTPException(400, "missing multipart field 'image'")
         knobs, prior = options(k, keep_ratio, sparsity, lat, lon, east, north, radius_m)
-        img = decoded(image)
-        t0 = time.perf_counter()
-        answer = run(lambda: localizer.answer(localizer.embed([img], knobs), k, prior, [img])[0])
+        with busy:
+            img = decoded(image)
+            t0 = time.perf_counter()
+            answer = run(lambda: localizer.answer(localizer.embed([img], knobs), k, prior, [img])[0])
         return {"k": k, "knobs": {**localizer.knobs, **knobs}, "prior": prior and asdict(prior),
                 **answered(answer, image.filename, img.size, (time.perf_counter() - t0) * 1000)}
 
@@ -261,8 +268,9 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
                 sizes.append(img.size)
                 yield Frame(u.filename or f"frame {i}", img)
 
-        out = run(lambda: [answered(a, name, sizes[i], ms) for i, (name, a, ms) in
-                           enumerate(localizer.stream(frames(), k, knobs, prior, length, method))])
+        with busy:
+            out = run(lambda: [answered(a, name, sizes[i], ms) for i, (name, a, ms) in
+                               enumerate(localizer.stream(frames(), k, knobs, prior, length, method))])
         return {"k": k, "length": length, "method": method, "knobs": {**localizer.knobs, **knobs},
                 "prior": prior and asdict(prior), "frames": out}
 
