@@ -221,6 +221,7 @@ def cmd_index(args) -> int:
               f"{args.out}: {res['count']} images from {res['parts']} parts ({res['failed']} unreadable recorded)")
         return 0
     device = args.device
+    args.images = _recorded(args, Path(args.out if args.action == "build" else args.index))
     if args.action == "build":
         model = open_model(args.model, device, args.int8)
         knobs = _knobs(args) or getattr(model, "baked_knobs", {})
@@ -243,6 +244,41 @@ def cmd_index(args) -> int:
           f"{where}: {res['count']} images indexed ({res['added']} new, {res['already_stored']} already there, "
           f"{res['failed']} unreadable)")
     return 0
+
+
+def _recorded(args, index: Path) -> str:
+    """``--images`` as index build/add should read it: a video with ``--track``, or a folder of photos with EXIF
+    GPS, becomes a manifest (frames extracted) under INDEX/recordings/; anything else is used as given."""
+    from .deploy import recordings as rec
+
+    src = Path(args.images)
+    if args.track:
+        from .deploy.inputs import VIDEO_EXTS
+
+        if src.suffix.lower() not in VIDEO_EXTS or not src.is_file():
+            raise ValueError(f"--track {args.track}: --images must be a video file ({', '.join(VIDEO_EXTS)}), not "
+                             f"{src}")
+        manifest, report = rec.manifest_from_video(src, rec.read_track(args.track), index / "recordings",
+                                                   args.every, args.track_offset)
+        print(f"{src}: {report['kept']} of {report['frames_decoded']} frames kept (every {args.every}; "
+              f"{report['outside_track']} outside the track; video time from {report['start_from']})",
+              file=sys.stderr)
+        return str(manifest)
+    if src.is_dir() and not rec.looks_like_utm_names(src):
+        try:
+            manifest, report = rec.manifest_from_photos(src, index / "recordings" / f"{src.name}.csv",
+                                                        args.require_gps, args.min_spacing)
+        except rec.NoGps:
+            if args.require_gps:
+                raise
+            return args.images
+        for p in report["without_gps"][:5]:
+            print(f"no EXIF GPS position: {p}" + ("" if args.require_gps else " (indexed without coordinates)"),
+                  file=sys.stderr)
+        print(f"{src}: {report['with_gps']} of {report['photos']} photos with an EXIF GPS position, "
+              f"{report['indexed']} indexed ({report['skipped_close']} closer than --min-spacing)", file=sys.stderr)
+        return str(manifest)
+    return args.images
 
 
 def _prior(args):
@@ -586,7 +622,22 @@ def build_parser() -> argparse.ArgumentParser:
     ib = isub.add_parser("build", help="index the images of a folder or CSV manifest (resumes when interrupted)")
     ia = isub.add_parser("add", help="append images to an index (same model; resumes when interrupted)")
     for a in (ib, ia):
-        a.add_argument("--images", required=True, help="image folder, or CSV with path[,place_id][,lat,lon]")
+        a.add_argument("--images", required=True,
+                       help="image folder (EXIF GPS positions are read), CSV with path[,place_id][,lat,lon], or a "
+                            "video with --track")
+        a.add_argument("--track", metavar="FILE",
+                       help="the GNSS track of the --images video: GPX, NMEA 0183 (.nmea) or CSV (time + lat,lon or "
+                            "east,north) (default: none)")
+        a.add_argument("--every", default="2m", metavar="DIST|TIME",
+                       help="video with --track: keep a frame every '2m' travelled or every '0.5s' (default 2m)")
+        a.add_argument("--track-offset", type=_real(-1e9, 1e9), default=0.0, metavar="SECONDS",
+                       help="added to the video's times to align them with the track (default 0)")
+        a.add_argument("--require-gps", action="store_true",
+                       help="photos: skip images without an EXIF GPS position (default: index them without "
+                            "coordinates)")
+        a.add_argument("--min-spacing", type=_real(0, 1e6), default=0.0, metavar="METRES",
+                       help="photos: leave out an image closer than this to the previous one of its folder "
+                            "(default 0: keep all)")
         a.add_argument("--batch-size", type=_bounded(1, 4096), default=32, help="images per forward (default 32)")
         a.add_argument("--skip-bad", action="store_true", help="skip and report unreadable images")
         a.add_argument("--int8", action="store_true", help="ternary models: int8 GEMM path")
@@ -603,10 +654,10 @@ def build_parser() -> argparse.ArgumentParser:
     for a in (ib, im_):
         a.add_argument("--kind", choices=["flat", "ivfpq", "hnsw", "binary", "qdrant"], default="flat",
                        help="flat: exact; ivfpq: compressed codes (needs >= 256 images); hnsw: graph; binary: sign "
-                            "bits (D/8 bytes per image), Hamming search; qdrant: a Qdrant collection (local mode in "
-                            "the index folder, or --qdrant-url) (default flat)")
+                            "bits (D/8 bytes per image), Hamming search; qdrant: a Qdrant Edge shard in the index "
+                            "folder, or a collection of --qdrant-url (default flat)")
         a.add_argument("--qdrant-url", help="qdrant: a Qdrant server or cluster, e.g. http://host:6333 (default: "
-                                            "local mode)")
+                                            "Qdrant Edge in the index folder)")
         a.add_argument("--collection", help="qdrant: collection name (default edgevpr-<index folder name>)")
         a.add_argument("--qdrant-shards", type=_bounded(1, 1024), help="qdrant server: shard_number of the collection")
         a.add_argument("--qdrant-replicas", type=_bounded(1, 64),

@@ -1,0 +1,376 @@
+"""Maps from what people record: geotagged photos, videos with a GNSS track (torch-free).
+
+Both end in a CSV manifest (``path, lat, lon, heading, time, session``: what ``index build`` reads), written
+next to the index, so that every later command sees ordinary database images with coordinates:
+
+* **Photos** (``manifest_from_photos``): the position of each image from its own EXIF GPS block (Pillow's EXIF
+  reader: JPEG, PNG, WebP, TIFF; HEIC when ``pillow-heif`` is installed): latitude, longitude, altitude, the GPS
+  time (else DateTimeOriginal) and the image direction where present. Images without GPS are reported and kept
+  without coordinates, or skipped with ``require_gps``.
+* **Videos with a track** (``manifest_from_video``): the track is read with maintained parsers (GPX: gpxpy;
+  NMEA 0183: pynmea2, RMC sentences, which carry the date; CSV: ``time`` (ISO 8601 or Unix seconds) with
+  ``lat``/``lon`` or UTM ``east``/``north``). A frame's time is the video's start (its ``creation_time`` tag,
+  else the track's first fix) plus the frame's presentation time plus ``offset`` seconds; its position and
+  heading are interpolated linearly between the fixes around it. Frames are kept every ``every`` metres travelled
+  (``2m``) or seconds (``0.5s``), so a stopped platform adds no frames; they are written as JPEG files under the
+  output folder (named by their time in the video: a rerun reuses them). A track that does not overlap the video
+  in time is refused in one line with both time spans.
+
+The **session** of an image is the visit it belongs to: the folder of a photo, the video of a frame. Every
+capture of one session lies in one folder of the database (the frames of ``drive.mp4`` in ``.../drive/``), which is
+what ``PlaceIndex.segments`` and ``localize --exclude-session`` rely on.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..data.images import ImageLoadError, list_images
+from ..utils import atomic_write
+from .decision import EARTH_RADIUS_M, haversine
+
+MANIFEST_COLUMNS = ("path", "lat", "lon", "utm_east", "utm_north", "altitude", "heading", "time", "session")
+TRACK_EXTS = {".gpx": "gpx", ".nmea": "nmea", ".nmea0183": "nmea", ".log": "nmea", ".txt": "nmea", ".csv": "csv"}
+
+
+# ------------------------------------------------------------------------------------------------------------ photos
+class NoGps(ValueError):
+    """No image of a folder has an EXIF GPS position."""
+
+
+def looks_like_utm_names(folder: str | os.PathLike) -> bool:
+    """Whether a folder's images carry their UTM position in their names (the '@east@north@' convention)."""
+    from ..data.datasets import parse_utm_name
+
+    for p in list_images(folder)[:1]:
+        try:
+            parse_utm_name(p)
+            return True
+        except ValueError:
+            return False
+    return False
+
+
+def _rational(v) -> float:
+    return float(v[0]) / float(v[1]) if isinstance(v, tuple) and len(v) == 2 else float(v)
+
+
+def _dms(value, ref: str) -> float:
+    d, m, s = (_rational(x) for x in value)
+    deg = d + m / 60 + s / 3600
+    return -deg if ref in ("S", "W") else deg
+
+
+def _exif_time(text: str | None) -> float | None:
+    """'YYYY:MM:DD HH:MM:SS' (EXIF, no zone: taken as UTC) -> Unix seconds."""
+    try:
+        return datetime.strptime(str(text).strip("\x00 "), "%Y:%m:%d %H:%M:%S").replace(
+            tzinfo=timezone.utc).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def exif_position(path: str | os.PathLike) -> dict | None:
+    """An image's EXIF GPS -> {lat, lon, altitude, heading, time} (None where absent), or None without a GPS
+    position. ``time``: Unix seconds from the GPS date and time stamps (UTC), else DateTimeOriginal."""
+    try:
+        with Image.open(path) as im:
+            exif = im.getexif()
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageLoadError(path, f"cannot read its EXIF ({str(e).splitlines()[0]})") from None
+    gps = exif.get_ifd(0x8825)
+    try:
+        lat, lon = _dms(gps[2], gps.get(1, "N")), _dms(gps[4], gps.get(3, "E"))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    if not (abs(lat) <= 90 and abs(lon) <= 180) or (lat == 0 and lon == 0):
+        return None
+    out = {"lat": lat, "lon": lon, "altitude": None, "heading": None, "time": None}
+    try:
+        out["altitude"] = _rational(gps[6]) * (-1 if gps.get(5) in (1, b"\x01") else 1)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        pass
+    try:
+        out["heading"] = _rational(gps[17]) % 360
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        pass
+    try:
+        h, m, s = (_rational(x) for x in gps[7])
+        day = datetime.strptime(str(gps[29]).strip("\x00 "), "%Y:%m:%d").replace(tzinfo=timezone.utc)
+        out["time"] = day.timestamp() + h * 3600 + m * 60 + s
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        out["time"] = _exif_time(exif.get_ifd(0x8769).get(36867))
+    return out
+
+
+def _heif() -> None:
+    try:  # HEIC/HEIF photos (iPhones): read when the optional plugin is installed
+        from pillow_heif import register_heif_opener
+
+        register_heif_opener()
+    except ImportError:
+        pass
+
+
+def manifest_from_photos(folder: str | os.PathLike, out_csv: str | os.PathLike, require_gps: bool = False,
+                         min_spacing_m: float = 0.0) -> tuple[Path, dict]:
+    """The images of ``folder`` (sorted by name; subfolders are sessions) -> a manifest CSV of their EXIF
+    positions, and a report {"photos", "with_gps", "without_gps": [names], "skipped_close"}. ``min_spacing_m``:
+    an image closer than this to the previous kept one of its session is left out (a stopped platform)."""
+    _heif()
+    folder = Path(folder)
+    paths = list_images(folder)
+    if not paths:
+        raise ValueError(f"{folder}: no images in this folder")
+    rows, missing, close = [], [], 0
+    last: dict[str, tuple[float, float]] = {}
+    for p in paths:
+        pos = exif_position(p)
+        session = str(Path(p).parent.relative_to(folder)) if Path(p).parent != folder else folder.name
+        if pos is None:
+            missing.append(str(p))
+            if not require_gps:
+                rows.append({"path": os.path.abspath(p), "session": session})
+            continue
+        prev = last.get(session)
+        if prev is not None and min_spacing_m > 0 and \
+                float(haversine(prev[0], prev[1], pos["lat"], pos["lon"])) < min_spacing_m:
+            close += 1
+            continue
+        last[session] = (pos["lat"], pos["lon"])
+        rows.append({"path": os.path.abspath(p), **pos, "session": session})
+    if not any("lat" in r for r in rows):
+        raise NoGps(f"{folder}: none of its {len(paths)} images has an EXIF GPS position")
+    return _write_manifest(out_csv, rows), {"photos": len(paths), "with_gps": len(paths) - len(missing),
+                                            "without_gps": missing, "skipped_close": close,
+                                            "indexed": len(rows)}
+
+
+# ------------------------------------------------------------------------------------------------------------ tracks
+@dataclass
+class Track:
+    """A GNSS track: fix times [T] (Unix seconds, increasing) and positions: lat/lon [T] degrees, or east/north
+    [T] UTM metres (NaN for the kind the track lacks)."""
+
+    time: np.ndarray
+    lat: np.ndarray
+    lon: np.ndarray
+    east: np.ndarray
+    north: np.ndarray
+    source: str
+
+    def __post_init__(self) -> None:
+        if len(self.time) < 2:
+            raise ValueError(f"{self.source}: a track needs at least two timed fixes ({len(self.time)} found)")
+        order = np.argsort(self.time, kind="stable")
+        for name in ("time", "lat", "lon", "east", "north"):
+            setattr(self, name, np.asarray(getattr(self, name), np.float64)[order])
+        keep = np.r_[True, np.diff(self.time) > 0]  # one fix per instant
+        for name in ("time", "lat", "lon", "east", "north"):
+            setattr(self, name, getattr(self, name)[keep])
+
+    @property
+    def geo(self) -> bool:
+        return bool(np.isfinite(self.lat).all())
+
+    def span(self) -> tuple[float, float]:
+        return float(self.time[0]), float(self.time[-1])
+
+    def at(self, t: float) -> dict | None:
+        """Position and heading at time ``t`` (linear between the fixes around it) -> {lat, lon} or {utm_east,
+        utm_north}, plus heading (degrees clockwise from north, from the positions 0.5 s either side); None outside
+        the track."""
+        if not self.time[0] <= t <= self.time[-1]:
+            return None
+        a, b = (np.interp(t, self.time, x) for x in ((self.lat, self.lon) if self.geo else (self.east, self.north)))
+        t0, t1 = max(t - 0.5, self.time[0]), min(t + 0.5, self.time[-1])
+        a0, b0 = (np.interp(t0, self.time, x) for x in ((self.lat, self.lon) if self.geo else (self.east, self.north)))
+        a1, b1 = (np.interp(t1, self.time, x) for x in ((self.lat, self.lon) if self.geo else (self.east, self.north)))
+        if self.geo:
+            dx = math.radians(b1 - b0) * math.cos(math.radians(a)) * EARTH_RADIUS_M
+            dy = math.radians(a1 - a0) * EARTH_RADIUS_M
+        else:
+            dx, dy = b1 - b0, a1 - a0
+        heading = math.degrees(math.atan2(dx, dy)) % 360 if math.hypot(dx, dy) > 0.05 else None
+        pos = {"lat": float(a), "lon": float(b)} if self.geo else {"utm_east": float(a), "utm_north": float(b)}
+        return {**pos, "heading": heading}
+
+    def metres(self, p: dict, q: dict) -> float:
+        if self.geo:
+            return float(haversine(p["lat"], p["lon"], q["lat"], q["lon"]))
+        return math.hypot(p["utm_east"] - q["utm_east"], p["utm_north"] - q["utm_north"])
+
+
+def _parse_time(text: str, where: str) -> float:
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{where}: time {text!r} is neither ISO 8601 nor Unix seconds") from None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def read_track(path: str | os.PathLike) -> Track:
+    """A GPX, NMEA 0183 or CSV track (by extension) -> Track; ValueError in one line naming the file and what is
+    wrong."""
+    path = Path(path)
+    kind = TRACK_EXTS.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"{path}: a track is .gpx, .nmea (NMEA 0183) or .csv")
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the track ({e.strerror or e})") from None
+    t, a, b = [], [], []
+    if kind == "gpx":
+        import gpxpy
+        import gpxpy.gpx
+
+        try:
+            gpx = gpxpy.parse(text)
+        except gpxpy.gpx.GPXException as e:
+            raise ValueError(f"{path}: not a readable GPX file ({str(e).splitlines()[0]})") from None
+        points = [p for tr in gpx.tracks for seg in tr.segments for p in seg.points] or \
+                 [p for r in gpx.routes for p in r.points]
+        for p in points:
+            if p.time is not None:
+                tm = p.time if p.time.tzinfo else p.time.replace(tzinfo=timezone.utc)
+                t.append(tm.timestamp())
+                a.append(p.latitude)
+                b.append(p.longitude)
+        geo = True
+    elif kind == "nmea":
+        import pynmea2
+
+        for line in text.splitlines():
+            line = line.strip()
+            if not line.startswith("$") or "RMC," not in line[:7]:
+                continue
+            try:
+                msg = pynmea2.parse(line)
+            except pynmea2.ParseError:
+                continue
+            if getattr(msg, "status", "A") != "A" or msg.datestamp is None or msg.timestamp is None:
+                continue
+            tm = datetime.combine(msg.datestamp, msg.timestamp)
+            t.append((tm if tm.tzinfo else tm.replace(tzinfo=timezone.utc)).timestamp())
+            a.append(msg.latitude)
+            b.append(msg.longitude)
+        geo = True
+        if not t:
+            raise ValueError(f"{path}: no valid RMC sentences (NMEA 0183 fixes with a date) in it")
+    else:
+        rows = list(csv.DictReader(text.splitlines()))
+        cols = set(rows[0]) if rows else set()
+        geo = {"lat", "lon"} <= cols
+        if "time" not in cols or not (geo or {"east", "north"} <= cols):
+            raise ValueError(f"{path}: a CSV track needs columns time and lat,lon (or east,north)")
+        for i, r in enumerate(rows, start=2):
+            try:
+                t.append(_parse_time(r["time"], f"{path}: line {i}"))
+                a.append(float(r["lat" if geo else "north"]))
+                b.append(float(r["lon" if geo else "east"]))
+            except (TypeError, ValueError) as e:
+                raise ValueError(str(e) if str(e).startswith(str(path)) else
+                                 f"{path}: line {i}: not a number ({e})") from None
+    nan = np.full(len(t), np.nan)
+    if geo:
+        return Track(np.array(t), np.array(a), np.array(b), nan, nan, str(path))
+    return Track(np.array(t), nan, nan, np.array(b), np.array(a), str(path))
+
+
+# ------------------------------------------------------------------------------------------------------------ videos
+def parse_every(text: str) -> tuple[float, str]:
+    """'2m' -> (2.0, 'm'); '0.5s' -> (0.5, 's'); ValueError otherwise."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(m|s)\s*", str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"--every {text!r}: a distance in metres ('2m') or a time in seconds ('0.5s'), > 0")
+    return float(m.group(1)), m.group(2)
+
+
+def _fmt(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def manifest_from_video(video: str | os.PathLike, track: Track, out_dir: str | os.PathLike, every: str = "2m",
+                        offset: float = 0.0, max_side: int = 1280) -> tuple[Path, dict]:
+    """A video and its track -> frames kept every ``every`` (see ``parse_every``), written as JPEG under
+    ``out_dir/<video stem>/`` (longest side at most ``max_side`` px), and a manifest CSV ``out_dir/<stem>.csv``;
+    and a report {"frames_decoded", "kept", "outside_track", "video_span", "track_span", "start_from"}."""
+    import av
+
+    video, out_dir = Path(video), Path(out_dir)
+    step, unit = parse_every(every)
+    try:
+        container = av.open(str(video))
+    except (av.FFmpegError, OSError) as e:
+        raise ValueError(f"{video}: not a readable video ({str(e).splitlines()[0]})") from None
+    with container:
+        if not container.streams.video:
+            raise ValueError(f"{video}: no video stream in the file")
+        stream = container.streams.video[0]
+        created = container.metadata.get("creation_time") or stream.metadata.get("creation_time")
+        start = _parse_time(created, str(video)) if created else track.time[0]
+        start += offset
+        duration = float(stream.duration * stream.time_base) if stream.duration else \
+            (container.duration / 1e6 if container.duration else 0.0)
+        lo, hi = track.span()
+        if start + duration < lo or start > hi:
+            raise ValueError(f"{video}: the video ({_fmt(start)} to {_fmt(start + duration)}) and the track "
+                             f"{track.source} ({_fmt(lo)} to {_fmt(hi)}) do not overlap in time; give --track-offset "
+                             "SECONDS (added to the video's times)")
+        frames_dir = out_dir / video.stem
+        frames_dir.mkdir(parents=True, exist_ok=True)
+        rows, decoded, outside, last = [], 0, 0, None
+        for frame in container.decode(stream):
+            decoded += 1
+            t = start + float(frame.time or 0.0)
+            pos = track.at(t)
+            if pos is None:
+                outside += 1
+                continue
+            # a millimetre / microsecond of slack: a frame exactly `step` away is kept despite rounding
+            if last is not None and (track.metres(last[1], pos) < step - 1e-3 if unit == "m" else
+                                     t - last[0] < step - 1e-6):
+                continue
+            last = (t, pos)
+            name = frames_dir / f"{video.stem}_{int(round(float(frame.time or 0.0) * 1000)):09d}ms.jpg"
+            if not name.is_file():
+                img = frame.to_image().convert("RGB")
+                if max(img.size) > max_side:
+                    img.thumbnail((max_side, max_side), Image.BICUBIC)
+                atomic_write(name, lambda tmp, img=img: img.save(tmp, format="JPEG", quality=92))
+            rows.append({"path": os.path.abspath(name), **pos, "time": t, "session": video.stem})
+    if not rows:
+        raise ValueError(f"{video}: no frame falls inside the track {track.source} (check --track-offset)")
+    return _write_manifest(out_dir / f"{video.stem}.csv", rows), {
+        "frames_decoded": decoded, "kept": len(rows), "outside_track": outside,
+        "video_span": [_fmt(start), _fmt(start + duration)], "track_span": [_fmt(lo), _fmt(hi)],
+        "start_from": "creation_time" if created else "the track's first fix"}
+
+
+def _write_manifest(path: str | os.PathLike, rows: list[dict]) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, MANIFEST_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: ("" if r.get(k) is None else r[k]) for k in MANIFEST_COLUMNS})
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)
+    return path

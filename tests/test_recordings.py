@@ -1,0 +1,146 @@
+"""Maps from recordings (deploy/recordings.py): a video with a GPX or NMEA track, photos with EXIF GPS."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgevpr.cli import main
+from edgevpr.deploy import index as idx
+from edgevpr.deploy import recordings as rec
+from tests.conftest import shared_data
+
+LAT0, LON0, SPEED = -27.4775, 153.0280, 5.0  # a walk due north at 5 m/s from here
+START = datetime(2026, 5, 1, 10, 0, 0, tzinfo=timezone.utc)
+M_PER_DEG = 6_371_008.8 * math.pi / 180
+
+
+def _lat(t: float) -> float:
+    return LAT0 + SPEED * t / M_PER_DEG
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    """40 Gardens Point frames as a 10 fps video (4 s) whose creation_time is START."""
+    import av
+
+    from edgevpr.data.images import load_image
+
+    gp = shared_data() / "gardens_point" / "day_right"
+    path = tmp_path_factory.mktemp("rec") / "walk.mp4"
+    with av.open(str(path), "w") as out:
+        out.metadata["creation_time"] = START.strftime("%Y-%m-%dT%H:%M:%S.000000Z")
+        s = out.add_stream("mpeg4", rate=10)
+        s.width, s.height, s.pix_fmt = 640, 480, "yuv420p"
+        for i in range(40):
+            for packet in s.encode(av.VideoFrame.from_image(load_image(gp / f"Image{i:03d}.jpg").resize((640, 480)))):
+                out.mux(packet)
+        for packet in s.encode():
+            out.mux(packet)
+    return path
+
+
+def _gpx(path, shift_s: float = 0.0):
+    import gpxpy.gpx
+
+    g = gpxpy.gpx.GPX()
+    seg = gpxpy.gpx.GPXTrackSegment()
+    for t in range(-2, 8):  # one fix a second, 2 s before to 3 s after the video
+        seg.points.append(gpxpy.gpx.GPXTrackPoint(_lat(t), LON0, time=datetime.fromtimestamp(
+            START.timestamp() + t + shift_s, timezone.utc)))
+    track = gpxpy.gpx.GPXTrack()
+    track.segments.append(seg)
+    g.tracks.append(track)
+    path.write_text(g.to_xml())
+    return path
+
+
+def _nmea(path):
+    import pynmea2
+
+    lines = []
+    for t in range(-2, 8):
+        when = datetime.fromtimestamp(START.timestamp() + t, timezone.utc)
+        lat = _lat(t)
+        dm = lambda v, w: f"{int(abs(v)):0{w}d}{(abs(v) % 1) * 60:07.4f}"  # noqa: E731  (ddmm.mmmm)
+        lines.append(str(pynmea2.RMC("GP", "RMC", (when.strftime("%H%M%S.00"), "A", dm(lat, 2), "S" if lat < 0 else "N",
+                                                   dm(LON0, 3), "E", "9.7", "0.0", when.strftime("%d%m%y"), "", ""))))
+        lines.append(str(pynmea2.GGA("GP", "GGA", (when.strftime("%H%M%S.00"), dm(lat, 2), "S", dm(LON0, 3), "E", "1",
+                                                   "08", "0.9", "10.0", "M", "0.0", "M", "", ""))))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["gpx", "nmea"])
+def test_video_frames_get_the_tracks_positions_every_2_m(video, tmp_path, kind):
+    """At 5 m/s and 10 fps a frame comes every 0.5 m: every 2 m keeps every 4th frame, each at the position the
+    track has at its time (within 0.5 m; NMEA's 4 decimals of a minute are 0.2 m), heading north."""
+    track = rec.read_track(_gpx(tmp_path / "t.gpx") if kind == "gpx" else _nmea(tmp_path / "t.nmea"))
+    manifest, report = rec.manifest_from_video(video, track, tmp_path / "recordings", "2m")
+    assert report["frames_decoded"] == 40 and report["start_from"] == "creation_time"
+    rows = idx.read_rows(manifest)
+    assert report["kept"] == len(rows) == 10
+    for i, r in enumerate(rows):
+        t = 0.4 * i  # frames 0, 4, 8, ... at 10 fps
+        assert abs((r.lat - _lat(t)) * M_PER_DEG) < 0.5 and abs(r.lon - LON0) * M_PER_DEG < 0.5, (i, r)
+    assert np.allclose(np.diff([r.north for r in rows]), 2.0, atol=0.5)  # UTM too, 2 m apart
+    with open(manifest) as f:
+        heading = [line.split(",")[6] for line in f.read().splitlines()[1:]]
+    assert all(abs(float(h)) < 1 or abs(float(h) - 360) < 1 for h in heading)
+    # and the frames are real images an index is built from
+    assert main(["index", "build", "--model", "pixels-patchnorm", "--images", str(video), "--track",
+                 str(tmp_path / ("t.gpx" if kind == "gpx" else "t.nmea")), "--every", "2m", "--out",
+                 str(tmp_path / "i"), "--quiet"]) == 0
+    pi = idx.PlaceIndex.open(tmp_path / "i")
+    assert len(pi) == 10 and np.isfinite(pi.coordinates().lat).all()
+
+
+def test_every_seconds_and_a_track_that_does_not_overlap(video, tmp_path, capsys):
+    track = rec.read_track(_gpx(tmp_path / "t.gpx"))
+    _, report = rec.manifest_from_video(video, track, tmp_path / "r", "1s")
+    assert report["kept"] == 4  # 0, 1, 2, 3 s
+    late = _gpx(tmp_path / "late.gpx", shift_s=3600)
+    assert main(["index", "build", "--model", "pixels-patchnorm", "--images", str(video), "--track", str(late),
+                 "--out", str(tmp_path / "i")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "do not overlap in time" in err[0] and "2026-05-01 10:00:00 UTC" in err[0] and \
+        "--track-offset" in err[0]
+    # the offset that aligns them is accepted
+    _, report = rec.manifest_from_video(video, rec.read_track(late), tmp_path / "r2", "2m", offset=3600)
+    assert report["kept"] == 10
+
+
+def _photo(path, gps: dict | None):
+    img = Image.open(shared_data() / "gardens_point" / "day_right" / "Image010.jpg")
+    exif = Image.Exif()
+    if gps is not None:
+        exif[0x8825] = gps
+    img.save(path, exif=exif)
+
+
+def test_photos_are_indexed_at_their_exif_positions(tmp_path, capsys):
+    folder = tmp_path / "visit"
+    folder.mkdir()
+    _photo(folder / "a.jpg", {1: "S", 2: (27.0, 28.0, 39.0), 3: "E", 4: (153.0, 1.0, 40.8), 17: 90.0,
+                              29: "2026:05:01", 7: (10.0, 0.0, 5.0)})
+    _photo(folder / "b.jpg", {1: "S", 2: (27.0, 28.0, 40.0), 3: "E", 4: (153.0, 1.0, 40.8)})
+    _photo(folder / "c.jpg", None)
+    pos = rec.exif_position(folder / "a.jpg")
+    assert pos["lat"] == pytest.approx(-(27 + 28 / 60 + 39 / 3600)) and pos["lon"] == pytest.approx(153 + 1 / 60 +
+                                                                                                     40.8 / 3600)
+    assert pos["heading"] == 90.0 and pos["time"] == START.timestamp() + 5
+    assert main(["index", "build", "--model", "pixels-patchnorm", "--images", str(folder), "--out",
+                 str(tmp_path / "i"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "no EXIF GPS position: " in err and "c.jpg" in err and "2 of 3 photos with an EXIF GPS position" in err
+    pi = idx.PlaceIndex.open(tmp_path / "i")
+    c = pi.coordinates()
+    assert len(pi) == 3 and np.isfinite(c.lat).sum() == 2
+    assert min(abs(c.lat[np.isfinite(c.lat)] - pos["lat"])) < 1e-9
+    assert main(["index", "build", "--model", "pixels-patchnorm", "--images", str(folder), "--out",
+                 str(tmp_path / "j"), "--quiet", "--require-gps"]) == 0
+    assert len(idx.PlaceIndex.open(tmp_path / "j")) == 2
