@@ -212,8 +212,19 @@ def cmd_index(args) -> int:
             print(json.dumps(report, indent=2))
             return 0 if report["verified"] else 1
         pi = idx.PlaceIndex.open(args.index, mmap=True)
-        print(json.dumps({**pi.manifest, "checked": "sizes, and sha256 of files changed since their last full "
-                                                    "check (--verify reads every byte)"}, indent=2))
+        sessions = pi.sessions()
+        if args.plot:
+            from .deploy.coverage import coverage_plot
+
+            coverage_plot(pi, Path(args.plot))
+        print(json.dumps({**pi.manifest, "sessions": sessions,
+                          "checked": "sizes, and sha256 of files changed since their last full check (--verify "
+                                     "reads every byte)", **({"plot": args.plot} if args.plot else {})}, indent=2))
+        return 0
+    if args.action == "remove":
+        res = idx.remove(args.index, args.session, args.paths)
+        print(json.dumps(res, indent=2) if args.json else
+              f"{args.index}: {res['removed']} images removed, {res['count']} left")
         return 0
     if args.action == "merge":
         res = idx.merge(args.parts, args.out, args.kind, _index_params(args))
@@ -330,7 +341,8 @@ def cmd_localize(args) -> int:
     from .deploy.localize import Localizer
     from .deploy.pipeline import Pipeline, latency_percentiles
 
-    loc = Localizer(args.index, args.model, mmap=not args.no_mmap, device=args.device, verify=args.verify)
+    loc = Localizer(args.index, args.model, mmap=not args.no_mmap, device=args.device, verify=args.verify,
+                    exclude_sessions=args.exclude_session)
     stream = Stream(args.photos, args.stride, args.skip_bad)
     loop = Pipeline(loc, stream, args.top_k, _knobs(args) or None, _prior(args), args.sequence, args.sequence_method,
                     live=True if args.live else None, max_fps=args.max_fps)
@@ -701,6 +713,17 @@ def build_parser() -> argparse.ArgumentParser:
     ii.add_argument("--verify", action="store_true",
                     help="read every byte: sha256 of each file against the manifest; prints {verified, problems} "
                          "and exits 1 when anything is broken (default: off)")
+    ii.add_argument("--plot", metavar="PNG",
+                    help="draw the map's coverage: every image's position coloured by session, gaps and density "
+                         "visible, with a scale bar (default: no picture)")
+    ir = isub.add_parser("remove", help="remove images from an index: whole sessions (visits) or paths matching globs "
+                                        "(the rest renumbered, the search structure rebuilt)")
+    ir.add_argument("--index", required=True, help="index folder")
+    ir.add_argument("--session", action="append", default=[], metavar="NAME",
+                    help="remove every image of this session (repeat for several; `index info` lists them)")
+    ir.add_argument("paths", nargs="*", metavar="GLOB",
+                    help="remove the images whose path or file name matches (quote globs: 'drive1/*')")
+    ir.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.set_defaults(func=cmd_index)
 
     lo = sub.add_parser("localize", help="top-K database matches of photos, with coordinates and scores")
@@ -725,6 +748,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "opencv-python-headless); 10 was chosen on validation (default 0: off)")
     lo.add_argument("--sequence", type=_bounded(0, 1000), default=0, metavar="L",
                     help="also match the stream as a sequence over the last L frames (default 0: off)")
+    lo.add_argument("--exclude-session", action="append", default=[], metavar="NAME",
+                    help="answer from the other sessions only (repeat; e.g. to evaluate one visit against the "
+                         "others) (default: none)")
     lo.add_argument("--max-fps", type=_real(0, 1e4, low_open=True), metavar="F",
                     help="keep at most F frames per second of the source's clock; the rest are skipped and counted "
                          "(default: every frame)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import datetime, timezone
 
@@ -23,17 +24,15 @@ def _lat(t: float) -> float:
     return LAT0 + SPEED * t / M_PER_DEG
 
 
-@pytest.fixture(scope="module")
-def video(tmp_path_factory):
-    """40 Gardens Point frames as a 10 fps video (4 s) whose creation_time is START."""
+def _video(path, folder: str, start: datetime = START):
+    """Gardens Point frames 0-39 of ``folder`` as a 10 fps video (4 s) whose creation_time is ``start``."""
     import av
 
     from edgevpr.data.images import load_image
 
-    gp = shared_data() / "gardens_point" / "day_right"
-    path = tmp_path_factory.mktemp("rec") / "walk.mp4"
+    gp = shared_data() / "gardens_point" / folder
     with av.open(str(path), "w") as out:
-        out.metadata["creation_time"] = START.strftime("%Y-%m-%dT%H:%M:%S.000000Z")
+        out.metadata["creation_time"] = start.strftime("%Y-%m-%dT%H:%M:%S.000000Z")
         s = out.add_stream("mpeg4", rate=10)
         s.width, s.height, s.pix_fmt = 640, 480, "yuv420p"
         for i in range(40):
@@ -42,6 +41,11 @@ def video(tmp_path_factory):
         for packet in s.encode():
             out.mux(packet)
     return path
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    return _video(tmp_path_factory.mktemp("rec") / "walk.mp4", "day_right")
 
 
 def _gpx(path, shift_s: float = 0.0):
@@ -144,3 +148,40 @@ def test_photos_are_indexed_at_their_exif_positions(tmp_path, capsys):
     assert main(["index", "build", "--model", "pixels-patchnorm", "--images", str(folder), "--out",
                  str(tmp_path / "j"), "--quiet", "--require-gps"]) == 0
     assert len(idx.PlaceIndex.open(tmp_path / "j")) == 2
+
+
+def test_sessions_are_listed_excluded_removed_and_drawn(video, tmp_path, capsys):
+    """Two visits of one route (day_right, and day_left a day later, each a video with its track): `index info`
+    lists them with their times; `localize --exclude-session` answers a frame of one visit from the other only;
+    `index remove --session` takes one out and leaves a verified index; `index info --plot` draws the coverage."""
+    day = 86400.0
+    second = _video(tmp_path / "walk2.mp4", "day_left", datetime.fromtimestamp(START.timestamp() + day, timezone.utc))
+    index = tmp_path / "map"
+    assert main(["index", "build", "--model", "pixels-patchnorm", "--images", str(video), "--track",
+                 str(_gpx(tmp_path / "t1.gpx")), "--out", str(index), "--quiet"]) == 0
+    assert main(["index", "add", "--images", str(second), "--track", str(_gpx(tmp_path / "t2.gpx", shift_s=day)),
+                 "--index", str(index), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["index", "info", str(index), "--plot", str(tmp_path / "map.png")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    s = {x["session"]: x for x in info["sessions"]}
+    assert set(s) == {"walk", "walk2"} and s["walk"]["images"] == s["walk2"]["images"] == 10
+    assert s["walk2"]["first_time"] - s["walk"]["first_time"] == pytest.approx(day)
+    assert s["walk"]["route_m"] == pytest.approx(18.0, abs=0.5)
+    assert (tmp_path / "map.png").stat().st_size > 5000
+    frame = sorted((index / "recordings" / "walk").glob("*.jpg"))[3]
+    assert main(["localize", "--index", str(index), str(frame), "-k", "3", "--json", "--sequence", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)["results"][0]
+    assert res["matches"][0]["path"] == str(frame)  # itself, from its own session
+    assert main(["localize", "--index", str(index), str(frame), "-k", "3", "--json", "--sequence", "1",
+                 "--exclude-session", "walk"]) == 0
+    res = json.loads(capsys.readouterr().out)["results"][0]
+    assert all("/walk2/" in m["path"] for m in res["matches"]) and "/walk2/" in res["sequence"]["match"]["path"]
+    assert main(["index", "remove", "--index", str(index), "--session", "walk2"]) == 0
+    capsys.readouterr()
+    assert main(["index", "info", str(index), "--verify"]) == 0
+    assert json.loads(capsys.readouterr().out)["verified"] is True
+    pi = idx.PlaceIndex.open(index)
+    assert len(pi) == 10 and [x["session"] for x in pi.sessions()] == ["walk"]
+    assert main(["index", "remove", "--index", str(index), "--session", "nope"]) == 2
+    assert "no session 'nope'" in capsys.readouterr().err

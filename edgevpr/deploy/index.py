@@ -65,11 +65,14 @@ MAX_NLIST = 1024
 MAX_TRAIN = 65536
 #: The most matches one query may ask for.
 MAX_K = 1000
+#: manifest fields a writer that changes the rows carries over (``add``, ``remove``)
+KEPT_BY_WRITERS = ("calibration", "sequence_calibration", "tuned")
 
 
 @dataclass
 class Row:
-    """One database image: path, optional place id, optional coordinates (lat/lon and/or UTM metres)."""
+    """One database image: path, optional place id, optional coordinates (lat/lon and/or UTM metres), its session
+    (the visit it was captured in; default: the name of its folder) and capture time (Unix seconds, optional)."""
 
     path: str
     place_id: str | None = None
@@ -77,6 +80,22 @@ class Row:
     lon: float | None = None
     east: float | None = None
     north: float | None = None
+    session: str | None = None
+    time: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.session is None:
+            self.session = Path(self.path).parent.name
+
+
+#: columns of the images table, in order (``session`` and ``time`` were added in edgevpr 0.x: tables made before
+#: gain them when opened for writing; readers check ``_columns``)
+IMAGE_COLUMNS = ("id", "path", "place_id", "lat", "lon", "east", "north", "descriptor", "session", "time")
+_INSERT_IMAGE = f"INSERT INTO images ({', '.join(IMAGE_COLUMNS)}) VALUES ({', '.join('?' * len(IMAGE_COLUMNS))})"
+
+
+def _columns(con: sqlite3.Connection) -> set[str]:
+    return {r[1] for r in con.execute("PRAGMA table_info(images)")}
 
 
 @dataclass
@@ -94,7 +113,8 @@ class Match:
 
 def read_rows(source: str | os.PathLike) -> list[Row]:
     """Images of a folder (coordinates from '@utm_east@utm_north@' names when present) or a CSV manifest with
-    ``path`` and optional ``place_id``, ``lat``/``lon``, ``utm_east``/``utm_north`` (lat/lon also get UTM)."""
+    ``path`` and optional ``place_id``, ``lat``/``lon``, ``utm_east``/``utm_north`` (lat/lon also get UTM),
+    ``session`` and ``time`` (ISO 8601 or Unix seconds)."""
     from ..data.datasets import latlon_to_utm, parse_utm_name
 
     src = Path(source)
@@ -125,12 +145,30 @@ def read_rows(source: str | os.PathLike) -> list[Row]:
         except ValueError:
             raise ValueError(f"{src}: line {line}: column '{col}' is not a number ({v!r})") from None
 
+    def when(r: dict, line: int) -> float | None:
+        v = (r.get("time") or "").strip()
+        if not v:
+            return None
+        try:
+            return float(v)
+        except ValueError:
+            pass
+        from datetime import datetime, timezone
+
+        try:
+            t = datetime.fromisoformat(v.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"{src}: line {line}: column 'time' is neither ISO 8601 nor Unix seconds ({v!r})") \
+                from None
+        return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+
     rows = []
     for line, r in enumerate(table, start=2):
         p = Path(r["path"])
         p = p if p.is_absolute() else src.parent / p
         row = Row(os.path.abspath(p), (r.get("place_id") or None), num(r, "lat", line), num(r, "lon", line),
-                  num(r, "utm_east", line), num(r, "utm_north", line))
+                  num(r, "utm_east", line), num(r, "utm_north", line), (r.get("session") or "").strip() or None,
+                  when(r, line))
         if row.lat is not None and row.lon is not None and (abs(row.lat) > 84 or abs(row.lon) > 180):
             raise ValueError(f"{src}: line {line}: lat/lon out of range ({row.lat}, {row.lon})")
         rows.append(row)
@@ -148,7 +186,7 @@ def _connect(path: Path) -> sqlite3.Connection:
         con.execute("PRAGMA journal_mode=WAL")
         con.executescript("""
             CREATE TABLE IF NOT EXISTS images (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, place_id TEXT,
-                lat REAL, lon REAL, east REAL, north REAL, descriptor BLOB NOT NULL);
+                lat REAL, lon REAL, east REAL, north REAL, descriptor BLOB NOT NULL, session TEXT, time REAL);
             CREATE TABLE IF NOT EXISTS failed (path TEXT PRIMARY KEY, reason TEXT NOT NULL, size INTEGER,
                 mtime_ns INTEGER);
             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -157,6 +195,10 @@ def _connect(path: Path) -> sqlite3.Connection:
         for col in ("size", "mtime_ns"):  # indexes made before failed images were retried on change
             if col not in cols:
                 con.execute(f"ALTER TABLE failed ADD COLUMN {col} INTEGER")
+        cols = _columns(con)
+        for col, sql in (("session", "TEXT"), ("time", "REAL")):  # indexes made before sessions
+            if col not in cols:
+                con.execute(f"ALTER TABLE images ADD COLUMN {col} {sql}")
     except sqlite3.Error as e:
         raise ValueError(f"{path}: not a usable SQLite database ({e})") from None
     return con
@@ -550,6 +592,47 @@ class PlaceIndex:
             cut[1:] |= np.nan_to_num(step, nan=0.0) > max(50.0, 10 * float(np.nanmedian(step)))
         return np.cumsum(cut)
 
+    def sessions(self) -> list[dict]:
+        """Per session (visit), in order of first appearance: its name, images, images with coordinates, capture
+        time span (Unix seconds; None without times) and route length in metres (None without coordinates)."""
+        if "session" not in _columns(self.con):  # an index made before sessions: each folder is one
+            names = [Path(p).parent.name for (p,) in self.con.execute("SELECT path FROM images ORDER BY id")]
+            times = [None] * len(names)
+        else:
+            got = self.con.execute("SELECT session, time FROM images ORDER BY id").fetchall()
+            names, times = [r[0] for r in got], [r[1] for r in got]
+        coords = self.coordinates()
+        out: dict[str, dict] = {}
+        for i, (name, t) in enumerate(zip(names, times, strict=True)):
+            s = out.setdefault(name, {"session": name, "images": 0, "with_coordinates": 0, "ids": []})
+            s["images"] += 1
+            s["ids"].append(i)
+            s["with_coordinates"] += bool(np.isfinite(coords.east[i]) or np.isfinite(coords.lat[i]))
+            if t is not None:
+                s["first_time"], s["last_time"] = min(s.get("first_time", t), t), max(s.get("last_time", t), t)
+        for s in out.values():
+            ids = np.array(s.pop("ids"))
+            steps = Coordinates(*(getattr(coords, a)[ids] for a in ("lat", "lon", "east", "north"))).steps()
+            s["route_m"] = float(np.nansum(steps)) if np.isfinite(steps).any() else None
+            s.setdefault("first_time", None)
+            s.setdefault("last_time", None)
+        return list(out.values())
+
+    def session_ids(self, names: list[str]) -> np.ndarray:
+        """Ids [M] int64 of the images of the named sessions; ValueError naming a session the index lacks."""
+        col = "session" if "session" in _columns(self.con) else None
+        if col is None:
+            paths = [p for (p,) in self.con.execute("SELECT path FROM images ORDER BY id")]
+            have = [Path(p).parent.name for p in paths]
+        else:
+            have = [r[0] for r in self.con.execute("SELECT session FROM images ORDER BY id")]
+        known = set(have)
+        for n in names:
+            if n not in known:
+                raise ValueError(f"{self.root}: no session {n!r} (it has {', '.join(sorted(known))})")
+        want = set(names)
+        return np.array([i for i, h in enumerate(have) if h in want], np.int64)
+
     def rows(self, ids: list[int]) -> dict[int, tuple]:
         """id -> (path, place_id, lat, lon, east, north)."""
         out = {}
@@ -606,9 +689,12 @@ def rows_digest(con: sqlite3.Connection, count: int) -> str:
     """sha256 over the rows with id < ``count`` (every column, descriptor bytes included), in id order: what a
     finished index holds, independent of rows an interrupted ``add`` appended after them."""
     h = hashlib.sha256()
-    q = "SELECT id, path, place_id, lat, lon, east, north, descriptor FROM images WHERE id < ? ORDER BY id"
+    extra = ", session, time" if "session" in _columns(con) else ""
+    q = f"SELECT id, path, place_id, lat, lon, east, north, descriptor{extra} FROM images WHERE id < ? ORDER BY id"
     for r in con.execute(q, (count,)):
-        h.update(json.dumps(r[:7]).encode())
+        # session and time join the digest where set (rows of indexes made before sessions digest as they did)
+        h.update(json.dumps(list(r[:7]) + ([r[8], r[9]] if extra and (r[8] is not None or r[9] is not None)
+                                           else [])).encode())
         h.update(r[7])
     return h.hexdigest()
 
@@ -679,9 +765,8 @@ def _extract_into(con: sqlite3.Connection, model, rows: list[Row], knobs: dict, 
         with con:  # one transaction per batch: a kill keeps whole batches only
             for j, vec in zip(idx, d, strict=True):
                 r = todo[j]
-                con.execute("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            (next_id, r.path, r.place_id, r.lat, r.lon, r.east, r.north,
-                             np.ascontiguousarray(vec).tobytes()))
+                con.execute(_INSERT_IMAGE, (next_id, r.path, r.place_id, r.lat, r.lon, r.east, r.north,
+                                            np.ascontiguousarray(vec).tobytes(), r.session, r.time))
                 next_id += 1
             con.executemany("INSERT INTO failed VALUES (?, ?, ?, ?)",
                             [(todo[j].path, err, *_file_signature(todo[j].path)) for j, err in bad])
@@ -859,10 +944,10 @@ def merge(parts: list[str | os.PathLike], out: str | os.PathLike, kind: str = "f
             for p, man in loaded:
                 src = sqlite3.connect(f"file:{p / DB_FILE}?mode=ro", uri=True)
                 try:
-                    rows = src.execute("SELECT id, path, place_id, lat, lon, east, north, descriptor FROM images "
-                                       "WHERE id < ? ORDER BY id", (man["count"],))
-                    con.executemany("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                    ((next_id + r[0], *r[1:]) for r in rows))
+                    extra = ", session, time" if "session" in _columns(src) else ", NULL, NULL"
+                    rows = src.execute(f"SELECT id, path, place_id, lat, lon, east, north, descriptor{extra} "
+                                       "FROM images WHERE id < ? ORDER BY id", (man["count"],))
+                    con.executemany(_INSERT_IMAGE, ((next_id + r[0], *r[1:]) for r in rows))
                     next_id += man["count"]
                     con.executemany("INSERT OR REPLACE INTO failed VALUES (?, ?, ?, ?)",
                                     src.execute("SELECT path, reason, size, mtime_ns FROM failed"))
@@ -903,9 +988,61 @@ def add(model, source: str | os.PathLike, root: str | os.PathLike, batch_size: i
     if manifest["kind"] != "qdrant":  # a collection takes the new rows in _write
         index.add(new)
     manifest = _write(root, con, index, manifest["kind"], manifest["params"], record, manifest["created"],
-                      {k: manifest[k] for k in ("calibration", "tuned") if k in manifest})
+                      {k: manifest[k] for k in KEPT_BY_WRITERS if k in manifest})
     con.close()
     return {**counts, "appended_to_faiss": len(new), "count": manifest["count"], "failed_paths": _failed(root)}
+
+
+@_exclusive("root")
+def remove(root: str | os.PathLike, sessions: list[str] = (), patterns: list[str] = ()) -> dict:
+    """Remove from the index at ``root`` the images of the named ``sessions`` and those whose path (or file name)
+    matches a glob of ``patterns``; the rows left keep their order and are numbered 0..n-1 again, and the search
+    structure of the index's kind is rebuilt from their stored descriptors with the same settings (FAISS kinds;
+    a Qdrant Edge shard is made anew; a server collection is refused: rebuild it). The manifest, its checksums and
+    the calibrations are written as by ``add`` -> {"removed", "count", "sessions_removed"}."""
+    import fnmatch
+    import shutil
+
+    root = Path(root)
+    manifest = read_manifest(root)
+    verify_for_writing(root, manifest)
+    kind, count, record = manifest["kind"], int(manifest["count"]), {**manifest["model"]}
+    if kind == "qdrant" and manifest["params"].get("url"):
+        raise ValueError(f"{root}: images cannot be removed from a Qdrant server collection here; rebuild the index")
+    if not sessions and not patterns:
+        raise ValueError("index remove: give --session NAME or path globs")
+    storage = storage_of(kind)
+    con = _open_for_writing(root, record, storage)
+    known = {r[0] for r in con.execute("SELECT DISTINCT session FROM images WHERE id < ?", (count,))}
+    for name in sessions:
+        if name not in known:
+            raise ValueError(f"{root}: no session {name!r} (it has {', '.join(sorted(map(str, known)))})")
+    want = set(sessions)
+    gone = [i for i, path, session in con.execute("SELECT id, path, session FROM images WHERE id < ? ORDER BY id",
+                                                  (count,))
+            if session in want or any(fnmatch.fnmatch(path, g) or fnmatch.fnmatch(Path(path).name, g)
+                                      for g in patterns)]
+    if not gone:
+        raise ValueError(f"{root}: no image matches {', '.join([*sessions, *patterns])}")
+    if len(gone) == count:
+        raise ValueError(f"{root}: that would remove all {count} images; delete the index folder instead")
+    with con:  # one transaction: a kill leaves the old rows, which the old manifest still describes
+        con.execute("DELETE FROM images WHERE id >= ?", (count,))  # rows an interrupted add left (it redoes them)
+        con.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in gone])
+        left = [i for (i,) in con.execute("SELECT id FROM images ORDER BY id")]
+        con.executemany("UPDATE images SET id = ? WHERE id = ?", [(new, old) for new, old in enumerate(left)
+                                                                  if new != old])
+    desc = _stored_descriptors(con, record["dim"], 0, storage)
+    check_descriptors(desc, str(root / DB_FILE), storage)
+    if kind == "qdrant":
+        from .qdrant_store import EDGE_DIR
+
+        shutil.rmtree(root / EDGE_DIR, ignore_errors=True)
+    index, used = _index_all(root, kind, record["dim"], desc, manifest["params"])
+    new = _write(root, con, index, kind, used, record, manifest["created"],
+                 {k: manifest[k] for k in KEPT_BY_WRITERS if k in manifest})
+    con.close()
+    return {"removed": len(gone), "count": new["count"], "sessions_removed": sorted(want)}
 
 
 def verify_for_writing(root: Path, manifest: dict) -> None:

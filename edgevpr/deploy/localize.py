@@ -64,10 +64,17 @@ class Localizer:
     """Index + model, checked to belong together. Thread-safe (one forward at a time)."""
 
     def __init__(self, index: str | os.PathLike | PlaceIndex, model=None, mmap: bool = True,
-                 device="cpu", verify: int = 0) -> None:
+                 device="cpu", verify: int = 0, exclude_sessions: list[str] = ()) -> None:
         """``verify`` > 0: geometric verification re-ranks each answer's top ``verify`` candidates
-        (``deploy.verify``; needs the query images, so ``stream`` and ``localize`` apply it)."""
+        (``deploy.verify``; needs the query images, so ``stream`` and ``localize`` apply it).
+        ``exclude_sessions``: answers come from the other sessions only (single frames and sequences)."""
         self.index = index if isinstance(index, PlaceIndex) else PlaceIndex.open(index, mmap=mmap)
+        self.allowed: np.ndarray | None = None  # ids answers may come from (None: all)
+        if exclude_sessions:
+            out = self.index.session_ids(list(exclude_sessions))
+            self.allowed = np.setdiff1d(np.arange(len(self.index)), out)
+            if not len(self.allowed):
+                raise ValueError(f"{self.index.root}: excluding {', '.join(exclude_sessions)} leaves no image")
         self.verifier = None
         if verify:
             from .verify import Verifier
@@ -145,6 +152,8 @@ class Localizer:
         (``decision.verification`` records the inliers). ``hood``: the neighbourhood of the margin (default: the
         calibration's, else 25 m or +-2 ids)."""
         ids = prior.ids(self.index.coordinates(), str(self.index.root)) if prior is not None else None
+        if self.allowed is not None:
+            ids = self.allowed if ids is None else np.intersect1d(ids, self.allowed)
         if ids is not None and len(ids) == 0:
             return [Answer([], {"known": False, "reason": "no database image within the prior's radius",
                                 "searched": 0}) for _ in range(len(desc))]
@@ -233,7 +242,7 @@ class Localizer:
                      f"`edgevpr calibrate --sequence {length}`)")
                 self._warned_seq = True
             cal = None
-        return Tracker(self.index, length, method, cal, self.hood(hood))
+        return Tracker(self.index, length, method, cal, self.hood(hood), self.allowed)
 
     def stream(self, frames, k: int = 5, knobs: dict | None = None, prior: GeoPrior | None = None,
                sequence: int = 0, method: str = "seqslam", hood: Neighbourhood | None = None):
@@ -314,12 +323,17 @@ class Tracker:
     KEEP_LINES = 4_000_000
 
     def __init__(self, index: PlaceIndex, length: int, method: str = "seqslam",
-                 calibration: Calibration | None = None, hood: Neighbourhood | None = None) -> None:
+                 calibration: Calibration | None = None, hood: Neighbourhood | None = None,
+                 allowed: np.ndarray | None = None) -> None:
         if method not in self.METHODS:
             raise ValueError(f"sequence method {method!r}: choose from {', '.join(self.METHODS)}")
         if length < 1:
             raise ValueError(f"sequence length {length}: must be >= 1")
         self.index, self.length, self.method, self.calibration = index, length, method, calibration
+        self.blocked = None  # database frames answers may not come from (excluded sessions) [N] bool
+        if allowed is not None:
+            self.blocked = np.ones(len(index), bool)
+            self.blocked[allowed] = False
         self.coords = index.coordinates()
         self.hood = hood or Neighbourhood.default(self.coords)
         self.segments = index.segments()
@@ -332,6 +346,8 @@ class Tracker:
         """One frame's descriptor [D] and its single-frame top-1 id -> {"method", "frames" (used), "match"
         (database match), "score", "decision"}."""
         sim = self.index.similarities(desc[None])[0]
+        if self.blocked is not None:  # an excluded session's frames score as the least similar image
+            sim = np.where(self.blocked, sim[~self.blocked].min(), sim)
         self.frames += 1
         if self.filter is not None:
             self.filter.update(sim)
@@ -343,6 +359,8 @@ class Tracker:
                 self._lines[steps] = trajectory_lines(len(self.index), steps, SEQSLAM_VELOCITIES, self.segments)
             scores = trajectory_scores(np.stack(self.rows), self.length, SEQSLAM_VELOCITIES, self.segments,
                                        self._lines.get(steps))
+        if self.blocked is not None:
+            scores = np.where(self.blocked, -np.inf, scores)
         ids = np.argsort(-scores, kind="stable")[:DECISION_DEPTH]
         ids = ids[np.isfinite(scores[ids])]
         j = int(ids[0])
