@@ -134,7 +134,10 @@ def manifest_from_photos(folder: str | os.PathLike, out_csv: str | os.PathLike, 
     rows, missing, close = [], [], 0
     last: dict[str, tuple[float, float]] = {}
     for p in paths:
-        pos = exif_position(p)
+        try:
+            pos = exif_position(p)
+        except ImageLoadError:  # unreadable: index build reports it (or stops on it) as for any folder
+            pos = None
         session = str(Path(p).parent.relative_to(folder)) if Path(p).parent != folder else folder.name
         if pos is None:
             missing.append(str(p))
