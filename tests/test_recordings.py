@@ -169,6 +169,8 @@ def test_sessions_are_listed_excluded_removed_and_drawn(video, tmp_path, capsys)
     assert s["walk2"]["first_time"] - s["walk"]["first_time"] == pytest.approx(day)
     assert s["walk"]["route_m"] == pytest.approx(18.0, abs=0.5)
     assert (tmp_path / "map.png").stat().st_size > 5000
+    pts = idx.PlaceIndex.open(index).positions()  # what the page colours its map by
+    assert pts["sessions"] == ["walk", "walk2"] and pts["session"] == [0] * 10 + [1] * 10
     frame = sorted((index / "recordings" / "walk").glob("*.jpg"))[3]
     assert main(["localize", "--index", str(index), str(frame), "-k", "3", "--json", "--sequence", "1"]) == 0
     res = json.loads(capsys.readouterr().out)["results"][0]

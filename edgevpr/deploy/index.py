@@ -644,12 +644,18 @@ class PlaceIndex:
         return out
 
     def positions(self, limit: int = 5000) -> dict:
-        """Up to ``limit`` evenly spaced database positions for a map: {ids, east, north} or {ids} alone."""
+        """Up to ``limit`` evenly spaced database positions for a map: {ids, east, north} or {ids} alone, and each
+        one's session as an index into ``sessions`` (names, in order of first appearance)."""
         n = len(self)
         step = max(1, math.ceil(n / limit))
-        rows = self.con.execute("SELECT id, east, north FROM images WHERE id % ? = 0 ORDER BY id", (step,)).fetchall()
+        col = "session" if "session" in _columns(self.con) else "NULL"
+        rows = self.con.execute(f"SELECT id, east, north, {col}, path FROM images WHERE id % ? = 0 ORDER BY id",
+                                (step,)).fetchall()
         has = bool(rows) and all(r[1] is not None for r in rows)
-        out = {"count": n, "ids": [r[0] for r in rows], "has_coordinates": has}
+        names: dict[str, int] = {}
+        which = [names.setdefault(r[3] if r[3] is not None else Path(r[4]).parent.name, len(names)) for r in rows]
+        out = {"count": n, "ids": [r[0] for r in rows], "has_coordinates": has, "sessions": list(names),
+               "session": which}
         if has:
             out["east"] = [r[1] for r in rows]
             out["north"] = [r[2] for r in rows]
