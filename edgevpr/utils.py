@@ -80,3 +80,19 @@ def module_device(module):
     parameter-free ``pixels-patchnorm`` model)."""
     first = next(iter([*module.parameters(), *module.buffers()]), None)
     return first.device if first is not None else "cpu"
+
+
+def parse_time(text: str, where: str) -> float:
+    """A time as ISO 8601 (no zone: UTC) or Unix seconds -> Unix seconds; ValueError naming ``where``."""
+    from datetime import datetime, timezone
+
+    text = str(text).strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{where}: time {text!r} is neither ISO 8601 nor Unix seconds") from None
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()

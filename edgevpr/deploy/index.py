@@ -45,7 +45,7 @@ import numpy as np
 
 from ..data.images import ImageLoadError, list_images
 from ..integrity import StampCache, check_finite, sha256_file
-from ..utils import atomic_write, write_json
+from ..utils import atomic_write, parse_time, write_json
 from .decision import Coordinates
 from .embed import embed, image_batches
 
@@ -147,20 +147,7 @@ def read_rows(source: str | os.PathLike) -> list[Row]:
 
     def when(r: dict, line: int) -> float | None:
         v = (r.get("time") or "").strip()
-        if not v:
-            return None
-        try:
-            return float(v)
-        except ValueError:
-            pass
-        from datetime import datetime, timezone
-
-        try:
-            t = datetime.fromisoformat(v.replace("Z", "+00:00"))
-        except ValueError:
-            raise ValueError(f"{src}: line {line}: column 'time' is neither ISO 8601 nor Unix seconds ({v!r})") \
-                from None
-        return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+        return parse_time(v, f"{src}: line {line}: column 'time'") if v else None
 
     rows = []
     for line, r in enumerate(table, start=2):

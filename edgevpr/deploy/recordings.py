@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.images import ImageLoadError, list_images
-from ..utils import atomic_write
+from ..utils import atomic_write, parse_time
 from .decision import EARTH_RADIUS_M, haversine
 
 MANIFEST_COLUMNS = ("path", "lat", "lon", "utm_east", "utm_north", "altitude", "heading", "time", "session")
@@ -213,19 +213,6 @@ class Track:
         return math.hypot(p["utm_east"] - q["utm_east"], p["utm_north"] - q["utm_north"])
 
 
-def _parse_time(text: str, where: str) -> float:
-    text = text.strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"{where}: time {text!r} is neither ISO 8601 nor Unix seconds") from None
-    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
-
-
 def read_track(path: str | os.PathLike) -> Track:
     """A GPX, NMEA 0183 or CSV track (by extension) -> Track; ValueError in one line naming the file and what is
     wrong."""
@@ -283,7 +270,7 @@ def read_track(path: str | os.PathLike) -> Track:
             raise ValueError(f"{path}: a CSV track needs columns time and lat,lon (or east,north)")
         for i, r in enumerate(rows, start=2):
             try:
-                t.append(_parse_time(r["time"], f"{path}: line {i}"))
+                t.append(parse_time(r["time"], f"{path}: line {i}"))
                 a.append(float(r["lat" if geo else "north"]))
                 b.append(float(r["lon" if geo else "east"]))
             except (TypeError, ValueError) as e:
@@ -326,7 +313,7 @@ def manifest_from_video(video: str | os.PathLike, track: Track, out_dir: str | o
             raise ValueError(f"{video}: no video stream in the file")
         stream = container.streams.video[0]
         created = container.metadata.get("creation_time") or stream.metadata.get("creation_time")
-        start = _parse_time(created, str(video)) if created else track.time[0]
+        start = parse_time(created, str(video)) if created else track.time[0]
         start += offset
         duration = float(stream.duration * stream.time_base) if stream.duration else \
             (container.duration / 1e6 if container.duration else 0.0)
