@@ -88,3 +88,20 @@ def test_localize_live_reports_its_drops(gp, capsys, tmp_path):
     if st["dropped"]:  # a folder of files is read far faster than the model runs: drops are expected, and said
         assert cap.err.startswith(f"dropped {st['dropped']} frame(s)")
     assert {"p50_ms", "p95_ms", "p99_ms"} <= set(res["latency"])
+
+
+def test_a_stream_url_is_read_as_a_live_source(gp, tmp_path):
+    """A network stream PyAV opens (here the video served over loopback HTTP) is a live source: read, answered,
+    and its stats carry the live policy (nothing waits for the loop)."""
+    root, _, data = gp
+    from tests.conftest import serve_folder
+
+    # MPEG-TS, as streams are (an MP4 over plain HTTP needs range requests to reach its index at the end)
+    video = write_video(tmp_path / "walk.ts", [data / "day_left" / f"Image{i:03d}.jpg" for i in range(30, 60)])
+    with serve_folder(video.parent) as url:
+        stream = Stream([f"{url}/{video.name}"])
+        assert stream.live
+        loop = Pipeline(Localizer(root), stream, 1)
+        names = [n for n, _, _ in loop]
+    assert loop.live and loop.stats.read == 30 and loop.stats.answered == len(names) >= 1
+    assert loop.stats.answered + loop.stats.dropped == 30 and names[0].startswith(f"{url}/{video.name}#frame")
