@@ -98,6 +98,15 @@ def _columns(con: sqlite3.Connection) -> set[str]:
     return {r[1] for r in con.execute("PRAGMA table_info(images)")}
 
 
+def _sessions_of(con: sqlite3.Connection, count: int | None = None) -> list[str]:
+    """Each row's session in id order (rows of indexes made before sessions, or without one: their folder's
+    name, as ``Row`` defaults it)."""
+    col = "session" if "session" in _columns(con) else "NULL"
+    where = "" if count is None else f" WHERE id < {int(count)}"
+    return [s if s is not None else Path(p).parent.name
+            for s, p in con.execute(f"SELECT {col}, path FROM images{where} ORDER BY id")]
+
+
 @dataclass
 class Match:
     rank: int
@@ -582,12 +591,9 @@ class PlaceIndex:
     def sessions(self) -> list[dict]:
         """Per session (visit), in order of first appearance: its name, images, images with coordinates, capture
         time span (Unix seconds; None without times) and route length in metres (None without coordinates)."""
-        if "session" not in _columns(self.con):  # an index made before sessions: each folder is one
-            names = [Path(p).parent.name for (p,) in self.con.execute("SELECT path FROM images ORDER BY id")]
-            times = [None] * len(names)
-        else:
-            got = self.con.execute("SELECT session, time FROM images ORDER BY id").fetchall()
-            names, times = [r[0] for r in got], [r[1] for r in got]
+        names = _sessions_of(self.con)
+        times = [r[0] for r in self.con.execute("SELECT time FROM images ORDER BY id")] \
+            if "time" in _columns(self.con) else [None] * len(names)
         coords = self.coordinates()
         out: dict[str, dict] = {}
         for i, (name, t) in enumerate(zip(names, times, strict=True)):
@@ -607,12 +613,7 @@ class PlaceIndex:
 
     def session_ids(self, names: list[str]) -> np.ndarray:
         """Ids [M] int64 of the images of the named sessions; ValueError naming a session the index lacks."""
-        col = "session" if "session" in _columns(self.con) else None
-        if col is None:
-            paths = [p for (p,) in self.con.execute("SELECT path FROM images ORDER BY id")]
-            have = [Path(p).parent.name for p in paths]
-        else:
-            have = [r[0] for r in self.con.execute("SELECT session FROM images ORDER BY id")]
+        have = _sessions_of(self.con)
         known = set(have)
         for n in names:
             if n not in known:
@@ -635,12 +636,10 @@ class PlaceIndex:
         one's session as an index into ``sessions`` (names, in order of first appearance)."""
         n = len(self)
         step = max(1, math.ceil(n / limit))
-        col = "session" if "session" in _columns(self.con) else "NULL"
-        rows = self.con.execute(f"SELECT id, east, north, {col}, path FROM images WHERE id % ? = 0 ORDER BY id",
-                                (step,)).fetchall()
+        rows = self.con.execute("SELECT id, east, north FROM images WHERE id % ? = 0 ORDER BY id", (step,)).fetchall()
         has = bool(rows) and all(r[1] is not None for r in rows)
-        names: dict[str, int] = {}
-        which = [names.setdefault(r[3] if r[3] is not None else Path(r[4]).parent.name, len(names)) for r in rows]
+        of, names = _sessions_of(self.con), {}
+        which = [names.setdefault(of[r[0]], len(names)) for r in rows]
         out = {"count": n, "ids": [r[0] for r in rows], "has_coordinates": has, "sessions": list(names),
                "session": which}
         if has:
@@ -1006,13 +1005,13 @@ def remove(root: str | os.PathLike, sessions: list[str] = (), patterns: list[str
         raise ValueError("index remove: give --session NAME or path globs")
     storage = storage_of(kind)
     con = _open_for_writing(root, record, storage)
-    known = {r[0] for r in con.execute("SELECT DISTINCT session FROM images WHERE id < ?", (count,))}
+    of = _sessions_of(con, count)
     for name in sessions:
-        if name not in known:
-            raise ValueError(f"{root}: no session {name!r} (it has {', '.join(sorted(map(str, known)))})")
+        if name not in set(of):
+            raise ValueError(f"{root}: no session {name!r} (it has {', '.join(sorted(set(of)))})")
     want = set(sessions)
-    gone = [i for i, path, session in con.execute("SELECT id, path, session FROM images WHERE id < ? ORDER BY id",
-                                                  (count,))
+    paths = [p for (p,) in con.execute("SELECT path FROM images WHERE id < ? ORDER BY id", (count,))]
+    gone = [i for i, (path, session) in enumerate(zip(paths, of, strict=True))
             if session in want or any(fnmatch.fnmatch(path, g) or fnmatch.fnmatch(Path(path).name, g)
                                       for g in patterns)]
     if not gone:
