@@ -171,6 +171,7 @@ def test_sessions_are_listed_excluded_removed_and_drawn(video, tmp_path, capsys)
     assert (tmp_path / "map.png").stat().st_size > 5000
     pts = idx.PlaceIndex.open(index).positions()  # what the page colours its map by
     assert pts["sessions"] == ["walk", "walk2"] and pts["session"] == [0] * 10 + [1] * 10
+    _page_colours_sessions(index)
     frame = sorted((index / "recordings" / "walk").glob("*.jpg"))[3]
     assert main(["localize", "--index", str(index), str(frame), "-k", "3", "--json", "--sequence", "1"]) == 0
     res = json.loads(capsys.readouterr().out)["results"][0]
@@ -187,3 +188,42 @@ def test_sessions_are_listed_excluded_removed_and_drawn(video, tmp_path, capsys)
     assert len(pi) == 10 and [x["session"] for x in pi.sessions()] == ["walk"]
     assert main(["index", "remove", "--index", str(index), "--session", "nope"]) == 2
     assert "no session 'nope'" in capsys.readouterr().err
+
+
+def _page_colours_sessions(index) -> None:
+    """The served page draws the two sessions' database points in two colours and names them in the legend."""
+    import threading
+    import time
+
+    import uvicorn
+    from playwright.sync_api import sync_playwright
+
+    from edgevpr.deploy.localize import Localizer
+    from edgevpr.deploy.service import create_app
+    from tests.conftest import ROOT, free_port
+    from tests.test_service import _browser
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(Localizer(index)), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline, "the test server did not start within 30 s"
+        time.sleep(0.05)
+    try:
+        with sync_playwright() as p:
+            browser = _browser(p)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_selector("circle.db-point")
+            fills = page.evaluate("[...document.querySelectorAll('circle.db-point')].map(c => c.getAttribute('fill'))")
+            assert len(fills) == 20 and len(set(fills[:10])) == len(set(fills[10:])) == 1 and fills[0] != fills[10]
+            legend = page.inner_text("#map-legend")
+            assert "Sessions: walk (grey), walk2 (blue)" in legend, legend
+            page.screenshot(path=str(ROOT / "outputs" / "screenshots" / "page-sessions.png"))
+            browser.close()
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
