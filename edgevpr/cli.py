@@ -551,6 +551,7 @@ EXAMPLES = {
     "index build": "edgevpr index build --model m.onnx --images db/ --out my.index --kind flat",
     "index add": "edgevpr index add --index my.index --images more_db/",
     "index info": "edgevpr index info my.index --verify",
+    "index remove": "edgevpr index remove --index my.index --session drive2",
     "index tune": "edgevpr index tune --index my.index --target 0.95",
     "index merge": "edgevpr index merge part0.index part1.index --out my.index --kind ivfpq",
     "localize": "edgevpr localize --index my.index drive.mp4 --stride 15 --sequence 10 --prior=-27.47,153.03,200",
