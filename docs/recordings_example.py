@@ -16,10 +16,9 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import av
 import gpxpy.gpx
 
-from edgevpr.data.images import load_image
+from edgevpr.deploy.inputs import write_video
 
 GP = Path(os.environ.get("EDGEVPR_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data") / \
     "gardens_point"
@@ -37,16 +36,8 @@ def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, folder, day, side in (("walk_day", "day_right", 0, 0.0), ("walk_night", "night_right", 1, 1.5)):
         start = START + timedelta(days=day)
-        with av.open(str(out / f"{name}.mp4"), "w") as video:
-            video.metadata["creation_time"] = start.strftime("%Y-%m-%dT%H:%M:%S.000000Z")
-            stream = video.add_stream("mpeg4", rate=2)
-            stream.width, stream.height, stream.pix_fmt = 640, 360, "yuv420p"
-            for i in range(100):
-                frame = av.VideoFrame.from_image(load_image(GP / folder / f"Image{i:03d}.jpg").resize((640, 360)))
-                for packet in stream.encode(frame):
-                    video.mux(packet)
-            for packet in stream.encode():
-                video.mux(packet)
+        write_video(out / f"{name}.mp4", [GP / folder / f"Image{i:03d}.jpg" for i in range(100)], (640, 360),
+                    fps=2, creation_time=start.strftime("%Y-%m-%dT%H:%M:%S.000000Z"))
         gpx, segment = gpxpy.gpx.GPX(), gpxpy.gpx.GPXTrackSegment()
         for t in range(52):
             lat, lon = position(4.0 * t, side)

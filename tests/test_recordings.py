@@ -13,6 +13,7 @@ from PIL import Image
 from edgevpr.cli import main
 from edgevpr.deploy import index as idx
 from edgevpr.deploy import recordings as rec
+from edgevpr.deploy.inputs import write_video
 from tests.conftest import shared_data
 
 LAT0, LON0, SPEED = -27.4775, 153.0280, 5.0  # a walk due north at 5 m/s from here
@@ -26,21 +27,9 @@ def _lat(t: float) -> float:
 
 def _video(path, folder: str, start: datetime = START):
     """Gardens Point frames 0-39 of ``folder`` as a 10 fps video (4 s) whose creation_time is ``start``."""
-    import av
-
-    from edgevpr.data.images import load_image
-
     gp = shared_data() / "gardens_point" / folder
-    with av.open(str(path), "w") as out:
-        out.metadata["creation_time"] = start.strftime("%Y-%m-%dT%H:%M:%S.000000Z")
-        s = out.add_stream("mpeg4", rate=10)
-        s.width, s.height, s.pix_fmt = 640, 480, "yuv420p"
-        for i in range(40):
-            for packet in s.encode(av.VideoFrame.from_image(load_image(gp / f"Image{i:03d}.jpg").resize((640, 480)))):
-                out.mux(packet)
-        for packet in s.encode():
-            out.mux(packet)
-    return path
+    return write_video(path, [gp / f"Image{i:03d}.jpg" for i in range(40)], (640, 480), fps=10,
+                       creation_time=start.strftime("%Y-%m-%dT%H:%M:%S.000000Z"))
 
 
 @pytest.fixture(scope="module")

@@ -151,13 +151,16 @@ def video_frames(path: Path | str, stride: int = 1, live: bool = False) -> Itera
 
 
 def write_video(path: str | os.PathLike, images: list[str | os.PathLike], size: tuple[int, int] = (640, 480),
-                fps: float = 25, codec: str = "mpeg4") -> Path:
+                fps: float = 25, codec: str = "mpeg4", creation_time: str | None = None) -> Path:
     """Encode image files as a video (each resized to ``size`` = (width, height), ``fps`` frames per second) with
-    PyAV; for benchmarks and tests that need a real video of known frames."""
+    PyAV, tagged with ``creation_time`` (ISO 8601) when given; for benchmarks, tests and examples that need a real
+    video of known frames."""
     import av
 
     path = Path(path)
     with av.open(str(path), "w") as out:
+        if creation_time is not None:
+            out.metadata["creation_time"] = creation_time
         stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
         for p in images:
