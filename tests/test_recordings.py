@@ -216,3 +216,28 @@ def _page_colours_sessions(index) -> None:
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+def test_hostile_tracks_and_videos_are_refused_before_the_work(video, tmp_path, monkeypatch):
+    """A track over the size limit is refused before it is read; a video whose declared frames exceed the pixel
+    limit is refused before any frame is decoded (for maps and for localize); an entity-bomb GPX is one line."""
+    import edgevpr.deploy.inputs as inputs
+
+    big = _gpx(tmp_path / "t.gpx")
+    monkeypatch.setattr(rec, "MAX_TRACK_BYTES", 100)
+    with pytest.raises(ValueError, match=r"t.gpx: \d+ bytes, over the 100 a track may have"):
+        rec.read_track(big)
+    monkeypatch.undo()
+    monkeypatch.setattr(inputs, "DEFAULT_MAX_PIXELS", 640 * 480 - 1)
+    with pytest.raises(OSError, match=r"frames of 640x480 = 307200 pixels exceed the limit"):
+        rec.manifest_from_video(video, rec.read_track(big), tmp_path / "r")
+    assert not (tmp_path / "r" / "walk").exists() or not any((tmp_path / "r" / "walk").iterdir())
+    with pytest.raises(OSError, match="exceed the limit"):
+        next(iter(inputs.Stream([video])))
+    monkeypatch.undo()
+    bomb = tmp_path / "bomb.gpx"
+    lol = "".join(f'<!ENTITY l{i} "{f"&l{i - 1};" * 10}">' for i in range(1, 10))
+    bomb.write_text(f'<?xml version="1.0"?><!DOCTYPE g [<!ENTITY l0 "lol">{lol}]><gpx version="1.1" creator="&l9;">'
+                    "</gpx>")
+    with pytest.raises(ValueError, match="bomb.gpx: not a readable GPX file"):
+        rec.read_track(bomb)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..data.images import ImageLoadError, list_images, load_image
+from ..data.images import DEFAULT_MAX_PIXELS, ImageLoadError, list_images, load_image
 
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 LIVE_PREFIXES = ("rtsp://", "rtmp://", "udp://", "http://", "https://", "srt://", "/dev/video")
@@ -141,6 +141,7 @@ def video_frames(path: Path | str, stride: int = 1, live: bool = False) -> Itera
         if not container.streams.video:
             raise ImageLoadError(path, "no video stream in the file")
         stream = container.streams.video[0]
+        check_frame_size(stream, path)
         stream.thread_type = "AUTO"
         try:
             for n, frame in enumerate(container.decode(stream)):
@@ -148,6 +149,15 @@ def video_frames(path: Path | str, stride: int = 1, live: bool = False) -> Itera
                     yield Frame(f"{path}#frame{n}", frame.to_image().convert("RGB"), str(path), frame.time)
         except av.FFmpegError as e:
             raise ImageLoadError(path, f"video decoding failed ({str(e).splitlines()[0]})") from None
+
+
+def check_frame_size(stream, where) -> None:
+    """Refuse a video stream whose declared frame size exceeds the image pixel limit (``EDGEVPR_MAX_PIXELS``)
+    before any frame is decoded (a decoded frame is held whole)."""
+    w, h = stream.codec_context.width, stream.codec_context.height
+    if w * h > DEFAULT_MAX_PIXELS:
+        raise ImageLoadError(where, f"frames of {w}x{h} = {w * h} pixels exceed the limit of {DEFAULT_MAX_PIXELS} "
+                                    "(EDGEVPR_MAX_PIXELS raises it)")
 
 
 def write_video(path: str | os.PathLike, images: list[str | os.PathLike], size: tuple[int, int] = (640, 480),

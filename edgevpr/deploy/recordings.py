@@ -37,8 +37,11 @@ from PIL import Image
 from ..data.images import ImageLoadError, list_images
 from ..utils import atomic_write, parse_time
 from .decision import EARTH_RADIUS_M, haversine
+from .inputs import check_frame_size
 
 MANIFEST_COLUMNS = ("path", "lat", "lon", "utm_east", "utm_north", "altitude", "heading", "time", "session")
+#: the largest track file read (a day of 10 Hz NMEA is about 60 MB); EDGEVPR_MAX_TRACK_MB overrides
+MAX_TRACK_BYTES = int(float(os.environ.get("EDGEVPR_MAX_TRACK_MB", 512)) * 2**20)
 TRACK_EXTS = {".gpx": "gpx", ".nmea": "nmea", ".nmea0183": "nmea", ".log": "nmea", ".txt": "nmea", ".csv": "csv"}
 
 
@@ -221,6 +224,10 @@ def read_track(path: str | os.PathLike) -> Track:
     if kind is None:
         raise ValueError(f"{path}: a track is .gpx, .nmea (NMEA 0183) or .csv")
     try:
+        size = path.stat().st_size
+        if size > MAX_TRACK_BYTES:  # checked before reading: the whole file is parsed in memory
+            raise ValueError(f"{path}: {size} bytes, over the {MAX_TRACK_BYTES} a track may have "
+                             "(EDGEVPR_MAX_TRACK_MB raises it)")
         text = path.read_text(errors="replace")
     except OSError as e:
         raise ValueError(f"{path}: cannot read the track ({e.strerror or e})") from None
@@ -312,6 +319,7 @@ def manifest_from_video(video: str | os.PathLike, track: Track, out_dir: str | o
         if not container.streams.video:
             raise ValueError(f"{video}: no video stream in the file")
         stream = container.streams.video[0]
+        check_frame_size(stream, video)
         created = container.metadata.get("creation_time") or stream.metadata.get("creation_time")
         start = parse_time(created, str(video)) if created else track.time[0]
         start += offset
