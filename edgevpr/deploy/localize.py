@@ -361,7 +361,11 @@ class Tracker:
                                        self._lines.get(steps))
         if self.blocked is not None:
             scores = np.where(self.blocked, -np.inf, scores)
-        ids = np.argsort(-scores, kind="stable")[:DECISION_DEPTH]
+        # the top DECISION_DEPTH, best first, ties by id (what a stable full sort gives) at O(N), not O(N log N)
+        cand = np.arange(len(scores))
+        if len(scores) > DECISION_DEPTH:  # every score tied with the DECISION_DEPTH-th stays a candidate
+            cand = np.nonzero(scores >= -np.partition(-scores, DECISION_DEPTH - 1)[DECISION_DEPTH - 1])[0]
+        ids = cand[np.lexsort((cand, -scores[cand]))][:DECISION_DEPTH]
         ids = ids[np.isfinite(scores[ids])]
         j = int(ids[0])
         ev = evidence(scores[ids], ids, self.coords, self.hood)
