@@ -175,9 +175,11 @@ def file_bytes(index) -> int:
 def bench_faiss(kind: str, db: np.ndarray, test, tune) -> list[dict]:
     """Rows for one FAISS kind: as built and, for IVF-PQ (+ re-ranking) and HNSW, tuned. ``test`` / ``tune`` are
     (queries [Q, D], positives, exact top-1 [Q])."""
-    kind, _, nlist = kind.partition("/")  # "ivfpq/4096": IVF-PQ with 4096 lists
+    kind, _, nlist = kind.partition("/")  # "ivfpq/4096": IVF-PQ with 4096 lists; "ivfpq4": 4-bit fast-scan codes
+    nbits = 4 if kind == "ivfpq4" else 8
+    kind = "ivfpq" if kind == "ivfpq4" else kind
     t0 = time.perf_counter()
-    given = {"rerank": 0, **({"nlist": int(nlist)} if nlist else {})} if kind == "ivfpq" else {}
+    given = {"rerank": 0, "nbits": nbits, **({"nlist": int(nlist)} if nlist else {})} if kind == "ivfpq" else {}
     index, params = _make_faiss(kind, db.shape[1], len(db), given)
     if not index.is_trained:
         index.train(training_sample(db))
@@ -194,7 +196,7 @@ def bench_faiss(kind: str, db: np.ndarray, test, tune) -> list[dict]:
                 "bytes_per_vector": (nbytes + extra) / len(db), "build_s": build_s, "peak_rss_gb": peak_rss_gb(),
                 **({"tuned_on": tuned} if tuned else {})}
 
-    rows = [row(kind, params)]
+    rows = [row(kind + (" fast-scan" if nbits == 4 else ""), params)]
     if kind in ("ivfpq", "hnsw"):
         def measure(setting: dict) -> tuple[float, float]:
             top, ms = timed_search(index, kind, {**params, **setting}, vectors, tune[0])
@@ -202,31 +204,66 @@ def bench_faiss(kind: str, db: np.ndarray, test, tune) -> list[dict]:
 
         best, trials = search_settings(kind, params.get("nlist", 0), kind == "ivfpq", measure, 0.95, False)
         setting = {k: best[k] for k in trials[0] if k not in ("agreement", "ms_per_query")}
-        label = f"{kind} tuned" + (" (+ re-rank)" if setting.get("rerank") else "")
+        label = f"{rows[0]['kind']} tuned" + (" (+ re-rank)" if setting.get("rerank") else "")
         rows.append(row(label, {**params, **setting}, {"agreement": best["agreement"], "trials": len(trials)}))
     return rows
 
 
-def bench_qdrant(db: np.ndarray, test) -> dict:
-    from qdrant_client import QdrantClient, models
+def bench_edge(db: np.ndarray, test, tune) -> list[dict]:
+    """Rows for a Qdrant Edge shard made as edgevpr makes one (``qdrant_store.edge_config``: HNSW, int8 scalar
+    quantization, no WAL), filled in batches and optimised (HNSW built), searched in batches with ``query_batch``:
+    as built (edgevpr's defaults) and with the smallest ``hnsw_ef`` of EF_GRID reaching 0.95 agreement on ``tune``."""
+    import qdrant_edge as qe
 
-    q, pos, exact = test
-    with tempfile.TemporaryDirectory() as d:
-        client = QdrantClient(path=d)
+    from edgevpr.deploy.qdrant_store import EDGE_DEFAULTS, edge_config, search_params
+
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as d:
         t0 = time.perf_counter()
-        client.create_collection("bench", models.VectorParams(size=db.shape[1], distance=models.Distance.COSINE))
-        for start in range(0, len(db), 1024):
-            part = db[start:start + 1024]
-            client.upload_collection("bench", vectors=part, ids=list(range(start, start + len(part))))
+        shard = qe.EdgeShard.create(f"{d}/shard", edge_config(qe, db.shape[1], {}))
+        for start in range(0, len(db), 2048):
+            shard.update(qe.UpdateOperation.upsert_points(
+                [qe.Point(id=start + i, vector=v.tolist()) for i, v in enumerate(db[start:start + 2048])]))
+            if start // 2048 % 50 == 0:
+                print(f"  edge upload {start:,}/{len(db):,} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        shard.flush()
+        shard.optimize()
         build_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        top = np.array([client.query_points("bench", query=v.tolist(), limit=1).points[0].id for v in q])
-        ms = (time.perf_counter() - t0) * 1000 / len(q)
+        print(f"  edge built in {build_s:.0f} s: {shard.info()}", flush=True)
         nbytes = sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
-        client.close()
-    return {"kind": "qdrant (local mode)", "params": {}, "r_at_1": r_at_1(top, pos),
-            "agreement": float(np.mean(top == exact)), "ms_per_query": ms, "bytes_per_vector": nbytes / len(db),
-            "build_s": build_s, "peak_rss_gb": peak_rss_gb()}
+
+        def run(q: np.ndarray, ef: int) -> tuple[np.ndarray, float]:
+            reqs = [qe.QueryRequest(limit=1, query=qe.Query.Nearest(v.tolist()), with_payload=False,
+                                    params=search_params(qe, {"hnsw_ef": ef})) for v in q]
+            shard.query_batch(qe.QueryBatchRequest(reqs[:8]))
+            t = time.perf_counter()
+            res = shard.query_batch(qe.QueryBatchRequest(reqs))
+            ms = (time.perf_counter() - t) * 1000 / len(q)
+            return np.array([r[0].id if r else -1 for r in res]), ms
+
+        def row(label: str, ef: int, tuned: dict | None = None) -> dict:
+            top, ms = run(test[0], ef)
+            params = {**{k: EDGE_DEFAULTS[k] for k in ("hnsw_m", "ef_construct", "quantization", "oversampling")},
+                      "hnsw_ef": ef}
+            return {"kind": label, "params": params, "r_at_1": r_at_1(top, test[1]),
+                    "agreement": float(np.mean(top == test[2])), "ms_per_query": ms,
+                    "bytes_per_vector": nbytes / len(db), "build_s": build_s, "peak_rss_gb": peak_rss_gb(),
+                    **({"tuned_on": tuned} if tuned else {})}
+
+        rows = [row("qdrant edge", EDGE_DEFAULTS["hnsw_ef"])]
+        trials = []
+        for ef in EF_GRID:
+            top, ms = run(tune[0], ef)
+            trials.append({"hnsw_ef": ef, "agreement": float(np.mean(top == tune[2])), "ms_per_query": ms})
+            if trials[-1]["agreement"] >= 0.95:
+                break
+        best = trials[-1]
+        rows.append(row("qdrant edge tuned", best["hnsw_ef"], {"agreement": best["agreement"],
+                                                              "trials": len(trials)}))
+        shard.close()
+    return rows
+
+
+EF_GRID = (32, 64, 128, 256, 512, 1024)
 
 
 def bench_on_disk(real: np.ndarray, dist: Distractors, n: int, test, folder: Path, nlist: int,
@@ -352,8 +389,8 @@ def main() -> None:
                          "afresh)")
     ap.add_argument("--queries", type=int, default=500, help="real queries in the tables (default 500)")
     ap.add_argument("--tuning-queries", type=int, default=200, help="other real queries for tuning (default 200)")
-    ap.add_argument("--qdrant-max", type=int, default=100_000,
-                    help="largest size run in Qdrant local mode (default 100000)")
+    ap.add_argument("--qdrant-max", type=int, default=1_000_000,
+                    help="largest size run in Qdrant Edge (default 1000000)")
     ap.add_argument("--kinds", nargs="+", default=["flat", "ivfpq", "hnsw"],
                     help="FAISS kinds; ivfpq/N: IVF-PQ with N lists (default flat ivfpq hnsw)")
     ap.add_argument("--integrity", type=int, metavar="N",
@@ -389,7 +426,8 @@ def main() -> None:
     if args.append and (OUT / "index.json").is_file():
         import json
 
-        res["rows"] = json.loads((OUT / "index.json").read_text())["rows"]
+        res["rows"] = [r for r in json.loads((OUT / "index.json").read_text())["rows"]
+                       if r["kind"] != "qdrant (local mode)"]  # the engine edgevpr no longer uses
 
     def key(r: dict) -> tuple:
         return r["size"], r["components"], r["kind"], r["params"].get("nlist"), r["params"].get("nprobe")
@@ -419,7 +457,7 @@ def main() -> None:
             for kind in args.kinds:
                 emit(bench_faiss(kind, db, sets[0], sets[1]), n, comp)
             if n <= args.qdrant_max:
-                emit([bench_qdrant(db, sets[0])], n, comp)
+                emit(bench_edge(db, sets[0], sets[1]), n, comp)
             del db
         if args.on_disk:
             q = queries[test_ids]

@@ -124,6 +124,30 @@ class _Store:
         return scores, found
 
 
+#: Edge's build and search settings (``index build --kind qdrant --param``): HNSW graph degree and build depth,
+#: int8 scalar quantization of the vectors (kept in RAM, 4x smaller than float32) and, at search, the HNSW beam
+#: ``hnsw_ef`` with the quantized candidates re-scored on the float32 vectors (``oversampling`` x k of them).
+EDGE_DEFAULTS = {"hnsw_m": 16, "ef_construct": 100, "quantization": "int8", "hnsw_ef": 128, "oversampling": 2.0}
+
+
+def edge_config(qe, dim: int, params: dict):
+    """The EdgeConfig of a new shard: cosine vectors of ``dim``, no WAL, HNSW and quantization from ``params``."""
+    p = {**EDGE_DEFAULTS, **params}
+    quant = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, always_ram=True) if p["quantization"] == "int8" \
+        else None
+    return qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine, quantization_config=quant),
+                         hnsw_config=qe.HnswIndexConfig(m=int(p["hnsw_m"]), ef_construct=int(p["ef_construct"]),
+                                                        full_scan_threshold=10_000),
+                         wal_enabled=False)
+
+
+def search_params(qe, params: dict):
+    """SearchParams of a query: the HNSW beam and re-scoring of the quantized candidates."""
+    p = {**EDGE_DEFAULTS, **params}
+    return qe.SearchParams(hnsw_ef=int(p["hnsw_ef"]), quantization=qe.QuantizationSearchParams(
+        rescore=True, oversampling=float(p["oversampling"])))
+
+
 class EdgeStore(_Store):
     """A Qdrant Edge shard in ``INDEX/qdrant-edge/`` (qdrant-edge-py)."""
 
@@ -144,9 +168,7 @@ class EdgeStore(_Store):
                 # no write-ahead log: with one, a second process (``serve`` beside ``localize``) cannot open the
                 # shard (the WAL is locked); durability comes from flushing after every uploaded batch instead,
                 # and the SQLite rows stay the authority a killed upload is resumed from
-                cfg = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine),
-                                    wal_enabled=False)
-                self.shard = qe.EdgeShard.create(str(self.path), cfg)
+                self.shard = qe.EdgeShard.create(str(self.path), edge_config(qe, dim, spec))
                 self.shard.update(qe.UpdateOperation.create_field_index("location", qe.PayloadSchemaType.Geo))
             else:
                 raise ValueError(f"{self.path}: the index's Qdrant Edge shard is missing (rebuild the index)")
@@ -168,6 +190,7 @@ class EdgeStore(_Store):
 
     def flush(self) -> None:
         self.shard.flush()
+        self.shard.optimize()  # builds the HNSW graph and quantized vectors of segments past the indexing threshold
 
     def _query(self, vec, k, ids, geo):
         qe = self.qe
@@ -178,7 +201,7 @@ class EdgeStore(_Store):
         elif ids is not None:
             flt = qe.Filter(must=[qe.HasIdCondition(point_ids={int(i) for i in ids})])
         res = self.shard.query(qe.QueryRequest(limit=k, query=qe.Query.Nearest(vec.tolist()), filter=flt,
-                                               with_payload=False))
+                                               params=search_params(qe, self.spec), with_payload=False))
         return [(int(p.id), float(p.score)) for p in res]
 
     def vectors(self, ids: list[int]) -> dict[int, np.ndarray]:
