@@ -20,6 +20,7 @@ from heldout import ROOT, data_root
 
 from edgevpr.data.datasets import open_dataset
 from edgevpr.deploy import index as idx
+from edgevpr.deploy.index.backends import faiss_kinds as fk
 from edgevpr.eval.extract import extract
 from edgevpr.eval.recall import first_hit_rank
 from edgevpr.models.model import load_model
@@ -33,10 +34,10 @@ VARIANTS = {"float32": ("flat", {}), "PCA 512": ("flat", {"pca_dim": 512}), "PCA
 
 def r_at_1(db: np.ndarray, q: np.ndarray, positives: list[np.ndarray], kind: str, params: dict) -> tuple[float, int]:
     """R@1 of queries q against database db through a FAISS index built as edgevpr builds it; bytes/vector."""
-    index, used = idx._make_faiss(kind, db.shape[1], len(db), params)
+    index, used = fk._make_faiss(kind, db.shape[1], len(db), params)
     codes_db = idx.pack_bits(db) if kind == "binary" else db
     if not index.is_trained:
-        index.train(idx.training_sample(codes_db))
+        index.train(fk.training_sample(codes_db))
     index.add(codes_db)
     ids = index.search(idx.pack_bits(q) if kind == "binary" else q, 1)[1]
     bpv = db.shape[1] // 8 if kind == "binary" else used.get("bytes_per_vector", 4 * db.shape[1])

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heldout import ROOT, data_root  # noqa: E402
 
 from edgevpr.data.datasets import open_dataset  # noqa: E402
-from edgevpr.deploy.index import (  # noqa: E402
+from edgevpr.deploy.index.backends.faiss_kinds import (  # noqa: E402
     _configure,
     _make_faiss,
     faiss_search,
@@ -215,7 +215,7 @@ def bench_edge(db: np.ndarray, test, tune) -> list[dict]:
     as built (edgevpr's defaults) and with the smallest ``hnsw_ef`` of EF_GRID reaching 0.95 agreement on ``tune``."""
     import qdrant_edge as qe
 
-    from edgevpr.deploy.qdrant_store import EDGE_DEFAULTS, edge_config, search_params
+    from edgevpr.deploy.index.backends.qdrant_edge import EDGE_DEFAULTS, edge_config, search_params
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as d:
         t0 = time.perf_counter()
@@ -311,9 +311,9 @@ def bench_on_disk(real: np.ndarray, dist: Distractors, n: int, test, folder: Pat
 
 def bench_integrity(db: np.ndarray, folder: Path) -> dict:
     """Write an index folder of ``db`` [N, D] with edgevpr's writer, then time PlaceIndex.open three ways."""
-    import faiss
-
     from edgevpr.deploy import index as idx
+    from edgevpr.deploy.index import ops
+    from edgevpr.deploy.index.backends import faiss_kinds
     from edgevpr.integrity import StampCache
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -324,13 +324,12 @@ def bench_integrity(db: np.ndarray, folder: Path) -> dict:
             part = db[start:start + 10_000]
             con.executemany("INSERT INTO images (id, path, descriptor) VALUES (?, ?, ?)",
                             ((start + i, f"img{start + i:08d}.jpg", v.tobytes()) for i, v in enumerate(part)))
-    index = faiss.IndexFlatIP(db.shape[1])
-    index.add(db)
+    backend, used = faiss_kinds.create(folder, "flat", db.shape[1], db, {}, con)
     record = {"name": "bench", "fingerprint": "0" * 16, "spec": None, "knobs": {}, "image_size": [224, 224],
               "dim": int(db.shape[1]), "runtime": "torch"}
-    idx._write(folder, con, index, "flat", {}, record, None)
+    ops._write(folder, con, backend, "flat", used, record, None)
     con.close()
-    del index
+    del backend
     write_s = time.perf_counter() - t0
     files = {name: (folder / name).stat().st_size for name in (idx.FAISS_FILE, idx.DB_FILE)}
 

@@ -12,6 +12,7 @@ import torch
 from edgevpr.cli import main
 from edgevpr.deploy import index as idx
 from edgevpr.deploy.export import OnnxModel, export_onnx
+from edgevpr.deploy.index.backends import faiss_kinds as fk
 from edgevpr.deploy.localize import Localizer
 from edgevpr.models.model import load_model
 from tests.conftest import TINY_MODEL, make_image
@@ -123,9 +124,9 @@ def test_approximate_kinds_find_what_flat_finds(kind):
     centres = rng.standard_normal((40, 64))
     x = (centres[rng.integers(0, 40, 2000)] + 0.3 * rng.standard_normal((2000, 64))).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    flat, _ = idx._make_faiss("flat", 64, len(x), {})
-    approx, params = idx._make_faiss(kind, 64, len(x), {})
-    idx._configure(approx, kind, params)
+    flat, _ = fk._make_faiss("flat", 64, len(x), {})
+    approx, params = fk._make_faiss(kind, 64, len(x), {})
+    fk._configure(approx, kind, params)
     for index in (flat, approx):
         if not index.is_trained:
             index.train(x)
@@ -134,7 +135,7 @@ def test_approximate_kinds_find_what_flat_finds(kind):
     agree = np.mean(flat.search(q, 1)[1][:, 0] == approx.search(q, 1)[1][:, 0])
     assert agree >= 0.9, f"{kind} top-1 agrees with exact search on {agree:.2f} of queries"
     with pytest.raises(ValueError, match="at least 256 images"):
-        idx._make_faiss("ivfpq", 64, 100, {})
+        fk._make_faiss("ivfpq", 64, 100, {})
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:

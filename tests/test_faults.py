@@ -152,8 +152,10 @@ def test_flipped_faiss_bytes_are_caught_before_the_first_answer(tiny, index_dir,
 
 def test_open_checks_by_stat_stamp_and_rehashes_after_any_change(index_dir, monkeypatch):
     calls = []
-    real = idx.sha256_file
-    monkeypatch.setattr(idx, "sha256_file", lambda p: calls.append(Path(p).name) or real(p))
+    from edgevpr.deploy.index import store
+
+    real = store.sha256_file
+    monkeypatch.setattr(store, "sha256_file", lambda p: calls.append(Path(p).name) or real(p))
     idx.PlaceIndex.open(index_dir).close()
     assert calls == []  # stamped at build: an unchanged index opens with a stat per file
     (index_dir / idx.DB_FILE).touch()  # same bytes, new ctime: checked in full once, then stamped again

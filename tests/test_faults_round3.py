@@ -21,6 +21,7 @@ from edgevpr.deploy import index as idx
 from edgevpr.deploy import localize as loc_mod
 from edgevpr.deploy import sequence as seq_mod
 from edgevpr.deploy.export import META_KEY, OnnxModel, export_onnx
+from edgevpr.integrity import sha256_file
 from edgevpr.models.model import load_model, save_model
 from edgevpr.published import CheckpointError, read_checkpoint
 from edgevpr.published import releases as rel
@@ -103,7 +104,7 @@ def test_damaged_edge_shard_is_one_line_and_a_changed_point_is_caught(tiny, tmp_
     # points whose vectors no longer match their rows: caught by the spot check at every open
     from qdrant_edge import Point, UpdateOperation
 
-    from edgevpr.deploy.qdrant_store import EdgeStore
+    from edgevpr.deploy.index.backends.qdrant_edge import EdgeStore
 
     store = EdgeStore(root, {"edge_path": "qdrant-edge"}, tiny.out_dim)
     vec = np.zeros(tiny.out_dim, np.float32)
@@ -153,7 +154,7 @@ def test_add_and_merge_refuse_flipped_descriptor_bytes(tiny, tmp_path, capsys):
     man["rows_sha256"] = idx.rows_digest(con, man["count"])
     con.close()
     man["files"][idx.DB_FILE] = {"bytes": (root / idx.DB_FILE).stat().st_size,
-                                 "sha256": idx.sha256_file(root / idx.DB_FILE)}
+                                 "sha256": sha256_file(root / idx.DB_FILE)}
     (root / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(ValueError, match="not unit-length finite vectors"):
         idx.merge([root], tmp_path / "merged2")
@@ -419,17 +420,19 @@ def test_index_tune_target_must_be_a_fraction(value, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ one line, not a traceback
 def test_disk_full_during_a_build_is_one_line_and_the_build_resumes(tiny, tmp_path, monkeypatch, capsys):
     images = _folder(tmp_path / "db", 6)
-    real = idx._extract_into
+    from edgevpr.deploy.index import ops
+
+    real = ops._extract_into
 
     def full(con, *a, **k):
         con.execute("INSERT INTO meta VALUES ('x', 'y')")
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(idx, "_extract_into", full)
+    monkeypatch.setattr(ops, "_extract_into", full)
     argv = ["index", "build", "--model", _model_file(tiny, tmp_path), "--images", str(images), "--out",
             str(tmp_path / "i"), "--quiet"]
     _one_line_error(capsys, argv, "places.sqlite: database or disk is full", "run the same command again")
-    monkeypatch.setattr(idx, "_extract_into", real)
+    monkeypatch.setattr(ops, "_extract_into", real)
     assert main(argv) == 0
 
 

@@ -35,12 +35,10 @@ def test_reranked_ivfpq_top1_equals_flat(nordland):
     tmp, q = nordland
     flat, ivf = idx.PlaceIndex.open(tmp / "flat"), idx.PlaceIndex.open(tmp / "ivfpq")
     fs, fi = flat.search_ids(q, 5)
-    assert ivf.manifest["params"]["rerank"] == idx.DEFAULT_RERANK and ivf.vectors.dtype == np.float16
-    ivf.manifest["params"]["rerank"] = 0
+    assert ivf.manifest["params"]["rerank"] == idx.DEFAULT_RERANK and ivf.backend.vectors.dtype == np.float16
+    ivf.backend.configure({"rerank": 0})
     plain = np.mean(ivf.search_ids(q, 1)[1][:, 0] == fi[:, 0])
-    ivf.manifest["params"]["rerank"] = idx.DEFAULT_RERANK
-    ivf.manifest["params"]["nprobe"] = ivf.manifest["params"]["nlist"]
-    idx._configure(ivf.index, "ivfpq", ivf.manifest["params"])
+    ivf.backend.configure({"rerank": idx.DEFAULT_RERANK, "nprobe": ivf.manifest["params"]["nlist"]})
     rs, ri = ivf.search_ids(q, 5)
     same = ri[:, 0] == fi[:, 0]
     # every disagreement is a float16 near-tie of the two exact scores
@@ -60,7 +58,7 @@ def test_index_tune_chooses_and_records_settings(nordland, capsys):
     assert not faster_ok  # the fastest setting that reaches the target
     man = idx.read_manifest(tmp / "ivfpq")
     assert man["params"]["nprobe"] == chosen["nprobe"] and man["params"]["rerank"] == chosen["rerank"]
-    assert idx.PlaceIndex.open(tmp / "ivfpq").index.nprobe == chosen["nprobe"]
+    assert idx.PlaceIndex.open(tmp / "ivfpq").backend.index.nprobe == chosen["nprobe"]
     assert main(["index", "tune", "--index", str(tmp / "flat")]) == 2
     assert "no search settings to tune" in capsys.readouterr().err
 
@@ -172,8 +170,8 @@ def test_qdrant_edge_answers_as_faiss(tmp_path, capsys):
     # a collection that lost its last points (a killed upload) is refilled by the next add
     from qdrant_edge import UpdateOperation
 
-    qd.index.index.shard.update(UpdateOperation.delete_points(list(range(97, 100))))
-    qd.index.index.flush()
+    qd.index.backend.shard.update(UpdateOperation.delete_points(list(range(97, 100))))
+    qd.index.backend.flush()
     with pytest.raises(ValueError, match="but 97 in .*qdrant-edge"):
         idx.PlaceIndex.open(tmp_path / "qd")
     assert main(["index", "add", "--index", str(tmp_path / "qd"), "--images", rest, "--quiet"]) == 0
