@@ -221,6 +221,34 @@ def cmd_index(args) -> int:
                           "checked": "sizes, and sha256 of files changed since their last full check (--verify "
                                      "reads every byte)", **({"plot": args.plot} if args.plot else {})}, indent=2))
         return 0
+    if args.action == "snapshot":
+        if args.manifest:
+            from .utils import write_json
+
+            write_json(args.out, idx.snapshot_manifest(args.index))
+            print(f"{args.out}: the snapshot manifest of {args.index}'s shard (send it for a partial snapshot)")
+            return 0
+        since = None
+        if args.since:
+            try:
+                since = json.loads(Path(args.since).read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{args.since}: not a readable snapshot manifest ({e})") from None
+            if not isinstance(since, dict):
+                raise ValueError(f"{args.since}: a snapshot manifest is a JSON object of segments")
+        res = idx.snapshot(args.index, args.out, since)
+        print(json.dumps(res, indent=2) if args.json else
+              f"{args.out}: {'partial' if res['partial'] else 'full'} snapshot of {res['count']} images, "
+              f"{res['segments']} segments, {res['files']} files sent, {res['bytes'] / 1e6:.1f} MB")
+        return 0
+    if args.action == "pull":
+        record = None
+        if args.model:
+            record = idx.model_record(open_model(args.model, device="cpu"), args.model, None)
+        res = idx.pull(args.index, args.source, record)
+        print(json.dumps(res, indent=2) if args.json else
+              f"{args.index}: {res['count']} images from a {'partial' if res['partial'] else 'full'} snapshot")
+        return 0
     if args.action == "remove":
         res = idx.remove(args.index, args.session, args.paths)
         print(json.dumps(res, indent=2) if args.json else
@@ -552,6 +580,8 @@ EXAMPLES = {
     "index add": "edgevpr index add --index my.index --images more_db/",
     "index info": "edgevpr index info my.index --verify",
     "index remove": "edgevpr index remove --index my.index --session drive2",
+    "index snapshot": "edgevpr index snapshot --index map.index --out map.snapshot",
+    "index pull": "edgevpr index pull --index robot.index map.snapshot",
     "index tune": "edgevpr index tune --index my.index --target 0.95",
     "index merge": "edgevpr index merge part0.index part1.index --out my.index --kind ivfpq",
     "localize": "edgevpr localize --index my.index drive.mp4 --stride 15 --sequence 10 --prior=-27.47,153.03,200",
@@ -717,6 +747,23 @@ def build_parser() -> argparse.ArgumentParser:
     ii.add_argument("--plot", metavar="PNG",
                     help="draw the map's coverage: every image's position coloured by session, gaps and density "
                          "visible, with a scale bar (default: no picture)")
+    isn = isub.add_parser("snapshot", help="write a Qdrant Edge index as a Qdrant shard snapshot (full, or partial "
+                                           "against a device's manifest) for `index pull` on other devices")
+    isn.add_argument("--index", required=True, help="index folder (built with --kind qdrant)")
+    isn.add_argument("--out", required=True, help="snapshot file to write (with --manifest: the JSON manifest)")
+    isn.add_argument("--since", metavar="JSON",
+                     help="a device's snapshot manifest (`index snapshot --manifest` there): send only what changed "
+                          "since (default: a full snapshot)")
+    isn.add_argument("--manifest", action="store_true",
+                     help="write this shard's snapshot manifest to --out instead of a snapshot (default: off)")
+    isn.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ipl = isub.add_parser("pull", help="bring an index to a Qdrant shard snapshot's state (a file or a URL such as "
+                                       "a server's /collections/C/shards/0/snapshot); rows rebuilt from its points")
+    ipl.add_argument("--index", required=True, help="index folder (created when missing)")
+    ipl.add_argument("source", help="snapshot file or http(s) URL")
+    ipl.add_argument("--model", help="the model that made the vectors, for a snapshot that names none (a server "
+                                     "collection's; default: the index's or the snapshot's own record)")
+    ipl.add_argument("--json", action="store_true", help="print the summary as JSON")
     ir = isub.add_parser("remove", help="remove images from an index: whole sessions (visits) or paths matching globs "
                                         "(the rest renumbered, the search structure rebuilt)")
     ir.add_argument("--index", required=True, help="index folder")

@@ -176,3 +176,81 @@ def test_qdrant_edge_answers_as_faiss(tmp_path, capsys):
         idx.PlaceIndex.open(tmp_path / "qd")
     assert main(["index", "add", "--index", str(tmp_path / "qd"), "--images", rest, "--quiet"]) == 0
     assert len(idx.PlaceIndex.open(tmp_path / "qd")) == 100
+
+
+def test_qdrant_edge_snapshot_pull_partial_and_remove(tmp_path, capsys):
+    """Fleet sync between Edge shards in Qdrant's snapshot format: a map (the default model's Gardens Point day_right,
+    frames 0-89) snapshotted and pulled into a fresh device index answers exactly as the source; after the source
+    gains frames 90-99, a partial snapshot against the device's manifest is smaller than a full one and brings the
+    device to the same answers; images removed from the device are never answered again; a damaged snapshot is one
+    line and leaves the device's index as it was."""
+    data = shared_data() / "gardens_point"
+    lat0, step = -27.4775, 2e-5
+
+    def manifest(path, frames):
+        path.write_text("path,place_id,lat,lon,session\n" + "\n".join(
+            f"{data / 'day_right' / f'Image{i:03d}.jpg'},{i},{lat0 + i * step},153.028,day" for i in frames))
+        return str(path)
+
+    src, dev = str(tmp_path / "src"), str(tmp_path / "dev")
+    assert main(["index", "build", "--model", "effnet-lite0-gem", "--quiet", "--kind", "qdrant", "--images",
+                 manifest(tmp_path / "a.csv", range(90)), "--out", src]) == 0
+    full = str(tmp_path / "full.snapshot")
+    capsys.readouterr()
+    assert main(["index", "snapshot", "--index", src, "--out", full, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["partial"] is False
+    assert main(["index", "pull", "--index", dev, full]) == 0
+    photos = [str(data / "night_right" / f"Image{i:03d}.jpg") for i in (5, 33, 61, 88, 95)]
+
+    def answers(index):
+        capsys.readouterr()
+        assert main(["localize", "--index", index, *photos, "--json", "-k", "5"]) == 0
+        return [[(m["id"], m["path"], m["place_id"], m["lat"], m["score"]) for m in r["matches"]]
+                for r in json.loads(capsys.readouterr().out)["results"]]
+
+    def same(a, b):  # ids, paths, places exactly; latitudes to 1e-9 degrees (Qdrant's geo payload rounds the last
+        # bits of a float64) and cosines to float32 rounding (the shard re-normalises vectors)
+        for x, y in zip(a, b, strict=True):
+            assert [m[:3] for m in x] == [m[:3] for m in y], (x, y)
+            np.testing.assert_allclose([m[3:] for m in x], [m[3:] for m in y], atol=1e-5, rtol=0)
+
+    same(answers(dev), answers(src))
+    pulled = idx.read_manifest(tmp_path / "dev")
+    assert pulled["count"] == 90 and pulled["model"]["fingerprint"] == idx.read_manifest(tmp_path / "src")["model"][
+        "fingerprint"] and idx.verify_index(dev)["verified"]
+    assert [s["session"] for s in idx.PlaceIndex.open(dev).sessions()] == ["day"]  # every row column travels
+    # the device asks only for what changed since its own state: nothing yet (only unversioned files are sent),
+    # then the images the source gains
+    mine = str(tmp_path / "device-manifest.json")
+    assert main(["index", "snapshot", "--index", dev, "--manifest", "--out", mine]) == 0
+    part, whole = str(tmp_path / "part.snapshot"), str(tmp_path / "whole.snapshot")
+
+    def sent(*argv):
+        capsys.readouterr()
+        assert main(["index", "snapshot", "--index", src, *argv, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["files"]
+
+    assert sent("--since", mine, "--out", part) < sent("--out", whole)
+    assert main(["index", "add", "--index", src, "--images", manifest(tmp_path / "b.csv", range(90, 100)),
+                 "--quiet"]) == 0
+    assert main(["index", "snapshot", "--index", src, "--since", mine, "--out", part]) == 0
+    assert main(["index", "snapshot", "--index", src, "--out", whole]) == 0
+    capsys.readouterr()
+    assert main(["index", "pull", "--index", dev, part, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"count": 100, "partial": True, "source": part}
+    same(answers(dev), answers(src))
+    assert int(answers(dev)[4][0][2]) >= 90  # a frame only the partial snapshot brought
+    # a damaged snapshot: one line, the device's index untouched
+    bad = tmp_path / "bad.snapshot"
+    bad.write_bytes(open(whole, "rb").read()[:5000])
+    assert main(["index", "pull", "--index", dev, str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bad.snapshot" in err and "\n" not in err and idx.verify_index(dev)["verified"]
+    # removed images are never answered again (the shard is rebuilt from the remaining rows)
+    assert main(["index", "remove", "--index", dev, "Image03*", "Image09*"]) == 0
+    gone = {f"{i}" for i in [*range(30, 40), *range(90, 100)]}
+    for result in answers(dev):
+        assert not gone & {m[2] for m in result}
+    capsys.readouterr()
+    assert main(["localize", "--index", dev, *photos, "--json", "-k", "80"]) == 0
+    assert not gone & {m["place_id"] for r in json.loads(capsys.readouterr().out)["results"] for m in r["matches"]}

@@ -5,6 +5,7 @@ structure through ``backends.create`` / ``open_backend`` and writes the manifest
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import sqlite3
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ...integrity import StampCache, sha256_file
-from ...utils import write_json
+from ...utils import atomic_write, write_json
 from . import backends
 from .backends import KINDS, Backend, storage_of
 from .place_index import PlaceIndex
@@ -377,3 +378,122 @@ def tune(root: str | os.PathLike, target: float = 0.95, sample: int = 200, seed:
 
 
 
+
+
+# ---------------------------------------------------------------------------------------- fleet sync (Qdrant Edge)
+#: the root file of an ``index snapshot`` archive that carries the index's model record and settings
+SNAPSHOT_RECORD = "edgevpr-index.json"
+
+
+def _edge_dir(root: Path, manifest: dict) -> Path:
+    if manifest["kind"] != "qdrant" or manifest["params"].get("url"):
+        raise ValueError(f"{root}: a {manifest['kind']} index has no Qdrant Edge shard; snapshots move maps built "
+                         "with --kind qdrant (the device's engine)")
+    return root / manifest["params"].get("edge_path", "qdrant-edge")
+
+
+@_exclusive("root")
+def snapshot(root: str | os.PathLike, out: str | os.PathLike, since: dict | None = None) -> dict:
+    """Write the index's Qdrant Edge shard as a Qdrant shard snapshot at ``out`` (atomically): full, or partial
+    against ``since`` (a device's ``snapshot_manifest``, from ``index snapshot --manifest``), with the index's model
+    record at the archive's root so that ``pull`` can make a whole index of it -> what was written."""
+    from .backends import qdrant_edge
+
+    root = Path(root)
+    manifest = read_manifest(root)
+    verify_for_writing(root, manifest)
+    shard = _edge_dir(root, manifest)
+    record = {k: manifest[k] for k in ("model", "dim", "kind", "params", "metric") if k in manifest}
+    extra = {SNAPSHOT_RECORD: json.dumps(record, indent=2).encode()}
+    box: dict = {}
+    atomic_write(out, lambda tmp: box.update(qdrant_edge.write_snapshot(shard, tmp, since, extra)))
+    return {**box, "out": str(out), "count": manifest["count"]}
+
+
+def snapshot_manifest(root: str | os.PathLike) -> dict:
+    """The Qdrant snapshot manifest of an index's Edge shard (what a device sends for a partial snapshot)."""
+    from .backends import qdrant_edge
+
+    root = Path(root)
+    return qdrant_edge.shard_manifest(_edge_dir(root, read_manifest(root)))
+
+
+def _fetch(source: str, folder: Path) -> str:
+    """A local path as is; an http(s) URL (e.g. a Qdrant server's ``/collections/C/shards/0/snapshot``) downloaded
+    into ``folder`` -> the path of the snapshot file."""
+    if not source.startswith(("http://", "https://")):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"{source}: no such snapshot file")
+        return source
+    import shutil
+    import urllib.request
+
+    dest = folder / ".pulled.snapshot"
+    try:
+        with urllib.request.urlopen(source, timeout=60) as r, open(dest, "wb") as f:
+            shutil.copyfileobj(r, f, 1 << 20)
+    except OSError as e:
+        dest.unlink(missing_ok=True)
+        raise ValueError(f"{source}: could not download the snapshot ({e})") from None
+    return str(dest)
+
+
+@_exclusive("root", create=True)
+def pull(root: str | os.PathLike, source: str, record: dict | None = None) -> dict:
+    """Bring the index at ``root`` to a Qdrant shard snapshot's state (a file or URL; full or partial) and make its
+    row store and manifest from the shard's points (payloads hold every row column, vectors the descriptors).
+
+    The model record comes from the index already at ``root``, else from an ``index snapshot`` archive, else from
+    ``record`` (``--model``: a snapshot of a server collection carries no model); a snapshot of another model than
+    the index's is refused before anything changes. Ids must be 0..N-1. -> {"count", "partial", "source"}."""
+    import shutil
+
+    from .backends import qdrant_edge
+
+    root = Path(root)
+    old = read_manifest(root) if (root / MANIFEST_FILE).is_file() else None
+    path = _fetch(source, root)
+    carried = qdrant_edge.read_extra(path, SNAPSHOT_RECORD)
+    carried = json.loads(carried) if carried else None
+    named = [m for m in ((old or {}).get("model"), (carried or {}).get("model"), record) if m]
+    if not named:
+        raise ValueError(f"{source}: the snapshot names no model (a server collection's): pass --model, the model "
+                         "that made its vectors")
+    rec = named[0]
+    for other in named[1:]:
+        check_model(rec, other["name"], other["fingerprint"], str(source))
+    params = (old or {}).get("params") or (carried or {}).get("params") or {"engine": "qdrant-edge",
+                                                                           "edge_path": "qdrant-edge"}
+    shard = root / params.get("edge_path", "qdrant-edge")
+    partial = qdrant_edge.is_partial(path)
+    qdrant_edge.apply_snapshot(shard, path)
+    if path != source:
+        Path(path).unlink(missing_ok=True)
+    for name in (DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm"):
+        (root / name).unlink(missing_ok=True)  # the rows are made anew from the shard
+    con = _open_for_writing(root, rec, "float32")
+    expect = 0
+    try:
+        with con:
+            for i, cols, vec in qdrant_edge.scroll_rows(shard):
+                if i != expect:
+                    raise ValueError(f"{source}: point ids are not 0..N-1 (found {i} where {expect} was due): not "
+                                     "a map made by edgevpr; rebuild it with `index build --kind qdrant`")
+                if vec.shape != (rec["dim"],):
+                    raise ValueError(f"{source}: {vec.shape[0]}-D vectors; the model {rec['name']} makes "
+                                     f"{rec['dim']}-D descriptors")
+                con.execute(_INSERT_IMAGE, (i, cols[0], *cols[1:6], vec.tobytes(), *cols[6:]))
+                expect += 1
+    except ValueError:
+        con.close()
+        shutil.rmtree(shard, ignore_errors=True)
+        raise
+    if expect == 0:
+        con.close()
+        raise ValueError(f"{source}: the snapshot holds no points")
+    backend = backends.open_backend(root, {"kind": "qdrant", "params": params, "dim": rec["dim"]}, con)
+    keep = {"pulled_from": {"source": str(source), "partial": partial,
+                            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+    manifest = _write(root, con, backend, "qdrant", params, rec, (old or {}).get("created"), keep)
+    con.close()
+    return {"count": manifest["count"], "partial": partial, "source": str(source)}

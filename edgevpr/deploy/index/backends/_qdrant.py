@@ -21,14 +21,23 @@ INSTALL = "a qdrant index needs qdrant-edge-py (on the device) or qdrant-client 
 REQUIRED_FILES: tuple[str, ...] = ()
 
 
-def _payload(path: str, place: str | None, lat, lon, east, north) -> dict:
-    out = {"path": path, "place_id": place, "east": east, "north": north}
+def _payload(path: str, place: str | None, lat, lon, east, north, session=None, when=None) -> dict:
+    """A point's payload: every column of its row but the descriptor (so a shard alone gives back the rows)."""
+    out = {"path": path, "place_id": place, "east": east, "north": north, "session": session, "time": when}
     if lat is not None and lon is not None:
         out["location"] = {"lat": lat, "lon": lon}
     return out
 
 
-_ROWS = "SELECT id, path, place_id, lat, lon, east, north, descriptor FROM images WHERE id >= ? ORDER BY id"
+def row_of(payload: dict) -> tuple:
+    """The row columns (path, place_id, lat, lon, east, north, session, time) a payload holds."""
+    loc = payload.get("location") or {}
+    return (payload["path"], payload.get("place_id"), loc.get("lat"), loc.get("lon"), payload.get("east"),
+            payload.get("north"), payload.get("session"), payload.get("time"))
+
+
+_ROWS = ("SELECT id, path, place_id, lat, lon, east, north, session, time, descriptor FROM images WHERE id >= ? "
+         "ORDER BY id")
 
 
 class QdrantBackend(Backend):
@@ -62,8 +71,8 @@ class QdrantBackend(Backend):
         start, done = self.ntotal, 0
         cur = con.execute(_ROWS, (start,))
         while batch := cur.fetchmany(UPLOAD_BATCH):
-            self._upsert([(int(i), np.frombuffer(blob, np.float32), _payload(path, place, lat, lon, east, north))
-                          for i, path, place, lat, lon, east, north, blob in batch])
+            self._upsert([(int(i), np.frombuffer(blob, np.float32), _payload(*cols))
+                          for i, *cols, blob in batch])
             done += len(batch)
         self.flush()
         return done

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._qdrant import INSTALL, REQUIRED_FILES, QdrantBackend  # noqa: F401  (REQUIRED_FILES: the registry reads it)
+from ._qdrant import INSTALL, REQUIRED_FILES, QdrantBackend, row_of  # noqa: F401  (REQUIRED_FILES: the registry reads it)
 
 EDGE_DIR = "qdrant-edge"
 
@@ -141,3 +141,162 @@ def load(root: Path, manifest: dict, con: sqlite3.Connection, mmap: bool = True)
 
 def discard(root: Path, params: dict) -> None:
     shutil.rmtree(root / params.get("edge_path", EDGE_DIR), ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------------- snapshots
+#: the file a Qdrant segment manifest has inside a segment of a *partial* snapshot (Qdrant's name)
+SEGMENT_MANIFEST = "segment_manifest.json"
+
+
+def shard_manifest(shard_dir: Path) -> dict:
+    """Qdrant's snapshot manifest of the shard in ``shard_dir``: {segment id: {segment_id, segment_version,
+    file_versions: {file: version or None}}}: what a device sends to get a partial snapshot of what changed."""
+    import qdrant_edge as qe
+
+    shard = qe.EdgeShard.load(str(shard_dir))
+    try:
+        return shard.snapshot_manifest()
+    finally:
+        shard.close()
+
+
+def write_snapshot(shard_dir: Path, out: str, since: dict | None = None, extra: dict[str, bytes] | None = None) -> dict:
+    """Write the shard in ``shard_dir`` (closed) as a Qdrant shard snapshot to the path ``out`` (a tar, the layout a
+    Qdrant server's ``/collections/C/shards/S/snapshot`` gives: the shard's own files, and per segment
+    ``segments/<id>.tar`` holding ``snapshot/files/<its files>``), which ``EdgeShard.unpack_snapshot`` restores.
+
+    ``since`` (a device's ``shard_manifest``) makes it *partial*, as Qdrant's partial snapshots are: every segment of
+    this shard is listed with its manifest (``segment_manifest.json``; a segment the device has that is not listed is
+    deleted there), but only the files the device lacks or holds at an older version are sent (files without a
+    version, and files no manifest lists, always are). ``extra``: files added at the archive's root (Qdrant ignores
+    them). -> {"segments", "files", "bytes", "partial"}."""
+    import io
+    import json
+    import tarfile
+
+    current = shard_manifest(shard_dir)
+    sent = 0
+    with tarfile.open(out, "w") as tar:
+        for f in sorted(shard_dir.iterdir()):
+            if f.is_file():
+                tar.add(f, arcname=f.name)
+        if since is not None and not (shard_dir / "wal").is_dir():  # Edge's merge replaces the shard's WAL folder
+            # with the snapshot's: ours is made without a WAL, so an empty one stands in
+            info = tarfile.TarInfo("wal")
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            tar.addfile(info)
+        for seg_id, seg in sorted(current.items()):
+            seg_dir = shard_dir / "segments" / seg_id
+            have = (since or {}).get(seg_id)
+            versions = seg.get("file_versions", {})
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as inner:
+                for f in sorted(p for p in seg_dir.rglob("*") if p.is_file()):
+                    rel = f.relative_to(seg_dir).as_posix()
+                    mine = versions.get(rel)
+                    theirs = (have or {}).get("file_versions", {}).get(rel, -1) if have else -1
+                    if since is None or rel not in versions or mine is None or theirs is None or mine > theirs:
+                        inner.add(f, arcname=f"snapshot/files/{rel}")
+                        sent += 1
+                if since is not None:
+                    data = json.dumps(seg).encode()
+                    info = tarfile.TarInfo(f"snapshot/files/{SEGMENT_MANIFEST}")
+                    info.size = len(data)
+                    inner.addfile(info, io.BytesIO(data))
+            info = tarfile.TarInfo(f"segments/{seg_id}.tar")
+            info.size = buf.tell()
+            buf.seek(0)
+            tar.addfile(info, buf)
+        for name, data in (extra or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return {"segments": len(current), "files": sent, "bytes": Path(out).stat().st_size, "partial": since is not None}
+
+
+def read_extra(snapshot: str, name: str) -> bytes | None:
+    """A root file ``name`` of a snapshot archive (what ``write_snapshot(extra=...)`` added), None when absent;
+    ValueError naming the file when it is not a tar archive."""
+    import tarfile
+
+    try:
+        with tarfile.open(snapshot) as tar:
+            try:
+                member = tar.getmember(name)
+            except KeyError:
+                return None
+            return tar.extractfile(member).read() if member.isfile() else None
+    except (tarfile.TarError, OSError) as e:
+        raise ValueError(f"{snapshot}: not a Qdrant snapshot archive ({e})") from None
+
+
+def is_partial(snapshot: str) -> bool:
+    """Whether a snapshot archive is partial (its segments carry segment manifests)."""
+    import tarfile
+
+    with tarfile.open(snapshot) as tar:
+        for m in tar.getmembers():
+            if m.name.endswith(".tar") and m.name.startswith("segments/"):
+                with tarfile.open(fileobj=tar.extractfile(m)) as inner:
+                    return any(n.endswith(SEGMENT_MANIFEST) for n in inner.getnames())
+            if m.name.startswith("segments/") and m.name.endswith(SEGMENT_MANIFEST):
+                return True
+    return False
+
+
+def apply_snapshot(shard_dir: Path, snapshot: str) -> None:
+    """Bring the shard in ``shard_dir`` to a snapshot's state: a partial snapshot is merged into the existing shard
+    (Edge's ``update_from_snapshot``); a full one is unpacked beside it and swapped in (a kill leaves the old shard
+    or the new one, never half of each). Engine errors become one line naming the snapshot."""
+    import shutil
+
+    import qdrant_edge as qe
+
+    try:
+        if shard_dir.is_dir() and is_partial(snapshot):
+            work = shard_dir.parent / ".pull-tmp"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            shard = qe.EdgeShard.load(str(shard_dir))
+            try:
+                shard.update_from_snapshot(str(snapshot), str(work))
+            finally:
+                shard.close()
+                shutil.rmtree(work, ignore_errors=True)
+            return
+        if is_partial(snapshot):
+            raise ValueError(f"{snapshot}: a partial snapshot needs the shard it was made against; pull a full one")
+        tmp, old = shard_dir.with_name(shard_dir.name + ".new"), shard_dir.with_name(shard_dir.name + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        qe.EdgeShard.unpack_snapshot(str(snapshot), str(tmp))
+        qe.EdgeShard.load(str(tmp)).close()  # it opens: the engine accepts what was unpacked
+        if shard_dir.exists():
+            shard_dir.rename(old)
+        tmp.rename(shard_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except ValueError:
+        raise
+    except Exception as e:  # the engine's and tarfile's own errors
+        raise ValueError(f"{snapshot}: not a usable Qdrant shard snapshot ({str(e).splitlines()[0][:200]})") from None
+
+
+def scroll_rows(shard_dir: Path, batch: int = 1024):
+    """Every point of the shard as (id, row columns, vector [D] float32), in id order (the rows a pulled shard
+    gives back to the row store)."""
+    import qdrant_edge as qe
+
+    shard = qe.EdgeShard.load(str(shard_dir))
+    try:
+        offset = None
+        while True:
+            recs, offset = shard.scroll(qe.ScrollRequest(offset=offset, limit=batch, with_payload=True,
+                                                          with_vector=True))
+            for r in sorted(recs, key=lambda r: int(r.id)):
+                v = r.vector
+                v = v.get("", next(iter(v.values()), None)) if isinstance(v, dict) else v
+                yield int(r.id), row_of(r.payload or {}), np.asarray(v, np.float32)
+            if offset is None:
+                break
+    finally:
+        shard.close()
