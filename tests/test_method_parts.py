@@ -5,6 +5,7 @@ Every test here was checked to fail when its part is removed or altered (the bre
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -265,3 +266,94 @@ def test_mixvpr_mixes_along_space_within_each_channel():
     with torch.no_grad():
         dx = (mix.mixers(y) - mix.mixers(seen["x"])).abs().sum(-1)[0]  # [C]: change per channel
     assert float(dx[3]) > 1e-3 and float(dx[torch.arange(16) != 3].max()) < 1e-6
+
+
+def test_weitop_target_sends_no_gradient_to_the_aggregator():
+    """WeiToP self-distillation trains the pruning head towards the aggregator's importance; the target is a fixed
+    teacher for that step, so the aggregator gets no gradient from the term while the scorer does. Break: compute
+    the target with gradients (measured: 0.87 gradient norm on the aggregator)."""
+    from edgevpr.models.model import load_model
+    from edgevpr.train.losses import StepContext, WeiToPDistill
+
+    torch.manual_seed(0)
+    m = load_model({"backbone": {"name": "dinov2_vits14", "weights": None, "depth": 4, "init_values": 1.0,
+                                 "pruning": {"block": 2, "method": "weitop"}},
+                    "aggregator": {"name": "weiad", "num_clusters": 4, "cluster_dim": 8, "token_dim": 8},
+                    "image_size": [84, 84]}).train()
+    with torch.no_grad():
+        m.aggregator.theta.copy_(torch.linspace(-2, 2, 4))  # cluster weights away from 1
+    x = torch.randn(2, 3, 84, 84)
+    tok = m.forward_tokens(x)  # unpruned (keep ratio 1): the target comes from these very tokens
+    loss = WeiToPDistill(m)(StepContext(0, 1, torch.tensor([0, 1]), m.aggregator(tok), tok, images=x))
+    m.zero_grad()
+    loss.backward()
+    head = [p.grad for p in m.aggregator.parameters() if p.grad is not None]
+    assert all(float(g.abs().max()) == 0 for g in head)
+    scorer = [p.grad for p in m.backbone.pruner.parameters() if p.grad is not None]
+    assert scorer and max(float(g.abs().max()) for g in scorer) > 0
+
+
+def test_weiad_importance_weights_tokens_by_the_learned_cluster_weights():
+    """WeiToP's target a_i = sum_k w_k P_k,i / sum: with learned weights far from 1 it follows them. Break: ignore
+    the weights (every test at initialisation has w = 1, where both agree)."""
+    torch.manual_seed(0)
+    head = WeiAD(32, num_clusters=4, cluster_dim=8, token_dim=8).eval()
+    with torch.no_grad():
+        head.theta.copy_(torch.tensor([4.0, -4.0, -4.0, -4.0]))  # w ~ (1.96, 0.04, 0.04, 0.04)
+    t = _tokens(n=36, c=32)
+    with torch.no_grad():
+        p = head.assignment(t)
+        w = head.cluster_weights(t)
+        want = torch.einsum("bm,bmn->bn", w, p)
+        want = want / want.sum(-1, keepdim=True)
+        uniform = p.sum(1) / p.sum((1, 2))[:, None]
+        got = head.importance(t)
+    torch.testing.assert_close(got, want)
+    assert float((got - uniform).abs().max()) > 0.2 / 36  # the weights move some importance by > 20% of 1/N
+
+
+def test_sinkhorn_runs_the_configured_iterations():
+    """SALAD's optimal-transport assignment is the Sinkhorn plan after exactly ``sinkhorn_iters`` iterations,
+    checked against a plain (non-log) Sinkhorn written here. Break: run 1 iteration instead of 3 (the published
+    fixtures move by only 2e-6 at their initial scores, so sharp scores are used here)."""
+    torch.manual_seed(0)
+    head = SALAD(32, num_clusters=4, cluster_dim=8, token_dim=8, sinkhorn_iters=3).eval()
+    with torch.no_grad():
+        head.score[-1].weight.mul_(20)
+    t = _tokens(n=12, c=32)
+
+    def plain(iters: int) -> torch.Tensor:
+        s = head.score(t.patches).transpose(1, 2).double()
+        b, m, n = s.shape
+        s = torch.cat([s, head.dust_bin.double().expand(b, 1, n)], 1)
+        r = min(1.0, n / (m + 1.0))
+        a = torch.full((b, m + 1), r, dtype=torch.float64)
+        a[:, -1] = n - m * r
+        a, col = a / (n + m), torch.full((b, n), 1.0 / (n + m), dtype=torch.float64)
+        k, v = s.exp(), torch.ones(b, n, dtype=torch.float64)
+        for _ in range(iters):
+            u = a / torch.einsum("bmn,bn->bm", k, v)
+            v = col / torch.einsum("bmn,bm->bn", k, u)
+        return (u[:, :, None] * k * v[:, None, :] * (n + m))[:, :-1].float()
+
+    with torch.no_grad():
+        got, three, one = head.assignment(t), plain(3), plain(1)
+    torch.testing.assert_close(got, three, atol=1e-5, rtol=1e-4)
+    assert float((three - one).abs().max()) > 1e-2  # 1 vs 3 iterations differ at these scores
+
+
+def test_uniform_sampler_draws_each_places_images_without_replacement():
+    """P x K batches: a place with at least K images gives K different ones (GSV-Cities' sampler). Break: draw
+    them with replacement."""
+    from edgevpr.train.places import draw_batch, images_of
+
+    sizes = [4] * 30
+    for step in range(50):
+        pairs = draw_batch(30, 8, sizes, 4, seed=0, step=step)
+        for p in {p for p, _ in pairs}:
+            assert sorted(i for q, i in pairs if q == p) == [0, 1, 2, 3]
+        pairs = images_of(np.arange(8), sizes, 4, seed=0, step=step)
+        for p in range(8):
+            assert sorted(i for q, i in pairs if q == p) == [0, 1, 2, 3]
+    few = draw_batch(30, 8, [2] * 30, 4, seed=0, step=0)  # fewer than K: with replacement, still K of them
+    assert len(few) == 32 and {i for _, i in few} <= {0, 1}
