@@ -480,6 +480,22 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    from .compress.budget import compress
+
+    r = compress(args.teacher, args.images, args.budget_ms, args.out, queries=args.queries, aligned=args.aligned,
+                 radius=args.radius, sizes=tuple(args.sizes), dims=tuple(args.dims), threads=args.threads,
+                 holdout=args.holdout, exclude=args.exclude, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    c, t = r["chosen"], r["teacher"]
+    print(f"{args.out}/model.onnx: {c['name']}, {c['ms']:.1f} ms (teacher {t['ms']:.1f} ms), {r['metric']} "
+          f"{c['accuracy']:.3f} (teacher {t['accuracy']:.3f}), {c['mb']:.1f} MB; report: {args.out}/report.md")
+    print(f"deploy: {r['deploy']}")
+    return 0
+
+
 def cmd_export(args) -> int:
     import torch
 
@@ -589,6 +605,7 @@ EXAMPLES = {
                  "--precision 0.95",
     "serve": "edgevpr serve --index my.index --port 8000",
     "export": "edgevpr export --model effnet-lite0-gem --out m.onnx --int8 --calibration db/",
+    "compress": "edgevpr compress --teacher effnet-lite0-gem --images map/ --budget-ms 10 --out small/",
     "models": "edgevpr models --json",
     "import": "edgevpr import salad dino_salad.ckpt --out models/dinov2-salad",
 }
@@ -873,6 +890,35 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default 1)")
     sv.add_argument("--device", default="auto", help="PyTorch models: auto, cpu, cuda (ONNX: cpu)")
     sv.set_defaults(func=cmd_serve)
+
+    from .compress.budget import DIMS, SIZES  # numpy only at import: --help stays torch-free
+
+    cp = sub.add_parser("compress", help="from a trusted model to the most accurate one within a latency budget on "
+                                         "this CPU, measured on your map's images, without labels")
+    cp.add_argument("--teacher", required=True, help="the trusted model: named model, config or saved model folder")
+    cp.add_argument("--images", required=True, help="the map's images: folder or CSV manifest")
+    cp.add_argument("--budget-ms", type=float, required=True, help="ms per image at batch 1 on this CPU")
+    cp.add_argument("--out", required=True, help="output folder (model.onnx, report.{json,md}, frontier.png; a "
+                                                 "killed run resumes from it)")
+    cp.add_argument("--queries", help="photos of the same places from another visit (folder or CSV; default: every "
+                                      "--holdout-th map image, its neighbours left out)")
+    cp.add_argument("--aligned", type=_bounded(0, 1000), metavar="N",
+                    help="ground truth: query i shows map image i (+-N frames); accuracy is then R@1 (default: none, "
+                         "agreement with the teacher)")
+    cp.add_argument("--radius", type=float, metavar="M",
+                    help="ground truth: map images within M metres of the query (coordinates needed; default: none)")
+    cp.add_argument("--sizes", type=float, nargs="+", default=list(SIZES),
+                    help=f"input sizes tried, fractions of the teacher's (default {' '.join(map(str, SIZES))})")
+    cp.add_argument("--dims", type=int, nargs="+", default=list(DIMS),
+                    help="descriptor sizes tried by PCA-whitening fitted on the map, 0 = the model's own (default "
+                         f"{' '.join(map(str, DIMS))})")
+    cp.add_argument("--holdout", type=_bounded(2, 1000), default=10,
+                    help="without --queries: every Nth map image is a held-out query (default 10)")
+    cp.add_argument("--exclude", type=_bounded(0, 1000), default=2,
+                    help="without --queries: map neighbours (+-N) left out of a held-out query's search (default 2)")
+    cp.add_argument("--json", action="store_true", help="print the report as JSON")
+    cp.add_argument("--quiet", action="store_true", help="no progress bars")
+    cp.set_defaults(func=cmd_compress)
 
     x = sub.add_parser("export", help="export a model to ONNX (runtime knobs baked in; optional int8)",
                        description="Example: edgevpr export --model effnet-lite0-gem --out m.onnx --int8 "

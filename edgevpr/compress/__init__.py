@@ -1,1 +1,1 @@
-"""Model compression: TAT-VPR ternary weights and activation sparsity."""
+"""Model compression: TAT-VPR ternary weights and activation sparsity; ``budget``: `edgevpr compress`."""

@@ -107,6 +107,21 @@ def _compact_flat(dim: int, n: int, params: dict):
     return faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT), used
 
 
+def pca_whitening(db: np.ndarray, dim: int):
+    """PCA-whitening to ``dim`` fitted on ``db`` [N, D], then L2 normalisation: the transform ``index build --dim``
+    puts before a flat index (FAISS's PCAW) -> a function [M, D] -> [M, dim]."""
+    import faiss
+
+    pca = faiss.PCAMatrix(db.shape[1], int(dim), -0.5)
+    pca.train(np.ascontiguousarray(db, np.float32))
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        y = pca.apply(np.ascontiguousarray(x, np.float32))
+        return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+
+    return apply
+
+
 def training_sample(x: np.ndarray, seed: int = 0) -> np.ndarray:
     """At most MAX_TRAIN rows of ``x`` [N, D], drawn uniformly (seeded)."""
     if len(x) <= MAX_TRAIN:

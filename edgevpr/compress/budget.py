@@ -1,0 +1,284 @@
+"""``edgevpr compress``: from a trusted model to one that fits a latency budget on this device, without labels.
+
+Stages (each resumable: its outputs are written atomically into ``OUT`` and reused when the command runs again):
+
+1. **split**: the map's images (a folder or CSV). Accuracy is measured on held-out queries: the user's ``--queries``
+   (photos of the same places from another visit) when given, else every ``holdout``-th map image, searched among
+   the other map images with its ``exclude`` neighbours in map order left out (a map image's neighbours are near
+   copies of it: finding them says nothing about recognising a place).
+2. **teacher**: its descriptors of database and queries (fp32, PyTorch), its top-1 per query (the reference), its
+   own latency as an onnxruntime fp32 export, and its R@1 when ground truth is given.
+3. **candidates**: the teacher's architecture at input sizes ``sizes`` (fractions of its own, rounded to its patch
+   or stride multiple), exported to ONNX in fp32 and int8 (CNNs: static int8 calibrated on map images; ViTs: dynamic
+   int8), each timed on this CPU at batch 1 with the thread policy the user will run (``--threads``), and each
+   searched at the descriptor sizes ``dims`` (PCA-whitening fitted on the map's own descriptors, exactly as
+   ``index build --dim`` does it). Accuracy: the share of held-out queries whose top-1 equals the teacher's
+   (agreement), or R@1 with ground truth (``--aligned`` / ``--radius``).
+4. **choose**: the most accurate candidate within ``budget_ms`` (ties: the faster); ``OUT/model.onnx`` is it, and
+   ``OUT/report.{json,md}`` + ``OUT/frontier.png`` the accuracy / latency frontier beside the teacher.
+
+What is not here yet: the candidates that need training (ternary linears distilled from the teacher's tokens,
+TAT-VPR stage 1; a WeiToP scorer trained by self-distillation; distillation into a smaller model). The command
+says so in its report (``not_tried``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..utils import atomic_write, write_json, write_text
+
+#: default input sizes (fractions of the teacher's), descriptor sizes (0: the model's own) of the candidates
+SIZES = (1.0, 0.75, 0.5)
+DIMS = (0, 512, 256, 128)
+#: batch-1 timing: warm-up runs, then the median of this many
+WARMUP, REPEATS = 3, 15
+NOT_TRIED = ["ternary linears distilled from the teacher's tokens (TAT-VPR stage 1)",
+             "a WeiToP token-pruning scorer trained by self-distillation",
+             "distillation into a smaller model of the zoo"]
+
+
+def accuracy(top1: np.ndarray, teacher_top1: np.ndarray, positives: list[np.ndarray] | None = None) -> float:
+    """Top-1 ids [Q] -> agreement with the teacher's top-1 [Q], or R@1 when ``positives`` (per query, the database
+    ids that count as the same place) are given. With the teacher's own top-1 as the ground truth they are equal."""
+    if positives is None:
+        return float(np.mean(top1 == teacher_top1))
+    return float(np.mean([t in set(np.asarray(p).tolist()) for t, p in zip(top1, positives, strict=True)]))
+
+
+def split(n: int, holdout: int, exclude: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Map of ``n`` images -> (database ids [N-Q], held-out query ids [Q], mask [Q, N-Q]: True where a database
+    image is within ``exclude`` positions of the query in map order, i.e. left out of its search)."""
+    q = np.arange(holdout // 2, n, holdout)
+    db = np.setdiff1d(np.arange(n), q)
+    return db, q, np.abs(q[:, None] - db[None, :]) <= exclude
+
+
+def top1(db: np.ndarray, q: np.ndarray, mask: np.ndarray | None, dim: int = 0) -> np.ndarray:
+    """Database [N, D], queries [Q, D] -> top-1 database positions [Q] by inner product, after PCA-whitening to
+    ``dim`` fitted on ``db`` (then L2-normalised: what ``index build --dim`` does) when ``dim`` > 0; ``mask`` [Q, N]
+    True leaves a database image out of that query's search."""
+    from ..deploy.index import pca_whitening
+
+    if dim:
+        fit = pca_whitening(db, dim)
+        db, q = fit(db), fit(q)
+    s = q @ db.T
+    if mask is not None:
+        s = np.where(mask, -np.inf, s)
+    return s.argmax(1)
+
+
+def time_onnx(path: Path, size: tuple[int, int], threads: int | None) -> float:
+    """Median ms of one image at batch 1 through onnxruntime (after WARMUP runs), at ``threads``."""
+    from ..deploy.onnx_model import OnnxModel
+
+    m = OnnxModel(path, threads=threads)
+    x = np.random.default_rng(0).standard_normal((1, 3, *size)).astype(np.float32)
+    for _ in range(WARMUP):
+        m.session.run(None, {"images": x})
+    times = []
+    for _ in range(REPEATS):
+        t = time.perf_counter()
+        m.session.run(None, {"images": x})
+        times.append((time.perf_counter() - t) * 1000)
+    return float(np.median(times))
+
+
+def _size(model, frac: float) -> tuple[int, int]:
+    """The model's input size scaled by ``frac``, rounded to a multiple of its stride (a ViT's patch)."""
+    step = int(getattr(model.backbone, "stride", 16))
+    return tuple(max(step, int(round(s * frac / step)) * step) for s in model.image_size)
+
+
+def _cached(path: Path, make: Callable[[], dict]) -> dict:
+    """The JSON at ``path`` when a previous run finished it, else ``make()`` written there atomically."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    out = make()
+    write_json(path, out)
+    return out
+
+
+def _descriptors(model, paths: list[Path], out: Path, name: str, progress: bool) -> np.ndarray:
+    """Descriptors [N, D] of ``paths`` by ``model``, kept in ``out/<name>.npy`` (atomic) for a resumed run."""
+    f = out / f"{name}.npy"
+    if f.is_file():
+        return np.load(f, allow_pickle=False)
+    from ..eval.extract import extract
+
+    d = extract(model, paths, desc=name, progress=progress).descriptors
+    atomic_write(f, lambda tmp: np.save(open(tmp, "wb"), d))
+    return d
+
+
+def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str | os.PathLike,
+             queries: str | os.PathLike | None = None, aligned: int | None = None, radius: float | None = None,
+             sizes: tuple[float, ...] = SIZES, dims: tuple[int, ...] = DIMS, threads: int | None = None,
+             holdout: int = 10, exclude: int = 2, progress: bool = True,
+             on_candidate: Callable[[str], None] | None = None) -> dict:
+    """Run the stages (module docstring) -> the report (also in ``out/report.json``)."""
+    from ..deploy.export import export_onnx
+    from ..deploy.index import read_rows
+    from ..deploy.onnx_model import OnnxModel
+    from ..models.model import load_model
+
+    if not (isinstance(budget_ms, (int, float)) and math.isfinite(budget_ms) and budget_ms > 0):
+        raise ValueError(f"--budget-ms {budget_ms}: must be a positive number of milliseconds")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages: dict[str, float] = {}
+    t0 = time.perf_counter()
+    rows = read_rows(images)
+    map_paths = [Path(r.path) for r in rows]
+    if queries is not None:
+        q_rows = read_rows(queries)
+        q_paths, db_ids, mask = [Path(r.path) for r in q_rows], np.arange(len(rows)), None
+        q_ids = None
+    else:
+        if len(rows) < 2 * holdout:
+            raise ValueError(f"{images}: {len(rows)} images; held-out queries need at least {2 * holdout} (or give "
+                             "--queries)")
+        db_ids, q_ids, mask = split(len(rows), holdout, exclude)
+        q_rows, q_paths = [rows[i] for i in q_ids], [map_paths[i] for i in q_ids]
+    db_paths = [map_paths[i] for i in db_ids]
+    positives = None
+    if aligned is not None:
+        if queries is None or len(q_rows) != len(rows):
+            raise ValueError("--aligned: give --queries with as many photos as the map, query i at map image i")
+        positives = [np.flatnonzero(np.abs(db_ids - i) <= aligned) for i in range(len(q_rows))]
+    elif radius is not None:
+        def xy(rs):
+            a = np.array([[r.east, r.north] for r in rs], dtype=float)
+            if np.isnan(a).any():
+                raise ValueError("--radius: every map image and query needs coordinates (utm or lat/lon)")
+            return a
+
+        dist = np.linalg.norm(xy(q_rows)[:, None] - xy([rows[i] for i in db_ids])[None], axis=2)
+        if mask is not None:
+            dist = np.where(mask, np.inf, dist)
+        positives = [np.flatnonzero(d <= radius) for d in dist]
+    metric = "R@1" if positives is not None else "top-1 agreement with the teacher"
+    stages["split_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tm = load_model(teacher).eval()
+    cache = out / "cache"
+    t_db = _descriptors(tm, db_paths, cache, "teacher-db", progress)
+    t_q = _descriptors(tm, q_paths, cache, "teacher-queries", progress)
+    ref = top1(t_db, t_q, mask)
+    teacher_onnx = out / "candidates" / "teacher-fp32.onnx"
+    if not teacher_onnx.is_file():
+        export_onnx(tm, teacher_onnx)
+    t_rec = _cached(out / "candidates" / "teacher.json", lambda: {
+        "name": "teacher", "image_size": list(tm.image_size), "int8": False, "dim": int(tm.out_dim),
+        "ms": time_onnx(teacher_onnx, tuple(tm.image_size), threads), "mb": teacher_onnx.stat().st_size / 1e6,
+        "accuracy": accuracy(ref, ref, positives)})
+    stages["teacher_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    results = []
+    calib = str(images)
+    for size in dict.fromkeys(_size(tm, f) for f in sizes):  # fractions that round to one size: tried once
+        for int8 in (False, True):
+            name = f"{size[0]}x{size[1]}-{'int8' if int8 else 'fp32'}"
+            onnx = out / "candidates" / f"{name}.onnx"
+
+            def make(onnx=onnx, size=size, int8=int8, name=name) -> dict:
+                if not onnx.is_file():
+                    export_onnx(tm, onnx, image_size=size, int8=int8, calibration=calib if int8 else None)
+                m = OnnxModel(onnx, threads=threads)
+                c_db = _descriptors(m, db_paths, cache, f"{name}-db", progress)
+                c_q = _descriptors(m, q_paths, cache, f"{name}-queries", progress)
+                ms = time_onnx(onnx, size, threads)
+                by_dim = []
+                for dim in dims:
+                    if dim and (dim >= c_db.shape[1] or dim >= len(c_db)):
+                        continue
+                    by_dim.append({"dim": int(dim or c_db.shape[1]), "accuracy": accuracy(
+                        top1(c_db, c_q, mask, dim), ref, positives)})
+                return {"name": name, "image_size": list(size), "int8": int8, "ms": ms,
+                        "mb": onnx.stat().st_size / 1e6, "by_dim": by_dim}
+
+            rec = _cached(out / "candidates" / f"{name}.json", make)
+            results += [{**{k: v for k, v in rec.items() if k != "by_dim"}, **d, "name": f"{name}-{d['dim']}d"}
+                        for d in rec["by_dim"]]
+            if on_candidate is not None:
+                on_candidate(name)
+    stages["candidates_s"] = time.perf_counter() - t0
+
+    within = [r for r in results if r["ms"] <= budget_ms]
+    if not within:
+        fastest = min(results, key=lambda r: r["ms"])
+        raise ValueError(f"no candidate meets --budget-ms {budget_ms:g}: the fastest, {fastest['name']}, takes "
+                         f"{fastest['ms']:.1f} ms on this CPU ({metric} {fastest['accuracy']:.3f})")
+    best = max(within, key=lambda r: (r["accuracy"], -r["ms"]))
+    shutil.copyfile(out / "candidates" / f"{best['name'].rsplit('-', 1)[0]}.onnx", out / ".model.onnx.tmp")
+    os.replace(out / ".model.onnx.tmp", out / "model.onnx")
+    report = {"teacher": {**t_rec, "spec": teacher}, "chosen": best, "budget_ms": budget_ms, "metric": metric,
+              "queries": "given" if queries is not None else f"every {holdout}th map image, +-{exclude} neighbours "
+                                                             "left out of its search",
+              "n_queries": len(q_paths), "n_database": len(db_paths), "threads": threads, "candidates": results,
+              "stages_s": stages, "not_tried": NOT_TRIED,
+              "deploy": f"edgevpr index build --model {out / 'model.onnx'} --images MAP"
+                        + (f" --dim {best['dim']}" if best["dim"] < results[0]["dim"] else "") + " --out MAP.index"}
+    write_json(out / "report.json", report)
+    write_text(out / "report.md", report_table(report))
+    frontier_plot(report, out / "frontier.png")
+    return report
+
+
+def report_table(r: dict) -> str:
+    """The report card as markdown: teacher and every candidate, the chosen one marked."""
+    t = r["teacher"]
+    lines = [f"# Compression of {t['spec']} to {r['budget_ms']:g} ms", "",
+             f"Accuracy: {r['metric']} on {r['n_queries']} held-out queries ({r['queries']}) against "
+             f"{r['n_database']} map images. ms: onnxruntime, batch 1, median of {REPEATS}, threads "
+             f"{r['threads'] or 'default'}. Stages: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in
+                                                                   r["stages_s"].items()) + ".", "",
+             "| model | input | int8 | dim | accuracy | ms | MB | within budget |",
+             "|---|---|---|---:|---:|---:|---:|---|",
+             f"| teacher (fp32 ONNX) | {t['image_size'][0]}x{t['image_size'][1]} | no | {t['dim']} | "
+             f"{t['accuracy']:.3f} | {t['ms']:.2f} | {t['mb']:.1f} | {'yes' if t['ms'] <= r['budget_ms'] else 'no'} |"]
+    for c in sorted(r["candidates"], key=lambda c: c["ms"]):
+        mark = " **(chosen)**" if c["name"] == r["chosen"]["name"] else ""
+        lines.append(f"| {c['name']}{mark} | {c['image_size'][0]}x{c['image_size'][1]} | "
+                     f"{'yes' if c['int8'] else 'no'} | {c['dim']} | {c['accuracy']:.3f} | {c['ms']:.2f} | "
+                     f"{c['mb']:.1f} | {'yes' if c['ms'] <= r['budget_ms'] else 'no'} |")
+    lines += ["", "Not tried yet: " + "; ".join(r["not_tried"]) + ".", "", f"Deploy: `{r['deploy']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def frontier_plot(r: dict, path: Path) -> None:
+    """Accuracy against ms of every candidate and the teacher, the budget as a line, the chosen one circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    cs = r["candidates"]
+    for int8, colour in ((False, "tab:blue"), (True, "tab:orange")):
+        pts = [c for c in cs if c["int8"] == int8]
+        ax.scatter([c["ms"] for c in pts], [c["accuracy"] for c in pts], c=colour, s=18,
+                   label="int8" if int8 else "fp32")
+    t, best = r["teacher"], r["chosen"]
+    ax.scatter([t["ms"]], [t["accuracy"]], marker="*", s=120, c="k", label="teacher")
+    ax.scatter([best["ms"]], [best["accuracy"]], s=160, facecolors="none", edgecolors="tab:green", linewidths=2,
+               label=f"chosen: {best['name']}")
+    ax.axvline(r["budget_ms"], ls="--", c="tab:red", label=f"budget {r['budget_ms']:g} ms")
+    ax.set_xlabel("ms per image (batch 1, this CPU)")
+    ax.set_ylabel(r["metric"])
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)

@@ -1,0 +1,77 @@
+"""`edgevpr compress`: candidates measured on this CPU and on the map's own held-out images, chosen under a budget."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgevpr.cli import main
+from edgevpr.compress.budget import accuracy, compress, split
+from edgevpr.models.model import load_model, save_model
+from tests.conftest import TINY_MODEL, shared_data
+
+
+def test_agreement_is_r1_with_the_teacher_as_ground_truth_and_neighbours_are_left_out():
+    rng = np.random.default_rng(0)
+    teacher, student = rng.integers(0, 50, 200), rng.integers(0, 50, 200)
+    assert accuracy(student, teacher) == accuracy(student, teacher, [np.array([t]) for t in teacher])
+    assert accuracy(student, teacher, [np.array([t, s]) for t, s in zip(teacher, student, strict=True)]) == 1.0
+    db, q, mask = split(30, 10, 2)
+    assert q.tolist() == [5, 15, 25] and not set(q) & set(db) and len(db) == 27
+    left_out = {int(qi): set(db[m].tolist()) for qi, m in zip(q, mask, strict=True)}
+    assert left_out[15] == {13, 14, 16, 17}  # +-2 map positions, the query itself is not in the database
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "tiny"
+    save_model(load_model(TINY_MODEL), path)
+    return str(path)
+
+
+def test_chosen_model_respects_the_budget_and_a_killed_run_resumes_to_the_same_result(teacher, tmp_path):
+    images = str(shared_data() / "gardens_point" / "day_right")
+    whole = compress(teacher, images, 1e6, tmp_path / "whole", sizes=(1.0, 0.5), dims=(0, 64), progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill(name):
+        raise Killed(name)
+
+    with pytest.raises(Killed):
+        compress(teacher, images, 1e6, tmp_path / "resumed", sizes=(1.0, 0.5), dims=(0, 64), progress=False,
+                 on_candidate=kill)
+    done = sorted((tmp_path / "resumed" / "candidates").glob("*.json"))
+    stamps = [f.stat().st_mtime_ns for f in done]
+    resumed = compress(teacher, images, 1e6, tmp_path / "resumed", sizes=(1.0, 0.5), dims=(0, 64), progress=False)
+    assert len(done) == 2 and [f.stat().st_mtime_ns for f in done] == stamps  # finished work is reused, not redone
+    acc = [(c["name"], c["accuracy"]) for c in whole["candidates"]]
+    assert acc == [(c["name"], c["accuracy"]) for c in resumed["candidates"]] and len(acc) == 8
+    assert whole["chosen"]["name"] == resumed["chosen"]["name"]
+    assert whole["teacher"]["accuracy"] == 1.0 and whole["chosen"]["accuracy"] == 1.0  # all fit: the teacher's twin
+    # the most accurate candidate made slow (its recorded time raised): a budget below it picks the best of the rest
+    best = whole["chosen"]["name"].rsplit("-", 1)[0]
+    rec = tmp_path / "whole" / "candidates" / f"{best}.json"
+    rec.write_text(json.dumps({**json.loads(rec.read_text()), "ms": 1000.0}))
+    r = compress(teacher, images, 500, tmp_path / "whole", sizes=(1.0, 0.5), dims=(0, 64), progress=False)
+    within = [c for c in r["candidates"] if c["ms"] <= 500]
+    assert r["chosen"]["ms"] <= 500 and not r["chosen"]["name"].startswith(best)
+    assert r["chosen"]["accuracy"] == max(c["accuracy"] for c in within) < 1.0
+    assert (tmp_path / "whole" / "model.onnx").is_file() and (tmp_path / "whole" / "frontier.png").is_file()
+    report = json.loads((tmp_path / "whole" / "report.json").read_text())
+    assert report["chosen"] == r["chosen"] and report["not_tried"]
+
+
+def test_an_unreachable_budget_is_one_line_naming_the_fastest_candidate(teacher, tmp_path, capsys):
+    images = str(shared_data() / "gardens_point" / "day_right")
+    argv = ["compress", "--teacher", teacher, "--images", images, "--budget-ms", "0.0001", "--out",
+            str(tmp_path / "c"), "--sizes", "0.5", "--dims", "0", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edgevpr: error: no candidate meets --budget-ms 0.0001: the fastest, 32x32-") and \
+        "ms on this CPU" in err and "\n" not in err
