@@ -181,7 +181,7 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
     t_rec = _cached(out / "candidates" / "teacher.json", lambda: {
         "name": "teacher", "image_size": list(tm.image_size), "int8": False, "dim": int(tm.out_dim),
         "ms": time_onnx(teacher_onnx, tuple(tm.image_size), threads), "mb": teacher_onnx.stat().st_size / 1e6,
-        "accuracy": accuracy(ref, ref, positives)})
+        "accuracy": accuracy(ref, ref, positives), "agreement": 1.0})
     stages["teacher_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -203,8 +203,9 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
                 for dim in dims:
                     if dim and (dim >= c_db.shape[1] or dim >= len(c_db)):
                         continue
-                    by_dim.append({"dim": int(dim or c_db.shape[1]), "accuracy": accuracy(
-                        top1(c_db, c_q, mask, dim), ref, positives)})
+                    got = top1(c_db, c_q, mask, dim)
+                    by_dim.append({"dim": int(dim or c_db.shape[1]), "accuracy": accuracy(got, ref, positives),
+                                   "agreement": accuracy(got, ref)})
                 return {"name": name, "image_size": list(size), "int8": int8, "ms": ms,
                         "mb": onnx.stat().st_size / 1e6, "by_dim": by_dim}
 
@@ -244,14 +245,16 @@ def report_table(r: dict) -> str:
              f"{r['n_database']} map images. ms: onnxruntime, batch 1, median of {REPEATS}, threads "
              f"{r['threads'] or 'default'}. Stages: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in
                                                                    r["stages_s"].items()) + ".", "",
-             "| model | input | int8 | dim | accuracy | ms | MB | within budget |",
-             "|---|---|---|---:|---:|---:|---:|---|",
+             "| model | input | int8 | dim | accuracy | agreement | ms | MB | within budget |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|",
              f"| teacher (fp32 ONNX) | {t['image_size'][0]}x{t['image_size'][1]} | no | {t['dim']} | "
-             f"{t['accuracy']:.3f} | {t['ms']:.2f} | {t['mb']:.1f} | {'yes' if t['ms'] <= r['budget_ms'] else 'no'} |"]
+             f"{t['accuracy']:.3f} | 1.000 | {t['ms']:.2f} | {t['mb']:.1f} | "
+             f"{'yes' if t['ms'] <= r['budget_ms'] else 'no'} |"]
     for c in sorted(r["candidates"], key=lambda c: c["ms"]):
         mark = " **(chosen)**" if c["name"] == r["chosen"]["name"] else ""
         lines.append(f"| {c['name']}{mark} | {c['image_size'][0]}x{c['image_size'][1]} | "
-                     f"{'yes' if c['int8'] else 'no'} | {c['dim']} | {c['accuracy']:.3f} | {c['ms']:.2f} | "
+                     f"{'yes' if c['int8'] else 'no'} | {c['dim']} | {c['accuracy']:.3f} | {c['agreement']:.3f} | "
+                     f"{c['ms']:.2f} | "
                      f"{c['mb']:.1f} | {'yes' if c['ms'] <= r['budget_ms'] else 'no'} |")
     lines += ["", "Not tried yet: " + "; ".join(r["not_tried"]) + ".", "", f"Deploy: `{r['deploy']}`"]
     return "\n".join(lines) + "\n"
