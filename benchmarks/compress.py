@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--teacher", default="effnet-lite0-gem", help="teacher model (default effnet-lite0-gem)")
     ap.add_argument("--threads", type=int, default=1, help="threads of the timed model (default 1: one core)")
     ap.add_argument("--work", help="folder kept between runs (resumes; default: a temporary one)")
+    ap.add_argument("--sizes", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.4, 0.3],
+                    help="input sizes tried, fractions of the teacher's (default 1 0.75 0.5 0.4 0.3)")
     args = ap.parse_args()
     data = data_root()
     gp, nl = data / "gardens_point", data / "nordland_64x32"
@@ -53,11 +55,12 @@ def main() -> None:
         t0 = time.perf_counter()
         # a first pass with a generous budget measures the teacher; the budget is then a quarter of its time
         probe = compress(args.teacher, csv(work / f"{name}-map.csv", db), 1e9, work / name,
-                         queries=csv(work / f"{name}-q.csv", q), aligned=tol, threads=args.threads)
+                         queries=csv(work / f"{name}-q.csv", q), aligned=tol, threads=args.threads,
+                         sizes=tuple(args.sizes))
         budget = probe["teacher"]["ms"] / 4
         try:
             r = compress(args.teacher, work / f"{name}-map.csv", budget, work / name,
-                         queries=work / f"{name}-q.csv", aligned=tol, threads=args.threads)
+                         queries=work / f"{name}-q.csv", aligned=tol, threads=args.threads, sizes=tuple(args.sizes))
         except ValueError as e:
             r = {**probe, "chosen": None, "budget_ms": budget, "error": str(e)}
         r["wall_s"] = time.perf_counter() - t0

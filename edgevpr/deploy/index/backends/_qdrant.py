@@ -36,6 +36,13 @@ def row_of(payload: dict) -> tuple:
             payload.get("north"), payload.get("session"), payload.get("time"))
 
 
+def refuse_fuller(store: QdrantBackend, n: int, choose: str) -> None:
+    """A new index of ``n`` images cannot take over a collection that already holds more points than that."""
+    if store.ntotal > n:
+        raise ValueError(f"{store.where} already holds {store.ntotal} points, more than this index's images: "
+                         f"choose another {choose}")
+
+
 _ROWS = ("SELECT id, path, place_id, lat, lon, east, north, session, time, descriptor FROM images WHERE id >= ? "
          "ORDER BY id")
 

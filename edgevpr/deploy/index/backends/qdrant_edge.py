@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._qdrant import INSTALL, REQUIRED_FILES, QdrantBackend, row_of  # noqa: F401  (REQUIRED_FILES: the registry reads it)
+from ._qdrant import INSTALL, REQUIRED_FILES, QdrantBackend, refuse_fuller, row_of  # noqa: F401  (REQUIRED_FILES: the registry reads it)
 
 EDGE_DIR = "qdrant-edge"
 
@@ -119,15 +119,12 @@ class EdgeStore(QdrantBackend):
         self.shard.close()
 
 
-
 def create(root: Path, kind: str, dim: int, desc: np.ndarray, params: dict, con: sqlite3.Connection):
     """A new shard in ``root/qdrant-edge`` (filled from the rows at ``save``) -> (backend, settings)."""
     used = {"engine": "qdrant-edge", "edge_path": EDGE_DIR,
             **{k: type(v)(params[k]) if params.get(k) is not None else v for k, v in EDGE_DEFAULTS.items()}}
     store = EdgeStore(root, used, dim, create=True)
-    if store.ntotal > len(desc):
-        raise ValueError(f"{store.where} already holds {store.ntotal} points, more than this index's images: "
-                         "choose another --out")
+    refuse_fuller(store, len(desc), "--out")
     return store, used
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._qdrant import INSTALL, REQUIRED_FILES, QdrantBackend  # noqa: F401  (REQUIRED_FILES: the registry reads it)
+from ._qdrant import INSTALL, REQUIRED_FILES, QdrantBackend, refuse_fuller  # noqa: F401  (REQUIRED_FILES: the registry reads it)
 
 REMOVABLE = False
 
@@ -71,14 +71,11 @@ class ServerStore(QdrantBackend):
         self.client.close()
 
 
-
 def create(root: Path, kind: str, dim: int, desc: np.ndarray, params: dict, con: sqlite3.Connection):
     used = {"url": params["url"], "collection": params.get("collection") or f"edgevpr-{root.resolve().name}",
             **{k: int(params[k]) for k in ("shard_number", "replication_factor") if params.get(k)}}
     store = ServerStore(root, used, dim, create=True)
-    if store.ntotal > len(desc):
-        raise ValueError(f"{store.where} already holds {store.ntotal} points, more than this index's images: "
-                         "choose another --collection")
+    refuse_fuller(store, len(desc), "--collection")
     return store, used
 
 
