@@ -24,8 +24,9 @@ Per size and kind: R@1 of the real queries (ground truth), top-1 agreement with 
 (batch of all queries, this CPU's threads), bytes/vector (index file, plus the float16 re-ranking copy where used),
 build time, and the process's peak RSS so far. Kinds: flat; IVF-PQ as built (nprobe 16, no re-ranking); IVF-PQ +
 exact re-ranking and HNSW with settings chosen by edgevpr's own tuner (``index.search_settings``, target 0.95
-agreement, on the 200 tuning queries, never the table's); Qdrant local mode (qdrant-client's embedded store, up
-to --qdrant-max; labelled as local mode: its timings are not a server's). ``--on-disk N``: an IVF-PQ index of N
+agreement, on the 200 tuning queries, never the table's); IVF-PQ with 4-bit fast-scan codes (``--kinds ivfpq4``);
+Qdrant Edge up to --qdrant-max (``bench_edge``: the shard as edgevpr makes it, HNSW + int8 with re-scoring, as built
+and with the smallest hnsw_ef reaching 0.95 on the tuning queries). ``--on-disk N``: an IVF-PQ index of N
 vectors whose inverted lists live in a file (FAISS OnDiskInvertedLists, memory-mapped), built in chunks so that
 the vectors are never all in memory; exact search for agreement is streamed over the same chunks.
 Writes benchmarks/results/index.{json,md}.
@@ -48,11 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heldout import ROOT, data_root  # noqa: E402
 
 from edgevpr.data.datasets import open_dataset  # noqa: E402
+from edgevpr.deploy.index import search_settings  # noqa: E402
 from edgevpr.deploy.index.backends.faiss_kinds import (  # noqa: E402
     _configure,
     _make_faiss,
     faiss_search,
-    search_settings,
     training_sample,
 )
 from edgevpr.eval.extract import default_cache_dir, extract  # noqa: E402
@@ -358,7 +359,12 @@ def table(res: dict) -> str:
              "FAISS's OnDiskInvertedLists grows its file by doubling, so their bytes/vector include that slack "
              "(codes + ids are 136 B), and their build time includes drawing the samples and the streamed exact search "
              "for agreement; they have no re-ranking (the float16 copy of 10M x 1280-D would be 25.6 GB "
-             "beside the 4.3 GB lists, on a disk with 33 GB free).",
+             "beside the 4.3 GB lists, on a disk with 33 GB free). Rows measured in different runs: "
+             "the fast-scan and Qdrant Edge rows (and the flat rows beside them) came from a later run during which "
+             "other jobs shared the CPU (flat: 2.1 ms at 100k and 53 ms at 1M there), and the 1M Qdrant Edge row "
+             "was built and searched pinned to one core for most of its run: compare within a run, not across. "
+             "Qdrant Edge's peak RSS counts its memory-mapped files' resident pages; its bytes/vector include the "
+             "float32 vectors, int8 codes, HNSW graph, payloads and its storage's preallocation.",
              "", "| size | distractors | kind | settings | R@1 | agreement | ms/query | bytes/vector | build s "
              "| peak RSS GB |", "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
