@@ -479,6 +479,9 @@ def pull(root: str | os.PathLike, source: str, record: dict | None = None) -> di
                 if i != expect:
                     raise ValueError(f"{source}: point ids are not 0..N-1 (found {i} where {expect} was due): not "
                                      "a map made by edgevpr; rebuild it with `index build --kind qdrant`")
+                if not isinstance(cols[0], str):
+                    raise ValueError(f"{source}: point {i} has no 'path' in its payload: not a map made by edgevpr "
+                                     "(its points need path, and optionally place_id, location, east, north)")
                 if vec.shape != (rec["dim"],):
                     raise ValueError(f"{source}: {vec.shape[0]}-D vectors; the model {rec['name']} makes "
                                      f"{rec['dim']}-D descriptors")
