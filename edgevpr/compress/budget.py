@@ -277,7 +277,7 @@ def frontier_plot(r: dict, path: Path) -> None:
     ax.scatter([t["ms"]], [t["accuracy"]], marker="*", s=120, c="k", label="teacher")
     ax.scatter([best["ms"]], [best["accuracy"]], s=160, facecolors="none", edgecolors="tab:green", linewidths=2,
                label=f"chosen: {best['name']}")
-    ax.axvline(r["budget_ms"], ls="--", c="tab:red", label=f"budget {r['budget_ms']:g} ms")
+    ax.axvline(r["budget_ms"], ls="--", c="tab:red", label=f"budget {r['budget_ms']:.3g} ms")
     ax.set_xlabel("ms per image (batch 1, this CPU)")
     ax.set_ylabel(r["metric"])
     ax.legend(fontsize=7)
