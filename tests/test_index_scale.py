@@ -246,6 +246,24 @@ def test_qdrant_edge_snapshot_pull_partial_and_remove(tmp_path, capsys):
     assert main(["index", "pull", "--index", dev, str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert "bad.snapshot" in err and "\n" not in err and idx.verify_index(dev)["verified"]
+    # a snapshot that unpacks but whose points are no edgevpr rows (no paths) is refused after staging: the device
+    # index keeps its files and answers
+    import qdrant_edge as qe
+
+    from edgevpr.deploy.index.backends.qdrant_edge import edge_config, write_snapshot
+
+    foreign = qe.EdgeShard.create(str(tmp_path / "foreign"), edge_config(qe, 1280, {}))
+    foreign.update(qe.UpdateOperation.upsert_points([qe.Point(id=i, vector=np.random.default_rng(i).standard_normal(
+        1280).tolist(), payload={}) for i in range(3)]))
+    foreign.flush()
+    foreign.close()
+    write_snapshot(tmp_path / "foreign", str(tmp_path / "foreign.snapshot"))
+    before = answers(dev)
+    assert main(["index", "pull", "--index", dev, str(tmp_path / "foreign.snapshot")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "point 0 has no 'path'" in err and "\n" not in err
+    assert idx.verify_index(dev)["verified"] and not (tmp_path / "dev" / ".pull").exists()
+    same(answers(dev), before)
     # removed images are never answered again (the shard is rebuilt from the remaining rows)
     assert main(["index", "remove", "--index", dev, "Image03*", "Image09*"]) == 0
     gone = {f"{i}" for i in [*range(30, 40), *range(90, 100)]}

@@ -466,34 +466,54 @@ def pull(root: str | os.PathLike, source: str, record: dict | None = None) -> di
                                                                            "edge_path": "qdrant-edge"}
     shard = root / params.get("edge_path", "qdrant-edge")
     partial = qdrant_edge.is_partial(path)
-    qdrant_edge.apply_snapshot(shard, path)
-    if path != source:
-        Path(path).unlink(missing_ok=True)
-    for name in (DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm"):
-        (root / name).unlink(missing_ok=True)  # the rows are made anew from the shard
-    con = _open_for_writing(root, rec, "float32")
-    expect = 0
+    # everything is staged in root/.pull (a partial snapshot merges into a copy of the shard) and swapped in only
+    # when the rows it gives are valid: a failed or killed pull leaves the index as it was
+    stage = root / ".pull"
+    shutil.rmtree(stage, ignore_errors=True)  # what a killed pull left
+    stage.mkdir()
+    staged = stage / shard.name
     try:
-        with con:
-            for i, cols, vec in qdrant_edge.scroll_rows(shard):
-                if i != expect:
-                    raise ValueError(f"{source}: point ids are not 0..N-1 (found {i} where {expect} was due): not "
-                                     "a map made by edgevpr; rebuild it with `index build --kind qdrant`")
-                if not isinstance(cols[0], str):
-                    raise ValueError(f"{source}: point {i} has no 'path' in its payload: not a map made by edgevpr "
-                                     "(its points need path, and optionally place_id, location, east, north)")
-                if vec.shape != (rec["dim"],):
-                    raise ValueError(f"{source}: {vec.shape[0]}-D vectors; the model {rec['name']} makes "
-                                     f"{rec['dim']}-D descriptors")
-                con.execute(_INSERT_IMAGE, (i, cols[0], *cols[1:6], vec.tobytes(), *cols[6:]))
-                expect += 1
-    except ValueError:
-        con.close()
-        shutil.rmtree(shard, ignore_errors=True)
+        if partial and shard.is_dir():
+            shutil.copytree(shard, staged)
+        qdrant_edge.apply_snapshot(staged, path)
+        con = _open_for_writing(stage, rec, "float32")
+        expect = 0
+        try:
+            with con:
+                for i, cols, vec in qdrant_edge.scroll_rows(staged):
+                    if i != expect:
+                        raise ValueError(f"{source}: point ids are not 0..N-1 (found {i} where {expect} was due): "
+                                         "not a map made by edgevpr; rebuild it with `index build --kind qdrant`")
+                    if not isinstance(cols[0], str):
+                        raise ValueError(f"{source}: point {i} has no 'path' in its payload: not a map made by "
+                                         "edgevpr (its points need path, and optionally place_id, location, east, "
+                                         "north)")
+                    if vec.shape != (rec["dim"],):
+                        raise ValueError(f"{source}: {vec.shape[0]}-D vectors; the model {rec['name']} makes "
+                                         f"{rec['dim']}-D descriptors")
+                    con.execute(_INSERT_IMAGE, (i, cols[0], *cols[1:6], vec.tobytes(), *cols[6:]))
+                    expect += 1
+        finally:
+            con.close()
+        if expect == 0:
+            raise ValueError(f"{source}: the snapshot holds no points")
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
         raise
-    if expect == 0:
-        con.close()
-        raise ValueError(f"{source}: the snapshot holds no points")
+    finally:
+        if path != source:
+            Path(path).unlink(missing_ok=True)
+    previous = root / (shard.name + ".old")
+    shutil.rmtree(previous, ignore_errors=True)
+    if shard.exists():
+        shard.rename(previous)
+    staged.rename(shard)
+    for name in (DB_FILE + "-wal", DB_FILE + "-shm"):
+        (root / name).unlink(missing_ok=True)
+    os.replace(stage / DB_FILE, root / DB_FILE)
+    shutil.rmtree(previous, ignore_errors=True)
+    shutil.rmtree(stage, ignore_errors=True)
+    con = _open_for_writing(root, rec, "float32")
     backend = backends.open_backend(root, {"kind": "qdrant", "params": params, "dim": rec["dim"]}, con)
     keep = {"pulled_from": {"source": str(source), "partial": partial,
                             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
