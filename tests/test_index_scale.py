@@ -128,6 +128,18 @@ def test_shards_merged_equal_a_single_build(tmp_path, capsys):
     assert "fingerprint" in capsys.readouterr().err
 
 
+#: Gardens Point day_right frame i placed at (LAT0 + i * STEP, 153.028): ~2 m apart, one session "day"
+LAT0, STEP = -27.4775, 2e-5
+
+
+def manifest(path, frames) -> str:
+    """A CSV manifest of Gardens Point day_right ``frames`` with place ids, coordinates and a session."""
+    data = shared_data() / "gardens_point"
+    path.write_text("path,place_id,lat,lon,session\n" + "\n".join(
+        f"{data / 'day_right' / f'Image{i:03d}.jpg'},{i},{LAT0 + i * STEP},153.028,day" for i in frames))
+    return str(path)
+
+
 def test_qdrant_edge_answers_as_faiss(tmp_path, capsys):
     """The default model's Gardens Point day_right index (coordinates from a CSV manifest) in FAISS, and the same
     rows in a Qdrant Edge shard (the engine in the process; made by `index merge --kind qdrant`, then extended by
@@ -135,13 +147,7 @@ def test_qdrant_edge_answers_as_faiss(tmp_path, capsys):
     selector), and a shard that lost points is refilled by the next add."""
     from edgevpr.deploy.decision import GeoPrior
 
-    data = shared_data() / "gardens_point"
-    lat0, step = -27.4775, 2e-5
-
-    def manifest(path, frames):
-        path.write_text("path,place_id,lat,lon\n" + "\n".join(
-            f"{data / 'day_right' / f'Image{i:03d}.jpg'},{i},{lat0 + i * step},153.028" for i in frames))
-        return str(path)
+    data, lat0, step = shared_data() / "gardens_point", LAT0, STEP
 
     common = ["--model", "effnet-lite0-gem", "--quiet"]
     assert main(["index", "build", *common, "--images", manifest(tmp_path / "a.csv", range(90)), "--out",
@@ -185,12 +191,6 @@ def test_qdrant_edge_snapshot_pull_partial_and_remove(tmp_path, capsys):
     device to the same answers; images removed from the device are never answered again; a damaged snapshot is one
     line and leaves the device's index as it was."""
     data = shared_data() / "gardens_point"
-    lat0, step = -27.4775, 2e-5
-
-    def manifest(path, frames):
-        path.write_text("path,place_id,lat,lon,session\n" + "\n".join(
-            f"{data / 'day_right' / f'Image{i:03d}.jpg'},{i},{lat0 + i * step},153.028,day" for i in frames))
-        return str(path)
 
     src, dev = str(tmp_path / "src"), str(tmp_path / "dev")
     assert main(["index", "build", "--model", "effnet-lite0-gem", "--quiet", "--kind", "qdrant", "--images",
