@@ -272,3 +272,21 @@ def test_qdrant_edge_snapshot_pull_partial_and_remove(tmp_path, capsys):
     capsys.readouterr()
     assert main(["localize", "--index", dev, *photos, "--json", "-k", "80"]) == 0
     assert not gone & {m["place_id"] for r in json.loads(capsys.readouterr().out)["results"] for m in r["matches"]}
+
+
+@pytest.mark.parametrize("record, says", [(b" " * (2 << 20), "at most 1048576"), (b"{{", "is not JSON"),
+                                          (b'{"model": {"name": 1}}', "lacks model.name")])
+def test_a_hostile_snapshot_record_is_one_line_before_anything_is_read_or_changed(tmp_path, capsys, record, says):
+    """The model record a snapshot carries is bounded in size and checked in shape before it is used."""
+    import io
+    import tarfile
+
+    snap = tmp_path / "hostile.snapshot"
+    with tarfile.open(snap, "w") as tar:
+        info = tarfile.TarInfo("edgevpr-index.json")
+        info.size = len(record)
+        tar.addfile(info, io.BytesIO(record))
+    assert main(["index", "pull", "--index", str(tmp_path / "dev"), str(snap)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and "hostile.snapshot" in err and "\n" not in err
+    assert not (tmp_path / "dev" / "qdrant-edge").exists()

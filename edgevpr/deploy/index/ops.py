@@ -454,7 +454,15 @@ def pull(root: str | os.PathLike, source: str, record: dict | None = None) -> di
     old = read_manifest(root) if (root / MANIFEST_FILE).is_file() else None
     path = _fetch(source, root)
     carried = qdrant_edge.read_extra(path, SNAPSHOT_RECORD)
-    carried = json.loads(carried) if carried else None
+    try:
+        carried = json.loads(carried) if carried else None
+    except ValueError:
+        raise ValueError(f"{source}: its {SNAPSHOT_RECORD} is not JSON") from None
+    model = (carried or {}).get("model") if isinstance(carried, dict) else None
+    if carried is not None and not (isinstance(model, dict) and isinstance(model.get("name"), str)
+                                    and isinstance(model.get("fingerprint"), str)
+                                    and isinstance(model.get("dim"), int)):
+        raise ValueError(f"{source}: its {SNAPSHOT_RECORD} lacks model.name, model.fingerprint or model.dim")
     named = [m for m in ((old or {}).get("model"), (carried or {}).get("model"), record) if m]
     if not named:
         raise ValueError(f"{source}: the snapshot names no model (a server collection's): pass --model, the model "

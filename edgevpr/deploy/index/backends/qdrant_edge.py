@@ -212,6 +212,10 @@ def write_snapshot(shard_dir: Path, out: str, since: dict | None = None, extra: 
     return {"segments": len(current), "files": sent, "bytes": Path(out).stat().st_size, "partial": since is not None}
 
 
+#: the largest root file ``read_extra`` reads (the model record an ``index snapshot`` carries)
+MAX_EXTRA_BYTES = 1 << 20
+
+
 def read_extra(snapshot: str, name: str) -> bytes | None:
     """A root file ``name`` of a snapshot archive (what ``write_snapshot(extra=...)`` added), None when absent;
     ValueError naming the file when it is not a tar archive."""
@@ -223,7 +227,11 @@ def read_extra(snapshot: str, name: str) -> bytes | None:
                 member = tar.getmember(name)
             except KeyError:
                 return None
-            return tar.extractfile(member).read() if member.isfile() else None
+            if not member.isfile():
+                return None
+            if member.size > MAX_EXTRA_BYTES:  # a record is a few kB: refuse before reading a planted giant
+                raise ValueError(f"{snapshot}: its {name} is {member.size} bytes (at most {MAX_EXTRA_BYTES})")
+            return tar.extractfile(member).read()
     except (tarfile.TarError, OSError) as e:
         raise ValueError(f"{snapshot}: not a Qdrant snapshot archive ({e})") from None
 
