@@ -485,7 +485,8 @@ def cmd_compress(args) -> int:
 
     r = compress(args.teacher, args.images, args.budget_ms, args.out, queries=args.queries, aligned=args.aligned,
                  radius=args.radius, sizes=tuple(args.sizes), dims=tuple(args.dims), threads=args.threads,
-                 holdout=args.holdout, exclude=args.exclude, progress=not args.quiet)
+                 holdout=args.holdout, exclude=args.exclude, distil_steps=args.distil_steps, device=args.device,
+                 seed=args.seed, progress=not args.quiet)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -891,7 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="auto", help="PyTorch models: auto, cpu, cuda (ONNX: cpu)")
     sv.set_defaults(func=cmd_serve)
 
-    from .compress.budget import DIMS, SIZES  # numpy only at import: --help stays torch-free
+    from .compress.budget import DIMS, DISTIL_BATCH, DISTIL_STEPS, SIZES  # numpy only: --help stays torch-free
 
     cp = sub.add_parser("compress", help="from a trusted model to the most accurate one within a latency budget on "
                                          "this CPU, measured on your map's images, without labels")
@@ -916,6 +917,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="without --queries: every Nth map image is a held-out query (default 10)")
     cp.add_argument("--exclude", type=_bounded(0, 1000), default=2,
                     help="without --queries: map neighbours (+-N) left out of a held-out query's search (default 2)")
+    cp.add_argument("--distil-steps", type=_bounded(0, 10**6), default=DISTIL_STEPS,
+                    help=f"training steps ({DISTIL_BATCH} map images each) of the student distilled at every smaller "
+                         f"input size that meets the budget; 0: no distillation (default {DISTIL_STEPS})")
+    cp.add_argument("--device", default="auto", help="where the students train: auto, cpu, cuda (default auto; "
+                                                     "candidates are always timed on this CPU)")
+    cp.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     cp.add_argument("--json", action="store_true", help="print the report as JSON")
     cp.add_argument("--quiet", action="store_true", help="no progress bars")
     cp.set_defaults(func=cmd_compress)

@@ -35,30 +35,36 @@ def teacher(tmp_path_factory):
 
 def test_chosen_model_respects_the_budget_and_a_killed_run_resumes_to_the_same_result(teacher, tmp_path):
     images = str(shared_data() / "gardens_point" / "day_right")
-    whole = compress(teacher, images, 1e6, tmp_path / "whole", sizes=(1.0, 0.5), dims=(0, 64), progress=False)
+    run = dict(sizes=(1.0, 0.5), dims=(0, 64), distil_steps=8, progress=False)
+    whole = compress(teacher, images, 1e6, tmp_path / "whole", **run)
 
     class Killed(Exception):
         pass
 
-    def kill(name):
-        raise Killed(name)
+    def kill(*args):
+        raise Killed(args)
 
-    with pytest.raises(Killed):
-        compress(teacher, images, 1e6, tmp_path / "resumed", sizes=(1.0, 0.5), dims=(0, 64), progress=False,
-                 on_candidate=kill)
+    with pytest.raises(Killed):  # killed after the first plain candidate
+        compress(teacher, images, 1e6, tmp_path / "resumed", **run, on_candidate=kill)
     done = sorted((tmp_path / "resumed" / "candidates").glob("*.json"))
     stamps = [f.stat().st_mtime_ns for f in done]
-    resumed = compress(teacher, images, 1e6, tmp_path / "resumed", sizes=(1.0, 0.5), dims=(0, 64), progress=False)
-    assert len(done) == 2 and [f.stat().st_mtime_ns for f in done] == stamps  # finished work is reused, not redone
-    acc = [(c["name"], c["accuracy"]) for c in whole["candidates"]]
-    assert acc == [(c["name"], c["accuracy"]) for c in resumed["candidates"]] and len(acc) == 8
+    with pytest.raises(Killed):  # killed again in the middle of distillation (after step 5 of 8, checkpoint at 4)
+        compress(teacher, images, 1e6, tmp_path / "resumed", **run, on_step=lambda step, m: step == 5 and kill())
+    assert not (tmp_path / "resumed" / "train" / "32x32-distilled" / "final").exists()
+    resumed = compress(teacher, images, 1e6, tmp_path / "resumed", **run)
+    assert len(done) == 2 and [f.stat().st_mtime_ns for f in done[:2]] == stamps  # finished work reused, not redone
+    acc = [(c["name"], c["accuracy"], c["teacher_cos"]) for c in whole["candidates"]]
+    assert acc == [(c["name"], c["accuracy"], c["teacher_cos"]) for c in resumed["candidates"]] and len(acc) == 12
+    # distillation moves the small student towards the teacher's descriptors of held-out images
+    cos = {c["name"]: c["teacher_cos"] for c in whole["candidates"]}
+    assert cos["32x32-distilled-fp32-576d"] > cos["32x32-fp32-576d"] + 0.05, cos
     assert whole["chosen"]["name"] == resumed["chosen"]["name"]
     assert whole["teacher"]["accuracy"] == 1.0 and whole["chosen"]["accuracy"] == 1.0  # all fit: the teacher's twin
     # the most accurate candidate made slow (its recorded time raised): a budget below it picks the best of the rest
     best = whole["chosen"]["name"].rsplit("-", 1)[0]
     rec = tmp_path / "whole" / "candidates" / f"{best}.json"
     rec.write_text(json.dumps({**json.loads(rec.read_text()), "ms": 1000.0}))
-    r = compress(teacher, images, 500, tmp_path / "whole", sizes=(1.0, 0.5), dims=(0, 64), progress=False)
+    r = compress(teacher, images, 500, tmp_path / "whole", **run)
     within = [c for c in r["candidates"] if c["ms"] <= 500]
     assert r["chosen"]["ms"] <= 500 and not r["chosen"]["name"].startswith(best)
     assert r["chosen"]["accuracy"] == max(c["accuracy"] for c in within) < 1.0

@@ -14,16 +14,27 @@ Stages (each resumable: its outputs are written atomically into ``OUT`` and reus
    searched at the descriptor sizes ``dims`` (PCA-whitening fitted on the map's own descriptors, exactly as
    ``index build --dim`` does it). Accuracy: the share of held-out queries whose top-1 equals the teacher's
    (agreement), or R@1 with ground truth (``--aligned`` / ``--radius``).
-4. **choose**: the most accurate candidate within ``budget_ms`` (ties: the faster); ``OUT/model.onnx`` is it, and
+   An unreachable budget stops here, in one line naming the fastest candidate.
+4. **distil**: for every smaller input size whose plain candidate meets the budget, a student with the teacher's
+   architecture and weights is trained at that size, label-free, on the map's images (never on the held-out queries)
+   to reproduce the teacher's full-size descriptor (``distil_config``: ``edgevpr train`` runs it, so it checkpoints
+   every quarter and a killed run resumes bit-exactly); it is then exported, timed and scored like the others
+   (fp32 and int8, every dim). Why this student: at a budget of a quarter of the teacher's time the input size is
+   the lever that buys the speed (benchmarks/results/compress.md), and what a small input loses is what the
+   teacher still sees at its own size; training on the map's own images is what the issue asks (a student tuned
+   on another map does not carry over). ``teacher_cos`` (every candidate): the mean cosine between its and the
+   teacher's descriptors of the queries, a label-free measure of how far it moved towards the teacher.
+5. **choose**: the most accurate candidate within ``budget_ms`` (ties: the faster); ``OUT/model.onnx`` is it, and
    ``OUT/report.{json,md}`` + ``OUT/frontier.png`` the accuracy / latency frontier beside the teacher.
 
-What is not here yet: the candidates that need training (ternary linears distilled from the teacher's tokens,
-TAT-VPR stage 1; a WeiToP scorer trained by self-distillation; distillation into a smaller model). The command
-says so in its report (``not_tried``).
+What is not here yet: ternary linears distilled from the teacher's tokens (TAT-VPR stage 1), a WeiToP scorer
+trained by self-distillation, distillation into a smaller architecture. The report says so (``not_tried``).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -39,11 +50,13 @@ from ..utils import atomic_write, write_json, write_text
 #: default input sizes (fractions of the teacher's), descriptor sizes (0: the model's own) of the candidates
 SIZES = (1.0, 0.75, 0.5)
 DIMS = (0, 512, 256, 128)
+#: distilled candidates: training steps each (0: none), map images a step, learning rate
+DISTIL_STEPS, DISTIL_BATCH, DISTIL_LR = 300, 16, 1e-4
 #: batch-1 timing: warm-up runs, then the median of this many
 WARMUP, REPEATS = 3, 15
 NOT_TRIED = ["ternary linears distilled from the teacher's tokens (TAT-VPR stage 1)",
              "a WeiToP token-pruning scorer trained by self-distillation",
-             "distillation into a smaller model of the zoo"]
+             "distillation into a smaller architecture of the zoo"]
 
 
 def accuracy(top1: np.ndarray, teacher_top1: np.ndarray, positives: list[np.ndarray] | None = None) -> float:
@@ -93,6 +106,62 @@ def time_onnx(path: Path, size: tuple[int, int], threads: int | None) -> float:
     return float(np.median(times))
 
 
+def teacher_cosine(student: np.ndarray, teacher: np.ndarray) -> float | None:
+    """Mean cosine [Q, D] x [Q, D] -> float between a candidate's and the teacher's descriptors of the same images
+    (None when the sizes differ): how close the candidate stays to the teacher's descriptor space, label-free."""
+    if student.shape != teacher.shape:
+        return None
+    a = student / np.maximum(np.linalg.norm(student, axis=1, keepdims=True), 1e-12)
+    b = teacher / np.maximum(np.linalg.norm(teacher, axis=1, keepdims=True), 1e-12)
+    return float(np.mean(np.sum(a * b, axis=1)))
+
+
+def distil_config(teacher: str, manifest: Path, teacher_size: tuple[int, int], size: tuple[int, int], steps: int,
+                  device: str, seed: int) -> dict:
+    """The training config of a distilled candidate (``edgevpr train`` runs it, so it checkpoints and resumes):
+    the teacher's own weights as the start, every layer trained at input ``size`` on RandAugmented map images
+    (normalisation statistics frozen, so training computes exactly what is deployed)
+    (one per draw, ``DISTIL_BATCH`` a batch) to reproduce the frozen teacher's descriptor of the clean image at its
+    own size (``descriptor_distill``) and its in-batch similarities (``similarity_distill``). No label is used
+    (Multi-Similarity weight 0): the teacher is the target, as in TAT-VPR's stage 1, whose student also sees
+    RandAugmented images and the teacher clean ones."""
+    return {"seed": seed, "model": teacher, "device": device,
+            "teacher": {"model": teacher, "image_size": list(teacher_size)},
+            "data": {"places": [{"manifest": str(manifest)}], "sampler": "images", "images_per_place": 1,
+                     "min_images": 1, "places_per_batch": DISTIL_BATCH, "image_size": list(size),
+                     "augment": "rand-m9-n2"},
+            "trainable": {"mode": "all", "norm_stats": "frozen"},
+            "loss": {"ms": {"weight": 0.0},
+                     "terms": [{"name": "descriptor_distill"}, {"name": "similarity_distill"}]},
+            "optimizer": {"name": "adamw", "lr": DISTIL_LR, "weight_decay": 1e-4},
+            "schedule": {"name": "cosine", "warmup_steps": min(20, steps // 10)},
+            "steps": steps, "checkpoint_every": max(1, min(50, steps // 4))}
+
+
+def distil(teacher: str, tm, rows: list, size: tuple[int, int], steps: int, run: Path, device: str, seed: int,
+           progress: bool, on_step: Callable[[int, dict], None] | None = None):
+    """Train (or resume, or reuse) the distilled student of ``teacher`` at ``size`` on the map ``rows`` in ``run``
+    -> (the student in eval mode, its training record: steps, the batch's mean cosine to the teacher at the first
+    and the last step)."""
+    from ..models.model import load_model
+    from ..train.loop import train
+
+    run.mkdir(parents=True, exist_ok=True)
+    manifest = run / "images.csv"
+    if not manifest.is_file():  # place_id: every image its own place (labels are not used); no coordinates needed
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["path", "utm_east", "utm_north", "place_id"])
+        w.writerows([str(Path(r.path).resolve()), "nan", "nan", f"{i:09d}"] for i, r in enumerate(rows))
+        write_text(manifest, buf.getvalue())
+    if not (run / "final" / "model.safetensors").is_file():
+        train(distil_config(teacher, manifest, tuple(tm.image_size), size, steps, device, seed), run,
+              resume=(run / "checkpoints" / "latest.json").is_file(), progress=progress, on_step=on_step)
+    with open(run / "metrics.csv", newline="") as f:
+        cos = [1 - float(r["loss/descriptor_distill"]) for r in csv.DictReader(f)]
+    return load_model(str(run / "final")).eval(), {"steps": steps, "train_cos_first": cos[0], "train_cos_last": cos[-1]}
+
+
 def _size(model, frac: float) -> tuple[int, int]:
     """The model's input size scaled by ``frac``, rounded to a multiple of its stride (a ViT's patch)."""
     step = int(getattr(model.backbone, "stride", 16))
@@ -123,8 +192,9 @@ def _descriptors(model, paths: list[Path], out: Path, name: str, progress: bool)
 def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str | os.PathLike,
              queries: str | os.PathLike | None = None, aligned: int | None = None, radius: float | None = None,
              sizes: tuple[float, ...] = SIZES, dims: tuple[int, ...] = DIMS, threads: int | None = None,
-             holdout: int = 10, exclude: int = 2, progress: bool = True,
-             on_candidate: Callable[[str], None] | None = None) -> dict:
+             holdout: int = 10, exclude: int = 2, distil_steps: int = DISTIL_STEPS, device: str = "auto",
+             seed: int = 0, progress: bool = True, on_candidate: Callable[[str], None] | None = None,
+             on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run the stages (module docstring) -> the report (also in ``out/report.json``)."""
     from ..deploy.export import export_onnx
     from ..deploy.index import read_rows
@@ -185,42 +255,59 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
     stages["teacher_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    results = []
-    calib = str(images)
-    for size in dict.fromkeys(_size(tm, f) for f in sizes):  # fractions that round to one size: tried once
+    results: list[dict] = []
+
+    def evaluate(model, name: str, size: tuple[int, int], int8: bool, extra: dict | None = None) -> None:
+        """Export ``model`` at ``size`` (int8 or fp32), time it, score it at every dim; cached in candidates/."""
+        onnx = out / "candidates" / f"{name}.onnx"
+
+        def make() -> dict:
+            if not onnx.is_file():
+                export_onnx(model, onnx, image_size=size, int8=int8, calibration=str(images) if int8 else None)
+            m = OnnxModel(onnx, threads=threads)
+            c_db = _descriptors(m, db_paths, cache, f"{name}-db", progress)
+            c_q = _descriptors(m, q_paths, cache, f"{name}-queries", progress)
+            by_dim = []
+            for dim in dims:
+                if dim and (dim >= c_db.shape[1] or dim >= len(c_db)):
+                    continue
+                got = top1(c_db, c_q, mask, dim)
+                by_dim.append({"dim": int(dim or c_db.shape[1]), "accuracy": accuracy(got, ref, positives),
+                               "agreement": accuracy(got, ref)})
+            return {"name": name, "image_size": list(size), "int8": int8, "ms": time_onnx(onnx, size, threads),
+                    "mb": onnx.stat().st_size / 1e6, "teacher_cos": teacher_cosine(c_q, t_q), **(extra or {}),
+                    "by_dim": by_dim}
+
+        rec = _cached(out / "candidates" / f"{name}.json", make)
+        results.extend({**{k: v for k, v in rec.items() if k != "by_dim"}, **d, "name": f"{name}-{d['dim']}d"}
+                       for d in rec["by_dim"])
+        if on_candidate is not None:
+            on_candidate(name)
+
+    cand_sizes = list(dict.fromkeys(_size(tm, f) for f in sizes))  # fractions that round to one size: tried once
+    for size in cand_sizes:
         for int8 in (False, True):
-            name = f"{size[0]}x{size[1]}-{'int8' if int8 else 'fp32'}"
-            onnx = out / "candidates" / f"{name}.onnx"
-
-            def make(onnx=onnx, size=size, int8=int8, name=name) -> dict:
-                if not onnx.is_file():
-                    export_onnx(tm, onnx, image_size=size, int8=int8, calibration=calib if int8 else None)
-                m = OnnxModel(onnx, threads=threads)
-                c_db = _descriptors(m, db_paths, cache, f"{name}-db", progress)
-                c_q = _descriptors(m, q_paths, cache, f"{name}-queries", progress)
-                ms = time_onnx(onnx, size, threads)
-                by_dim = []
-                for dim in dims:
-                    if dim and (dim >= c_db.shape[1] or dim >= len(c_db)):
-                        continue
-                    got = top1(c_db, c_q, mask, dim)
-                    by_dim.append({"dim": int(dim or c_db.shape[1]), "accuracy": accuracy(got, ref, positives),
-                                   "agreement": accuracy(got, ref)})
-                return {"name": name, "image_size": list(size), "int8": int8, "ms": ms,
-                        "mb": onnx.stat().st_size / 1e6, "by_dim": by_dim}
-
-            rec = _cached(out / "candidates" / f"{name}.json", make)
-            results += [{**{k: v for k, v in rec.items() if k != "by_dim"}, **d, "name": f"{name}-{d['dim']}d"}
-                        for d in rec["by_dim"]]
-            if on_candidate is not None:
-                on_candidate(name)
+            evaluate(tm, f"{size[0]}x{size[1]}-{'int8' if int8 else 'fp32'}", size, int8)
     stages["candidates_s"] = time.perf_counter() - t0
 
     within = [r for r in results if r["ms"] <= budget_ms]
-    if not within:
+    if not within:  # a distilled candidate has the architecture and input size of a plain one: no faster
         fastest = min(results, key=lambda r: r["ms"])
         raise ValueError(f"no candidate meets --budget-ms {budget_ms:g}: the fastest, {fastest['name']}, takes "
                          f"{fastest['ms']:.1f} ms on this CPU ({metric} {fastest['accuracy']:.3f})")
+
+    t0 = time.perf_counter()
+    train_rows = rows if queries is not None else [rows[i] for i in db_ids]  # held-out queries are never trained on
+    fits = dict.fromkeys(tuple(r["image_size"]) for r in within if tuple(r["image_size"]) != tuple(tm.image_size))
+    for size in fits if distil_steps else []:  # only sizes whose plain candidate meets the budget are worth training
+        tag = f"{size[0]}x{size[1]}-distilled"
+        student, log = distil(teacher, tm, train_rows, size, distil_steps, out / "train" / tag, device, seed,
+                              progress, on_step)
+        for int8 in (False, True):
+            evaluate(student, f"{tag}-{'int8' if int8 else 'fp32'}", size, int8, {"distilled": log})
+    stages["distil_s"] = time.perf_counter() - t0
+
+    within = [r for r in results if r["ms"] <= budget_ms]
     best = max(within, key=lambda r: (r["accuracy"], -r["ms"]))
     shutil.copyfile(out / "candidates" / f"{best['name'].rsplit('-', 1)[0]}.onnx", out / ".model.onnx.tmp")
     os.replace(out / ".model.onnx.tmp", out / "model.onnx")
@@ -245,15 +332,16 @@ def report_table(r: dict) -> str:
              f"{r['n_database']} map images. ms: onnxruntime, batch 1, median of {REPEATS}, threads "
              f"{r['threads'] or 'default'}. Stages: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in
                                                                    r["stages_s"].items()) + ".", "",
-             "| model | input | int8 | dim | accuracy | agreement | ms | MB | within budget |",
-             "|---|---|---|---:|---:|---:|---:|---:|---|",
+             "| model | input | int8 | dim | accuracy | agreement | cos to teacher | ms | MB | within budget |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
              f"| teacher (fp32 ONNX) | {t['image_size'][0]}x{t['image_size'][1]} | no | {t['dim']} | "
-             f"{t['accuracy']:.3f} | 1.000 | {t['ms']:.2f} | {t['mb']:.1f} | "
+             f"{t['accuracy']:.3f} | 1.000 | 1.000 | {t['ms']:.2f} | {t['mb']:.1f} | "
              f"{'yes' if t['ms'] <= r['budget_ms'] else 'no'} |"]
     for c in sorted(r["candidates"], key=lambda c: c["ms"]):
         mark = " **(chosen)**" if c["name"] == r["chosen"]["name"] else ""
         lines.append(f"| {c['name']}{mark} | {c['image_size'][0]}x{c['image_size'][1]} | "
                      f"{'yes' if c['int8'] else 'no'} | {c['dim']} | {c['accuracy']:.3f} | {c['agreement']:.3f} | "
+                     f"{'' if c.get('teacher_cos') is None else format(c['teacher_cos'], '.3f')} | "
                      f"{c['ms']:.2f} | "
                      f"{c['mb']:.1f} | {'yes' if c['ms'] <= r['budget_ms'] else 'no'} |")
     lines += ["", "Not tried yet: " + "; ".join(r["not_tried"]) + ".", "", f"Deploy: `{r['deploy']}`"]
@@ -270,9 +358,11 @@ def frontier_plot(r: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     cs = r["candidates"]
     for int8, colour in ((False, "tab:blue"), (True, "tab:orange")):
-        pts = [c for c in cs if c["int8"] == int8]
-        ax.scatter([c["ms"] for c in pts], [c["accuracy"] for c in pts], c=colour, s=18,
-                   label="int8" if int8 else "fp32")
+        for distilled, marker in ((False, "o"), (True, "^")):
+            pts = [c for c in cs if c["int8"] == int8 and bool(c.get("distilled")) == distilled]
+            if pts:
+                ax.scatter([c["ms"] for c in pts], [c["accuracy"] for c in pts], c=colour, s=22, marker=marker,
+                           label=("int8" if int8 else "fp32") + (", distilled" if distilled else ""))
     t, best = r["teacher"], r["chosen"]
     ax.scatter([t["ms"]], [t["accuracy"]], marker="*", s=120, c="k", label="teacher")
     ax.scatter([best["ms"]], [best["accuracy"]], s=160, facecolors="none", edgecolors="tab:green", linewidths=2,

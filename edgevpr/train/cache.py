@@ -7,7 +7,8 @@ the run folder when it fits the disk budget, else not at all (recomputed every s
 when the first values reveal their size, and logged (what is cached, how much, where). Nothing grows on the
 accelerator with the dataset, and host use is bounded by the budget.
 
-Stored values are exact copies (same dtype), so a cached run trains the same weights as an uncached one.
+Stored values are exact copies (same dtype), computed one image at a time (a value must not depend on the batch
+it happened to be computed in), so a resumed run trains the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -63,7 +64,13 @@ class FeatureCache:
         """Values for image ids [B] on ``device``: cached rows copied in, the others computed by
         ``compute(rows)`` (rows: positions in ``ids``) and stored when the cache is on."""
         todo = [j for j, k in enumerate(ids) if self.where == "off" or not self.filled[k]]
-        fresh = compute(todo) if todo else {}
+        if self.where == "off" or not todo:
+            fresh = compute(todo) if todo else {}
+        else:  # a stored value must be a function of its image alone, not of the batch it was computed in (CPU
+            # kernels pick other algorithms per batch size: rows differ in the last bits), so a resumed run, whose
+            # batches meet the cache in another state, reads the same values as an uninterrupted one
+            parts = [compute([j]) for j in todo]
+            fresh = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         if fresh and self.where is None:
             self._allocate(fresh)
         if self.where in ("host", "disk") and todo:

@@ -144,6 +144,24 @@ class SimilarityDistill(LossTerm):
         return F.mse_loss(s[off], t[off])
 
 
+class DescriptorDistill(LossTerm):
+    """Descriptor distillation: 1 - cosine between the student's descriptor (linearly projected to the teacher's
+    dims when they differ) and the frozen teacher's, averaged over the batch. desc [B, D], teacher [B, Dt] ->
+    scalar. It places the student in the teacher's descriptor space (what ``edgevpr compress`` trains a student at
+    a smaller input size with, beside ``similarity_distill``, which keeps the in-batch neighbourhoods)."""
+
+    needs_teacher = True
+
+    def __init__(self, student_dim: int, teacher_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(student_dim, teacher_dim) if student_dim != teacher_dim else nn.Identity()
+
+    def forward(self, ctx: StepContext) -> torch.Tensor:
+        assert ctx.teacher_desc is not None
+        s = F.normalize(self.proj(ctx.desc), dim=-1)
+        return (1 - (s * F.normalize(ctx.teacher_desc, dim=-1)).sum(-1)).mean()
+
+
 class WeiToPDistill(LossTerm):
     """WeiToP self-distillation: the pruning head's token scores learn the aggregator's token importance.
 
@@ -326,6 +344,11 @@ def _weitop(ctx: TermContext, temperature: float = 1.0) -> WeiToPDistill:
 @LOSS_TERMS.register("token_distill")
 def _token_distill(ctx: TermContext, normalize: bool = False) -> TokenDistill:
     return TokenDistill(ctx.student_width, _needs(ctx, "token_distill")[0], normalize)
+
+
+@LOSS_TERMS.register("descriptor_distill")
+def _descriptor_distill(ctx: TermContext) -> DescriptorDistill:
+    return DescriptorDistill(ctx.student_dim, _needs(ctx, "descriptor_distill")[1])
 
 
 @LOSS_TERMS.register("similarity_distill")
