@@ -58,6 +58,9 @@ def test_chosen_model_respects_the_budget_and_a_killed_run_resumes_to_the_same_r
     # distillation moves the small student towards the teacher's descriptors of held-out images
     cos = {c["name"]: c["teacher_cos"] for c in whole["candidates"]}
     assert cos["32x32-distilled-fp32-576d"] > cos["32x32-fp32-576d"] + 0.05, cos
+    ms = {c["name"]: c["ms"] for c in whole["candidates"]}  # the same graph as its plain twin: the twin's time
+    assert ms["32x32-distilled-int8-64d"] == ms["32x32-int8-64d"] and ms["32x32-distilled-fp32-576d"] == \
+        ms["32x32-fp32-576d"]
     assert whole["chosen"]["name"] == resumed["chosen"]["name"]
     assert whole["teacher"]["accuracy"] == 1.0 and whole["chosen"]["accuracy"] == 1.0  # all fit: the teacher's twin
     # the most accurate candidate made slow (its recorded time raised): a budget below it picks the best of the rest
