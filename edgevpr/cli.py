@@ -485,7 +485,8 @@ def cmd_compress(args) -> int:
 
     r = compress(args.teacher, args.images, args.budget_ms, args.out, queries=args.queries, aligned=args.aligned,
                  radius=args.radius, sizes=tuple(args.sizes), dims=tuple(args.dims), threads=args.threads,
-                 holdout=args.holdout, exclude=args.exclude, distil_steps=args.distil_steps, device=args.device,
+                 holdout=args.holdout, exclude=args.exclude, keep_ratios=tuple(args.keep_ratios),
+                 distil_steps=args.distil_steps, device=args.device,
                  seed=args.seed, progress=not args.quiet)
     if args.json:
         print(json.dumps(r, indent=2))
@@ -892,7 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="auto", help="PyTorch models: auto, cpu, cuda (ONNX: cpu)")
     sv.set_defaults(func=cmd_serve)
 
-    from .compress.budget import DIMS, DISTIL_BATCH, DISTIL_STEPS, SIZES  # numpy only: --help stays torch-free
+    from .compress.budget import DIMS, DISTIL_BATCH, DISTIL_STEPS, KEEPS, SIZES  # numpy only: --help stays torch-free
 
     cp = sub.add_parser("compress", help="from a trusted model to the most accurate one within a latency budget on "
                                          "this CPU, measured on your map's images, without labels")
@@ -913,6 +914,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--dims", type=int, nargs="+", default=list(DIMS),
                     help="descriptor sizes tried by PCA-whitening fitted on the map, 0 = the model's own (default "
                          f"{' '.join(map(str, DIMS))})")
+    cp.add_argument("--keep-ratios", type=float, nargs="+", default=list(KEEPS),
+                    help="a teacher with a WeiToP token-pruning scorer is also tried keeping these shares of its "
+                         f"tokens (1.0 always; default {' '.join(map(str, KEEPS))})")
     cp.add_argument("--holdout", type=_bounded(2, 1000), default=10,
                     help="without --queries: every Nth map image is a held-out query (default 10)")
     cp.add_argument("--exclude", type=_bounded(0, 1000), default=2,

@@ -52,12 +52,14 @@ from ..utils import atomic_write, write_json, write_text
 #: default input sizes (fractions of the teacher's), descriptor sizes (0: the model's own) of the candidates
 SIZES = (1.0, 0.75, 0.5)
 DIMS = (0, 512, 256, 128)
+#: keep ratios tried on a model with a WeiToP token-pruning scorer (1.0 always)
+KEEPS = (0.75, 0.5)
 #: distilled candidates: training steps each (0: none), map images a step, learning rate
 DISTIL_STEPS, DISTIL_BATCH, DISTIL_LR = 300, 16, 1e-4
 #: batch-1 timing: warm-up runs, then the median of this many
 WARMUP, REPEATS = 3, 15
 NOT_TRIED = ["ternary linears distilled from the teacher's tokens (TAT-VPR stage 1)",
-             "a WeiToP token-pruning scorer trained by self-distillation",
+             "a WeiToP token-pruning scorer for a teacher that has none (one that has it is tried at keep ratios)",
              "distillation into a smaller architecture of the zoo"]
 
 
@@ -119,7 +121,7 @@ def teacher_cosine(student: np.ndarray, teacher: np.ndarray) -> float | None:
 
 
 def distil_config(teacher: str, manifest: Path, teacher_size: tuple[int, int], size: tuple[int, int], steps: int,
-                  device: str, seed: int) -> dict:
+                  min_keep: float | None, device: str, seed: int) -> dict:
     """The training config of a distilled candidate (``edgevpr train`` runs it, so it checkpoints and resumes):
     the teacher's own weights as the start, every layer trained at input ``size`` on RandAugmented map images
     (normalisation statistics frozen, so training computes exactly what is deployed)
@@ -137,11 +139,15 @@ def distil_config(teacher: str, manifest: Path, teacher_size: tuple[int, int], s
                      "terms": [{"name": "descriptor_distill"}, {"name": "similarity_distill"}]},
             "optimizer": {"name": "adamw", "lr": DISTIL_LR, "weight_decay": 1e-4},
             "schedule": {"name": "cosine", "warmup_steps": min(20, steps // 10)},
-            "steps": steps, "checkpoint_every": max(1, min(50, steps // 4))}
+            "steps": steps, "checkpoint_every": max(1, min(50, steps // 4)),
+            # a WeiToP model: a keep ratio drawn per step, as its own recipe trains, so the student learns to give
+            # the teacher's unpruned full-size descriptor from the tokens it keeps (WeiToP's self-distillation, with
+            # the teacher as the unpruned target)
+            "knobs": {} if min_keep is None else {"keep_ratio": {"uniform": [min_keep, 1.0]}}}
 
 
-def distil(teacher: str, tm, rows: list, size: tuple[int, int], steps: int, run: Path, device: str, seed: int,
-           progress: bool, on_step: Callable[[int, dict], None] | None = None):
+def distil(teacher: str, tm, rows: list, size: tuple[int, int], steps: int, min_keep: float | None, run: Path,
+           device: str, seed: int, progress: bool, on_step: Callable[[int, dict], None] | None = None):
     """Train (or resume, or reuse) the distilled student of ``teacher`` at ``size`` on the map ``rows`` in ``run``
     -> (the student in eval mode, its training record: steps, the batch's mean cosine to the teacher at the first
     and the last step)."""
@@ -157,11 +163,17 @@ def distil(teacher: str, tm, rows: list, size: tuple[int, int], steps: int, run:
         w.writerows([str(Path(r.path).resolve()), "nan", "nan", f"{i:09d}"] for i, r in enumerate(rows))
         write_text(manifest, buf.getvalue())
     if not (run / "final" / "model.safetensors").is_file():
-        train(distil_config(teacher, manifest, tuple(tm.image_size), size, steps, device, seed), run,
+        train(distil_config(teacher, manifest, tuple(tm.image_size), size, steps, min_keep, device, seed), run,
               resume=(run / "checkpoints" / "latest.json").is_file(), progress=progress, on_step=on_step)
     with open(run / "metrics.csv", newline="") as f:
         cos = [1 - float(r["loss/descriptor_distill"]) for r in csv.DictReader(f)]
     return load_model(str(run / "final")).eval(), {"steps": steps, "train_cos_first": cos[0], "train_cos_last": cos[-1]}
+
+
+def candidate_name(size: tuple[int, int], keep: float | None, int8: bool, distilled: bool = False) -> str:
+    """E.g. ``96x96-distilled-keep0.5-int8``."""
+    return (f"{size[0]}x{size[1]}" + ("-distilled" if distilled else "") + ("" if keep is None else f"-keep{keep:g}")
+            + ("-int8" if int8 else "-fp32"))
 
 
 def _size(model, frac: float) -> tuple[int, int]:
@@ -194,7 +206,8 @@ def _descriptors(model, paths: list[Path], out: Path, name: str, progress: bool)
 def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str | os.PathLike,
              queries: str | os.PathLike | None = None, aligned: int | None = None, radius: float | None = None,
              sizes: tuple[float, ...] = SIZES, dims: tuple[int, ...] = DIMS, threads: int | None = None,
-             holdout: int = 10, exclude: int = 2, distil_steps: int = DISTIL_STEPS, device: str = "auto",
+             holdout: int = 10, exclude: int = 2, keep_ratios: tuple[float, ...] = KEEPS,
+             distil_steps: int = DISTIL_STEPS, device: str = "auto",
              seed: int = 0, progress: bool = True, on_candidate: Callable[[str], None] | None = None,
              on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run the stages (module docstring) -> the report (also in ``out/report.json``)."""
@@ -205,6 +218,8 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
 
     if not (isinstance(budget_ms, (int, float)) and math.isfinite(budget_ms) and budget_ms > 0):
         raise ValueError(f"--budget-ms {budget_ms}: must be a positive number of milliseconds")
+    if any(not (isinstance(k, (int, float)) and 0 < k <= 1) for k in keep_ratios):
+        raise ValueError(f"--keep-ratios {' '.join(map(str, keep_ratios))}: each must be in (0, 1]")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
@@ -260,15 +275,17 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
     results: list[dict] = []
     timed: dict[str, float] = {}
 
-    def evaluate(model, name: str, size: tuple[int, int], int8: bool, extra: dict | None = None,
-                 twin: str | None = None) -> None:
-        """Export ``model`` at ``size`` (int8 or fp32), time it, score it at every dim; cached in candidates/.
-        ``twin``: the plain candidate with the same graph (other weights), whose time it is given."""
+    def evaluate(model, size: tuple[int, int], keep: float | None, int8: bool, distilled: dict | None = None) -> None:
+        """Export ``model`` at ``size`` (keep ratio ``keep`` baked in, int8 or fp32), time it, score it at every dim;
+        cached in candidates/. ``distilled``: its training record; it then takes its plain twin's time."""
+        name = candidate_name(size, keep, int8, distilled is not None)
+        twin = candidate_name(size, keep, int8) if distilled is not None else None
         onnx = out / "candidates" / f"{name}.onnx"
 
         def make() -> dict:
             if not onnx.is_file():
-                export_onnx(model, onnx, image_size=size, int8=int8, calibration=str(images) if int8 else None)
+                export_onnx(model, onnx, knobs=None if keep is None else {"keep_ratio": keep}, image_size=size,
+                            int8=int8, calibration=str(images) if int8 else None)
             m = OnnxModel(onnx, threads=threads)
             c_db = _descriptors(m, db_paths, cache, f"{name}-db", progress)
             c_q = _descriptors(m, q_paths, cache, f"{name}-queries", progress)
@@ -279,9 +296,9 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
                 got = top1(c_db, c_q, mask, dim)
                 by_dim.append({"dim": int(dim or c_db.shape[1]), "accuracy": accuracy(got, ref, positives),
                                "agreement": accuracy(got, ref)})
-            return {"name": name, "image_size": list(size), "int8": int8, "ms": time_onnx(onnx, size, threads),
-                    "mb": onnx.stat().st_size / 1e6, "teacher_cos": teacher_cosine(c_q, t_q), **(extra or {}),
-                    "by_dim": by_dim}
+            return {"name": name, "image_size": list(size), "keep_ratio": keep, "int8": int8,
+                    "ms": time_onnx(onnx, size, threads), "mb": onnx.stat().st_size / 1e6,
+                    "teacher_cos": teacher_cosine(c_q, t_q), "distilled": distilled, "by_dim": by_dim}
 
         rec = _cached(out / "candidates" / f"{name}.json", make)
         if twin is not None:  # the same graph as a plain candidate: one time per graph, so that timing noise cannot
@@ -293,9 +310,12 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
             on_candidate(name)
 
     cand_sizes = list(dict.fromkeys(_size(tm, f) for f in sizes))  # fractions that round to one size: tried once
+    # a model with a token-pruning scorer (WeiToP) is also tried at lower keep ratios, the knob baked into its export
+    keeps = sorted(set(keep_ratios) | {1.0}, reverse=True) if "keep_ratio" in tm.knob_names() else [None]
     for size in cand_sizes:
-        for int8 in (False, True):
-            evaluate(tm, f"{size[0]}x{size[1]}-{'int8' if int8 else 'fp32'}", size, int8)
+        for keep in keeps:
+            for int8 in (False, True):
+                evaluate(tm, size, keep, int8)
     stages["candidates_s"] = time.perf_counter() - t0
 
     within = [r for r in results if r["ms"] <= budget_ms]
@@ -308,12 +328,11 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
     train_rows = rows if queries is not None else [rows[i] for i in db_ids]  # held-out queries are never trained on
     fits = dict.fromkeys(tuple(r["image_size"]) for r in within if tuple(r["image_size"]) != tuple(tm.image_size))
     for size in fits if distil_steps else []:  # only sizes whose plain candidate meets the budget are worth training
-        tag = f"{size[0]}x{size[1]}-distilled"
-        student, log = distil(teacher, tm, train_rows, size, distil_steps, out / "train" / tag, device, seed,
-                              progress, on_step)
-        for int8 in (False, True):
-            kind = "int8" if int8 else "fp32"
-            evaluate(student, f"{tag}-{kind}", size, int8, {"distilled": log}, twin=f"{size[0]}x{size[1]}-{kind}")
+        student, log = distil(teacher, tm, train_rows, size, distil_steps, None if keeps == [None] else min(keeps),
+                              out / "train" / f"{size[0]}x{size[1]}-distilled", device, seed, progress, on_step)
+        for keep in keeps:
+            for int8 in (False, True):
+                evaluate(student, size, keep, int8, log)
     stages["distil_s"] = time.perf_counter() - t0
 
     within = [r for r in results if r["ms"] <= budget_ms]
