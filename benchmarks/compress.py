@@ -46,16 +46,22 @@ def main() -> None:
                     help=f"training steps of each distilled candidate (default {DISTIL_STEPS})")
     ap.add_argument("--stages-from", help="an earlier compress.json whose run did the work that --work now holds: "
                                           "its wall times per stage are reported (default: this run's)")
+    ap.add_argument("--gp-places", type=int, nargs=2, default=[0, 100], metavar=("FROM", "TO"),
+                    help="Gardens Point places of the map and its night queries (default 0 100)")
+    ap.add_argument("--nordland-places", type=int, nargs=2, default=[1500, 2500], metavar=("FROM", "TO"),
+                    help="Nordland places of the summer map and its winter queries (default 1500 2500)")
+    ap.add_argument("--name", default="compress", help="results file stem in benchmarks/results (default compress)")
     args = ap.parse_args()
     data = data_root()
     gp, nl = data / "gardens_point", data / "nordland_64x32"
-    maps = {"gardens_point": (sorted((gp / "day_right").glob("*.jpg")), sorted((gp / "night_right").glob("*.jpg")),
-                              2),
-            "nordland": (sorted((nl / "summer").glob("*.png"))[1500:2500],
-                         sorted((nl / "winter").glob("*.png"))[1500:2500], 1)}
+    g, n = slice(*args.gp_places), slice(*args.nordland_places)
+    maps = {"gardens_point": (sorted((gp / "day_right").glob("*.jpg"))[g],
+                              sorted((gp / "night_right").glob("*.jpg"))[g], 2),
+            "nordland": (sorted((nl / "summer").glob("*.png"))[n], sorted((nl / "winter").glob("*.png"))[n], 1)}
     work = Path(args.work or tempfile.mkdtemp(dir=os.environ.get("TMPDIR")))
     work.mkdir(parents=True, exist_ok=True)
-    res = {"teacher": args.teacher, "threads": args.threads, "maps": {}}
+    res = {"teacher": args.teacher, "threads": args.threads, "maps": {}, "name": args.name,
+           "places": {"gardens_point": args.gp_places, "nordland": args.nordland_places}}
     for name, (db, q, tol) in maps.items():
         assert len(db) == len(q) and db, name
         t0 = time.perf_counter()
@@ -78,18 +84,25 @@ def main() -> None:
             r["stages_s"], r["wall_s"] = before["stages_s"], before["wall_s"]
         res["maps"][name] = r
         if (work / name / "frontier.png").is_file():
-            shutil.copyfile(work / name / "frontier.png", OUT / f"compress_{name}.png")
+            shutil.copyfile(work / name / "frontier.png", OUT / f"{args.name}_{name}.png")
         print(name, r.get("chosen"), flush=True)
-    write_json(OUT / "compress.json", res)
-    write_text(OUT / "compress.md", table(res))
+    write_json(OUT / f"{args.name}.json", res)
+    write_text(OUT / f"{args.name}.md", table(res))
     print(table(res))
 
 
+def se(p: float, n: int) -> float:
+    """Binomial standard error of a rate ``p`` over ``n`` queries."""
+    return (p * (1 - p) / n) ** 0.5
+
+
 def table(res: dict) -> str:
-    lines = ["# `edgevpr compress` on real maps (`python benchmarks/compress.py`)", "",
+    name = res.get("name", "compress")
+    lines = [f"# `edgevpr compress` on real maps (`python benchmarks/compress.py --name {name}`)", "",
              f"Teacher: {res['teacher']}; budget: a quarter of the teacher's onnxruntime fp32 ms at batch 1; "
              f"{res['threads']} thread(s). Candidates: the teacher's architecture at input sizes x fp32/int8 x "
-             "PCA-whitened descriptor sizes, plus, at every smaller input size that meets the budget, a student "
+             "PCA-whitened descriptor sizes (x keep ratios 1 / 0.75 / 0.5 when the teacher has a WeiToP scorer), "
+             "plus, at every smaller input size that meets the budget, a student "
              "distilled label-free from the teacher on the map's own images (the teacher's weights as the start, "
              f"{res.get('distil_steps', DISTIL_STEPS)} steps of 16 RandAugmented map images, to the teacher's "
              "full-size descriptor). Accuracy: R@1 of the other "
@@ -97,9 +110,12 @@ def table(res: dict) -> str:
              "teacher's descriptor of the same query. Each map is one "
              "`edgevpr compress --teacher T --images MAP.csv --queries VISIT.csv --aligned N --budget-ms B "
              f"--threads {res['threads']} --sizes 1 0.75 0.5 0.4 0.3` (the script writes the CSVs), pinned to one core "
-             "here. Uncertainty: Gardens Point has 100 queries (R@1 moves in steps of 0.01, standard error about "
-             "0.05 at 0.5); Nordland 1000 (standard error about 0.007 at 0.05: the Nordland rows differ by less than "
-             "two standard errors, around a teacher that is itself near chance there). Distilled candidates take their "
+             "here. Maps (places): " + "; ".join(
+                 f"{m} {a}-{b}" for m, (a, b) in res.get("places", {"gardens_point": [0, 100],
+                                                                    "nordland": [1500, 2500]}).items()) +
+             ". Uncertainty (binomial standard error of R@1 at the teacher's value): " + "; ".join(
+                 f"{m} {r['n_queries']} queries, {se(r['teacher']['accuracy'], r['n_queries']):.3f}"
+                 for m, r in res["maps"].items()) + ". Distilled candidates take their "
              "plain twin's time (the same graph). When the work folder was reused (`--stages-from`), the wall times "
              "are those of the run that did the work.", "",
              "| map | model | input | int8 | dim | R@1 | agreement | ms | MB | share of teacher R@1 |",
@@ -127,7 +143,7 @@ def table(res: dict) -> str:
         f"{n}: " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in r["stages_s"].items()) + f" (total {r['wall_s']:.0f})"
         for n, r in res["maps"].items()), ""]
     for name, r in res["maps"].items():
-        lines += [f"## {name}: every candidate", "", f"![frontier](compress_{name}.png)", "",
+        lines += [f"## {name}: every candidate", "", f"![frontier]({res.get('name', 'compress')}_{name}.png)", "",
                   "| candidate | R@1 | agreement | cos | ms | MB |", "|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {c['name']} | {c['accuracy']:.3f} | {c['agreement']:.3f} | "
                   f"{'' if c.get('teacher_cos') is None else format(c['teacher_cos'], '.3f')} | {c['ms']:.2f} | "
