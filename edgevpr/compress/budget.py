@@ -29,8 +29,10 @@ Stages (each resumable: its outputs are written atomically into ``OUT`` and reus
 5. **choose**: the most accurate candidate within ``budget_ms`` (ties: the faster); ``OUT/model.onnx`` is it, and
    ``OUT/report.{json,md}`` + ``OUT/frontier.png`` the accuracy / latency frontier beside the teacher.
 
-What is not here yet: ternary linears distilled from the teacher's tokens (TAT-VPR stage 1), a WeiToP scorer
-trained by self-distillation, distillation into a smaller architecture. The report says so (``not_tried``).
+A teacher with a WeiToP token-pruning scorer is also tried at lower keep ratios (``keep_ratios``, baked into each
+export), and its students train at keep ratios drawn per step. What is not here yet: ternary linears distilled from
+the teacher's tokens (TAT-VPR stage 1), training a WeiToP scorer for a teacher without one, distillation into a
+smaller architecture. The report says so (``not_tried``).
 """
 
 from __future__ import annotations
@@ -123,10 +125,10 @@ def teacher_cosine(student: np.ndarray, teacher: np.ndarray) -> float | None:
 def distil_config(teacher: str, manifest: Path, teacher_size: tuple[int, int], size: tuple[int, int], steps: int,
                   min_keep: float | None, device: str, seed: int) -> dict:
     """The training config of a distilled candidate (``edgevpr train`` runs it, so it checkpoints and resumes):
-    the teacher's own weights as the start, every layer trained at input ``size`` on RandAugmented map images
-    (normalisation statistics frozen, so training computes exactly what is deployed)
-    (one per draw, ``DISTIL_BATCH`` a batch) to reproduce the frozen teacher's descriptor of the clean image at its
-    own size (``descriptor_distill``) and its in-batch similarities (``similarity_distill``). No label is used
+    the teacher's own weights as the start, every layer trained at input ``size`` (normalisation statistics frozen,
+    so training computes exactly what is deployed) on RandAugmented map images (one per draw, ``DISTIL_BATCH`` a
+    batch) to reproduce the frozen teacher's descriptor of the clean image at its own size
+    (``descriptor_distill``) and its in-batch similarities (``similarity_distill``). No label is used
     (Multi-Similarity weight 0): the teacher is the target, as in TAT-VPR's stage 1, whose student also sees
     RandAugmented images and the teacher clean ones."""
     return {"seed": seed, "model": teacher, "device": device,
