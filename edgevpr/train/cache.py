@@ -64,15 +64,17 @@ class FeatureCache:
         """Values for image ids [B] on ``device``: cached rows copied in, the others computed by
         ``compute(rows)`` (rows: positions in ``ids``) and stored when the cache is on."""
         todo = [j for j, k in enumerate(ids) if self.where == "off" or not self.filled[k]]
-        if self.where == "off" or not todo:
+        parts = []
+        if todo and self.where is None:  # the first value decides where the cache lives
+            parts = [compute(todo[:1])]
+            self._allocate(parts[0])
+        if self.where == "off" or not todo:  # never stored: computed with its batch, every step alike
             fresh = compute(todo) if todo else {}
         else:  # a stored value must be a function of its image alone, not of the batch it was computed in (CPU
             # kernels pick other algorithms per batch size: rows differ in the last bits), so a resumed run, whose
             # batches meet the cache in another state, reads the same values as an uninterrupted one
-            parts = [compute([j]) for j in todo]
+            parts += [compute([j]) for j in todo[len(parts):]]
             fresh = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        if fresh and self.where is None:
-            self._allocate(fresh)
         if self.where in ("host", "disk") and todo:
             rows = torch.tensor([ids[j] for j in todo])
             for k, t in fresh.items():
