@@ -114,9 +114,18 @@ def test_cached_frozen_prefix_trains_the_same_weights(data_root, tmp_path):
     train({**conf, "data": {**conf["data"], "cache_frozen": False}}, tmp_path / "plain", progress=False)
     a = load_file(str(tmp_path / "cached" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))
-    assert any(not torch.equal(a[k], load_model("effnet-lite0-gem").state_dict()[k]) for k in a)  # it trained
-    for k in a:  # the cache holds values computed one image at a time, the plain run batches: last-bit noise
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+    init = load_model("effnet-lite0-gem").state_dict()
+    # The cache holds values computed one image at a time, the plain run batches them: the two differ in the last
+    # bits, which six AdamW steps amplify unevenly per element and per CPU (a barely-moved bias can differ by its
+    # whole update). So compare what training did as a whole: the weight update of the cached run must equal the
+    # plain run's to 1e-3 of its norm (measured here: 5e-5); a stale or misplaced cached value changes it by its
+    # own order.
+    keys = [k for k in a if a[k].is_floating_point()]
+    assert all(torch.equal(a[k], b[k]) for k in a if k not in keys)
+    step_a = torch.cat([(a[k].double() - init[k].double()).flatten() for k in keys])
+    step_b = torch.cat([(b[k].double() - init[k].double()).flatten() for k in keys])
+    assert float(step_a.norm()) > 1.0  # it trained
+    assert float((step_a - step_b).norm() / step_a.norm()) < 1e-3
 
 
 def test_ddp_two_ranks_match_one_process(data_root, tmp_path):
