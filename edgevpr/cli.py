@@ -486,7 +486,7 @@ def cmd_compress(args) -> int:
     r = compress(args.teacher, args.images, args.budget_ms, args.out, queries=args.queries, aligned=args.aligned,
                  radius=args.radius, sizes=tuple(args.sizes), dims=tuple(args.dims), threads=args.threads,
                  holdout=args.holdout, exclude=args.exclude, keep_ratios=tuple(args.keep_ratios),
-                 distil_steps=args.distil_steps, device=args.device,
+                 distil_steps=args.distil_steps, device=args.device, choose_by=args.choose_by,
                  seed=args.seed, progress=not args.quiet)
     if args.json:
         print(json.dumps(r, indent=2))
@@ -926,6 +926,9 @@ def build_parser() -> argparse.ArgumentParser:
                          f"input size that meets the budget; 0: no distillation (default {DISTIL_STEPS})")
     cp.add_argument("--device", default="auto", help="where the students train: auto, cpu, cuda (default auto; "
                                                      "candidates are always timed on this CPU)")
+    cp.add_argument("--choose-by", choices=["accuracy", "agreement"], default="accuracy",
+                    help="accuracy: R@1 with ground truth, else agreement; agreement: label-free even with ground "
+                         "truth, R@1 still reported (default accuracy)")
     cp.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     cp.add_argument("--json", action="store_true", help="print the report as JSON")
     cp.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -74,6 +74,14 @@ def test_chosen_model_respects_the_budget_and_a_killed_run_resumes_to_the_same_r
     assert (tmp_path / "whole" / "model.onnx").is_file() and (tmp_path / "whole" / "frontier.png").is_file()
     report = json.loads((tmp_path / "whole" / "report.json").read_text())
     assert report["chosen"] == r["chosen"] and report["not_tried"]
+    # with ground truth, a label-free choice: the most agreement with the teacher (closest descriptors on ties)
+    gt = dict(queries=images, aligned=0)
+    by_r1 = compress(teacher, images, 500, tmp_path / "gt", **run, **gt)
+    by_agreement = compress(teacher, images, 500, tmp_path / "gt", **run, **gt, choose_by="agreement")
+    within = [c for c in by_agreement["candidates"] if c["ms"] <= 500]
+    key = max((c["agreement"], c["teacher_cos"]) for c in within)
+    assert (by_agreement["chosen"]["agreement"], by_agreement["chosen"]["teacher_cos"]) == key
+    assert by_agreement["chosen_by"] == "top-1 agreement with the teacher" and by_r1["chosen_by"] == "R@1"
 
 
 def test_an_unreachable_budget_is_one_line_naming_the_fastest_candidate(teacher, tmp_path, capsys):
