@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heldout import ROOT, data_root  # noqa: E402
 
-from edgevpr.compress.budget import DISTIL_STEPS, compress  # noqa: E402
+from edgevpr.compress.budget import DISTIL_SIZES, DISTIL_STEPS, compress  # noqa: E402
 from edgevpr.utils import write_json, write_text  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
@@ -45,6 +45,9 @@ def main() -> None:
                     help="input sizes tried, fractions of the teacher's (default 1 0.75 0.6 0.5 0.4 0.3)")
     ap.add_argument("--distil-steps", type=int, default=DISTIL_STEPS,
                     help=f"training steps of each distilled candidate (default {DISTIL_STEPS})")
+    ap.add_argument("--distil-sizes", type=int, default=DISTIL_SIZES,
+                    help=f"input sizes students are distilled at, the largest within the budget (default "
+                         f"{DISTIL_SIZES})")
     ap.add_argument("--stages-from", help="an earlier compress.json whose run did part of the work that --work now "
                                           "holds: its wall times per stage are added to this run's (default: none)")
     ap.add_argument("--gp-places", type=int, nargs=2, default=[0, 100], metavar=("FROM", "TO"),
@@ -74,12 +77,13 @@ def main() -> None:
         try:
             r = compress(args.teacher, work / f"{name}-map.csv", budget, work / name,
                          queries=work / f"{name}-q.csv", aligned=tol, threads=args.threads, sizes=tuple(args.sizes),
-                         distil_steps=args.distil_steps, choose_by="agreement")
+                         distil_steps=args.distil_steps, distil_sizes=args.distil_sizes, choose_by="agreement")
         except ValueError as e:
             r = {**probe, "chosen": None, "budget_ms": budget, "error": str(e)}
         # the first pass measured the teacher and the plain candidates, the second (reusing them) distilled
         r["stages_s"] = {**probe["stages_s"], "distil_s": r.get("stages_s", {}).get("distil_s", 0.0)}
-        r["distil_steps"], r["wall_s"] = args.distil_steps, time.perf_counter() - t0
+        r["distil_steps"], r["distil_sizes"] = args.distil_steps, args.distil_sizes
+        r["wall_s"] = time.perf_counter() - t0
         if args.stages_from:  # this pass reused that run's work and did the rest: a user waits for both
             before = json.loads(Path(args.stages_from).read_text())["maps"][name]
             r["stages_s"] = {k: v + before["stages_s"].get(k, 0.0) for k, v in r["stages_s"].items()}
@@ -109,7 +113,8 @@ def table(res: dict) -> str:
              f"Teacher: {res['teacher']}; budget: a quarter of the teacher's onnxruntime fp32 ms at batch 1; "
              f"{res['threads']} thread(s). Candidates: the teacher's architecture at input sizes x fp32/int8 x "
              "PCA-whitened descriptor sizes (x keep ratios 1 / 0.75 / 0.5 when the teacher has a WeiToP scorer), "
-             "plus, at every smaller input size that meets the budget, a student "
+             "plus, at the " + str(next(iter(res["maps"].values()), {}).get("distil_sizes", "")) +
+             " largest smaller input sizes that meet the budget, a student "
              "distilled label-free from the teacher on the map's own images (the teacher's weights as the start, "
              f"{res.get('distil_steps', DISTIL_STEPS)} steps of 16 RandAugmented map images, to the teacher's "
              "full-size descriptor). Accuracy: R@1 of the other "

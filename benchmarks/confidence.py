@@ -21,7 +21,8 @@ rejected.
 With sequences (``--sequence L``, default 10): each query set (and each unknown-place set) is streamed as one
 capture sequence, as ``localize --sequence`` does (row z-scores, SeqSLAM trajectories over the last L frames);
 the answer is the sequence match, the estimators are the same statistics over the ranking of trajectory scores
-plus ``agree`` (the frame's own top-1 in the sequence match's neighbourhood), fused by the sequence calibration.
+plus ``agree`` (the frame's own top-1 in the sequence match's neighbourhood) and ``steady`` (how many of the last L-1
+steps the sequence match moved within its neighbourhood, ``decision.steadiness``), fused by the sequence calibration.
 The first L-1 frames of each sequence are warm-up (never known) and left out.
 No Corridor data is available here. Writes benchmarks/results/confidence.{json,md}.
 """
@@ -44,6 +45,7 @@ from edgevpr.deploy.decision import (
     calibrate,
     evidence,
     expected_calibration_error,
+    steadiness,
 )
 from edgevpr.deploy.sequence import SEQSLAM_VELOCITIES, row_z, trajectory_scores
 from edgevpr.eval.extract import extract
@@ -52,7 +54,7 @@ from edgevpr.utils import default_cache_dir, write_json, write_text
 
 ESTIMATORS = {"top-1 cosine": "top1", "margin": "margin", "SUE (spread)": "log_spread", "SD (z-score)": "top1_z"}
 SEQ_ESTIMATORS = {"top-1 trajectory": "top1", "margin": "margin", "SUE (spread)": "log_spread",
-                  "SD (z-score)": "top1_z", "agreement": "agree"}
+                  "SD (z-score)": "top1_z", "agreement": "agree", "steadiness": "steady"}
 
 
 def descriptors(model, paths) -> np.ndarray:
@@ -68,7 +70,7 @@ def answers(q: np.ndarray, db: np.ndarray, positives: list, hood: Neighbourhood,
     coords = Coordinates(nan, nan, nan, nan)
     s = q @ db.T
     norm, seg = row_z(s), np.zeros(len(db), np.int64)
-    feats, right = [], []
+    feats, right, matches = [], [], []
     for i in range(len(q)):
         top = np.argsort(-s[i])[:DECISION_DEPTH]
         if not length:
@@ -76,13 +78,15 @@ def answers(q: np.ndarray, db: np.ndarray, positives: list, hood: Neighbourhood,
             feats.append([ev[f] for f in FEATURES])
             right.append(int(top[0]) in set(positives[i]))
             continue
-        if i < length - 1:
-            continue
-        t = trajectory_scores(norm[i - length + 1:i + 1], length, SEQSLAM_VELOCITIES, seg)
+        t = trajectory_scores(norm[max(0, i - length + 1):i + 1], length, SEQSLAM_VELOCITIES, seg)
         ids = np.argsort(-t, kind="stable")[:DECISION_DEPTH]
         ids = ids[np.isfinite(t[ids])]
+        matches.append(int(ids[0]))
+        if i < length - 1:  # warm-up: its matches feed ``steady`` only
+            continue
         ev = evidence(t[ids], ids, coords, hood)
         ev["agree"] = float(hood.near(coords, int(ids[0]), np.array([top[0]]))[0])
+        ev["steady"] = steadiness(matches[-length:], coords, hood, length)
         feats.append([ev[f] for f in SEQUENCE_FEATURES])
         right.append(int(ids[0]) in set(positives[i]))
     return np.array(feats), np.array(right)

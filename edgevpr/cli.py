@@ -486,7 +486,8 @@ def cmd_compress(args) -> int:
     r = compress(args.teacher, args.images, args.budget_ms, args.out, queries=args.queries, aligned=args.aligned,
                  radius=args.radius, sizes=tuple(args.sizes), dims=tuple(args.dims), threads=args.threads,
                  holdout=args.holdout, exclude=args.exclude, keep_ratios=tuple(args.keep_ratios),
-                 distil_steps=args.distil_steps, device=args.device, choose_by=args.choose_by,
+                 distil_steps=args.distil_steps, distil_sizes=args.distil_sizes, device=args.device,
+                 choose_by=args.choose_by,
                  seed=args.seed, progress=not args.quiet)
     if args.json:
         print(json.dumps(r, indent=2))
@@ -893,7 +894,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="auto", help="PyTorch models: auto, cpu, cuda (ONNX: cpu)")
     sv.set_defaults(func=cmd_serve)
 
-    from .compress.budget import DIMS, DISTIL_BATCH, DISTIL_STEPS, KEEPS, SIZES  # numpy only: --help stays torch-free
+    # numpy only: --help stays torch-free
+    from .compress.budget import DIMS, DISTIL_BATCH, DISTIL_SIZES, DISTIL_STEPS, KEEPS, SIZES
 
     cp = sub.add_parser("compress", help="from a trusted model to the most accurate one within a latency budget on "
                                          "this CPU, measured on your map's images, without labels")
@@ -922,8 +924,11 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--exclude", type=_bounded(0, 1000), default=2,
                     help="without --queries: map neighbours (+-N) left out of a held-out query's search (default 2)")
     cp.add_argument("--distil-steps", type=_bounded(0, 10**6), default=DISTIL_STEPS,
-                    help=f"training steps ({DISTIL_BATCH} map images each) of the student distilled at every smaller "
-                         f"input size that meets the budget; 0: no distillation (default {DISTIL_STEPS})")
+                    help=f"training steps ({DISTIL_BATCH} map images each) of each distilled student; 0: no "
+                         f"distillation (default {DISTIL_STEPS})")
+    cp.add_argument("--distil-sizes", type=_bounded(1, 100), default=DISTIL_SIZES,
+                    help="students are distilled at this many input sizes, the largest that meet the budget "
+                         f"(default {DISTIL_SIZES})")
     cp.add_argument("--device", default="auto", help="where the students train: auto, cpu, cuda (default auto; "
                                                      "candidates are always timed on this CPU)")
     cp.add_argument("--choose-by", choices=["accuracy", "agreement"], default="accuracy",

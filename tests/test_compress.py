@@ -97,7 +97,7 @@ def test_an_unreachable_budget_is_one_line_naming_the_fastest_candidate(teacher,
 def test_a_weitop_teacher_is_tried_at_keep_ratios_and_its_students_train_at_sampled_ones(tmp_path):
     """A model with a WeiToP scorer: every size is also exported with the keep ratio baked in (a pruned export
     computes other descriptors than the unpruned one), and the distilled student trains at keep ratios drawn
-    from [min keep, 1]."""
+    from [min keep, 1]; with ``distil_sizes=1`` only the largest smaller size gets a student."""
     torch.manual_seed(0)
     spec = {"backbone": {"name": "dinov2_vits14", "weights": None, "depth": 4, "init_values": 1.0,
                          "pruning": {"block": 2, "method": "weitop"}},
@@ -105,14 +105,15 @@ def test_a_weitop_teacher_is_tried_at_keep_ratios_and_its_students_train_at_samp
             "image_size": [84, 84], "name": "tiny-weitop"}
     save_model(load_model(spec), tmp_path / "teacher")
     images = str(shared_data() / "gardens_point" / "day_right")
-    r = compress(str(tmp_path / "teacher"), images, 1e6, tmp_path / "c", sizes=(1.0, 0.5), dims=(0,),
-                 keep_ratios=(0.5,), distil_steps=4, progress=False)
-    got = {c["name"].rsplit("-", 1)[0]: c for c in r["candidates"]}
-    assert set(got) == {f"{s}{d}-keep{k}-{t}" for s, d in (("84x84", ""), ("42x42", ""), ("42x42", "-distilled"))
+    r = compress(str(tmp_path / "teacher"), images, 1e6, tmp_path / "c", sizes=(1.0, 0.75, 0.5), dims=(0,),
+                 keep_ratios=(0.5,), distil_steps=4, distil_sizes=1, progress=False)
+    got = {c["name"].rsplit("-", 1)[0]: c for c in r["candidates"]}  # a student at the largest smaller size only
+    assert set(got) == {f"{s}{d}-keep{k}-{t}" for s, d in (("84x84", ""), ("56x56", ""), ("42x42", ""),
+                                                            ("56x56", "-distilled"))
                         for k in ("1", "0.5") for t in ("fp32", "int8")}
     assert got["84x84-keep1-fp32"]["teacher_cos"] > 0.9999  # the teacher's own export
     assert got["84x84-keep0.5-fp32"]["teacher_cos"] < 0.999 and got["84x84-keep0.5-fp32"]["keep_ratio"] == 0.5
-    conf = json.loads((tmp_path / "c" / "train" / "42x42-distilled" / "config.json").read_text())
+    conf = json.loads((tmp_path / "c" / "train" / "56x56-distilled" / "config.json").read_text())
     assert conf["knobs"] == {"keep_ratio": {"uniform": [0.5, 1.0]}}
     with pytest.raises(ValueError, match=r"--keep-ratios 0 0.5: each must be in \(0, 1\]"):
         compress(str(tmp_path / "teacher"), images, 1e6, tmp_path / "d", keep_ratios=(0, 0.5))

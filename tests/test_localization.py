@@ -15,7 +15,7 @@ import pytest
 from edgevpr.cli import main
 from edgevpr.data.images import ImageLoadError, load_image
 from edgevpr.deploy import index as idx
-from edgevpr.deploy.decision import GeoPrior, Neighbourhood, calibrate, haversine
+from edgevpr.deploy.decision import Coordinates, GeoPrior, Neighbourhood, calibrate, haversine, steadiness
 from edgevpr.deploy.inputs import Frame, Stream, write_video
 from edgevpr.deploy.localize import Localizer
 from edgevpr.deploy.sequence import seqslam
@@ -156,7 +156,7 @@ def test_sequence_answers_headline_with_their_own_calibration_and_warm_up_never_
     cal, seq = loc.calibrate(_frames([gp / "night_right" / f"Image{i:03d}.jpg" for i in range(50)]),
                              [positives(i) for i in range(50)], 0.9, Neighbourhood(radius_m=None, frames=2),
                              unknown_frames=_frames(nl[:80]), sequence=5)
-    assert seq.sequence_length == 5 and seq.features[-1] == "agree" and seq.precision >= 0.9
+    assert seq.sequence_length == 5 and seq.features[-2:] == ["agree", "steady"] and seq.precision >= 0.9
     assert seq.queries == (50 - 4) + (80 - 4) and cal.queries == 130
     loc = Localizer(index)
     held = [Frame(str(p), load_image(p), "night") for p in (gp / "night_right" / f"Image{i:03d}.jpg"
@@ -171,9 +171,10 @@ def test_sequence_answers_headline_with_their_own_calibration_and_warm_up_never_
             assert d["warming_up"] and d["known"] is False and d["confidence"] is None
             continue
         assert not d["warming_up"] and d["known"] == (d["confidence"] >= seq.threshold)
-        rows.append((d["known"], head["match"]["path"] in good, d["confidence"]))
+        rows.append((d["known"], head["match"]["path"] in good, d["confidence"], d["evidence"]["steady"]))
     assert len(rows) == 46 + 26
-    known, right, prob = (np.array(c) for c in zip(*rows, strict=True))
+    known, right, prob, steady = (np.array(c) for c in zip(*rows, strict=True))
+    print("steady", steady[right].mean(), steady[~right].mean())
     assert right[known].mean() >= 0.9 and known[:46].mean() >= 0.8 and known[46:].mean() <= 0.1
     assert prob[right].mean() > 0.6 > 0.3 > prob[~right].mean()
 
@@ -291,6 +292,11 @@ def test_live_sequence_tracking_on_real_frames(gp_index, method):
         desc = np.concatenate([loc.embed([load_image(p)]) for p in night])
         offline, _ = seqslam(loc.index.similarities(desc), length=5, db_segments=loc.index.segments())
         np.testing.assert_array_equal(seq, offline)
+    if method == "seqslam":  # ``steady``: the streak of smooth steps of these very answers, counted back
+        hood = Neighbourhood.default(loc.index.coordinates())
+        steady = [a.sequence["decision"]["evidence"]["steady"] for _, a, _ in answers]
+        assert steady == [steadiness(list(seq[max(0, i - 4):i + 1]), loc.index.coordinates(), hood, 5)
+                          for i in range(len(seq))]
     late = slice(10, None)
     assert np.mean(np.abs(seq[late] - truth[late]) <= 2) >= max(0.9, np.mean(np.abs(single[late] - truth[late]) <= 2))
 
@@ -348,6 +354,24 @@ def test_calibrate_command_pools_sets_and_unknown_photos(gp_index, tmp_path, cap
         assert lines[3] == "  single frame:" and lines[-1].startswith("  single-frame decision: ")
         assert ("warming up" in lines[1] and "warming up" in lines[2]) == (i < 4)
         assert (" known, P(right place)" in lines[2]) <= (i >= 4)
+
+
+def test_steadiness_counts_smooth_steps_back_to_the_last_jump():
+    """Break: count every smooth step in the window (not back to the newest jump), ignore the neighbourhood or the
+    motion allowance of a neighbourhood in frames."""
+    nan = np.full(100, np.nan)
+    coords, hood = Coordinates(nan, nan, nan, nan), Neighbourhood(radius_m=None, frames=1)
+    assert steadiness([10, 11, 12, 13, 14, 15], coords, hood, 6) == 1.0
+    assert steadiness([10, 11, 12, 40, 41, 42], coords, hood, 6) == pytest.approx(0.4)  # 2 of 5 steps since the jump
+    assert steadiness([40, 41, 42, 10, 11, 80], coords, hood, 6) == 0.0  # it just jumped
+    assert steadiness([10, 13, 16], coords, hood, 6) == pytest.approx(0.4)  # 3 frames: neighbourhood + 2 of motion
+    assert steadiness([10, 13, 16], coords, hood, 6, move=0) == 0.0
+    assert steadiness([10, 14], coords, hood, 6) == 0.0
+    assert steadiness([7], coords, hood, 6) == 0.0  # the first frame: no step yet
+    east = np.arange(100) * 5.0  # 5 m apart along a street, coordinates in metres
+    metric = Coordinates(nan, nan, east, np.zeros(100))
+    assert steadiness([0, 2, 4], metric, Neighbourhood(radius_m=12.0), 3) == 1.0  # 10 m steps within 12 m
+    assert steadiness([0, 2, 5], metric, Neighbourhood(radius_m=12.0), 3) == 0.0  # a 15 m jump
 
 
 def test_great_circle_distance_east_west():

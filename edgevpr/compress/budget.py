@@ -15,7 +15,8 @@ Stages (each resumable: its outputs are written atomically into ``OUT`` and reus
    ``index build --dim`` does it). Accuracy: the share of held-out queries whose top-1 equals the teacher's
    (agreement), or R@1 with ground truth (``--aligned`` / ``--radius``).
    An unreachable budget stops here, in one line naming the fastest candidate.
-4. **distil**: for every smaller input size whose plain candidate meets the budget, a student with the teacher's
+4. **distil**: for the ``distil_sizes`` largest smaller input sizes whose plain candidate meets the budget (the
+   larger the input, the more accurate; each student costs the same training time), a student with the teacher's
    architecture and weights is trained at that size, label-free, on the map's images (never on the held-out queries)
    to reproduce the teacher's full-size descriptor (``distil_config``: ``edgevpr train`` runs it, so it checkpoints
    every quarter and a killed run resumes bit-exactly); it is then exported, timed and scored like the others
@@ -60,8 +61,8 @@ SIZES = (1.0, 0.75, 0.5)
 DIMS = (0, 512, 256, 128)
 #: keep ratios tried on a model with a WeiToP token-pruning scorer (1.0 always)
 KEEPS = (0.75, 0.5)
-#: distilled candidates: training steps each (0: none), map images a step, learning rate
-DISTIL_STEPS, DISTIL_BATCH, DISTIL_LR = 300, 16, 1e-4
+#: distilled candidates: training steps each (0: none), map images a step, learning rate, how many input sizes
+DISTIL_STEPS, DISTIL_BATCH, DISTIL_LR, DISTIL_SIZES = 300, 16, 1e-4, 2
 #: batch-1 timing: warm-up runs, then the median of this many
 WARMUP, REPEATS = 3, 15
 NOT_TRIED = ["ternary linears distilled from the teacher's tokens (TAT-VPR stage 1)",
@@ -213,7 +214,8 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
              queries: str | os.PathLike | None = None, aligned: int | None = None, radius: float | None = None,
              sizes: tuple[float, ...] = SIZES, dims: tuple[int, ...] = DIMS, threads: int | None = None,
              holdout: int = 10, exclude: int = 2, keep_ratios: tuple[float, ...] = KEEPS,
-             distil_steps: int = DISTIL_STEPS, device: str = "auto", choose_by: str = "accuracy",
+             distil_steps: int = DISTIL_STEPS, distil_sizes: int = DISTIL_SIZES, device: str = "auto",
+             choose_by: str = "accuracy",
              seed: int = 0, progress: bool = True, on_candidate: Callable[[str], None] | None = None,
              on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run the stages (module docstring) -> the report (also in ``out/report.json``)."""
@@ -334,8 +336,11 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
 
     t0 = time.perf_counter()
     train_rows = rows if queries is not None else [rows[i] for i in db_ids]  # held-out queries are never trained on
-    fits = dict.fromkeys(tuple(r["image_size"]) for r in within if tuple(r["image_size"]) != tuple(tm.image_size))
-    for size in fits if distil_steps else []:  # only sizes whose plain candidate meets the budget are worth training
+    # only sizes whose plain candidate meets the budget are worth training, the largest first: accuracy grows with
+    # the input size and each student costs the same training time
+    fits = sorted({tuple(r["image_size"]) for r in within if tuple(r["image_size"]) != tuple(tm.image_size)},
+                  key=lambda hw: -hw[0] * hw[1])[:distil_sizes]
+    for size in fits if distil_steps else []:
         student, log = distil(teacher, tm, train_rows, size, distil_steps, None if keeps == [None] else min(keeps),
                               out / "train" / f"{size[0]}x{size[1]}-distilled", device, seed, progress, on_step)
         for keep in keeps:

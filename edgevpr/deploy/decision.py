@@ -175,8 +175,29 @@ def position(scores: np.ndarray, ids: np.ndarray, coords: Coordinates, hood: Nei
 #: The evidence a calibrated confidence is fitted on, all free at query time (one search DECISION_DEPTH deep).
 FEATURES = ("margin", "top1", "top1_z", "log_spread")
 #: The evidence of a sequence answer: the same statistics over the ranking of trajectory scores, plus ``agree``
-#: (1 when the newest frame's own top-1 lies in the sequence match's neighbourhood, else 0).
-SEQUENCE_FEATURES = (*FEATURES, "agree")
+#: (1 when the newest frame's own top-1 lies in the sequence match's neighbourhood, else 0) and ``steady``
+#: (``steadiness``: how long the sequence match has moved smoothly along the map).
+SEQUENCE_FEATURES = (*FEATURES, "agree", "steady")
+def steadiness(answers: list[int], coords: Coordinates, hood: Neighbourhood, length: int, move: int = 2) -> float:
+    """The sequence matches of the last frames, oldest first (ids, up to ``length``) -> the share of the last
+    ``length - 1`` frame-to-frame steps, counted back from the newest until the first jump, in which the match moved
+    smoothly: into the neighbourhood of the one before, widened by ``move`` database frames when the neighbourhood
+    is counted in frames (a right match moves up to the fastest trajectory's velocity, 1.25 frames, each frame: 2
+    rounded up; a radius in metres already spans a frame's motion). 1.0: smooth for the whole window; 0.0: it
+    just jumped.
+
+    A right sequence match follows the route; a wrong one jumps between look-alike places as the frames come in.
+    Free at query time (the tracker keeps its own last answers)."""
+    if hood.radius_m is None:
+        hood = Neighbourhood(radius_m=None, frames=(hood.frames or 0) + move)
+    steps = 0
+    for k in range(len(answers) - 1, 0, -1):
+        if not hood.near(coords, answers[k - 1], np.array([answers[k]]))[0]:
+            break
+        steps += 1
+    return steps / max(length - 1, 1)
+
+
 #: Top-K poses whose spatial spread is the SUE-style feature (Zaffar et al., CVPR 2024).
 SPREAD_K = 10
 ECE_BINS = 10

@@ -28,6 +28,7 @@ from .decision import (
     calibrate,
     evidence,
     position,
+    steadiness,
 )
 from .embed import embed
 from .index import Match, PlaceIndex, check_model, match_dicts, update_manifest
@@ -313,7 +314,8 @@ class Tracker:
 
     Each sequence answer carries a decision like a single frame's: the position estimate from the best trajectory
     ends in the match's neighbourhood, the evidence (``decision.evidence`` over the ranking of trajectory scores,
-    plus ``agree``: whether the single frame's top-1 lies in the sequence match's neighbourhood) and, with a
+    plus ``agree``: whether the single frame's top-1 lies in the sequence match's neighbourhood, and ``steady``:
+    ``decision.steadiness`` of its last matches) and, with a
     sequence calibration, the calibrated confidence and known/unknown. Until ``length`` frames have been seen the
     answer is ``warming_up`` and never known."""
 
@@ -338,6 +340,7 @@ class Tracker:
         self.hood = hood or Neighbourhood.default(self.coords)
         self.segments = index.segments()
         self.rows: deque[np.ndarray] = deque(maxlen=length)  # a fixed-size ring: constant cost per frame
+        self.answers: deque[int] = deque(maxlen=length)  # the last sequence matches (``steady``)
         self.frames = 0
         self._lines: dict[int, list] = {}
         self.filter = SequenceFilter(len(index), db_segments=self.segments) if method == "filter" else None
@@ -370,6 +373,8 @@ class Tracker:
         j = int(ids[0])
         ev = evidence(scores[ids], ids, self.coords, self.hood)
         ev["agree"] = float(frame_top is not None and bool(self.hood.near(self.coords, j, np.array([frame_top]))[0]))
+        self.answers.append(j)
+        ev["steady"] = steadiness(list(self.answers), self.coords, self.hood, self.length)
         warming, cal = self.frames < self.length, self.calibration
         p = cal.probability(ev) if cal is not None and not warming else None
         decision = {"position": position(scores[ids], ids, self.coords, self.hood, DECISION_DEPTH),
