@@ -21,8 +21,8 @@ rejected.
 With sequences (``--sequence L``, default 10): each query set (and each unknown-place set) is streamed as one
 capture sequence, as ``localize --sequence`` does (row z-scores, SeqSLAM trajectories over the last L frames);
 the answer is the sequence match, the estimators are the same statistics over the ranking of trajectory scores
-plus ``agree`` (the frame's own top-1 in the sequence match's neighbourhood) and ``steady`` (how many of the last L-1
-steps the sequence match moved within its neighbourhood, ``decision.steadiness``), fused by the sequence calibration.
+plus ``agree`` (the frame's own top-1 in the sequence match's neighbourhood) and ``steady`` (the streak of smooth
+steps of the sequence match over the last L-1 frames, ``decision.steadiness``), fused by the sequence calibration.
 The first L-1 frames of each sequence are warm-up (never known) and left out.
 No Corridor data is available here. Writes benchmarks/results/confidence.{json,md}.
 """

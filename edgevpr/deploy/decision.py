@@ -178,6 +178,8 @@ FEATURES = ("margin", "top1", "top1_z", "log_spread")
 #: (1 when the newest frame's own top-1 lies in the sequence match's neighbourhood, else 0) and ``steady``
 #: (``steadiness``: how long the sequence match has moved smoothly along the map).
 SEQUENCE_FEATURES = (*FEATURES, "agree", "steady")
+
+
 def steadiness(answers: list[int], coords: Coordinates, hood: Neighbourhood, length: int, move: int = 2) -> float:
     """The sequence matches of the last frames, oldest first (ids, up to ``length``) -> the share of the last
     ``length - 1`` frame-to-frame steps, counted back from the newest until the first jump, in which the match moved
