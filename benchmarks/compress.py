@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heldout import ROOT, data_root  # noqa: E402
 
-from edgevpr.compress.budget import DISTIL_SIZES, DISTIL_STEPS, compress  # noqa: E402
+from edgevpr.compress.budget import DISTIL_SIZES, DISTIL_STEPS, choice_key, compress  # noqa: E402
 from edgevpr.utils import write_json, write_text  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
@@ -102,11 +102,6 @@ def se(p: float, n: int) -> float:
     return (p * (1 - p) / n) ** 0.5
 
 
-def label_free(cands: list[dict]) -> dict:
-    """The candidate ``compress --choose-by agreement`` picks among ``cands``."""
-    return max(cands, key=lambda c: (c["agreement"], c.get("teacher_cos") or 0.0, -c["ms"]))
-
-
 def table(res: dict) -> str:
     name = res.get("name", "compress")
     lines = [f"# `edgevpr compress` on real maps (`python benchmarks/compress.py --name {name}`)", "",
@@ -141,11 +136,11 @@ def table(res: dict) -> str:
         plain = [c for c in within if not c.get("distilled")]
         rows = []
         if plain and r.get("chosen") and r["chosen"].get("distilled"):
-            rows.append(("label-free, undistilled only", label_free(plain)))
+            rows.append(("label-free, undistilled only", max(plain, key=choice_key("agreement"))))
         if r.get("chosen"):
             rows.append(("chosen (label-free)", r["chosen"]))
             rows.append(("best R@1 within budget (picked with labels: optimistic)",
-                         max(within, key=lambda c: (c["accuracy"], -c["ms"]))))
+                         max(within, key=choice_key("accuracy"))))
         for what, c in rows:
             share = c["accuracy"] / t["accuracy"] if t["accuracy"] else float("nan")
             lines.append(f"| {name} | {what}: {c['name']} | {c['image_size'][0]}x{c['image_size'][1]} | "

@@ -292,7 +292,7 @@ def test_live_sequence_tracking_on_real_frames(gp_index, method):
         desc = np.concatenate([loc.embed([load_image(p)]) for p in night])
         offline, _ = seqslam(loc.index.similarities(desc), length=5, db_segments=loc.index.segments())
         np.testing.assert_array_equal(seq, offline)
-    if method == "seqslam":  # ``steady``: the streak of smooth steps of these very answers, counted back
+        # ``steady``: the streak of smooth steps of these very answers, counted back
         hood = Neighbourhood.default(loc.index.coordinates())
         steady = [a.sequence["decision"]["evidence"]["steady"] for _, a, _ in answers]
         assert steady == [steadiness(list(seq[max(0, i - 4):i + 1]), loc.index.coordinates(), hood, 5)

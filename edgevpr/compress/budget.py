@@ -177,6 +177,14 @@ def distil(teacher: str, tm, rows: list, size: tuple[int, int], steps: int, min_
     return load_model(str(run / "final")).eval(), {"steps": steps, "train_cos_first": cos[0], "train_cos_last": cos[-1]}
 
 
+def choice_key(choose_by: str) -> Callable[[dict], tuple]:
+    """The ranking of candidate records that ``compress`` chooses by: ``accuracy`` (ties: the faster) or
+    ``agreement`` (ties: ``teacher_cos``, then the faster)."""
+    if choose_by == "accuracy":
+        return lambda r: (r["accuracy"], -r["ms"])
+    return lambda r: (r["agreement"], r.get("teacher_cos") or 0.0, -r["ms"])
+
+
 def candidate_name(size: tuple[int, int], keep: float | None, int8: bool, distilled: bool = False) -> str:
     """E.g. ``96x96-distilled-keep0.5-int8``."""
     return (f"{size[0]}x{size[1]}" + ("-distilled" if distilled else "") + ("" if keep is None else f"-keep{keep:g}")
@@ -349,8 +357,7 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
     stages["distil_s"] = time.perf_counter() - t0
 
     within = [r for r in results if r["ms"] <= budget_ms]
-    best = max(within, key=lambda r: (r["accuracy"], -r["ms"]) if choose_by == "accuracy" else
-               (r["agreement"], r["teacher_cos"] or 0.0, -r["ms"]))
+    best = max(within, key=choice_key(choose_by))
     shutil.copyfile(out / "candidates" / f"{best['name'].rsplit('-', 1)[0]}.onnx", out / ".model.onnx.tmp")
     os.replace(out / ".model.onnx.tmp", out / "model.onnx")
     report = {"teacher": {**t_rec, "spec": teacher}, "chosen": best, "budget_ms": budget_ms, "metric": metric,
