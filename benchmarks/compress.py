@@ -55,6 +55,9 @@ def main() -> None:
     ap.add_argument("--nordland-places", type=int, nargs=2, default=[1500, 2500], metavar=("FROM", "TO"),
                     help="Nordland places of the summer map and its winter queries (default 1500 2500)")
     ap.add_argument("--name", default="compress", help="results file stem in benchmarks/results (default compress)")
+    ap.add_argument("--maps", nargs="+", choices=["gardens_point", "nordland"], default=["gardens_point", "nordland"],
+                    help="maps to run (default both)")
+    ap.add_argument("--ternary", action="store_true", help="also a TAT-VPR ternary candidate (default off)")
     args = ap.parse_args()
     data = data_root()
     gp, nl = data / "gardens_point", data / "nordland_64x32"
@@ -62,6 +65,7 @@ def main() -> None:
     maps = {"gardens_point": (sorted((gp / "day_right").glob("*.jpg"))[g],
                               sorted((gp / "night_right").glob("*.jpg"))[g], 2),
             "nordland": (sorted((nl / "summer").glob("*.png"))[n], sorted((nl / "winter").glob("*.png"))[n], 1)}
+    maps = {k: v for k, v in maps.items() if k in args.maps}
     work = Path(args.work or tempfile.mkdtemp(dir=os.environ.get("TMPDIR")))
     work.mkdir(parents=True, exist_ok=True)
     res = {"teacher": args.teacher, "threads": args.threads, "maps": {}, "name": args.name, "sizes": args.sizes,
@@ -77,11 +81,13 @@ def main() -> None:
         try:
             r = compress(args.teacher, work / f"{name}-map.csv", budget, work / name,
                          queries=work / f"{name}-q.csv", aligned=tol, threads=args.threads, sizes=tuple(args.sizes),
-                         distil_steps=args.distil_steps, distil_sizes=args.distil_sizes, choose_by="agreement")
+                         distil_steps=args.distil_steps, distil_sizes=args.distil_sizes, choose_by="agreement",
+                         ternary=args.ternary)
         except ValueError as e:
             r = {**probe, "chosen": None, "budget_ms": budget, "error": str(e)}
         # the first pass measured the teacher and the plain candidates, the second (reusing them) distilled
-        r["stages_s"] = {**probe["stages_s"], "distil_s": r.get("stages_s", {}).get("distil_s", 0.0)}
+        r["stages_s"] = {**probe["stages_s"], **{k: r.get("stages_s", {}).get(k, 0.0) for k in ("distil_s", "ternary_s")
+                                                  if k in r.get("stages_s", {}) or k == "distil_s"}}
         r["distil_steps"], r["distil_sizes"] = args.distil_steps, args.distil_sizes
         r["wall_s"] = time.perf_counter() - t0
         if args.stages_from:  # this pass reused that run's work and did the rest: a user waits for both
@@ -134,6 +140,7 @@ def table(res: dict) -> str:
                      f"{t['accuracy']:.3f} | 1.000 | {t['ms']:.2f} | {t['mb']:.1f} | 1.00 |")
         within = [c for c in r["candidates"] if c["ms"] <= r["budget_ms"]]
         plain = [c for c in within if not c.get("distilled")]
+        ternary = [c for c in within if c.get("kind") == "ternary"]
         rows = []
         if plain and r.get("chosen") and r["chosen"].get("distilled"):
             rows.append(("label-free, undistilled only", max(plain, key=choice_key("agreement"))))
@@ -141,6 +148,8 @@ def table(res: dict) -> str:
             rows.append(("chosen (label-free)", r["chosen"]))
             rows.append(("best R@1 within budget (picked with labels: optimistic)",
                          max(within, key=choice_key("accuracy"))))
+        if ternary:
+            rows.append(("best ternary (TAT-VPR stage 1) by agreement", max(ternary, key=choice_key("agreement"))))
         for what, c in rows:
             share = c["accuracy"] / t["accuracy"] if t["accuracy"] else float("nan")
             lines.append(f"| {name} | {what}: {c['name']} | {c['image_size'][0]}x{c['image_size'][1]} | "

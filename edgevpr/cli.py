@@ -487,8 +487,7 @@ def cmd_compress(args) -> int:
                  radius=args.radius, sizes=tuple(args.sizes), dims=tuple(args.dims), threads=args.threads,
                  holdout=args.holdout, exclude=args.exclude, keep_ratios=tuple(args.keep_ratios),
                  distil_steps=args.distil_steps, distil_sizes=args.distil_sizes, device=args.device,
-                 choose_by=args.choose_by,
-                 seed=args.seed, progress=not args.quiet)
+                 choose_by=args.choose_by, ternary=args.ternary, seed=args.seed, progress=not args.quiet)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -934,6 +933,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--choose-by", choices=["accuracy", "agreement"], default="accuracy",
                     help="accuracy: R@1 with ground truth, else agreement; agreement: label-free even with ground "
                          "truth, R@1 still reported (default accuracy)")
+    cp.add_argument("--ternary", action="store_true",
+                    help="also train a TAT-VPR ternary candidate (ViT teachers; int8, at the largest input size that "
+                         "meets the budget; default off: on onnxruntime it runs no faster than the int8 twin)")
     cp.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     cp.add_argument("--json", action="store_true", help="print the report as JSON")
     cp.add_argument("--quiet", action="store_true", help="no progress bars")

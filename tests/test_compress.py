@@ -10,6 +10,8 @@ import torch
 
 from edgevpr.cli import main
 from edgevpr.compress.budget import accuracy, compress, split
+from edgevpr.compress.ternary import TernaryLinear
+from edgevpr.eval.extract import extract
 from edgevpr.models.model import load_model, save_model
 from tests.conftest import TINY_MODEL, shared_data
 
@@ -97,7 +99,8 @@ def test_an_unreachable_budget_is_one_line_naming_the_fastest_candidate(teacher,
 def test_a_weitop_teacher_is_tried_at_keep_ratios_and_its_students_train_at_sampled_ones(tmp_path):
     """A model with a WeiToP scorer: every size is also exported with the keep ratio baked in (a pruned export
     computes other descriptors than the unpruned one), and the distilled student trains at keep ratios drawn
-    from [min keep, 1]; with ``distil_sizes=1`` only the largest smaller size gets a student."""
+    from [min keep, 1]; with ``distil_sizes=1`` only the largest smaller size gets a student. ``ternary``: a TAT-VPR
+    stage-1 candidate too."""
     torch.manual_seed(0)
     spec = {"backbone": {"name": "dinov2_vits14", "weights": None, "depth": 4, "init_values": 1.0,
                          "pruning": {"block": 2, "method": "weitop"}},
@@ -106,11 +109,27 @@ def test_a_weitop_teacher_is_tried_at_keep_ratios_and_its_students_train_at_samp
     save_model(load_model(spec), tmp_path / "teacher")
     images = str(shared_data() / "gardens_point" / "day_right")
     r = compress(str(tmp_path / "teacher"), images, 1e6, tmp_path / "c", sizes=(1.0, 0.75, 0.5), dims=(0,),
-                 keep_ratios=(0.5,), distil_steps=4, distil_sizes=1, progress=False)
+                 keep_ratios=(0.5,), distil_steps=4, distil_sizes=1, progress=False, ternary=True)
     got = {c["name"].rsplit("-", 1)[0]: c for c in r["candidates"]}  # a student at the largest smaller size only
     assert set(got) == {f"{s}{d}-keep{k}-{t}" for s, d in (("84x84", ""), ("56x56", ""), ("42x42", ""),
                                                             ("56x56", "-distilled"))
-                        for k in ("1", "0.5") for t in ("fp32", "int8")}
+                        for k in ("1", "0.5") for t in ("fp32", "int8")} | {"84x84-ternary-keep1-int8",
+                                                                             "84x84-ternary-keep0.5-int8"}
+    # TAT-VPR stage 1: the teacher's latent weights made ternary, token-distilled towards the teacher; int8 only, at
+    # the largest size within budget, timed as its int8 twin
+    assert got["84x84-ternary-keep0.5-int8"]["ms"] == got["84x84-keep0.5-int8"]["ms"]
+    assert "ternary" not in " ".join(r["not_tried"]) and r["stages_s"]["ternary_s"] > 0
+    conf = json.loads((tmp_path / "c" / "train" / "84x84-ternary" / "config.json").read_text())
+    assert {"name": "token_distill"} in conf["loss"]["terms"] and conf["model"].endswith("ternary-start")
+    start, trained = load_model(conf["model"]), load_model(str(tmp_path / "c" / "train" / "84x84-ternary" / "final"))
+    t_sd = load_model(str(tmp_path / "teacher")).state_dict()
+    assert all(torch.equal(v, t_sd[k]) for k, v in start.state_dict().items())
+    layers = [m for m in trained.modules() if isinstance(m, TernaryLinear)]
+    assert len(layers) == 4 * 4 - 2 and all(set(m.quantized()[0].unique().tolist()) <= {-1, 0, 1} for m in layers)
+    paths = sorted((shared_data() / "gardens_point" / "day_left").glob("*.jpg"))[:20]
+    d_t, d_0, d_1 = (extract(m, paths, progress=False).descriptors for m in (
+        load_model(str(tmp_path / "teacher")), start, trained))
+    assert (d_1 * d_t).sum(1).mean() > (d_0 * d_t).sum(1).mean() + 0.05  # measured 0.86 vs 0.74
     assert got["84x84-keep1-fp32"]["teacher_cos"] > 0.9999  # the teacher's own export
     assert got["84x84-keep0.5-fp32"]["teacher_cos"] < 0.999 and got["84x84-keep0.5-fp32"]["keep_ratio"] == 0.5
     conf = json.loads((tmp_path / "c" / "train" / "56x56-distilled" / "config.json").read_text())

@@ -65,8 +65,8 @@ KEEPS = (0.75, 0.5)
 DISTIL_STEPS, DISTIL_BATCH, DISTIL_LR, DISTIL_SIZES = 300, 16, 1e-4, 2
 #: batch-1 timing: warm-up runs, then the median of this many
 WARMUP, REPEATS = 3, 15
-NOT_TRIED = ["ternary linears distilled from the teacher's tokens (TAT-VPR stage 1)",
-             "a WeiToP token-pruning scorer for a teacher that has none (one that has it is tried at keep ratios)",
+TERNARY_NOT_TRIED = "ternary linears distilled from the teacher's tokens (TAT-VPR stage 1; --ternary)"
+NOT_TRIED = ["a WeiToP token-pruning scorer for a teacher that has none (one that has it is tried at keep ratios)",
              "distillation into a smaller architecture of the zoo"]
 
 
@@ -128,22 +128,26 @@ def teacher_cosine(student: np.ndarray, teacher: np.ndarray) -> float | None:
 
 
 def distil_config(teacher: str, manifest: Path, teacher_size: tuple[int, int], size: tuple[int, int], steps: int,
-                  min_keep: float | None, device: str, seed: int) -> dict:
+                  min_keep: float | None, device: str, seed: int, start: str | None = None) -> dict:
     """The training config of a distilled candidate (``edgevpr train`` runs it, so it checkpoints and resumes):
     the teacher's own weights as the start, every layer trained at input ``size`` (normalisation statistics frozen,
     so training computes exactly what is deployed) on RandAugmented map images (one per draw, ``DISTIL_BATCH`` a
     batch) to reproduce the frozen teacher's descriptor of the clean image at its own size
     (``descriptor_distill``) and its in-batch similarities (``similarity_distill``). No label is used
     (Multi-Similarity weight 0): the teacher is the target, as in TAT-VPR's stage 1, whose student also sees
-    RandAugmented images and the teacher clean ones."""
-    return {"seed": seed, "model": teacher, "device": device,
+    RandAugmented images and the teacher clean ones.
+
+    ``start``: a ternary start (``ternary_start``) instead of the teacher: TAT-VPR stage 1 then also regresses the
+    teacher's patch-token map (``token_distill``), which is what stage 1 trains on; the descriptor terms stay, as
+    the candidate keeps the teacher's aggregator and must give its descriptor."""
+    terms = [{"name": "descriptor_distill"}, {"name": "similarity_distill"}]
+    return {"seed": seed, "model": start or teacher, "device": device,
             "teacher": {"model": teacher, "image_size": list(teacher_size)},
             "data": {"places": [{"manifest": str(manifest)}], "sampler": "images", "images_per_place": 1,
                      "min_images": 1, "places_per_batch": DISTIL_BATCH, "image_size": list(size),
                      "augment": "rand-m9-n2"},
             "trainable": {"mode": "all", "norm_stats": "frozen"},
-            "loss": {"ms": {"weight": 0.0},
-                     "terms": [{"name": "descriptor_distill"}, {"name": "similarity_distill"}]},
+            "loss": {"ms": {"weight": 0.0}, "terms": terms + ([{"name": "token_distill"}] if start else [])},
             "optimizer": {"name": "adamw", "lr": DISTIL_LR, "weight_decay": 1e-4},
             "schedule": {"name": "cosine", "warmup_steps": min(20, steps // 10)},
             "steps": steps, "checkpoint_every": max(1, min(50, steps // 4)),
@@ -153,11 +157,37 @@ def distil_config(teacher: str, manifest: Path, teacher_size: tuple[int, int], s
             "knobs": {} if min_keep is None else {"keep_ratio": {"uniform": [min_keep, 1.0]}}}
 
 
+def ternary_start(tm, folder: Path) -> str | None:
+    """The teacher with TAT-VPR ternary linears (``ternary: {}``: attention and FFN linears of every block, the last
+    FFN full precision), its latent weights the teacher's, saved in ``folder`` once -> the folder; None when the
+    teacher has no such linear (a CNN) or is ternary already."""
+    import copy
+
+    from ..compress.ternary import target_layers
+    from ..models.model import build_model, save_model
+
+    if tm.config.get("ternary") is not None or not target_layers(tm.backbone):
+        return None
+    if not (folder / "config.json").is_file():
+        cfg = copy.deepcopy(tm.config)
+        cfg.update(ternary={}, name=f"{tm.name}-ternary")
+        for key in ("fingerprint", "format_version", "packed"):
+            cfg.pop(key, None)
+        cfg["backbone"]["weights"] = None
+        if cfg["backbone"].get("stem"):
+            cfg["backbone"]["stem"]["weights"] = None
+        model = build_model(cfg)
+        model.load_state_dict(tm.state_dict())  # TernaryLinear keeps nn.Linear's keys: the teacher's latent weights
+        save_model(model, folder)
+    return str(folder)
+
+
 def distil(teacher: str, tm, rows: list, size: tuple[int, int], steps: int, min_keep: float | None, run: Path,
-           device: str, seed: int, progress: bool, on_step: Callable[[int, dict], None] | None = None):
+           device: str, seed: int, progress: bool, on_step: Callable[[int, dict], None] | None = None,
+           start: str | None = None):
     """Train (or resume, or reuse) the distilled student of ``teacher`` at ``size`` on the map ``rows`` in ``run``
-    -> (the student in eval mode, its training record: steps, the batch's mean cosine to the teacher at the first
-    and the last step)."""
+    (``start``: a ternary start, ``distil_config``) -> (the student in eval mode, its training record: steps, the
+    batch's mean cosine to the teacher at the first and the last step)."""
     from ..models.model import load_model
     from ..train.loop import train
 
@@ -170,7 +200,7 @@ def distil(teacher: str, tm, rows: list, size: tuple[int, int], steps: int, min_
         w.writerows([str(Path(r.path).resolve()), "nan", "nan", f"{i:09d}"] for i, r in enumerate(rows))
         write_text(manifest, buf.getvalue())
     if not (run / "final" / "model.safetensors").is_file():
-        train(distil_config(teacher, manifest, tuple(tm.image_size), size, steps, min_keep, device, seed), run,
+        train(distil_config(teacher, manifest, tuple(tm.image_size), size, steps, min_keep, device, seed, start), run,
               resume=(run / "checkpoints" / "latest.json").is_file(), progress=progress, on_step=on_step)
     with open(run / "metrics.csv", newline="") as f:
         cos = [1 - float(r["loss/descriptor_distill"]) for r in csv.DictReader(f)]
@@ -185,9 +215,9 @@ def choice_key(choose_by: str) -> Callable[[dict], tuple]:
     return lambda r: (r["agreement"], r.get("teacher_cos") or 0.0, -r["ms"])
 
 
-def candidate_name(size: tuple[int, int], keep: float | None, int8: bool, distilled: bool = False) -> str:
-    """E.g. ``96x96-distilled-keep0.5-int8``."""
-    return (f"{size[0]}x{size[1]}" + ("-distilled" if distilled else "") + ("" if keep is None else f"-keep{keep:g}")
+def candidate_name(size: tuple[int, int], keep: float | None, int8: bool, kind: str = "") -> str:
+    """E.g. ``96x96-distilled-keep0.5-int8`` (kind: "" plain, "distilled" or "ternary")."""
+    return (f"{size[0]}x{size[1]}" + (f"-{kind}" if kind else "") + ("" if keep is None else f"-keep{keep:g}")
             + ("-int8" if int8 else "-fp32"))
 
 
@@ -223,7 +253,7 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
              sizes: tuple[float, ...] = SIZES, dims: tuple[int, ...] = DIMS, threads: int | None = None,
              holdout: int = 10, exclude: int = 2, keep_ratios: tuple[float, ...] = KEEPS,
              distil_steps: int = DISTIL_STEPS, distil_sizes: int = DISTIL_SIZES, device: str = "auto",
-             choose_by: str = "accuracy",
+             choose_by: str = "accuracy", ternary: bool = False,
              seed: int = 0, progress: bool = True, on_candidate: Callable[[str], None] | None = None,
              on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Run the stages (module docstring) -> the report (also in ``out/report.json``)."""
@@ -293,10 +323,13 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
     results: list[dict] = []
     timed: dict[str, float] = {}
 
-    def evaluate(model, size: tuple[int, int], keep: float | None, int8: bool, distilled: dict | None = None) -> None:
+    def evaluate(model, size: tuple[int, int], keep: float | None, int8: bool, distilled: dict | None = None,
+                 kind: str = "distilled") -> None:
         """Export ``model`` at ``size`` (keep ratio ``keep`` baked in, int8 or fp32), time it, score it at every dim;
-        cached in candidates/. ``distilled``: its training record; it then takes its plain twin's time."""
-        name = candidate_name(size, keep, int8, distilled is not None)
+        cached in candidates/. ``distilled``: a trained candidate's record (``kind``: distilled or ternary); it then
+        takes its plain twin's time."""
+        kind = kind if distilled is not None else ""
+        name = candidate_name(size, keep, int8, kind)
         twin = candidate_name(size, keep, int8) if distilled is not None else None
         onnx = out / "candidates" / f"{name}.onnx"
 
@@ -316,7 +349,8 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
                                "agreement": accuracy(got, ref)})
             return {"name": name, "image_size": list(size), "keep_ratio": keep, "int8": int8,
                     "ms": time_onnx(onnx, size, threads), "mb": onnx.stat().st_size / 1e6,
-                    "teacher_cos": teacher_cosine(c_q, t_q), "distilled": distilled, "by_dim": by_dim}
+                    "teacher_cos": teacher_cosine(c_q, t_q), "distilled": distilled, "kind": kind or "plain",
+                    "by_dim": by_dim}
 
         rec = _cached(out / "candidates" / f"{name}.json", make)
         if twin is not None:  # the same graph as a plain candidate: one time per graph, so that timing noise cannot
@@ -356,6 +390,20 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
                 evaluate(student, size, keep, int8, log)
     stages["distil_s"] = time.perf_counter() - t0
 
+    # TAT-VPR stage 1 (opt-in): ternary linears from the teacher's weights, distilled at the largest input size whose
+    # int8 candidate meets the budget (the teacher's own included), exported int8 only (the int8 export of a ternary
+    # matrix is exact; its fp32 export is as slow as the teacher's fp32 graph)
+    start = ternary_start(tm, out / "train" / "ternary-start") if ternary and distil_steps else None
+    if start is not None:
+        t0 = time.perf_counter()
+        size = max((tuple(r["image_size"]) for r in within if r["int8"]), key=lambda hw: hw[0] * hw[1])
+        # trained unpruned (token distillation needs the whole patch grid), exported at every keep ratio
+        student, log = distil(teacher, tm, train_rows, size, distil_steps, None,
+                              out / "train" / f"{size[0]}x{size[1]}-ternary", device, seed, progress, on_step, start)
+        for keep in keeps:
+            evaluate(student, size, keep, True, log, "ternary")
+        stages["ternary_s"] = time.perf_counter() - t0
+
     within = [r for r in results if r["ms"] <= budget_ms]
     best = max(within, key=choice_key(choose_by))
     shutil.copyfile(out / "candidates" / f"{best['name'].rsplit('-', 1)[0]}.onnx", out / ".model.onnx.tmp")
@@ -365,7 +413,8 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
               "queries": "given" if queries is not None else f"every {holdout}th map image, +-{exclude} neighbours "
                                                              "left out of its search",
               "n_queries": len(q_paths), "n_database": len(db_paths), "threads": threads, "candidates": results,
-              "stages_s": stages, "not_tried": NOT_TRIED,
+              "stages_s": stages,
+              "not_tried": NOT_TRIED if start is not None else [TERNARY_NOT_TRIED, *NOT_TRIED],
               "deploy": f"edgevpr index build --model {out / 'model.onnx'} --images MAP"
                         + (f" --dim {best['dim']}" if best["dim"] < results[0]["dim"] else "") + " --out MAP.index"}
     write_json(out / "report.json", report)
@@ -409,11 +458,12 @@ def frontier_plot(r: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     cs = r["candidates"]
     for int8, colour in ((False, "tab:blue"), (True, "tab:orange")):
-        for distilled, marker in ((False, "o"), (True, "^")):
-            pts = [c for c in cs if c["int8"] == int8 and bool(c.get("distilled")) == distilled]
+        for kind, marker in (("plain", "o"), ("distilled", "^"), ("ternary", "s")):
+            pts = [c for c in cs if c["int8"] == int8 and c.get("kind", "distilled" if c.get("distilled") else
+                                                                      "plain") == kind]
             if pts:
                 ax.scatter([c["ms"] for c in pts], [c["accuracy"] for c in pts], c=colour, s=22, marker=marker,
-                           label=("int8" if int8 else "fp32") + (", distilled" if distilled else ""))
+                           label=("int8" if int8 else "fp32") + ("" if kind == "plain" else f", {kind}"))
     t, best = r["teacher"], r["chosen"]
     ax.scatter([t["ms"]], [t["accuracy"]], marker="*", s=120, c="k", label="teacher")
     ax.scatter([best["ms"]], [best["accuracy"]], s=160, facecolors="none", edgecolors="tab:green", linewidths=2,
