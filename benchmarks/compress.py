@@ -86,8 +86,9 @@ def main() -> None:
         except ValueError as e:
             r = {**probe, "chosen": None, "budget_ms": budget, "error": str(e)}
         # the first pass measured the teacher and the plain candidates, the second (reusing them) distilled
-        r["stages_s"] = {**probe["stages_s"], **{k: r.get("stages_s", {}).get(k, 0.0) for k in ("distil_s", "ternary_s")
-                                                  if k in r.get("stages_s", {}) or k == "distil_s"}}
+        later = r.get("stages_s", {})
+        r["stages_s"] = {**probe["stages_s"], "distil_s": later.get("distil_s", 0.0),
+                         **{k: v for k, v in later.items() if k == "ternary_s"}}
         r["distil_steps"], r["distil_sizes"] = args.distil_steps, args.distil_sizes
         r["wall_s"] = time.perf_counter() - t0
         if args.stages_from:  # this pass reused that run's work and did the rest: a user waits for both
