@@ -66,8 +66,7 @@ DISTIL_STEPS, DISTIL_BATCH, DISTIL_LR, DISTIL_SIZES = 300, 16, 1e-4, 2
 #: batch-1 timing: warm-up runs, then the median of this many
 WARMUP, REPEATS = 3, 15
 TERNARY_NOT_TRIED = "ternary linears distilled from the teacher's tokens (TAT-VPR stage 1; --ternary)"
-NOT_TRIED = ["a WeiToP token-pruning scorer for a teacher that has none (one that has it is tried at keep ratios)",
-             "distillation into a smaller architecture of the zoo"]
+NOT_TRIED = ["distillation into a smaller architecture of the zoo"]
 
 
 def accuracy(top1: np.ndarray, teacher_top1: np.ndarray, positives: list[np.ndarray] | None = None) -> float:
@@ -127,67 +126,108 @@ def teacher_cosine(student: np.ndarray, teacher: np.ndarray) -> float | None:
     return float(np.mean(np.sum(a * b, axis=1)))
 
 
+def _map_data(manifest: Path, size: tuple[int, int]) -> dict:
+    """The training data of every label-free stage: the map's images (``manifest``), one per draw, ``DISTIL_BATCH``
+    a batch, RandAugmented, at input ``size``."""
+    return {"places": [{"manifest": str(manifest)}], "sampler": "images", "images_per_place": 1, "min_images": 1,
+            "places_per_batch": DISTIL_BATCH, "image_size": list(size), "augment": "rand-m9-n2"}
+
+
+def _schedule(steps: int) -> dict:
+    return {"schedule": {"name": "cosine", "warmup_steps": min(20, steps // 10)}, "steps": steps,
+            "checkpoint_every": max(1, min(50, steps // 4))}
+
+
 def distil_config(teacher: str, manifest: Path, teacher_size: tuple[int, int], size: tuple[int, int], steps: int,
                   min_keep: float | None, device: str, seed: int, start: str | None = None) -> dict:
     """The training config of a distilled candidate (``edgevpr train`` runs it, so it checkpoints and resumes):
     the teacher's own weights as the start, every layer trained at input ``size`` (normalisation statistics frozen,
-    so training computes exactly what is deployed) on RandAugmented map images (one per draw, ``DISTIL_BATCH`` a
-    batch) to reproduce the frozen teacher's descriptor of the clean image at its own size
-    (``descriptor_distill``) and its in-batch similarities (``similarity_distill``). No label is used
-    (Multi-Similarity weight 0): the teacher is the target, as in TAT-VPR's stage 1, whose student also sees
-    RandAugmented images and the teacher clean ones.
+    so training computes exactly what is deployed) on RandAugmented map images (``_map_data``) to reproduce the
+    frozen teacher's descriptor of the clean image at its own size (``descriptor_distill``) and its in-batch
+    similarities (``similarity_distill``). No label is used (Multi-Similarity weight 0): the teacher is the target,
+    as in TAT-VPR's stage 1, whose student also sees RandAugmented images and the teacher clean ones.
 
     ``start``: a ternary start (``ternary_start``) instead of the teacher: TAT-VPR stage 1 then also regresses the
     teacher's patch-token map (``token_distill``), which is what stage 1 trains on; the descriptor terms stay, as
     the candidate keeps the teacher's aggregator and must give its descriptor."""
     terms = [{"name": "descriptor_distill"}, {"name": "similarity_distill"}]
     return {"seed": seed, "model": start or teacher, "device": device,
-            "teacher": {"model": teacher, "image_size": list(teacher_size)},
-            "data": {"places": [{"manifest": str(manifest)}], "sampler": "images", "images_per_place": 1,
-                     "min_images": 1, "places_per_batch": DISTIL_BATCH, "image_size": list(size),
-                     "augment": "rand-m9-n2"},
+            "teacher": {"model": teacher, "image_size": list(teacher_size)}, "data": _map_data(manifest, size),
             "trainable": {"mode": "all", "norm_stats": "frozen"},
             "loss": {"ms": {"weight": 0.0}, "terms": terms + ([{"name": "token_distill"}] if start else [])},
-            "optimizer": {"name": "adamw", "lr": DISTIL_LR, "weight_decay": 1e-4},
-            "schedule": {"name": "cosine", "warmup_steps": min(20, steps // 10)},
-            "steps": steps, "checkpoint_every": max(1, min(50, steps // 4)),
+            "optimizer": {"name": "adamw", "lr": DISTIL_LR, "weight_decay": 1e-4}, **_schedule(steps),
             # a WeiToP model: a keep ratio drawn per step, as its own recipe trains, so the student learns to give
             # the teacher's unpruned full-size descriptor from the tokens it keeps (WeiToP's self-distillation, with
             # the teacher as the unpruned target)
             "knobs": {} if min_keep is None else {"keep_ratio": {"uniform": [min_keep, 1.0]}}}
 
 
-def ternary_start(tm, folder: Path) -> str | None:
-    """The teacher with TAT-VPR ternary linears (``ternary: {}``: attention and FFN linears of every block, the last
-    FFN full precision), its latent weights the teacher's, saved in ``folder`` once -> the folder; None when the
-    teacher has no such linear (a CNN) or is ternary already."""
+def scorer_config(start: str, manifest: Path, size: tuple[int, int], steps: int, min_keep: float, device: str,
+                  seed: int) -> dict:
+    """The training config of a WeiToP scorer for a teacher that has none (``scorer_start``): only the scorer
+    trains (every other weight stays the teacher's), by WeiToP's self-distillation (``weitop_distill``: its token
+    scores learn the aggregator's own token importance on the unpruned tokens), at keep ratios drawn from
+    [``min_keep``, 1] per step on the map's images, with the recipe's weight and learning rate
+    (configs/weitop/cpu-weiad.yaml). Label-free by construction."""
+    return {"seed": seed, "model": start, "device": device, "data": _map_data(manifest, size),
+            "trainable": {"mode": "match", "patterns": [r"^backbone\.pruner\."], "norm_stats": "frozen"},
+            "loss": {"ms": {"weight": 0.0}, "terms": [{"name": "weitop_distill", "weight": 100.0}]},
+            "optimizer": {"name": "adamw", "lr": 2e-4, "weight_decay": 1e-4}, **_schedule(steps),
+            "knobs": {"keep_ratio": {"uniform": [min_keep, 1.0]}}}
+
+
+def _start(tm, folder: Path, name: str, change: Callable[[dict], None]) -> str:
+    """``tm`` rebuilt from its config as edited by ``change`` and given its weights (new parameters keep their
+    initialisation), saved in ``folder`` once -> the folder."""
     import copy
 
-    from ..compress.ternary import target_layers
     from ..models.model import build_model, save_model
 
-    if tm.config.get("ternary") is not None or not target_layers(tm.backbone):
-        return None
     if not (folder / "config.json").is_file():
         cfg = copy.deepcopy(tm.config)
-        cfg.update(ternary={}, name=f"{tm.name}-ternary")
         for key in ("fingerprint", "format_version", "packed"):
             cfg.pop(key, None)
-        cfg["backbone"]["weights"] = None
+        cfg["name"] = f"{tm.name}-{name}"
+        cfg["backbone"]["weights"] = None  # the weights come from tm
         if cfg["backbone"].get("stem"):
             cfg["backbone"]["stem"]["weights"] = None
+        change(cfg)
         model = build_model(cfg)
-        model.load_state_dict(tm.state_dict())  # TernaryLinear keeps nn.Linear's keys: the teacher's latent weights
+        missing, unexpected = model.load_state_dict(tm.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("backbone.pruner.") for k in missing):
+            raise ValueError(f"{folder}: {tm.name}'s weights do not fit its {name} twin ({missing[:3]}, "
+                             f"{unexpected[:3]})")
         save_model(model, folder)
     return str(folder)
 
 
-def distil(teacher: str, tm, rows: list, size: tuple[int, int], steps: int, min_keep: float | None, run: Path,
-           device: str, seed: int, progress: bool, on_step: Callable[[int, dict], None] | None = None,
-           start: str | None = None):
-    """Train (or resume, or reuse) the distilled student of ``teacher`` at ``size`` on the map ``rows`` in ``run``
-    (``start``: a ternary start, ``distil_config``) -> (the student in eval mode, its training record: steps, the
-    batch's mean cosine to the teacher at the first and the last step)."""
+def ternary_start(tm, folder: Path) -> str | None:
+    """The teacher with TAT-VPR ternary linears (``ternary: {}``: attention and FFN linears of every block, the last
+    FFN full precision), its latent weights the teacher's (TernaryLinear keeps nn.Linear's keys), saved in
+    ``folder`` once -> the folder; None when the teacher has no such linear (a CNN) or is ternary already."""
+    from ..compress.ternary import target_layers
+
+    if tm.config.get("ternary") is not None or not target_layers(tm.backbone):
+        return None
+    return _start(tm, folder, "ternary", lambda cfg: cfg.update(ternary={}))
+
+
+def scorer_start(tm, folder: Path) -> str | None:
+    """The teacher with an untrained WeiToP scorer after block round(depth / 4) (the recipe's 3 of 12), saved in
+    ``folder`` once -> the folder; None when it does not apply: not a ViT, a head without token importance (WeiToP's
+    target needs SALAD's or WeiAD's), prompts, or a pruner already."""
+    vit = getattr(tm.backbone, "vit", None)
+    if (vit is None or not hasattr(tm.aggregator, "importance") or getattr(tm.backbone, "pruner", None) is not None
+            or tm.config["backbone"].get("prompts")):
+        return None
+    block = max(1, round(len(vit.blocks) / 4))
+    return _start(tm, folder, "weitop", lambda cfg: cfg["backbone"].update(pruning={"block": block,
+                                                                                     "method": "weitop"}))
+
+
+def _train(rows: list, run: Path, config: Callable[[Path], dict], progress: bool,
+           on_step: Callable[[int, dict], None] | None):
+    """Train (or resume, or reuse) ``config(manifest)`` on the map ``rows`` in ``run`` -> the model in eval mode."""
     from ..models.model import load_model
     from ..train.loop import train
 
@@ -200,11 +240,22 @@ def distil(teacher: str, tm, rows: list, size: tuple[int, int], steps: int, min_
         w.writerows([str(Path(r.path).resolve()), "nan", "nan", f"{i:09d}"] for i, r in enumerate(rows))
         write_text(manifest, buf.getvalue())
     if not (run / "final" / "model.safetensors").is_file():
-        train(distil_config(teacher, manifest, tuple(tm.image_size), size, steps, min_keep, device, seed, start), run,
-              resume=(run / "checkpoints" / "latest.json").is_file(), progress=progress, on_step=on_step)
+        train(config(manifest), run, resume=(run / "checkpoints" / "latest.json").is_file(), progress=progress,
+              on_step=on_step)
+    return load_model(str(run / "final")).eval()
+
+
+def distil(teacher: str, tm, rows: list, size: tuple[int, int], steps: int, min_keep: float | None, run: Path,
+           device: str, seed: int, progress: bool, on_step: Callable[[int, dict], None] | None = None,
+           start: str | None = None):
+    """Train (or resume, or reuse) the distilled student of ``teacher`` at ``size`` on the map ``rows`` in ``run``
+    (``start``: a ternary start, ``distil_config``) -> (the student in eval mode, its training record: steps, the
+    batch's mean cosine to the teacher at the first and the last step)."""
+    student = _train(rows, run, lambda m: distil_config(teacher, m, tuple(tm.image_size), size, steps, min_keep,
+                                                        device, seed, start), progress, on_step)
     with open(run / "metrics.csv", newline="") as f:
         cos = [1 - float(r["loss/descriptor_distill"]) for r in csv.DictReader(f)]
-    return load_model(str(run / "final")).eval(), {"steps": steps, "train_cos_first": cos[0], "train_cos_last": cos[-1]}
+    return student, {"steps": steps, "train_cos_first": cos[0], "train_cos_last": cos[-1]}
 
 
 def choice_key(choose_by: str) -> Callable[[dict], tuple]:
@@ -318,6 +369,18 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
         "ms": time_onnx(teacher_onnx, tuple(tm.image_size), threads), "mb": teacher_onnx.stat().st_size / 1e6,
         "accuracy": accuracy(ref, ref, positives), "agreement": 1.0})
     stages["teacher_s"] = time.perf_counter() - t0
+    spec, scorer = teacher, "the teacher's own" if "keep_ratio" in tm.knob_names() else None
+
+    train_rows = rows if queries is not None else [rows[i] for i in db_ids]  # held-out queries are never trained on
+    # a ViT teacher with a SALAD/WeiAD head but no token pruning: a WeiToP scorer trained for it first; the scored
+    # model computes exactly the teacher at keep ratio 1, so it stands in for the teacher from here on
+    start = scorer_start(tm, out / "train" / "scorer-start") if keep_ratios and distil_steps else None
+    if start is not None:
+        t0 = time.perf_counter()
+        tm = _train(train_rows, out / "train" / "scorer", lambda m: scorer_config(
+            start, m, tuple(tm.image_size), distil_steps, min(keep_ratios), device, seed), progress, on_step)
+        teacher = scorer = str(out / "train" / "scorer" / "final")
+        stages["scorer_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     results: list[dict] = []
@@ -377,7 +440,6 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
                          f"{fastest['ms']:.1f} ms on this CPU ({metric} {fastest['accuracy']:.3f})")
 
     t0 = time.perf_counter()
-    train_rows = rows if queries is not None else [rows[i] for i in db_ids]  # held-out queries are never trained on
     # only sizes whose plain candidate meets the budget are worth training, the largest first: accuracy grows with
     # the input size and each student costs the same training time
     fits = sorted({tuple(r["image_size"]) for r in within if tuple(r["image_size"]) != tuple(tm.image_size)},
@@ -408,12 +470,12 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
     best = max(within, key=choice_key(choose_by))
     shutil.copyfile(out / "candidates" / f"{best['name'].rsplit('-', 1)[0]}.onnx", out / ".model.onnx.tmp")
     os.replace(out / ".model.onnx.tmp", out / "model.onnx")
-    report = {"teacher": {**t_rec, "spec": teacher}, "chosen": best, "budget_ms": budget_ms, "metric": metric,
+    report = {"teacher": {**t_rec, "spec": spec}, "chosen": best, "budget_ms": budget_ms, "metric": metric,
               "chosen_by": metric if choose_by == "accuracy" else "top-1 agreement with the teacher",
               "queries": "given" if queries is not None else f"every {holdout}th map image, +-{exclude} neighbours "
                                                              "left out of its search",
               "n_queries": len(q_paths), "n_database": len(db_paths), "threads": threads, "candidates": results,
-              "stages_s": stages,
+              "stages_s": stages, "weitop_scorer": scorer,
               "not_tried": NOT_TRIED if start is not None else [TERNARY_NOT_TRIED, *NOT_TRIED],
               "deploy": f"edgevpr index build --model {out / 'model.onnx'} --images MAP"
                         + (f" --dim {best['dim']}" if best["dim"] < results[0]["dim"] else "") + " --out MAP.index"}
