@@ -140,10 +140,11 @@ def test_a_weitop_teacher_is_tried_at_keep_ratios_and_its_students_train_at_samp
         compress(str(tmp_path / "teacher"), images, 1e6, tmp_path / "d", keep_ratios=(0, 0.5))
 
 
-def test_a_teacher_without_a_scorer_gets_a_weitop_scorer_trained_by_self_distillation(tmp_path):
+def test_a_teacher_without_a_scorer_gets_a_weitop_scorer_and_a_smaller_student(tmp_path):
     """A ViT + WeiAD teacher without token pruning: a WeiToP scorer is trained for it (only the scorer moves, by
     self-distillation towards the head's own token importance), and every candidate is then tried at keep ratios;
-    at keep 1 the scored model is the teacher."""
+    at keep 1 the scored model is the teacher. A smaller ViT of its family (its first half of blocks, their
+    weights) is distilled from it."""
     torch.manual_seed(0)
     spec = {"backbone": {"name": "dinov2_vits14", "weights": None, "depth": 4, "init_values": 1.0},
             "aggregator": {"name": "weiad", "num_clusters": 4, "cluster_dim": 8, "token_dim": 8},
@@ -176,3 +177,15 @@ def test_a_teacher_without_a_scorer_gets_a_weitop_scorer_trained_by_self_distill
             return float((log_t.exp() * (log_t - log_s)).sum(-1).mean())
 
     assert kl(scored) < 0.5 * kl(start), (kl(scored), kl(start))  # measured 0.0025 vs 0.0091
+    # the smaller ViT of the family: the teacher's first half of blocks (2 of 4), distilled towards the teacher
+    depth_start = load_model(str(tmp_path / "c" / "train" / "depth-start"))
+    assert len(depth_start.backbone.vit.blocks) == 2
+    assert all(torch.equal(v, s_sd[k]) for k, v in depth_start.state_dict().items())
+    small = {k: c for k, c in got.items() if "-depth2-" in k}
+    assert set(small) == {f"56x56-depth2-keep{k}-{t}" for k in ("1", "0.5") for t in ("fp32", "int8")}, set(got)
+    conf = json.loads((tmp_path / "c" / "train" / "56x56-depth2" / "config.json").read_text())
+    assert conf["model"].endswith("depth-start") and conf["teacher"]["model"] == r["weitop_scorer"]
+    assert {"name": "token_distill"} in conf["loss"]["terms"] and {"name": "descriptor_distill"} in \
+        conf["loss"]["terms"]
+    trained = load_model(str(tmp_path / "c" / "train" / "56x56-depth2" / "final")).state_dict()
+    assert any(not torch.equal(v, trained[k]) for k, v in depth_start.state_dict().items() if "blocks" in k)

@@ -47,6 +47,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -63,6 +64,8 @@ DIMS = (0, 512, 256, 128)
 KEEPS = (0.75, 0.5)
 #: distilled candidates: training steps each (0: none), map images a step, learning rate, how many input sizes
 DISTIL_STEPS, DISTIL_BATCH, DISTIL_LR, DISTIL_SIZES = 300, 16, 1e-4, 2
+#: the smaller student's share of the teacher's transformer blocks (``depth_start``)
+DEPTH_FRACTION = 0.5
 #: batch-1 timing: warm-up runs, then the median of this many
 WARMUP, REPEATS = 3, 15
 TERNARY_NOT_TRIED = "ternary linears distilled from the teacher's tokens (TAT-VPR stage 1; --ternary)"
@@ -176,9 +179,10 @@ def scorer_config(start: str, manifest: Path, size: tuple[int, int], steps: int,
             "knobs": {"keep_ratio": {"uniform": [min_keep, 1.0]}}}
 
 
-def _start(tm, folder: Path, name: str, change: Callable[[dict], None]) -> str:
+def _start(tm, folder: Path, name: str, change: Callable[[dict], None], dropped: str = "") -> str:
     """``tm`` rebuilt from its config as edited by ``change`` and given its weights (new parameters keep their
-    initialisation), saved in ``folder`` once -> the folder."""
+    initialisation; ``dropped``: a regular expression of the weights the edit removes), saved in ``folder`` once
+    -> the folder."""
     import copy
 
     from ..models.model import build_model, save_model
@@ -194,6 +198,7 @@ def _start(tm, folder: Path, name: str, change: Callable[[dict], None]) -> str:
         change(cfg)
         model = build_model(cfg)
         missing, unexpected = model.load_state_dict(tm.state_dict(), strict=False)
+        unexpected = [k for k in unexpected if not (dropped and re.match(dropped, k))]
         if unexpected or any(not k.startswith("backbone.pruner.") for k in missing):
             raise ValueError(f"{folder}: {tm.name}'s weights do not fit its {name} twin ({missing[:3]}, "
                              f"{unexpected[:3]})")
@@ -223,6 +228,21 @@ def scorer_start(tm, folder: Path) -> str | None:
     block = max(1, round(len(vit.blocks) / 4))
     return _start(tm, folder, "weitop", lambda cfg: cfg["backbone"].update(pruning={"block": block,
                                                                                      "method": "weitop"}))
+
+
+def depth_start(tm, folder: Path) -> tuple[str, int] | None:
+    """A smaller ViT of the teacher's family: its first ``round(depth * DEPTH_FRACTION)`` blocks (their weights, the
+    teacher's head and final norm on top), saved in ``folder`` once -> (the folder, its depth); None when it does
+    not apply (not a ViT, prompts, or a pruner at or after the cut)."""
+    vit = getattr(tm.backbone, "vit", None)
+    if vit is None or tm.config["backbone"].get("prompts"):
+        return None
+    depth = max(1, round(len(vit.blocks) * DEPTH_FRACTION))
+    pruner = getattr(tm.backbone, "pruner", None)
+    if depth >= len(vit.blocks) or (pruner is not None and pruner.block >= depth):
+        return None
+    return _start(tm, folder, f"depth{depth}", lambda cfg: cfg["backbone"].update(depth=depth),
+                  dropped=rf"backbone\.vit\.blocks\.({'|'.join(map(str, range(depth, len(vit.blocks))))})\."), depth
 
 
 def _train(rows: list, run: Path, config: Callable[[Path], dict], progress: bool,
@@ -389,11 +409,11 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
     def evaluate(model, size: tuple[int, int], keep: float | None, int8: bool, distilled: dict | None = None,
                  kind: str = "distilled") -> None:
         """Export ``model`` at ``size`` (keep ratio ``keep`` baked in, int8 or fp32), time it, score it at every dim;
-        cached in candidates/. ``distilled``: a trained candidate's record (``kind``: distilled or ternary); it then
-        takes its plain twin's time."""
+        cached in candidates/. ``distilled``: a trained candidate's record (``kind``: distilled, ternary or depthN);
+        a distilled or ternary one takes its plain twin's time (the same graph)."""
         kind = kind if distilled is not None else ""
         name = candidate_name(size, keep, int8, kind)
-        twin = candidate_name(size, keep, int8) if distilled is not None else None
+        twin = candidate_name(size, keep, int8) if kind in ("distilled", "ternary") else None
         onnx = out / "candidates" / f"{name}.onnx"
 
         def make() -> dict:
@@ -452,19 +472,45 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
                 evaluate(student, size, keep, int8, log)
     stages["distil_s"] = time.perf_counter() - t0
 
-    # TAT-VPR stage 1 (opt-in): ternary linears from the teacher's weights, distilled at the largest input size whose
-    # int8 candidate meets the budget (the teacher's own included), exported int8 only (the int8 export of a ternary
-    # matrix is exact; its fp32 export is as slow as the teacher's fp32 graph)
-    start = ternary_start(tm, out / "train" / "ternary-start") if ternary and distil_steps else None
-    if start is not None:
+    # students of another architecture, trained unpruned (token distillation needs the whole patch grid) towards
+    # the teacher's tokens and descriptor, exported at every keep ratio. TAT-VPR stage 1 (opt-in): ternary linears
+    # from the teacher's weights at the largest input size whose int8 candidate meets the budget (the teacher's own
+    # included), int8 only (the int8 export of a ternary matrix is exact; its fp32 one is as slow as the teacher's
+    # fp32 graph), timed as that twin. The teacher's first half of blocks (``depth_start``): at the largest input
+    # size at which its untrained start's int8 export meets the budget, fp32 and int8, timed on their own.
+    def area(hw: tuple[int, int]) -> int:
+        return hw[0] * hw[1]
+
+    others = []
+    tern = ternary_start(tm, out / "train" / "ternary-start") if ternary and distil_steps else None
+    if tern is not None:
+        others.append(("ternary", tern, max((tuple(r["image_size"]) for r in within if r["int8"]), key=area),
+                       (True,)))
+    cut = depth_start(tm, out / "train" / "depth-start") if distil_steps else None
+    if cut is not None:
         t0 = time.perf_counter()
-        size = max((tuple(r["image_size"]) for r in within if r["int8"]), key=lambda hw: hw[0] * hw[1])
-        # trained unpruned (token distillation needs the whole patch grid), exported at every keep ratio
+        kind, small = f"depth{cut[1]}", load_model(cut[0]).eval()
+        for size in sorted(cand_sizes, key=area, reverse=True):
+            name = candidate_name(size, None if keeps == [None] else 1.0, True, f"{kind}-start")
+            onnx = out / "candidates" / f"{name}.onnx"
+
+            def timed_start(onnx: Path = onnx, size: tuple[int, int] = size) -> dict:
+                if not onnx.is_file():
+                    export_onnx(small, onnx, image_size=size, int8=True, calibration=str(images))
+                return {"ms": time_onnx(onnx, size, threads)}
+
+            if _cached(out / "candidates" / f"{name}.json", timed_start)["ms"] <= budget_ms:
+                others.append((kind, cut[0], size, (False, True)))
+                break
+        stages[f"{kind}_s"] = time.perf_counter() - t0
+    for kind, init, size, int8s in others:
+        t0 = time.perf_counter()
         student, log = distil(teacher, tm, train_rows, size, distil_steps, None,
-                              out / "train" / f"{size[0]}x{size[1]}-ternary", device, seed, progress, on_step, start)
+                              out / "train" / f"{size[0]}x{size[1]}-{kind}", device, seed, progress, on_step, init)
         for keep in keeps:
-            evaluate(student, size, keep, True, log, "ternary")
-        stages["ternary_s"] = time.perf_counter() - t0
+            for int8 in int8s:
+                evaluate(student, size, keep, int8, log, kind)
+        stages[f"{kind}_s"] = stages.get(f"{kind}_s", 0.0) + time.perf_counter() - t0
 
     within = [r for r in results if r["ms"] <= budget_ms]
     best = max(within, key=choice_key(choose_by))
@@ -476,7 +522,7 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
                                                              "left out of its search",
               "n_queries": len(q_paths), "n_database": len(db_paths), "threads": threads, "candidates": results,
               "stages_s": stages, "weitop_scorer": scorer,
-              "not_tried": NOT_TRIED if start is not None else [TERNARY_NOT_TRIED, *NOT_TRIED],
+              "not_tried": NOT_TRIED if tern is not None else [TERNARY_NOT_TRIED, *NOT_TRIED],
               "deploy": f"edgevpr index build --model {out / 'model.onnx'} --images MAP"
                         + (f" --dim {best['dim']}" if best["dim"] < results[0]["dim"] else "") + " --out MAP.index"}
     write_json(out / "report.json", report)
