@@ -58,7 +58,20 @@ def main() -> None:
     ap.add_argument("--maps", nargs="+", choices=["gardens_point", "nordland"], default=["gardens_point", "nordland"],
                     help="maps to run (default both)")
     ap.add_argument("--ternary", action="store_true", help="also a TAT-VPR ternary candidate (default off)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="only write --name's results from these runs' JSON (their maps together; default: run)")
     args = ap.parse_args()
+    if args.merge:  # runs of one map each (e.g. in parallel on two cores): one table
+        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        res = {**runs[0], "name": args.name, "maps": {k: v for r in runs for k, v in r["maps"].items()},
+               "places": {k: v for r in runs for k, v in r["places"].items() if k in r["maps"]}}
+        for r in runs:
+            for m in r["maps"]:
+                if (OUT / f"{r['name']}_{m}.png").is_file():
+                    shutil.copyfile(OUT / f"{r['name']}_{m}.png", OUT / f"{args.name}_{m}.png")
+        write_json(OUT / f"{args.name}.json", res)
+        write_text(OUT / f"{args.name}.md", table(res))
+        return
     data = data_root()
     gp, nl = data / "gardens_point", data / "nordland_64x32"
     g, n = slice(*args.gp_places), slice(*args.nordland_places)

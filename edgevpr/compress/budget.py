@@ -68,8 +68,6 @@ DISTIL_STEPS, DISTIL_BATCH, DISTIL_LR, DISTIL_SIZES = 300, 16, 1e-4, 2
 DEPTH_FRACTION = 0.5
 #: batch-1 timing: warm-up runs, then the median of this many
 WARMUP, REPEATS = 3, 15
-TERNARY_NOT_TRIED = "ternary linears distilled from the teacher's tokens (TAT-VPR stage 1; --ternary)"
-NOT_TRIED = ["distillation into a smaller architecture of the zoo"]
 
 
 def accuracy(top1: np.ndarray, teacher_top1: np.ndarray, positives: list[np.ndarray] | None = None) -> float:
@@ -522,13 +520,31 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
                                                              "left out of its search",
               "n_queries": len(q_paths), "n_database": len(db_paths), "threads": threads, "candidates": results,
               "stages_s": stages, "weitop_scorer": scorer,
-              "not_tried": NOT_TRIED if tern is not None else [TERNARY_NOT_TRIED, *NOT_TRIED],
+              "not_tried": not_tried(tm, ternary, tern is not None, any(k != "ternary" for k, *_ in others)),
               "deploy": f"edgevpr index build --model {out / 'model.onnx'} --images MAP"
                         + (f" --dim {best['dim']}" if best["dim"] < results[0]["dim"] else "") + " --out MAP.index"}
     write_json(out / "report.json", report)
     write_text(out / "report.md", report_table(report))
     frontier_plot(report, out / "frontier.png")
     return report
+
+
+def not_tried(tm, asked: bool, ternary: bool, smaller: bool) -> list[str]:
+    """What the report lists as not tried for ``tm`` (``asked``: --ternary given; ``ternary`` / ``smaller``: such a
+    student was trained)."""
+    vit = getattr(tm.backbone, "vit", None) is not None
+    out = []
+    if not ternary:
+        out.append("ternary linears distilled from the teacher's tokens (TAT-VPR stage 1): " +
+                   ("give --ternary" if vit and not asked else "the teacher has no transformer linears to make "
+                                                               "ternary, or is ternary already"))
+    if not smaller:
+        out.append("a smaller student: " + ("a smaller CNN for a CNN teacher is not built yet" if not vit else
+                                            "the teacher's first half of blocks does not apply (prompts, a pruner "
+                                            "at or after the cut) or does not meet the budget at any size"))
+    if "keep_ratio" not in tm.knob_names():
+        out.append("token pruning (WeiToP): needs a ViT with a SALAD or WeiAD head")
+    return out
 
 
 def report_table(r: dict) -> str:
@@ -552,7 +568,7 @@ def report_table(r: dict) -> str:
                      f"{'' if c.get('teacher_cos') is None else format(c['teacher_cos'], '.3f')} | "
                      f"{c['ms']:.2f} | "
                      f"{c['mb']:.1f} | {'yes' if c['ms'] <= r['budget_ms'] else 'no'} |")
-    lines += ["", "Not tried yet: " + "; ".join(r["not_tried"]) + ".", "", f"Deploy: `{r['deploy']}`"]
+    lines += ["", "Not tried: " + ("; ".join(r["not_tried"]) or "nothing") + ".", "", f"Deploy: `{r['deploy']}`"]
     return "\n".join(lines) + "\n"
 
 
