@@ -35,9 +35,11 @@ Stages (each resumable: its outputs are written atomically into ``OUT`` and reus
    queries inflates the winner's R@1).
 
 A teacher with a WeiToP token-pruning scorer is also tried at lower keep ratios (``keep_ratios``, baked into each
-export), and its students train at keep ratios drawn per step. What is not here yet: ternary linears distilled from
-the teacher's tokens (TAT-VPR stage 1), training a WeiToP scorer for a teacher without one, distillation into a
-smaller architecture. The report says so (``not_tried``).
+export), and its students train at keep ratios drawn per step; a ViT teacher with a SALAD/WeiAD head but no scorer
+first gets one trained by WeiToP's self-distillation (``scorer_start``, ``scorer_config``: only the scorer trains;
+at keep 1 the scored model is the teacher, so it stands in for it). Students of another architecture
+(``depth_start``: the teacher's first half of blocks; ``ternary_start``, opt-in: TAT-VPR stage 1, ternary linears)
+are distilled with token distillation too. What did not apply is listed in the report (``not_tried``).
 """
 
 from __future__ import annotations
