@@ -58,7 +58,12 @@ def test_chosen_model_respects_the_budget_and_a_killed_run_resumes_to_the_same_r
     resumed = compress(teacher, images, 1e6, tmp_path / "resumed", **run)
     assert len(done) == 2 and [f.stat().st_mtime_ns for f in done[:2]] == stamps  # finished work reused, not redone
     acc = [(c["name"], c["accuracy"], c["teacher_cos"]) for c in whole["candidates"]]
-    assert acc == [(c["name"], c["accuracy"], c["teacher_cos"]) for c in resumed["candidates"]] and len(acc) == 12
+    assert acc == [(c["name"], c["accuracy"], c["teacher_cos"]) for c in resumed["candidates"]] and len(acc) == 14
+    # the smaller CNN of the family (MobileNetV3 without its last two stages) at the largest size within budget
+    small = load_model(str(tmp_path / "whole" / "train" / "smaller-start"))
+    assert len(small.backbone.net.blocks) == 6 and small.config["backbone"]["crop"][:2] == ["blocks.4", "blocks.5"]
+    assert {c["name"] for c in whole["candidates"] if c["kind"] == "blocks4"} == {  # 48 channels: no 64-D PCA
+        "64x64-blocks4-fp32-48d", "64x64-blocks4-int8-48d"}
     # distillation moves the small student towards the teacher's descriptors of held-out images
     cos = {c["name"]: c["teacher_cos"] for c in whole["candidates"]}
     assert cos["32x32-distilled-fp32-576d"] > cos["32x32-fp32-576d"] + 0.05, cos
@@ -178,13 +183,13 @@ def test_a_teacher_without_a_scorer_gets_a_weitop_scorer_and_a_smaller_student(t
 
     assert kl(scored) < 0.5 * kl(start), (kl(scored), kl(start))  # measured 0.0025 vs 0.0091
     # the smaller ViT of the family: the teacher's first half of blocks (2 of 4), distilled towards the teacher
-    depth_start = load_model(str(tmp_path / "c" / "train" / "depth-start"))
+    depth_start = load_model(str(tmp_path / "c" / "train" / "smaller-start"))
     assert len(depth_start.backbone.vit.blocks) == 2
     assert all(torch.equal(v, s_sd[k]) for k, v in depth_start.state_dict().items())
     small = {k: c for k, c in got.items() if "-depth2-" in k}
     assert set(small) == {f"56x56-depth2-keep{k}-{t}" for k in ("1", "0.5") for t in ("fp32", "int8")}, set(got)
     conf = json.loads((tmp_path / "c" / "train" / "56x56-depth2" / "config.json").read_text())
-    assert conf["model"].endswith("depth-start") and conf["teacher"]["model"] == r["weitop_scorer"]
+    assert conf["model"].endswith("smaller-start") and conf["teacher"]["model"] == r["weitop_scorer"]
     assert {"name": "token_distill"} in conf["loss"]["terms"] and {"name": "descriptor_distill"} in \
         conf["loss"]["terms"]
     trained = load_model(str(tmp_path / "c" / "train" / "56x56-depth2" / "final")).state_dict()

@@ -38,7 +38,8 @@ A teacher with a WeiToP token-pruning scorer is also tried at lower keep ratios 
 export), and its students train at keep ratios drawn per step; a ViT teacher with a SALAD/WeiAD head but no scorer
 first gets one trained by WeiToP's self-distillation (``scorer_start``, ``scorer_config``: only the scorer trains;
 at keep 1 the scored model is the teacher, so it stands in for it). Students of another architecture
-(``depth_start``: the teacher's first half of blocks; ``ternary_start``, opt-in: TAT-VPR stage 1, ternary linears)
+(``smaller_start``: the teacher's first half of blocks, or a CNN without its last stages; ``ternary_start``,
+opt-in: TAT-VPR stage 1, ternary linears)
 are distilled with token distillation too. What did not apply is listed in the report (``not_tried``).
 """
 
@@ -66,7 +67,7 @@ DIMS = (0, 512, 256, 128)
 KEEPS = (0.75, 0.5)
 #: distilled candidates: training steps each (0: none), map images a step, learning rate, how many input sizes
 DISTIL_STEPS, DISTIL_BATCH, DISTIL_LR, DISTIL_SIZES = 300, 16, 1e-4, 2
-#: the smaller student's share of the teacher's transformer blocks (``depth_start``)
+#: the smaller ViT student's share of the teacher's transformer blocks (``smaller_start``)
 DEPTH_FRACTION = 0.5
 #: batch-1 timing: warm-up runs, then the median of this many
 WARMUP, REPEATS = 3, 15
@@ -230,19 +231,34 @@ def scorer_start(tm, folder: Path) -> str | None:
                                                                                      "method": "weitop"}))
 
 
-def depth_start(tm, folder: Path) -> tuple[str, int] | None:
-    """A smaller ViT of the teacher's family: its first ``round(depth * DEPTH_FRACTION)`` blocks (their weights, the
-    teacher's head and final norm on top), saved in ``folder`` once -> (the folder, its depth); None when it does
-    not apply (not a ViT, prompts, or a pruner at or after the cut)."""
-    vit = getattr(tm.backbone, "vit", None)
-    if vit is None or tm.config["backbone"].get("prompts"):
+def smaller_start(tm, folder: Path) -> tuple[str, str] | None:
+    """A smaller model of the teacher's family with the teacher's weights, saved in ``folder`` once -> (the folder,
+    its kind); None when none applies.
+
+    * ViT: its first ``round(depth * DEPTH_FRACTION)`` blocks, the teacher's final norm and head on top (kind
+      ``depthN``); not with prompts or a pruner at or after the cut.
+    * CNN of the EfficientNet / MobileNet family (timm's ``blocks`` stages): its last two stages and its 1x1 head
+      convolution cut (kind ``blocksN``, N stages kept; EfficientNet-lite0: the zoo's small student, 112 channels at
+      stride 16); the head (GeM) pools the earlier map.
+    """
+    vit, net = getattr(tm.backbone, "vit", None), getattr(tm.backbone, "net", None)
+    if vit is not None:
+        depth = max(1, round(len(vit.blocks) * DEPTH_FRACTION))
+        pruner = getattr(tm.backbone, "pruner", None)
+        if tm.config["backbone"].get("prompts") or depth >= len(vit.blocks) or (pruner is not None and
+                                                                                 pruner.block >= depth):
+            return None
+        cut = "|".join(map(str, range(depth, len(vit.blocks))))
+        return _start(tm, folder, f"depth{depth}", lambda cfg: cfg["backbone"].update(depth=depth),
+                      dropped=rf"backbone\.vit\.blocks\.({cut})\."), f"depth{depth}"
+    blocks = getattr(net, "blocks", None)
+    if blocks is None or len(blocks) < 4 or tm.config["backbone"].get("crop"):
         return None
-    depth = max(1, round(len(vit.blocks) * DEPTH_FRACTION))
-    pruner = getattr(tm.backbone, "pruner", None)
-    if depth >= len(vit.blocks) or (pruner is not None and pruner.block >= depth):
-        return None
-    return _start(tm, folder, f"depth{depth}", lambda cfg: cfg["backbone"].update(depth=depth),
-                  dropped=rf"backbone\.vit\.blocks\.({'|'.join(map(str, range(depth, len(vit.blocks))))})\."), depth
+    keep = len(blocks) - 2
+    crop = [f"blocks.{i}" for i in range(keep, len(blocks))] + [m for m in ("conv_head", "bn2") if hasattr(net, m)]
+    names = "|".join(re.escape(c) for c in crop)
+    return _start(tm, folder, f"blocks{keep}", lambda cfg: cfg["backbone"].update(crop=crop),
+                  dropped=rf"backbone\.net\.({names})\."), f"blocks{keep}"
 
 
 def _train(rows: list, run: Path, config: Callable[[Path], dict], progress: bool,
@@ -476,7 +492,7 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
     # the teacher's tokens and descriptor, exported at every keep ratio. TAT-VPR stage 1 (opt-in): ternary linears
     # from the teacher's weights at the largest input size whose int8 candidate meets the budget (the teacher's own
     # included), int8 only (the int8 export of a ternary matrix is exact; its fp32 one is as slow as the teacher's
-    # fp32 graph), timed as that twin. The teacher's first half of blocks (``depth_start``): at the largest input
+    # fp32 graph), timed as that twin. A smaller model of the teacher's family (``smaller_start``): at the largest input
     # size at which its untrained start's int8 export meets the budget, fp32 and int8, timed on their own.
     def area(hw: tuple[int, int]) -> int:
         return hw[0] * hw[1]
@@ -486,10 +502,10 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
     if tern is not None:
         others.append(("ternary", tern, max((tuple(r["image_size"]) for r in within if r["int8"]), key=area),
                        (True,)))
-    cut = depth_start(tm, out / "train" / "depth-start") if distil_steps else None
+    cut = smaller_start(tm, out / "train" / "smaller-start") if distil_steps else None
     if cut is not None:
         t0 = time.perf_counter()
-        kind, small = f"depth{cut[1]}", load_model(cut[0]).eval()
+        kind, small = cut[1], load_model(cut[0]).eval()
         for size in sorted(cand_sizes, key=area, reverse=True):
             name = candidate_name(size, None if keeps == [None] else 1.0, True, f"{kind}-start")
             onnx = out / "candidates" / f"{name}.onnx"
@@ -541,9 +557,8 @@ def not_tried(tm, asked: bool, ternary: bool, smaller: bool) -> list[str]:
                    ("give --ternary" if vit and not asked else "the teacher has no transformer linears to make "
                                                                "ternary, or is ternary already"))
     if not smaller:
-        out.append("a smaller student: " + ("a smaller CNN for a CNN teacher is not built yet" if not vit else
-                                            "the teacher's first half of blocks does not apply (prompts, a pruner "
-                                            "at or after the cut) or does not meet the budget at any size"))
+        out.append("a smaller student of the teacher's family: none applies (a ViT with prompts or a pruner at or "
+                   "after the cut; a CNN without EfficientNet/MobileNet stages) or none meets the budget at any size")
     if "keep_ratio" not in tm.knob_names():
         out.append("token pruning (WeiToP): needs a ViT with a SALAD or WeiAD head")
     return out
