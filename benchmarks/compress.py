@@ -67,7 +67,7 @@ def main() -> None:
                "places": {k: v for r in runs for k, v in r["places"].items() if k in r["maps"]}}
         for r in runs:
             for m in r["maps"]:
-                if (OUT / f"{r['name']}_{m}.png").is_file():
+                if r["name"] != args.name and (OUT / f"{r['name']}_{m}.png").is_file():
                     shutil.copyfile(OUT / f"{r['name']}_{m}.png", OUT / f"{args.name}_{m}.png")
         write_json(OUT / f"{args.name}.json", res)
         write_text(OUT / f"{args.name}.md", table(res))
@@ -82,6 +82,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(dir=os.environ.get("TMPDIR")))
     work.mkdir(parents=True, exist_ok=True)
     res = {"teacher": args.teacher, "threads": args.threads, "maps": {}, "name": args.name, "sizes": args.sizes,
+           "ternary": args.ternary,
            "places": {"gardens_point": args.gp_places, "nordland": args.nordland_places}}
     for name, (db, q, tol) in maps.items():
         assert len(db) == len(q) and db, name
@@ -101,7 +102,7 @@ def main() -> None:
         # the first pass measured the teacher and the plain candidates, the second (reusing them) distilled
         later = r.get("stages_s", {})
         r["stages_s"] = {**probe["stages_s"], "distil_s": later.get("distil_s", 0.0),
-                         **{k: v for k, v in later.items() if k == "ternary_s"}}
+                         **{k: v for k, v in later.items() if k not in probe["stages_s"]}}
         r["distil_steps"], r["distil_sizes"] = args.distil_steps, args.distil_sizes
         r["wall_s"] = time.perf_counter() - t0
         if args.stages_from:  # this pass reused that run's work and did the rest: a user waits for both
@@ -132,12 +133,15 @@ def table(res: dict) -> str:
              " largest smaller input sizes that meet the budget, a student "
              "distilled label-free from the teacher on the map's own images (the teacher's weights as the start, "
              f"{res.get('distil_steps', DISTIL_STEPS)} steps of 16 RandAugmented map images, to the teacher's "
-             "full-size descriptor). Accuracy: R@1 of the other "
+             "full-size descriptor); a smaller student of the teacher's family (a ViT's first half of blocks, a CNN "
+             "without its last two stages) distilled with token distillation too, at the largest size it meets the "
+             "budget; with --ternary, a TAT-VPR stage-1 ternary student (int8). Accuracy: R@1 of the other "
              "visit's photos (ground truth +-frames); agreement: same top-1 as the teacher; cos: mean cosine to the "
              "teacher's descriptor of the same query. Chosen label-free: the most agreement within the budget (ties: "
              "cos, then the faster); the labels only report R@1. Each map is one "
              "`edgevpr compress --teacher T --images MAP.csv --queries VISIT.csv --aligned N --choose-by agreement "
-             f"--budget-ms B --threads {res['threads']} --sizes {' '.join(f'{x:g}' for x in res.get('sizes', []))}` "
+             f"--budget-ms B --threads {res['threads']} --sizes {' '.join(f'{x:g}' for x in res.get('sizes', []))}"
+             + (" --ternary" if res.get("ternary") else "") + "` "
              "(the script writes the CSVs), pinned to one core here. Maps (places): " + "; ".join(
                  f"{m} {a}-{b}" for m, (a, b) in res.get("places", {"gardens_point": [0, 100],
                                                                     "nordland": [1500, 2500]}).items()) +

@@ -88,8 +88,8 @@ def test_chosen_model_respects_the_budget_and_a_killed_run_resumes_to_the_same_r
     by_r1 = compress(teacher, images, 500, tmp_path / "gt", **run, **gt)
     by_agreement = compress(teacher, images, 500, tmp_path / "gt", **run, **gt, choose_by="agreement")
     within = [c for c in by_agreement["candidates"] if c["ms"] <= 500]
-    key = max((c["agreement"], c["teacher_cos"]) for c in within)
-    assert (by_agreement["chosen"]["agreement"], by_agreement["chosen"]["teacher_cos"]) == key
+    key = max((c["agreement"], c["teacher_cos"] or 0.0) for c in within)  # None: a narrower student's descriptor
+    assert (by_agreement["chosen"]["agreement"], by_agreement["chosen"]["teacher_cos"] or 0.0) == key
     assert by_agreement["chosen_by"] == "top-1 agreement with the teacher" and by_r1["chosen_by"] == "R@1"
 
 
