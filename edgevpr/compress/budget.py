@@ -499,9 +499,9 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
 
     others = []
     tern = ternary_start(tm, out / "train" / "ternary-start") if ternary and distil_steps else None
-    if tern is not None:
-        others.append(("ternary", tern, max((tuple(r["image_size"]) for r in within if r["int8"]), key=area),
-                       (True,)))
+    int8_fits = [tuple(r["image_size"]) for r in within if r["int8"]]
+    if tern is not None and int8_fits:
+        others.append(("ternary", tern, max(int8_fits, key=area), (True,)))
     cut = smaller_start(tm, out / "train" / "smaller-start") if distil_steps else None
     if cut is not None:
         t0 = time.perf_counter()
@@ -598,10 +598,15 @@ def frontier_plot(r: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     cs = r["candidates"]
+    markers = {"plain": "o", "distilled": "^", "ternary": "s"}
+
+    def kind_of(c: dict) -> str:  # reports written before candidates had a kind: distilled or plain
+        return c.get("kind", "distilled" if c.get("distilled") else "plain")
+
     for int8, colour in ((False, "tab:blue"), (True, "tab:orange")):
-        for kind, marker in (("plain", "o"), ("distilled", "^"), ("ternary", "s")):
-            pts = [c for c in cs if c["int8"] == int8 and c.get("kind", "distilled" if c.get("distilled") else
-                                                                      "plain") == kind]
+        for kind in sorted({kind_of(c) for c in cs}, key=lambda k: list(markers).index(k) if k in markers else 9):
+            marker = markers.get(kind, "D")  # D: the smaller student (depthN, blocksN)
+            pts = [c for c in cs if c["int8"] == int8 and kind_of(c) == kind]
             if pts:
                 ax.scatter([c["ms"] for c in pts], [c["accuracy"] for c in pts], c=colour, s=22, marker=marker,
                            label=("int8" if int8 else "fp32") + ("" if kind == "plain" else f", {kind}"))
