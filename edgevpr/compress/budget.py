@@ -151,9 +151,9 @@ def distil_config(teacher: str, manifest: Path, teacher_size: tuple[int, int], s
     similarities (``similarity_distill``). No label is used (Multi-Similarity weight 0): the teacher is the target,
     as in TAT-VPR's stage 1, whose student also sees RandAugmented images and the teacher clean ones.
 
-    ``start``: a ternary start (``ternary_start``) instead of the teacher: TAT-VPR stage 1 then also regresses the
-    teacher's patch-token map (``token_distill``), which is what stage 1 trains on; the descriptor terms stay, as
-    the candidate keeps the teacher's aggregator and must give its descriptor."""
+    ``start``: another architecture's start (``ternary_start``, ``smaller_start``) instead of the teacher; its
+    patch-token map then also regresses the teacher's (``token_distill``: what TAT-VPR's stage 1 trains on); the
+    descriptor terms stay, as the candidate keeps the teacher's head and must give its descriptor."""
     terms = [{"name": "descriptor_distill"}, {"name": "similarity_distill"}]
     return {"seed": seed, "model": start or teacher, "device": device,
             "teacher": {"model": teacher, "image_size": list(teacher_size)}, "data": _map_data(manifest, size),
@@ -285,8 +285,8 @@ def distil(teacher: str, tm, rows: list, size: tuple[int, int], steps: int, min_
            device: str, seed: int, progress: bool, on_step: Callable[[int, dict], None] | None = None,
            start: str | None = None):
     """Train (or resume, or reuse) the distilled student of ``teacher`` at ``size`` on the map ``rows`` in ``run``
-    (``start``: a ternary start, ``distil_config``) -> (the student in eval mode, its training record: steps, the
-    batch's mean cosine to the teacher at the first and the last step)."""
+    (``start``: another architecture's start, ``distil_config``) -> (the student in eval mode, its training
+    record: steps, the batch's mean cosine to the teacher at the first and the last step)."""
     student = _train(rows, run, lambda m: distil_config(teacher, m, tuple(tm.image_size), size, steps, min_keep,
                                                         device, seed, start), progress, on_step)
     with open(run / "metrics.csv", newline="") as f:
@@ -303,7 +303,8 @@ def choice_key(choose_by: str) -> Callable[[dict], tuple]:
 
 
 def candidate_name(size: tuple[int, int], keep: float | None, int8: bool, kind: str = "") -> str:
-    """E.g. ``96x96-distilled-keep0.5-int8`` (kind: "" plain, "distilled" or "ternary")."""
+    """E.g. ``96x96-distilled-keep0.5-int8`` (kind: "" plain, "distilled", "ternary", or the smaller student's
+    ``depthN`` / ``blocksN``)."""
     return (f"{size[0]}x{size[1]}" + (f"-{kind}" if kind else "") + ("" if keep is None else f"-keep{keep:g}")
             + ("-int8" if int8 else "-fp32"))
 
