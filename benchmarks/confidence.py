@@ -30,6 +30,7 @@ No Corridor data is available here. Writes benchmarks/results/confidence.{json,m
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 from heldout import ROOT, data_root
@@ -53,6 +54,7 @@ from edgevpr.models.model import load_model
 from edgevpr.utils import default_cache_dir, write_json, write_text
 
 ESTIMATORS = {"top-1 cosine": "top1", "margin": "margin", "SUE (spread)": "log_spread", "SD (z-score)": "top1_z"}
+BLOCK = 50  # answers per stretch of the ECE's block bootstrap
 SEQ_ESTIMATORS = {"top-1 trajectory": "top1", "margin": "margin", "SUE (spread)": "log_spread",
                   "SD (z-score)": "top1_z", "agreement": "agree", "steadiness": "steady"}
 
@@ -92,6 +94,19 @@ def answers(q: np.ndarray, db: np.ndarray, positives: list, hood: Neighbourhood,
     return np.array(feats), np.array(right)
 
 
+def ece_interval(p: np.ndarray, right: np.ndarray, block: np.ndarray, draws: int = 1000) -> list[float]:
+    """The 90% interval of the ECE of answers p [A] / right [A] by a block bootstrap: the answers' stretches of
+    ``BLOCK`` consecutive answers (block [A], their ids) are drawn with replacement, because neighbouring answers
+    (sequence answers share L-1 frames) are not independent."""
+    ids = np.unique(block)
+    members = [np.flatnonzero(block == b) for b in ids]
+    rng = np.random.default_rng(0)
+    eces = [expected_calibration_error(p[idx], right[idx])[0]
+            for idx in (np.concatenate([members[k] for k in rng.integers(0, len(ids), len(ids))])
+                        for _ in range(draws))]
+    return [float(v) for v in np.percentile(eces, [5, 95])]
+
+
 def evaluate(name: str, model, db_paths, cal_sets, test_sets, hood: Neighbourhood, target: float,
              length: int = 0) -> dict:
     """cal_sets / test_sets: lists of (label, query paths, positives per query; [] = unknown place), each one
@@ -104,10 +119,11 @@ def evaluate(name: str, model, db_paths, cal_sets, test_sets, hood: Neighbourhoo
         unknown = np.concatenate([np.full(len(p[1]), len(pos) > 0 and not any(pos)) for p, (_, _, pos)
                                   in zip(parts, sets, strict=True)])
         label = np.concatenate([np.full(len(p[1]), lab) for p, (lab, _, _) in zip(parts, sets, strict=True)])
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), unknown, label
+        block = np.concatenate([k * 10_000 + np.arange(len(p[1])) // BLOCK for k, p in enumerate(parts)])
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), unknown, label, block
 
-    xc, yc, uc, _ = pooled(cal_sets)
-    xt, yt, ut, lt = pooled(test_sets)
+    xc, yc, uc, _, _ = pooled(cal_sets)
+    xt, yt, ut, lt, bt = pooled(test_sets)
     cal = calibrate(xc, yc, target, hood, unknown=int(uc.sum()), names=names, refuse=False)
     p = np.array([cal.probability(dict(zip(names, row, strict=True))) for row in xt])
 
@@ -125,7 +141,8 @@ def evaluate(name: str, model, db_paths, cal_sets, test_sets, hood: Neighbourhoo
            "auc_pr": auc(np.ones(len(yt), bool)),
            "auc_pr_by_set": {lab: auc((lt == lab) | ut) for lab in known_sets} if len(known_sets) > 1 else {}}
     known = p >= cal.threshold
-    row.update({"ece": expected_calibration_error(p, yt)[0], "brier": float(np.mean((p - yt) ** 2)),
+    row.update({"ece": expected_calibration_error(p, yt)[0], "ece_ci90": ece_interval(p, yt, bt),
+                "brier": float(np.mean((p - yt) ** 2)),
                 "threshold": cal.threshold if np.isfinite(cal.threshold) else None,
                 "target_reached_on_calibration": bool(np.isfinite(cal.threshold)),
                 "calibration_best_precision": cal.precision,
@@ -143,15 +160,17 @@ def table(res: dict, length: int) -> list[str]:
         r = r[f"L={length}"]
         est = list(r["auc_pr"])
         if not rows:
-            rows = ["| map / test set | answers (right / unknown) | " + " | ".join(est) + " | ECE | Brier | "
-                    "known precision | unknown rejected | known places answered 'known' |",
+            rows = ["| map / test set | answers (right / unknown) | " + " | ".join(est) +
+                    " | ECE (90% interval) | Brier | known precision | unknown rejected | "
+                    "known places answered 'known' |",
                     "|---|---|" + "---:|" * (len(est) + 5)]
         kp = "-" if r["known_precision"] is None else f"{r['known_precision']:.3f}"
         if not r["target_reached_on_calibration"]:
             kp = f"refused (calibration reaches at most {r['calibration_best_precision']:.3f}: nothing 'known')"
         rows.append(f"| **{name}** (all) | {r['test_answers']} ({r['test_right']} / {r['test_unknown']}) | " +
                     " | ".join(f"{r['auc_pr'][e]:.3f}" for e in est) +
-                    f" | {r['ece']:.3f} | {r['brier']:.3f} | {kp} | {r['unknown_rejected']:.3f} | "
+                    f" | {r['ece']:.3f} ({r['ece_ci90'][0]:.3f}-{r['ece_ci90'][1]:.3f}) | {r['brier']:.3f} | {kp} | "
+                    f"{r['unknown_rejected']:.3f} | "
                     f"{r['known_share_of_known_places']:.3f} |")
         for lab, a in r["auc_pr_by_set"].items():
             rows.append(f"| {name}: {lab} + unknown | | " + " | ".join(f"{a[e]:.3f}" for e in est) +
@@ -164,6 +183,9 @@ def main() -> None:
     ap.add_argument("--model", default="effnet-lite0-gem", help="model (default effnet-lite0-gem)")
     ap.add_argument("--precision", type=float, default=0.9, help="target precision of 'known' (default 0.9)")
     ap.add_argument("--sequence", type=int, default=10, help="sequence length L of the sequence rows (default 10)")
+    ap.add_argument("--maps", nargs="+", choices=["gardens_point", "nordland"], default=["gardens_point", "nordland"],
+                    help="maps to evaluate (default both)")
+    ap.add_argument("--name", default="confidence", help="results file stem in benchmarks/results (default confidence)")
     args = ap.parse_args()
     data = data_root()
     gp, nl = data / "gardens_point", data / "nordland_64x32"
@@ -183,29 +205,32 @@ def main() -> None:
             ("winter", val.q_paths[cut:], [p.tolist() for p in val.positives[cut:]])]
     gp_night = sorted((gp / "night_right").glob("*.jpg"))
     gp_left = sorted((gp / "day_left").glob("*.jpg"))
-    res: dict = {"model": model.name, "target_precision": args.precision, "maps": {"gardens_point": {},
-                                                                                   "nordland": {}}}
+    res: dict = {"model": model.name, "target_precision": args.precision, "maps": {m: {} for m in args.maps}}
     for length in (0, args.sequence):
-        res["maps"]["gardens_point"][f"L={length}"] = evaluate(
-            "gardens_point", model, sorted((gp / "day_right").glob("*.jpg")),
-            [gp_queries("night_right", 0, 50), gp_queries("day_left", 0, 50),
-             unknown("nordland", nl_summer[0:2000:10])],
-            [gp_queries("night_right", 50, 100), gp_queries("day_left", 50, 100),
-             unknown("nordland", nl_summer[5:2000:10])],
-            Neighbourhood(radius_m=None, frames=2), args.precision, length)
-        res["maps"]["nordland"][f"L={length}"] = evaluate(
-            "nordland", model, val.db_paths,
-            [nl_q[0], unknown("gp night", gp_night[:50]), unknown("gp day_left", gp_left[:50])],
-            [nl_q[1], unknown("gp night", gp_night[50:]), unknown("gp day_left", gp_left[50:])],
-            Neighbourhood(radius_m=None, frames=1), args.precision, length)
-    write_json(ROOT / "benchmarks" / "results" / "confidence.json", res)
-    lines = [f"# Confidence estimators on held-out answers (`python benchmarks/confidence.py`, {res['model']})", "",
+        if "gardens_point" in args.maps:
+            res["maps"]["gardens_point"][f"L={length}"] = evaluate(
+                "gardens_point", model, sorted((gp / "day_right").glob("*.jpg")),
+                [gp_queries("night_right", 0, 50), gp_queries("day_left", 0, 50),
+                 unknown("nordland", nl_summer[0:2000:10])],
+                [gp_queries("night_right", 50, 100), gp_queries("day_left", 50, 100),
+                 unknown("nordland", nl_summer[5:2000:10])],
+                Neighbourhood(radius_m=None, frames=2), args.precision, length)
+        if "nordland" in args.maps:
+            res["maps"]["nordland"][f"L={length}"] = evaluate(
+                "nordland", model, val.db_paths,
+                [nl_q[0], unknown("gp night", gp_night[:50]), unknown("gp day_left", gp_left[:50])],
+                [nl_q[1], unknown("gp night", gp_night[50:]), unknown("gp day_left", gp_left[50:])],
+                Neighbourhood(radius_m=None, frames=1), args.precision, length)
+    results = ROOT / "benchmarks" / "results"
+    write_json(results / f"{args.name}.json", res)
+    command = " ".join(["python benchmarks/confidence.py", *sys.argv[1:]])
+    lines = [f"# Confidence estimators on held-out answers (`{command}`, {res['model']})", "",
              "AUC-PR of 'the answer is right' (unknown-place answers count as wrong), on each map's test answers "
              "pooled and per test set (with the unknown-place answers); the fused estimator is the calibrated "
              f"probability, fitted on the calibration split; target precision {args.precision}. No Corridor data "
              "here.", "", "## Single frames", "", *table(res, 0), "",
              f"## Sequences of {args.sequence} frames (answers past the warm-up)", "", *table(res, args.sequence)]
-    write_text(ROOT / "benchmarks" / "results" / "confidence.md", "\n".join(lines) + "\n")
+    write_text(results / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
