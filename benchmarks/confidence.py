@@ -1,6 +1,7 @@
 """How well each confidence estimator tells right from wrong answers, in the form of Zaffar et al. (CVPR 2024).
 
-    python benchmarks/confidence.py [--model effnet-lite0-gem] [--precision 0.9]
+    python benchmarks/confidence.py [--model effnet-lite0-gem] [--precision 0.9] [--sequence 10]
+                                    [--maps gardens_point nordland] [--name confidence]
 
 Two maps, each calibrated on validation queries and judged on held-out ones (no place or photo in both):
 
@@ -14,9 +15,9 @@ Per estimator: AUC-PR (average precision) of "the answer is right" on the test a
 counting as wrong, on each test set (with the unknown-place answers) and on all of them pooled. Estimators: top-1
 cosine, the margin over the best other place, SUE (the spatial spread of the top-10 poses, lower = surer; database
 ids here, as these maps carry no coordinates), SD (the top-1 z-scored within its top-100), and the fused,
-calibrated probability (``edgevpr.deploy.decision.calibrate``). For the fused one also: held-out ECE (10 bins) and
-Brier, the precision of its "known" answers at the target precision, and the fraction of unknown-place queries
-rejected.
+calibrated probability (``edgevpr.deploy.decision.calibrate``). For the fused one also: held-out ECE (10 bins,
+with a 90% interval from a block bootstrap over stretches of 50 answers) and Brier, the precision of its "known"
+answers at the target precision, and the fraction of unknown-place queries rejected.
 
 With sequences (``--sequence L``, default 10): each query set (and each unknown-place set) is streamed as one
 capture sequence, as ``localize --sequence`` does (row z-scores, SeqSLAM trajectories over the last L frames);
