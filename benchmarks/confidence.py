@@ -17,7 +17,8 @@ cosine, the margin over the best other place, SUE (the spatial spread of the top
 ids here, as these maps carry no coordinates), SD (the top-1 z-scored within its top-100), and the fused,
 calibrated probability (``edgevpr.deploy.decision.calibrate``). For the fused one also: held-out ECE (10 bins,
 with a 90% interval from a block bootstrap over stretches of 50 answers) and Brier, the precision of its "known"
-answers at the target precision, and the fraction of unknown-place queries rejected.
+answers at the target precision (the threshold also rejects 0.95 of the calibration's unknown-place answers,
+``decision.REJECT_UNKNOWN``), and the fraction of unknown-place queries rejected.
 
 With sequences (``--sequence L``, default 10): each query set (and each unknown-place set) is streamed as one
 capture sequence, as ``localize --sequence`` does (row z-scores, SeqSLAM trajectories over the last L frames);
@@ -125,7 +126,7 @@ def evaluate(name: str, model, db_paths, cal_sets, test_sets, hood: Neighbourhoo
 
     xc, yc, uc, _, _ = pooled(cal_sets)
     xt, yt, ut, lt, bt = pooled(test_sets)
-    cal = calibrate(xc, yc, target, hood, unknown=int(uc.sum()), names=names, refuse=False)
+    cal = calibrate(xc, yc, target, hood, unknown=uc, names=names, refuse=False)
     p = np.array([cal.probability(dict(zip(names, row, strict=True))) for row in xt])
 
     def auc(sel) -> dict:
@@ -147,6 +148,7 @@ def evaluate(name: str, model, db_paths, cal_sets, test_sets, hood: Neighbourhoo
                 "threshold": cal.threshold if np.isfinite(cal.threshold) else None,
                 "target_reached_on_calibration": bool(np.isfinite(cal.threshold)),
                 "calibration_best_precision": cal.precision,
+                "calibration_unknown_rejected": cal.unknown_rejected,
                 "known_precision": float(yt[known].mean()) if known.any() else None,
                 "known_share_of_known_places": float(known[~ut].mean()),
                 "unknown_rejected": float((~known[ut]).mean()), "calibration_ece": cal.ece})

@@ -417,16 +417,20 @@ def cmd_calibrate(args) -> int:
               for f in Stream(list(ds.q_paths)))
     positives = [{os.path.abspath(ds.db_paths[j]) for j in pos} for ds in sets for pos in ds.positives]
     unknown = Stream(list(args.unknown)) if args.unknown else []
-    cal, seq = loc.calibrate(frames, positives, args.precision, hood, unknown, args.sequence, args.sequence_method)
+    cal, seq = loc.calibrate(frames, positives, args.precision, hood, unknown, args.sequence, args.sequence_method,
+                             args.reject_unknown)
     plot = Path(args.plot) if args.plot else Path(args.index) / "reliability.png"
     wrote = _reliability_plot([(cal, "single frames")] + ([(seq, f"sequences of {args.sequence}")] if seq else []),
                               plot)
     print(f"{cal.queries} queries pooled from {len(sets)} set(s) and {cal.unknown_queries} unknown-place photos")
     for c, what in ((cal, "single frames"), (seq, f"sequences of {args.sequence} ({args.sequence_method})")):
         if c is not None:
+            rejected = "" if c.unknown_queries == 0 else \
+                f", {c.unknown_rejected:.3f} of {c.unknown_queries} unknown-place answers rejected " \
+                f"(target {c.reject_unknown})"
             print(f"  {what}: {c.queries} answers, known when P(right) >= {c.threshold:.4g}, precision "
-                  f"{c.precision:.3f} (target {c.target_precision}) at recall {c.recall:.3f}; ECE {c.ece:.3f}, "
-                  f"Brier {c.brier:.3f} (on these answers)")
+                  f"{c.precision:.3f} (target {c.target_precision}) at recall {c.recall:.3f}{rejected}; "
+                  f"ECE {c.ece:.3f}, Brier {c.brier:.3f} (on these answers)")
     print(f"written to {loc.index.root}/manifest.json" + (f"; reliability diagram {plot}" if wrote else ""))
     if args.json:
         print(json.dumps({"single_frame": cal.to_dict(), "sequence": seq and seq.to_dict()}, indent=2))
@@ -860,6 +864,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--unknown", action="append", metavar="DIR",
                     help="photos of places the map does not hold (a folder, list or video; repeat): every answer "
                          "to them counts as wrong (default: none)")
+    ca.add_argument("--reject-unknown", type=_real(0, 1), default=0.95, metavar="SHARE",  # decision.REJECT_UNKNOWN
+                    help="'known' must also reject at least this share of the --unknown answers (default 0.95; "
+                         "0: the target precision alone)")
     ca.add_argument("--sequence", type=_bounded(0, 1000), default=0, metavar="L",
                     help="also calibrate sequence answers over L frames (each query set is one capture sequence; "
                          "frames before the L-th are warm-up and not used) (default 0: single frames only)")

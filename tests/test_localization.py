@@ -120,6 +120,7 @@ def test_calibrated_known_unknown_on_real_data(gp_index):
                              [positives(i) for i in range(50)], 0.9, hood, unknown_frames=_frames(nl[:50]))
     assert seq is None and idx.read_manifest(root)["sequence_calibration"] is None
     assert cal.queries == 100 and cal.unknown_queries == 50 and cal.precision >= 0.9 and 0.1 < cal.recall < 0.5
+    assert cal.reject_unknown == 0.95 and cal.unknown_rejected >= 0.95  # the unknown photos reach the threshold rule
     assert 0.0 <= cal.ece <= 0.1 and cal.reliability
     reopened = Localizer(root)  # the calibration is in the manifest now
     assert reopened.calibration.threshold == cal.threshold
@@ -205,6 +206,41 @@ def test_calibration_is_a_probability_and_refuses_what_it_cannot_promise():
         calibrate(x[:200], noise, 0.99, Neighbourhood())
     with pytest.raises(ValueError, match="all 200 calibration answers are wrong"):
         calibrate(x[:200], np.zeros(200, bool), 0.9, Neighbourhood())
+
+
+def test_known_also_rejects_the_unknown_places_it_was_shown():
+    """Known-place answers that are nearly all right let the target precision alone settle at a threshold that
+    passes most unknown-place answers (synthetic: 0.25 of them rejected); with ``reject_unknown`` 0.95 the threshold
+    rises until 0.95 of them are rejected, and that holds on fresh answers. A share no threshold reaches together
+    with the precision is refused in one line. Break: the floor ignored -> red."""
+    from edgevpr.deploy.decision import FEATURES, REJECT_UNKNOWN, unknown_floor
+
+    def answers(n, u, seed):
+        rng = np.random.default_rng(seed)
+        xk, xu = rng.normal(size=(n, 4)), rng.normal(size=(u, 4))
+        xk[:, 0] += 1.0
+        xu[:, 0] += 0.5
+        xu[:, 1] -= 1.5
+        yk = rng.random(n) < 1 / (1 + np.exp(-(2.0 * xk[:, 0] + 2.0)))
+        return np.r_[xk, xu], np.r_[yk, np.zeros(u, bool)], np.r_[np.zeros(n, bool), np.ones(u, bool)]
+
+    x, y, u = answers(600, 40, 0)
+    xt, yt, ut = answers(6000, 400, 1)  # the same mix as the calibration answers
+    for share, rejected in ((0.0, (0.0, 0.5)), (REJECT_UNKNOWN, (0.95, 1.0))):
+        cal = calibrate(x, y, 0.9, Neighbourhood(), unknown=u, reject_unknown=share)
+        assert cal.unknown_queries == 40 and cal.precision >= 0.9 and cal.reject_unknown == share
+        assert rejected[0] <= cal.unknown_rejected <= rejected[1]
+        p = np.array([cal.probability(dict(zip(FEATURES, row, strict=True))) for row in xt])
+        assert rejected[0] - 0.05 <= (p[ut] < cal.threshold).mean() <= rejected[1]
+        assert yt[p >= cal.threshold].mean() >= 0.85
+    assert unknown_floor(np.array([0.4, 0.1, 0.3, 0.2]), 0.5) == np.nextafter(0.2, 1.0)
+    assert unknown_floor(np.array([0.4, 0.1]), 0.0) == -np.inf
+    # evidence that cannot tell the unknown places from the known ones: every answer gets the same probability,
+    # which reaches the precision (0.875 right) but rejects no unknown-place answer
+    with pytest.raises(ValueError, match=r"target precision 0.85 with 0.95 of the 40 unknown-place answers rejected "
+                                         r"cannot be reached .*: no threshold that high keeps 10 answers; .*"
+                                         r"--reject-unknown"):
+        calibrate(np.zeros_like(x), np.r_[y[~u], np.zeros(40, bool)], 0.85, Neighbourhood(), unknown=u)
 
 
 def test_old_calibrations_are_not_read_as_probabilities(gp_index, capsys):
@@ -334,12 +370,14 @@ def test_calibrate_command_pools_sets_and_unknown_photos(gp_index, tmp_path, cap
                  str(unknown), "--precision", "0.9", "--hood-frames", "2", "--sequence", "5"]) == 0
     out = capsys.readouterr().out
     assert "240 queries pooled from 2 set(s) and 40 unknown-place photos" in out, out
+    assert "of 40 unknown-place answers rejected (target 0.95)" in out, out
     manifest = idx.read_manifest(index)
     cal, seq = manifest["calibration"], manifest["sequence_calibration"]
     assert cal["queries"] == 240 and cal["unknown_queries"] == 40 and cal["precision"] >= 0.9
     assert 0 <= cal["ece"] <= 0.1 and 0 <= cal["brier"] <= 0.25
     # each set is its own sequence: 4 warm-up frames of each of the three are left out of the sequence fit
     assert seq["queries"] == 240 - 3 * 4 and seq["sequence_length"] == 5 and seq["precision"] >= 0.9
+    assert seq["unknown_queries"] == 40 - 4 and seq["unknown_rejected"] >= 0.95  # the unknown photos' sequence
     assert (index / "reliability.png").stat().st_size > 5000
     # localize headlines the sequence answer; its first four frames are warming up, never known
     frames = tmp_path / "frames.txt"

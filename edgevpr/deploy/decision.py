@@ -253,7 +253,8 @@ def expected_calibration_error(p: np.ndarray, correct: np.ndarray, bins: int = E
 class Calibration:
     """Confidence = a calibrated probability that the top-1 is the right place: a logistic model on the evidence
     (``FEATURES``, standardised), fitted on validation answers; ``known`` = probability >= ``threshold``, the lowest
-    probability at which the pooled calibration answers reach ``target_precision``."""
+    probability at which the pooled calibration answers reach ``target_precision`` and at least ``reject_unknown``
+    of the answers to unknown-place photos fall below it."""
 
     threshold: float
     target_precision: float
@@ -273,6 +274,8 @@ class Calibration:
     kind: str = "logistic"
     sequence_length: int = 0  # a calibration of sequence answers: their length L and method (0, "": single frames)
     sequence_method: str = ""
+    reject_unknown: float = 0.0  # the share of unknown-place answers 'known' must reject (target)
+    unknown_rejected: float = float("nan")  # ... rejected at the threshold on the calibration answers
 
     def probability(self, ev: dict[str, float]) -> float:
         """Evidence of one answer (``evidence``) -> P(its top-1 is the right place)."""
@@ -301,16 +304,20 @@ class Calibration:
 MIN_KNOWN = 10
 
 
-def precision_threshold(p: np.ndarray, correct: np.ndarray, target: float,
-                        min_known: int = MIN_KNOWN) -> tuple[float | None, float, float]:
-    """Scores [Q] and right/wrong [Q] -> (the lowest threshold whose answers at or above it, at least ``min_known``
-    of them, reach ``target`` precision, or None; the precision there, or the best any such threshold reaches when
-    none does; the share of all queries answered right at or above it)."""
+def precision_threshold(p: np.ndarray, correct: np.ndarray, target: float, min_known: int = MIN_KNOWN,
+                        floor: float = -math.inf) -> tuple[float | None, float, float]:
+    """Scores [Q] and right/wrong [Q] -> (the lowest threshold, at least ``floor``, whose answers at or above it,
+    at least ``min_known`` of them, reach ``target`` precision, or None; the precision there, or the best any such
+    threshold reaches when none does (nan when there is no such threshold); the share of all queries answered right
+    at or above it)."""
     order = np.argsort(-p, kind="stable")
     s, c = p[order], correct[order]
     prec = np.cumsum(c) / np.arange(1, len(c) + 1)
     last = np.r_[s[1:] != s[:-1], True]  # a threshold counts every answer scoring >= it: the last of equal runs
     last &= np.arange(1, len(c) + 1) >= min(min_known, len(c))
+    last &= s >= floor
+    if not last.any():
+        return None, float("nan"), 0.0
     ok = np.nonzero(last & (prec >= target))[0]
     if not len(ok):
         return None, float(prec[last].max()), 0.0
@@ -318,10 +325,28 @@ def precision_threshold(p: np.ndarray, correct: np.ndarray, target: float,
     return float(s[i]), float(prec[i]), float(np.cumsum(c)[i] / len(c))
 
 
+#: The share of answers to unknown-place photos that 'known' must reject on the calibration answers, besides the
+#: target precision: the issue's own requirement for a robot (>= 0.95 rejected). The precision target alone is met
+#: by a threshold near 0 when the known places' answers are nearly all right, and then lets unknown places through
+#: (measured: a Nordland-trained ViT rejected 0.62 of unknown-place sequences at threshold 0.03; 0.90 with this).
+REJECT_UNKNOWN = 0.95
+
+
+def unknown_floor(p_unknown: np.ndarray, share: float) -> float:
+    """Probabilities of the answers to unknown-place photos [U] -> the lowest threshold below which at least
+    ``share`` of them fall (-inf when none need be)."""
+    need = math.ceil(share * len(p_unknown) - 1e-9)
+    if need <= 0:
+        return -math.inf
+    return float(np.nextafter(np.sort(p_unknown)[need - 1], math.inf))
+
+
 def calibrate(features: np.ndarray, correct: np.ndarray, target_precision: float, neighbourhood: Neighbourhood,
-              unknown: int = 0, names: tuple[str, ...] = FEATURES, refuse: bool = True,
-              what: str = "calibration") -> Calibration:
+              unknown: np.ndarray | None = None, names: tuple[str, ...] = FEATURES, refuse: bool = True,
+              what: str = "calibration", reject_unknown: float = REJECT_UNKNOWN) -> Calibration:
     """Evidence [Q, F] (columns ``names``) and whether each top-1 is right [Q] -> a fitted Calibration.
+    ``unknown`` [Q]: which answers are to photos of places the map does not hold (all wrong); the threshold also
+    rejects at least ``reject_unknown`` of them.
 
     Logistic regression (scikit-learn, L2, C = 1) on standardised features: monotone in each feature's learned
     direction, smooth, and fitted well by a few hundred answers, where isotonic regression over several features
@@ -333,7 +358,10 @@ def calibrate(features: np.ndarray, correct: np.ndarray, target_precision: float
 
     if not 0.0 < target_precision <= 1.0:
         raise ValueError(f"precision {target_precision}: must be in (0, 1]")
+    if not 0.0 <= reject_unknown <= 1.0:
+        raise ValueError(f"reject-unknown {reject_unknown}: must be in [0, 1]")
     x, y = np.asarray(features, np.float64), np.asarray(correct, bool)
+    unknown = np.zeros(len(y), bool) if unknown is None else np.asarray(unknown, bool)
     if len(x) < 10:
         raise ValueError(f"{len(x)} {what} answers: need at least 10")
     if y.all() or not y.any():
@@ -344,14 +372,21 @@ def calibrate(features: np.ndarray, correct: np.ndarray, target_precision: float
     mean, std = x.mean(0), x.std(0) + 1e-9
     lr = LogisticRegression(C=1.0, max_iter=1000).fit((x - mean) / std, y)
     p = lr.predict_proba((x - mean) / std)[:, 1]
-    threshold, reached, recall = precision_threshold(p, y, target_precision)
+    floor = unknown_floor(p[unknown], reject_unknown)
+    threshold, reached, recall = precision_threshold(p, y, target_precision, floor=floor)
     if threshold is None and not refuse:
         threshold = math.inf
     elif threshold is None:
-        raise ValueError(f"target precision {target_precision} cannot be reached on these {len(y)} {what} "
-                         f"answers ({int(y.sum())} right): at most {reached:.3f}; lower --precision or add "
-                         "validation queries")
+        also = f" with {reject_unknown} of the {int(unknown.sum())} unknown-place answers rejected" \
+            if np.isfinite(floor) else ""
+        best = f"at most {reached:.3f}" if math.isfinite(reached) else \
+            f"no threshold that high keeps {MIN_KNOWN} answers"
+        raise ValueError(f"target precision {target_precision}{also} cannot be reached on these {len(y)} {what} "
+                         f"answers ({int(y.sum())} right): {best}; lower --precision"
+                         f"{' or --reject-unknown' if also else ''} or add validation queries")
     ece, table = expected_calibration_error(p, y)
     return Calibration(threshold, float(target_precision), reached, recall, int(len(y)), asdict(neighbourhood),
                        list(names), mean.tolist(), std.tolist(), lr.coef_[0].tolist(), float(lr.intercept_[0]),
-                       int(unknown), ece, float(np.mean((p - y) ** 2)), table)
+                       int(unknown.sum()), ece, float(np.mean((p - y) ** 2)), table,
+                       reject_unknown=float(reject_unknown),
+                       unknown_rejected=float((p[unknown] < threshold).mean()) if unknown.any() else float("nan"))

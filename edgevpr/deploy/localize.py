@@ -21,6 +21,7 @@ from ..integrity import check_finite, warn
 from .decision import (
     DECISION_DEPTH,
     FEATURES,
+    REJECT_UNKNOWN,
     SEQUENCE_FEATURES,
     Calibration,
     GeoPrior,
@@ -192,11 +193,13 @@ class Localizer:
 
     def calibrate(self, frames, positives: list[set[str]], precision: float = 0.95,
                   hood: Neighbourhood | None = None, unknown_frames=(), sequence: int = 0,
-                  method: str = "seqslam") -> tuple[Calibration, Calibration | None]:
+                  method: str = "seqslam", reject_unknown: float = REJECT_UNKNOWN
+                  ) -> tuple[Calibration, Calibration | None]:
         """Validation frames (``inputs.Frame``, in capture order, every query set pooled) and, per frame, the
         database paths that count as right, plus ``unknown_frames``: photos of places the map does not hold (every
         answer to them is wrong) -> (single-frame Calibration, sequence Calibration or None) at the target
-        ``precision``, recorded in the index together. With ``sequence`` L > 0 the frames are also tracked as
+        ``precision`` (and at least ``reject_unknown`` of the unknown-place answers rejected), recorded in the
+        index together. With ``sequence`` L > 0 the frames are also tracked as
         sequences (each capture sequence on its own) and the sequence answers of every frame past the warm-up are
         calibrated on ``SEQUENCE_FEATURES``. Refused in one line (nothing written) when a target cannot be
         reached."""
@@ -209,24 +212,26 @@ class Localizer:
                 pending.append(good)
                 yield f
 
-        feats, right, seq_feats, seq_right, n_unknown = [], [], [], [], 0
+        feats, right, seq_feats, seq_right, unknown_answer, seq_unknown = [], [], [], [], [], []
         # one frame in memory at a time; answered as live queries are (verified when on)
         for _, a, _ in self.stream(tagged(), 1, sequence=sequence, method=method, hood=hood):
             good = pending.popleft()
             feats.append([a.decision["evidence"][name] for name in FEATURES])
             right.append(a.matches[0].path in good)
-            n_unknown += not good
+            unknown_answer.append(not good)
             if a.sequence is not None and not a.sequence["decision"]["warming_up"]:
                 seq_feats.append([a.sequence["decision"]["evidence"][name] for name in SEQUENCE_FEATURES])
                 seq_right.append(a.sequence["match"]["path"] in good)
-        cal = calibrate(np.array(feats), np.array(right), precision, hood, unknown=n_unknown)
+                seq_unknown.append(not good)
+        cal = calibrate(np.array(feats), np.array(right), precision, hood, unknown=np.array(unknown_answer),
+                        reject_unknown=reject_unknown)
         seq = None
         if sequence:
             if not seq_feats:
                 raise ValueError(f"--sequence {sequence}: no query set has more than {sequence - 1} frames, so no "
                                  "sequence answer is past its warm-up")
-            seq = calibrate(np.array(seq_feats), np.array(seq_right), precision, hood, names=SEQUENCE_FEATURES,
-                            what="sequence")
+            seq = calibrate(np.array(seq_feats), np.array(seq_right), precision, hood, unknown=np.array(seq_unknown),
+                            names=SEQUENCE_FEATURES, what="sequence", reject_unknown=reject_unknown)
             seq.sequence_length, seq.sequence_method = sequence, method
         self.index.manifest = update_manifest(self.index.root, calibration=cal.to_dict(),
                                               sequence_calibration=seq.to_dict() if seq else None)
