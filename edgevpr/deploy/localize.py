@@ -199,10 +199,9 @@ class Localizer:
         database paths that count as right, plus ``unknown_frames``: photos of places the map does not hold (every
         answer to them is wrong) -> (single-frame Calibration, sequence Calibration or None) at the target
         ``precision`` (and at least ``reject_unknown`` of the unknown-place answers rejected), recorded in the
-        index together. With ``sequence`` L > 0 the frames are also tracked as
-        sequences (each capture sequence on its own) and the sequence answers of every frame past the warm-up are
-        calibrated on ``SEQUENCE_FEATURES``. Refused in one line (nothing written) when a target cannot be
-        reached."""
+        index together. With ``sequence`` L > 0 the frames are also tracked as sequences (each capture sequence on
+        its own) and the sequence answers of every frame past the warm-up are calibrated on ``SEQUENCE_FEATURES``.
+        Refused in one line (nothing written) when a target cannot be reached."""
         hood = self.hood(hood)
         unknown = ((dataclasses.replace(f, sequence=f"unknown:{f.sequence}"), set()) for f in unknown_frames)
         pending: deque[set[str]] = deque()
