@@ -74,3 +74,24 @@ def test_eval_verify_reports_the_verified_recall_beside_the_unverified(tmp_path,
     assert v["k"] == 10 and v["top1_moved"] >= 1 and v["not_verified"] == 0 and v["ms_per_query"] > 0
     assert r["recall"]["R@1"] > v["recall_unverified"]["R@1"], (r["recall"], v)
     assert "| verified R@1 | R@1 without |" in out and "| verified R@1 |" in (tmp_path / "results.md").read_text()
+
+
+def test_patch_tokens_are_local_features_on_their_grid():
+    """A ViT's patch tokens as local features (``patch_features``): a view shifted by two patches (an 8x12 grid,
+    tokens carried along with a little noise) is explained by a fundamental matrix over most patches, an unrelated
+    view is not, and a pruned token set is refused. Break: the grid read column-major -> the shift is scrambled."""
+    from edgevpr.deploy.verify import patch_features
+
+    rng = np.random.default_rng(0)
+    h, w, c = 8, 12, 64
+    scene = rng.normal(size=(h, w + 2, c))
+    a = scene[:, :w].reshape(-1, c)
+    b = (scene[:, 2:] + 0.1 * rng.normal(size=(h, w, c))).reshape(-1, c)
+    other = rng.normal(size=(h * w, c))
+    fa, fb, fo = (patch_features(t, (h, w)) for t in (a, b, other))
+    assert fa.xy[w + 1].tolist() == [1.5, 1.5] and fa.xy[w].tolist() == [0.5, 1.5]  # row-major patch centres
+    shifted = inliers(fa, fb, threshold_px=0.5, ratio=1.0)
+    assert shifted >= 0.8 * h * (w - 2), shifted
+    assert inliers(fa, fo, threshold_px=0.5, ratio=1.0) < shifted / 3  # chance agreement of a fundamental matrix
+    with pytest.raises(ValueError, match="95 patch tokens for a 8x12 grid"):
+        patch_features(a[:-1], (h, w))

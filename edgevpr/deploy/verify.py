@@ -64,21 +64,37 @@ def local_features(img: Image.Image, max_side: int = 640, features: int = 1000) 
     return Features(np.array([k.pt for k in kps], np.float32), np.sqrt(desc).astype(np.float32))
 
 
-def inliers(a: Features, b: Features, threshold_px: float = 3.0) -> int:
-    """Mutual nearest-neighbour matches of two images that a MAGSAC++ fundamental matrix explains."""
+def patch_features(tokens: np.ndarray, grid: tuple[int, int]) -> Features:
+    """A ViT's patch tokens [H*W, C] (row-major in ``grid`` = (H, W), none pruned) -> Features at the patch centres
+    (in patch units) with the L2-normalised tokens as descriptors: the model's own local features, for
+    ``inliers(..., threshold_px=0.5, ratio=1.0)`` (a mutual check alone: a coarse grid has few look-alike patches)."""
+    h, w = grid
+    if len(tokens) != h * w:
+        raise ValueError(f"{len(tokens)} patch tokens for a {h}x{w} grid: token verification needs every patch")
+    k = np.arange(h * w)
+    desc = tokens / (np.linalg.norm(tokens, axis=1, keepdims=True) + 1e-12)
+    return Features(np.stack([k % w, k // w], 1).astype(np.float32) + 0.5, desc.astype(np.float32))
+
+
+def inliers(a: Features, b: Features, threshold_px: float = 3.0, ratio: float = RATIO) -> int:
+    """Mutual nearest-neighbour matches of two images (passing the ratio test) that a MAGSAC++ fundamental matrix
+    explains."""
     cv2 = _cv2()
     if len(a.desc) < 8 or len(b.desc) < 8:
         return 0
     bf = cv2.BFMatcher(cv2.NORM_L2)
     ab = bf.knnMatch(a.desc, b.desc, k=2)
     back = {m[0].queryIdx: m[0].trainIdx for m in bf.knnMatch(b.desc, a.desc, k=1) if m}
-    pairs = [(m[0].queryIdx, m[0].trainIdx) for m in ab if len(m) == 2 and m[0].distance < RATIO * m[1].distance
+    pairs = [(m[0].queryIdx, m[0].trainIdx) for m in ab if len(m) == 2 and m[0].distance < ratio * m[1].distance
              and back.get(m[0].trainIdx) == m[0].queryIdx]
     if len(pairs) < 8:
         return 0
     p1 = a.xy[[i for i, _ in pairs]]
     p2 = b.xy[[j for _, j in pairs]]
-    _, mask = cv2.findFundamentalMat(p1, p2, cv2.USAC_MAGSAC, threshold_px, 0.999, 2000)
+    try:
+        _, mask = cv2.findFundamentalMat(p1, p2, cv2.USAC_MAGSAC, threshold_px, 0.999, 2000)
+    except cv2.error:  # degenerate correspondences (e.g. all on a grid line): no model, no inliers
+        return 0
     return 0 if mask is None else int(mask.sum())
 
 

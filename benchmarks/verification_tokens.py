@@ -1,0 +1,145 @@
+"""Geometric verification with a ViT's own patch tokens beside SIFT, on the same candidates of the same model.
+
+    python benchmarks/verification_tokens.py --model runs/weitop/cpu-weiad-nodistill/best
+
+Issue 27 asks for the ViT models' own patch tokens where they exist if that measures better than SIFT. Local
+features here: the model's patch tokens at full keep ratio (``deploy.verify.patch_features``: a 10x10 grid at 160
+px for the hybrid ViT), mutual nearest neighbours (with or without Lowe's ratio test), and a MAGSAC++ fundamental
+matrix on the patch centres (0.5 patch); SIFT as in ``benchmarks/verification.py``. Candidates re-ranked by
+similarity + w log(1 + inliers) over the top K.
+
+Places held out from the hybrid ViT's training (Gardens Point 0-59, Nordland 0-1499): K, w and the ratio are
+chosen on the mean R@1 of two validation sets, one of each map kind (Nordland winter 1500-1999 and Gardens Point
+night 60-79), and reported on Nordland 2000-2499, Gardens Point night 80-99 and day_left 60-99. Nordland's
+database is summer 1500-2499, Gardens Point's day_right 0-99. ms/query: the verification of K = 25 candidates alone
+(tokens of the query and of candidates not seen before, matching, MAGSAC). Writes
+benchmarks/results/verification_tokens.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from heldout import ROOT, data_root
+from verification import KS, Verifier, candidates, inlier_table, recall
+
+from edgevpr.data.datasets import open_dataset
+from edgevpr.data.images import load_image
+from edgevpr.deploy.verify import Features, inliers, patch_features
+from edgevpr.models.model import load_model
+from edgevpr.utils import write_json, write_text
+
+WEIGHTS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+RATIOS = (0.8, 1.0)
+
+
+class TokenFeatures:
+    """Patch-token Features per image path, computed on first use and kept."""
+
+    def __init__(self, model) -> None:
+        self.model, self.tf, self.cache = model, model.transform(), {}
+        self.knobs = {"keep_ratio": 1.0} if "keep_ratio" in model.knob_names() else {}
+
+    def __call__(self, path) -> Features:
+        key = str(path)
+        if key not in self.cache:
+            with torch.no_grad(), self.model.using(**self.knobs):
+                t = self.model.forward_tokens(self.tf(load_image(path))[None])
+            if t.index is not None:
+                raise ValueError(f"{self.model.name}: pruned patch tokens; token verification needs every patch")
+            self.cache[key] = patch_features(t.patches[0].float().numpy(), t.grid)
+        return self.cache[key]
+
+
+def token_table(ds, top: np.ndarray, feats: TokenFeatures, ratio: float) -> tuple[np.ndarray, float]:
+    """Token inliers [Q, depth] of each query against its candidates, and ms/query (K = depth)."""
+    out, t = np.zeros(top.shape, np.int64), 0.0
+    for i, row in enumerate(top):
+        t0 = time.perf_counter()
+        q = feats(ds.q_paths[i])
+        out[i] = [inliers(q, feats(ds.db_paths[j]), threshold_px=0.5, ratio=ratio) for j in row]
+        t += time.perf_counter() - t0
+    return out, t * 1000 / len(top)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="runs/weitop/cpu-weiad-nodistill/best",
+                    help="a ViT model with patch tokens (default runs/weitop/cpu-weiad-nodistill/best)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    data = data_root()
+    gp, nl = data / "gardens_point", data / "nordland_64x32"
+    model = load_model(args.model).eval()
+
+    def part(ds, keep):
+        ds.q_paths = [ds.q_paths[i] for i in keep]
+        ds.positives = [ds.positives[i] for i in keep]
+        return ds
+
+    def nordland(lo, hi):
+        ds = open_dataset(nl / "summer", nl / "winter", aligned_tolerance=1, frames=(1500, 2500), drop_dark=10)
+        stem = [int(p.stem.split("-")[1]) for p in ds.q_paths]
+        return part(ds, [i for i, s in enumerate(stem) if lo * 10 <= s < hi * 10])
+
+    def gp_set(folder, a, b):
+        return part(open_dataset(gp / "day_right", gp / folder, aligned_tolerance=2), range(a, b))
+
+    sets = {"validation: nordland 1500-1999": nordland(1500, 2000),
+            "validation: gardens_point night 60-79": gp_set("night_right", 60, 80),
+            "nordland 2000-2499": nordland(2000, 2500), "gardens_point night 80-99": gp_set("night_right", 80, 100),
+            "gardens_point day_left 60-99": gp_set("day_left", 60, 100)}
+    feats, sift = TokenFeatures(model), Verifier()
+    tables = {}
+    for name, ds in sets.items():
+        scores, top = candidates(model, ds)
+        tok = {r: token_table(ds, top, feats, r) for r in RATIOS}
+        s_counts, s_ok, s_ms, _ = inlier_table(ds, top, sift)
+        tables[name] = (ds, scores, top, tok, (s_counts, s_ok, s_ms))
+        print(name, {r: round(ms) for r, (_, ms) in tok.items()}, "ms/query; SIFT verifiable", s_ok.mean(), flush=True)
+
+    def r1(name, how, k, w, ratio=RATIOS[0]):
+        ds, scores, top, tok, (s_counts, s_ok, _) = tables[name]
+        counts, ok = (tok[ratio][0], np.ones(len(top), bool)) if how == "tokens" else (s_counts, s_ok)
+        return recall(scores, top, counts, ok, ds, k, w)
+
+    val = [n for n in sets if n.startswith("validation")]
+    choice = {}
+    for how, ratios in (("tokens", RATIOS), ("sift", (RATIOS[0],))):
+        grid = {(k, w, r): float(np.mean([r1(n, how, k, w, r)[0] for n in val]))
+                for k in KS for w in WEIGHTS for r in ratios}
+        choice[how] = max(grid, key=lambda kwr: (grid[kwr], -kwr[0], -kwr[1], kwr[2]))  # ties: fewer, lower
+        choice[f"{how}_grid"] = {f"K={k} w={w} ratio={r}": v for (k, w, r), v in grid.items()}
+    res = {"model": model.name, "chosen": {h: dict(zip(("k", "weight", "ratio"), choice[h], strict=True))
+                                           for h in ("tokens", "sift")}, "sets": {}}
+    for name, (ds, _, _, tok, (_, s_ok, s_ms)) in tables.items():
+        tk, tw, tr = choice["tokens"]
+        sk, sw, _ = choice["sift"]
+        res["sets"][name] = {"queries": len(ds.q_paths), "R@1/R@5 off": r1(name, "tokens", 0, 0.0),
+                             "R@1/R@5 tokens": r1(name, "tokens", tk, tw, tr), "tokens ms/query (K=25)": tok[tr][1],
+                             "R@1/R@5 sift": r1(name, "sift", sk, sw), "sift verifiable": float(s_ok.mean()),
+                             "sift ms/query (K=25)": s_ms}
+    res["validation_grids"] = {h: choice[f"{h}_grid"] for h in ("tokens", "sift")}
+    write_json(ROOT / "benchmarks" / "results" / "verification_tokens.json", res)
+    ct, cs = res["chosen"]["tokens"], res["chosen"]["sift"]
+    lines = [f"# Verification with the model's own patch tokens vs SIFT (`python benchmarks/verification_tokens.py "
+             f"--model {args.model}`, {res['model']})", "",
+             f"Chosen on the mean R@1 of the two validation sets: tokens K = {ct['k']}, w = {ct['weight']}, ratio "
+             f"{ct['ratio']}; SIFT K = {cs['k']}, w = {cs['weight']}. Places held out from the model's training.", "",
+             "| set | queries | R@1 / R@5 unverified | patch tokens | SIFT (verifiable) | "
+             "ms/query tokens / SIFT (K=25) |",
+             "|---|---:|---|---|---|---:|"]
+    for name, r in res["sets"].items():
+        f = lambda v: f"{v[0]:.3f} / {v[1]:.3f}"  # noqa: E731
+        lines.append(f"| {name} | {r['queries']} | {f(r['R@1/R@5 off'])} | {f(r['R@1/R@5 tokens'])} | "
+                     f"{f(r['R@1/R@5 sift'])} ({r['sift verifiable']:.2f}) | "
+                     f"{r['tokens ms/query (K=25)']:.0f} / {r['sift ms/query (K=25)']:.0f} |")
+    write_text(ROOT / "benchmarks" / "results" / "verification_tokens.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
