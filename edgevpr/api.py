@@ -41,6 +41,7 @@ class EvalConf:
     knobs: dict | None = None  # runtime knobs, e.g. {"sparsity": 0.4}
     sequence: int = 0  # > 0: also sequence matching (SeqSLAM-style, offline) over this many query frames
     verify: int = 0  # > 0: geometric verification re-ranks each query's top ``verify`` candidates
+    verify_with: str = "auto"  # its local features: auto (a ViT's patch tokens, else SIFT), sift or tokens
 
 
 def _extract(model: VPRModel, paths: list[Path], conf: EvalConf, desc: str, device) -> Extraction:
@@ -65,7 +66,7 @@ def evaluate_dataset(model: VPRModel, ds: VPRDataset, conf: EvalConf, device="cp
     verification = None
     if conf.verify:
         unverified = recall_at_n(first_hit_rank(idx, ds.positives), has_pos, conf.ns)
-        scores, idx, verification = _verify(ds, scores, idx, conf)
+        scores, idx, verification = _verify(ds, scores, idx, conf, model)
         verification["recall_unverified"] = unverified
     ranks = first_hit_rank(idx, ds.positives)
     recall = recall_at_n(ranks, has_pos, conf.ns)
@@ -104,17 +105,17 @@ def evaluate_dataset(model: VPRModel, ds: VPRDataset, conf: EvalConf, device="cp
     return metrics, curves
 
 
-def _verify(ds: VPRDataset, scores: np.ndarray, idx: np.ndarray, conf: EvalConf) -> tuple[np.ndarray, np.ndarray,
-                                                                                          dict]:
+def _verify(ds: VPRDataset, scores: np.ndarray, idx: np.ndarray, conf: EvalConf,
+            model) -> tuple[np.ndarray, np.ndarray, dict]:
     """Ranked scores and ids [Q, k] -> the same with each query's top ``conf.verify`` re-ranked by geometric
     verification (``deploy.verify``, as ``localize --verify`` does), and a record: K, ms per query, queries whose
     top-1 moved, queries too plain to verify."""
     from tqdm.auto import tqdm
 
     from .data.images import load_image
-    from .deploy.verify import Verifier
+    from .deploy.verify import verifier_for
 
-    verifier = Verifier(k=conf.verify)
+    verifier = verifier_for(model, model.transform(conf.image_size), conf.verify, conf.verify_with, conf.knobs)
     scores, idx = scores.copy(), idx.copy()
     n = min(conf.verify, idx.shape[1])
     moved = plain = 0
@@ -128,8 +129,10 @@ def _verify(ds: VPRDataset, scores: np.ndarray, idx: np.ndarray, conf: EvalConf)
         plain += not rec["verified"]
     return scores, idx, {"k": n, "ms_per_query": (time.perf_counter() - t0) * 1000 / max(len(idx), 1),
                          "top1_moved": moved, "not_verified": plain,
-                         "method": "SIFT (RootSIFT) + mutual NN + ratio 0.8 + MAGSAC++ F; similarity + "
-                                   f"{verifier.weight} log(1 + inliers)"}
+                         "features": verifier.kind,
+                         "method": ("SIFT (RootSIFT) + mutual NN + ratio 0.8" if verifier.local is None else
+                                    "the model's patch tokens + mutual NN") +
+                                   f" + MAGSAC++ F; similarity + {verifier.weight} log(1 + inliers)"}
 
 
 def _write_matches(path: Path, ds: VPRDataset, scores, idx, ranks, top_k: int) -> None:

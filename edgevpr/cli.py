@@ -113,6 +113,7 @@ def cmd_eval(args) -> int:
                     cache_dir=None if args.no_cache else args.cache_dir, top_k=args.top_k, plot=args.plot,
                     show_failures=args.show_failures, efficiency=not args.no_efficiency,
                     image_size=_image_size(args), progress=not args.quiet, sequence=args.sequence, verify=args.verify,
+                    verify_with=args.verify_with,
                     knobs=_knobs(args) or getattr(model, "baked_knobs", None) or None)
     out = Path(args.out or Path("outputs") / "eval" / model.name.replace("/", "_"))
     results = evaluate(model, datasets, conf, out, device)
@@ -370,6 +371,7 @@ def cmd_localize(args) -> int:
     from .deploy.pipeline import Pipeline, latency_percentiles
 
     loc = Localizer(args.index, args.model, mmap=not args.no_mmap, device=args.device, verify=args.verify,
+                    verify_with=args.verify_with,
                     exclude_sessions=args.exclude_session)
     stream = Stream(args.photos, args.stride, args.skip_bad)
     loop = Pipeline(loc, stream, args.top_k, _knobs(args) or None, _prior(args), args.sequence, args.sequence_method,
@@ -408,7 +410,7 @@ def cmd_calibrate(args) -> int:
 
     if args.hood_m is not None and args.hood_frames is not None:
         raise ValueError("give --hood-m or --hood-frames, not both")
-    loc = Localizer(args.index, args.model, device=args.device, verify=args.verify)
+    loc = Localizer(args.index, args.model, device=args.device, verify=args.verify, verify_with=args.verify_with)
     hood = Neighbourhood(args.hood_m, None) if args.hood_m is not None else \
         Neighbourhood(None, args.hood_frames) if args.hood_frames is not None else None
     sets = _datasets(args)  # every query set is pooled into one calibration; frames are read as they are used
@@ -475,7 +477,7 @@ def cmd_serve(args) -> int:
     from .deploy.localize import Localizer
     from .deploy.service import ServiceLimits, create_app
 
-    loc = Localizer(args.index, args.model, device=args.device, verify=args.verify)
+    loc = Localizer(args.index, args.model, device=args.device, verify=args.verify, verify_with=args.verify_with)
     app = create_app(loc, ServiceLimits(args.max_upload_mb * 2**20, args.max_pixels, args.max_k, args.max_frames,
                                         args.max_request_pixels, args.concurrency))
     print(f"serving {loc.index.root} ({len(loc.index)} images, model {loc.model.name}) on "
@@ -617,6 +619,12 @@ EXAMPLES = {
 }
 
 
+def _verify_with_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verify-with", choices=["auto", "sift", "tokens"], default="auto",
+                   help="--verify's local features: a torch ViT's own patch tokens (tokens), SIFT (sift), or tokens "
+                        "when the model has them, else SIFT (default auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .utils import default_cache_dir
 
@@ -652,8 +660,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sequence", type=_bounded(0, 1000), default=0, metavar="L",
                    help="also match sequences of L query frames (SeqSLAM-style; queries in capture order); 0: off")
     e.add_argument("--verify", type=_bounded(0, 1000), default=0, metavar="K",
-                   help="re-rank each query's top K candidates by geometric verification (SIFT + MAGSAC++, as "
-                        "localize --verify); recall is then the verified one, beside the unverified (default 0: off)")
+                   help="re-rank each query's top K candidates by geometric verification (local features + "
+                        "MAGSAC++, as localize --verify); recall is then the verified one, beside the unverified "
+                        "(default 0: off)")
+    _verify_with_flag(e)
     e.add_argument("--top-k", type=_bounded(1, 1000), default=20, help="matches per query in the CSV (default 20)")
     e.add_argument("--plot", action="store_true", help="write recall@N and PR curves as PNG")
     e.add_argument("--show-failures", type=_bounded(0, 1000), default=0, metavar="N",
@@ -815,8 +825,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "--prior=-27.47,153.03,200)")
     lo.add_argument("--prior-utm", metavar="EAST,NORTH,RADIUS_M", help="GNSS prior in UTM metres")
     lo.add_argument("--verify", type=_bounded(0, 1000), default=0, metavar="K",
-                    help="re-rank the top K candidates by geometric verification (SIFT + MAGSAC++; needs "
-                         "opencv-python-headless); 10 was chosen on validation (default 0: off)")
+                    help="re-rank the top K candidates by geometric verification (local features + MAGSAC++; needs "
+                         "opencv-python-headless); 10 was chosen on validation for SIFT, 25 for a ViT's patch tokens "
+                         "(default 0: off)")
+    _verify_with_flag(lo)
     lo.add_argument("--sequence", type=_bounded(0, 1000), default=0, metavar="L",
                     help="also match the stream as a sequence over the last L frames (default 0: off)")
     lo.add_argument("--exclude-session", action="append", default=[], metavar="NAME",
@@ -859,8 +871,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(default 2)")
     ca.add_argument("--device", default="auto", help="PyTorch models: auto, cpu, cuda (ONNX: cpu)")
     ca.add_argument("--verify", type=_bounded(0, 1000), default=0, metavar="K",
-                    help="re-rank the top K candidates by geometric verification (SIFT + MAGSAC++; needs "
-                         "opencv-python-headless); 10 was chosen on validation (default 0: off)")
+                    help="re-rank the top K candidates by geometric verification (local features + MAGSAC++; needs "
+                         "opencv-python-headless); 10 was chosen on validation for SIFT, 25 for a ViT's patch tokens "
+                         "(default 0: off)")
+    _verify_with_flag(ca)
     ca.add_argument("--unknown", action="append", metavar="DIR",
                     help="photos of places the map does not hold (a folder, list or video; repeat): every answer "
                          "to them counts as wrong (default: none)")
@@ -891,8 +905,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="all frames of one sequence request together, pixels, checked from their headers before "
                          "any is decoded (default 100000000)")
     sv.add_argument("--verify", type=_bounded(0, 1000), default=0, metavar="K",
-                    help="re-rank the top K candidates by geometric verification (SIFT + MAGSAC++; needs "
-                         "opencv-python-headless); 10 was chosen on validation (default 0: off)")
+                    help="re-rank the top K candidates by geometric verification (local features + MAGSAC++; needs "
+                         "opencv-python-headless); 10 was chosen on validation for SIFT, 25 for a ViT's patch tokens "
+                         "(default 0: off)")
+    _verify_with_flag(sv)
     sv.add_argument("--max-k", type=_bounded(1, 1000), default=50, help="largest k a request may ask (default 50)")
     sv.add_argument("--concurrency", type=_bounded(1, 256), default=1,
                     help="requests decoded and answered at once, each with --threads; the others wait their turn "

@@ -95,3 +95,32 @@ def test_patch_tokens_are_local_features_on_their_grid():
     assert inliers(fa, fo, threshold_px=0.5, ratio=1.0) < shifted / 3  # chance agreement of a fundamental matrix
     with pytest.raises(ValueError, match="95 patch tokens for a 8x12 grid"):
         patch_features(a[:-1], (h, w))
+
+
+def test_a_vit_verifies_with_its_own_patch_tokens(gp_index, tmp_path):
+    """``verify_with="auto"`` takes a torch ViT's own patch tokens (SIFT for a CNN: the index above), the answer
+    says which features it verified with, "sift" forces SIFT, and tokens are refused in one line for a model
+    without them. What tokens are worth is measured with a trained ViT (not in CI):
+    benchmarks/results/verification_tokens.md."""
+    from edgevpr.models.model import load_model
+
+    gp = shared_data() / "gardens_point"
+    vit = load_model({"backbone": {"name": "vit", "timm_name": "vit_tiny_patch16_224"}, "aggregator": {"name": "gem"},
+                      "image_size": [64, 64], "name": "tiny-vit"}).eval()
+    root = tmp_path / "vit-index"
+    idx.build(vit, gp / "day_right", root, progress=False)
+    loc = Localizer(root, vit, verify=5)
+    assert loc.verifier.kind == "patch tokens" and loc.verifier.k == 5
+    photo = load_image(gp / "night_right" / "Image068.jpg")
+    check = loc.answer(loc.embed([photo]), 3, None, [photo])[0].decision["verification"]
+    assert check["verified"] and check["features"] == "patch tokens" and len(check["inliers"]) == 5
+    assert Localizer(root, vit, verify=5, verify_with="sift").verifier.kind == "sift"
+    assert Localizer(gp_index[0], verify=5).verifier.kind == "sift"  # a CNN: SIFT
+    with pytest.raises(ValueError, match="--verify-with tokens: model .* has no ViT patch tokens"):
+        Localizer(gp_index[0], verify=5, verify_with="tokens")
+    from edgevpr.cli import build_parser
+
+    for argv in (["localize", "--index", "i", "a.jpg"], ["calibrate", "--index", "i"], ["serve", "--index", "i"],
+                 ["eval", "--model", "m", "--db", "d", "--queries", "q"]):
+        assert build_parser().parse_args(argv).verify_with == "auto"
+        assert build_parser().parse_args([*argv, "--verify-with", "sift"]).verify_with == "sift"

@@ -25,6 +25,24 @@ def embed(model, x: np.ndarray, knobs: dict | None = None) -> np.ndarray:
         return model(torch.from_numpy(np.ascontiguousarray(x)).to(device), **knobs).float().cpu().numpy()
 
 
+def patch_tokens(model, x: np.ndarray, knobs: dict | None = None) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """images [B, 3, H, W] float32 -> (every patch token [B, H'*W', C] float32, grid (H', W')) of a torch ViT
+    (a model whose backbone gives a CLS token), None for any other model (ONNX exports give descriptors only; CNN
+    feature maps are not measured as local features). Pruning knobs are set to keep every patch."""
+    if hasattr(model, "session") or not hasattr(model, "forward_tokens"):
+        return None
+    import torch
+
+    from ..utils import module_device
+
+    keep = {"keep_ratio": 1.0} if "keep_ratio" in model.knob_names() else {}
+    with torch.inference_mode(), model.using(**{**(knobs or {}), **keep}):
+        t = model.forward_tokens(torch.from_numpy(np.ascontiguousarray(x)).to(module_device(model)))
+    if t.cls is None or t.index is not None:
+        return None
+    return t.patches.float().cpu().numpy(), tuple(t.grid)
+
+
 def image_batches(paths: list[Path], transform, batch_size: int, max_pixels: int | None = None
                   ) -> Iterator[tuple[np.ndarray | None, list[int], list[tuple[int, str]]]]:
     """Batches of (images [b, 3, H, W] or None, positions in ``paths`` loaded, [(position, reason)] unreadable)."""

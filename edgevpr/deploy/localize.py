@@ -66,9 +66,11 @@ class Localizer:
     """Index + model, checked to belong together. Thread-safe (one forward at a time)."""
 
     def __init__(self, index: str | os.PathLike | PlaceIndex, model=None, mmap: bool = True,
-                 device="cpu", verify: int = 0, exclude_sessions: list[str] = ()) -> None:
+                 device="cpu", verify: int = 0, exclude_sessions: list[str] = (), verify_with: str = "auto") -> None:
         """``verify`` > 0: geometric verification re-ranks each answer's top ``verify`` candidates
-        (``deploy.verify``; needs the query images, so ``stream`` and ``localize`` apply it).
+        (``deploy.verify``; needs the query images, so ``stream`` and ``localize`` apply it), on ``verify_with``
+        local features: "sift", "tokens" (a torch ViT's own patch tokens) or "auto" (tokens when the model has
+        them, else SIFT).
         ``exclude_sessions``: answers come from the other sessions only (single frames and sequences)."""
         self.index = index if isinstance(index, PlaceIndex) else PlaceIndex.open(index, mmap=mmap)
         self.allowed: np.ndarray | None = None  # ids answers may come from (None: all)
@@ -77,11 +79,6 @@ class Localizer:
             self.allowed = np.setdiff1d(np.arange(len(self.index)), out)
             if not len(self.allowed):
                 raise ValueError(f"{self.index.root}: excluding {', '.join(exclude_sessions)} leaves no image")
-        self.verifier = None
-        if verify:
-            from .verify import Verifier
-
-            self.verifier = Verifier(k=verify)
         rec = self.index.model
         if model is None:
             if not rec.get("spec"):
@@ -92,6 +89,13 @@ class Localizer:
         self.knobs = rec["knobs"]
         self.transform = self.model.transform(tuple(rec["image_size"]))
         self._lock = threading.Lock()
+        if verify:
+            from .verify import verifier_for
+
+            self.verifier = verifier_for(self.model, self.transform, verify, verify_with, self.knobs, self._lock)
+        else:
+            self.verifier = None
+
 
     def embed(self, images: list[Image.Image], knobs: dict | None = None) -> np.ndarray:
         """RGB images -> descriptors [B, D] float32. ``knobs`` override the index's for these queries only

@@ -17,7 +17,10 @@ cache), so a live stream pays for each database image once.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +33,10 @@ RATIO = 0.8
 #: Defaults, chosen on validation places (benchmarks/verification.py).
 DEFAULT_K = 10
 DEFAULT_WEIGHT = 0.05
+#: With a ViT's patch tokens (benchmarks/verification_tokens.py, chosen on Nordland 1500-1999 and Gardens Point
+#: night 60-79, places the measured ViT never trained on): K 25, w 0.5, mutual check alone, 0.5 patch.
+TOKEN_K = 25
+TOKEN_WEIGHT = 0.5
 
 
 def _cv2():
@@ -108,7 +115,25 @@ class Verifier:
     features: int = 1000
     min_features: int = 50
     cache_size: int = 4096
+    #: the local features of an image: None = SIFT; else e.g. a model's patch tokens (``patch_features``), matched
+    #: with ``ratio`` and fitted at ``threshold_px`` in their own units
+    local: Callable[[Image.Image], Features] | None = None
+    ratio: float = RATIO
+    threshold_px: float = 3.0
     _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
+
+    @classmethod
+    def with_tokens(cls, tokens: Callable[[Image.Image], Features], k: int = TOKEN_K) -> Verifier:
+        """A verifier on a ViT's own patch tokens (``tokens``: image -> ``patch_features``), with the settings
+        chosen for them."""
+        return cls(k=k, weight=TOKEN_WEIGHT, min_features=8, local=tokens, ratio=1.0, threshold_px=0.5)
+
+    @property
+    def kind(self) -> str:
+        return "sift" if self.local is None else "patch tokens"
+
+    def features_of(self, img: Image.Image) -> Features:
+        return local_features(img, self.max_side, self.features) if self.local is None else self.local(img)
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= 1000:
@@ -121,7 +146,7 @@ class Verifier:
             return self._cache[path]
         from ..data.images import load_image
 
-        f = local_features(load_image(path), self.max_side, self.features)
+        f = self.features_of(load_image(path))
         self._cache[path] = f
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -131,14 +156,39 @@ class Verifier:
         """The similarity-ranked candidates (scores [M], database paths [M]) -> (new order [M]: the first
         min(k, M) re-ranked by fused score, the rest as they were; a record of what was done)."""
         n = min(self.k, len(paths))
-        q = local_features(query, self.max_side, self.features)
+        q = self.features_of(query)
         if len(q.desc) < self.min_features:
             return np.arange(len(paths)), {"verified": False, "reason": f"the query has {len(q.desc)} local "
                                            f"features (< {self.min_features}): too small or plain to verify"}
-        counts = np.array([inliers(q, self.db_features(p)) for p in paths[:n]])
+        counts = np.array([inliers(q, self.db_features(p), self.threshold_px, self.ratio) for p in paths[:n]])
         fused = np.asarray(scores[:n], np.float64) + self.weight * np.log1p(counts)
         top = np.argsort(-fused, kind="stable")
         order = np.r_[top, np.arange(n, len(paths))]
-        return order, {"verified": True, "candidates": n, "inliers": counts[top].tolist(),
+        return order, {"verified": True, "features": self.kind, "candidates": n, "inliers": counts[top].tolist(),
                        "fused": fused[top].tolist(), "moved": bool(top[0] != 0)}
 
+
+
+def verifier_for(model, transform, k: int, kind: str = "auto", knobs: dict | None = None,
+                 lock: threading.Lock | None = None) -> Verifier:
+    """A verifier of the top ``k`` for ``model`` (whose input ``transform`` makes [3, H, W] arrays) on ``kind``
+    local features: "sift", "tokens" (a torch ViT's own patch tokens, at every patch) or "auto" (tokens when the
+    model has them, else SIFT; measured better with a trained ViT: benchmarks/results/verification_tokens.md).
+    ``lock``: held around the model's forward passes (a model shared between threads)."""
+    from .embed import patch_tokens
+
+    if kind not in ("auto", "sift", "tokens"):
+        raise ValueError(f"--verify-with {kind}: must be auto, sift or tokens")
+    if kind == "sift":
+        return Verifier(k=k)
+
+    def tokens(img: Image.Image) -> Features:
+        with lock or contextlib.nullcontext():
+            got = patch_tokens(model, transform.array(img)[None], knobs)
+        return patch_features(got[0][0], got[1])
+
+    probe = patch_tokens(model, np.zeros((1, 3, *transform.size), np.float32), knobs)
+    if probe is None and kind == "tokens":
+        raise ValueError(f"--verify-with tokens: model {model.name} has no ViT patch tokens here (a torch ViT is "
+                         "needed; ONNX exports give descriptors only)")
+    return Verifier(k=k) if probe is None else Verifier.with_tokens(tokens, k=k)
