@@ -28,6 +28,7 @@ from verification import KS, Verifier, candidates, inlier_table, recall
 
 from edgevpr.data.datasets import open_dataset
 from edgevpr.data.images import load_image
+from edgevpr.deploy.embed import patch_tokens
 from edgevpr.deploy.verify import Features, inliers, patch_features
 from edgevpr.models.model import load_model
 from edgevpr.utils import write_json, write_text
@@ -37,20 +38,19 @@ RATIOS = (0.8, 1.0)
 
 
 class TokenFeatures:
-    """Patch-token Features per image path, computed on first use and kept."""
+    """Patch-token Features per image path (``deploy.embed.patch_tokens``, as ``--verify-with tokens`` takes
+    them), computed on first use and kept."""
 
     def __init__(self, model) -> None:
         self.model, self.tf, self.cache = model, model.transform(), {}
-        self.knobs = {"keep_ratio": 1.0} if "keep_ratio" in model.knob_names() else {}
 
     def __call__(self, path) -> Features:
         key = str(path)
         if key not in self.cache:
-            with torch.no_grad(), self.model.using(**self.knobs):
-                t = self.model.forward_tokens(self.tf(load_image(path))[None])
-            if t.index is not None:
-                raise ValueError(f"{self.model.name}: pruned patch tokens; token verification needs every patch")
-            self.cache[key] = patch_features(t.patches[0].float().numpy(), t.grid)
+            got = patch_tokens(self.model, self.tf.array(load_image(path))[None])
+            if got is None:
+                raise ValueError(f"{self.model.name}: no ViT patch tokens to verify with")
+            self.cache[key] = patch_features(got[0][0], got[1])
         return self.cache[key]
 
 

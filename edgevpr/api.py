@@ -129,10 +129,7 @@ def _verify(ds: VPRDataset, scores: np.ndarray, idx: np.ndarray, conf: EvalConf,
         plain += not rec["verified"]
     return scores, idx, {"k": n, "ms_per_query": (time.perf_counter() - t0) * 1000 / max(len(idx), 1),
                          "top1_moved": moved, "not_verified": plain,
-                         "features": verifier.kind,
-                         "method": ("SIFT (RootSIFT) + mutual NN + ratio 0.8" if verifier.local is None else
-                                    "the model's patch tokens + mutual NN") +
-                                   f" + MAGSAC++ F; similarity + {verifier.weight} log(1 + inliers)"}
+                         "features": verifier.kind, "method": verifier.method}
 
 
 def _write_matches(path: Path, ds: VPRDataset, scores, idx, ranks, top_k: int) -> None:

@@ -132,6 +132,13 @@ class Verifier:
     def kind(self) -> str:
         return "sift" if self.local is None else "patch tokens"
 
+    @property
+    def method(self) -> str:
+        """What it does, in one line (for reports)."""
+        features = "SIFT (RootSIFT) + mutual NN + ratio 0.8" if self.local is None else \
+            f"the model's patch tokens + mutual NN{'' if self.ratio >= 1 else f' + ratio {self.ratio}'}"
+        return f"{features} + MAGSAC++ F; similarity + {self.weight} log(1 + inliers)"
+
     def features_of(self, img: Image.Image) -> Features:
         return local_features(img, self.max_side, self.features) if self.local is None else self.local(img)
 
@@ -166,7 +173,6 @@ class Verifier:
         order = np.r_[top, np.arange(n, len(paths))]
         return order, {"verified": True, "features": self.kind, "candidates": n, "inliers": counts[top].tolist(),
                        "fused": fused[top].tolist(), "moved": bool(top[0] != 0)}
-
 
 
 def verifier_for(model, transform, k: int, kind: str = "auto", knobs: dict | None = None,
