@@ -41,7 +41,7 @@ class EvalConf:
     knobs: dict | None = None  # runtime knobs, e.g. {"sparsity": 0.4}
     sequence: int = 0  # > 0: also sequence matching (SeqSLAM-style, offline) over this many query frames
     verify: int = 0  # > 0: geometric verification re-ranks each query's top ``verify`` candidates
-    verify_with: str = "auto"  # its local features: auto (a ViT's patch tokens, else SIFT), sift or tokens
+    verify_with: str = "auto"  # its local features: auto (the torch model's own, else SIFT), sift or tokens
 
 
 def _extract(model: VPRModel, paths: list[Path], conf: EvalConf, desc: str, device) -> Extraction:

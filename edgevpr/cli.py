@@ -621,8 +621,9 @@ EXAMPLES = {
 
 def _verify_with_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify-with", choices=["auto", "sift", "tokens"], default="auto",
-                   help="--verify's local features: a torch ViT's own patch tokens (tokens), SIFT (sift), or tokens "
-                        "when the model has them, else SIFT (default auto)")
+                   help="--verify's local features: the torch model's own (tokens: a ViT's patch tokens, a CNN's "
+                        "stride-16 feature map), SIFT (sift), or tokens when the model has them, else SIFT (an ONNX "
+                        "model) (default auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -826,7 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--prior-utm", metavar="EAST,NORTH,RADIUS_M", help="GNSS prior in UTM metres")
     lo.add_argument("--verify", type=_bounded(0, 1000), default=0, metavar="K",
                     help="re-rank the top K candidates by geometric verification (local features + MAGSAC++; needs "
-                         "opencv-python-headless); 10 was chosen on validation for SIFT, 25 for a ViT's patch tokens "
+                         "opencv-python-headless); 10 was chosen on validation for SIFT, 25 for a model's own features "
                          "(default 0: off)")
     _verify_with_flag(lo)
     lo.add_argument("--sequence", type=_bounded(0, 1000), default=0, metavar="L",
@@ -872,7 +873,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--device", default="auto", help="PyTorch models: auto, cpu, cuda (ONNX: cpu)")
     ca.add_argument("--verify", type=_bounded(0, 1000), default=0, metavar="K",
                     help="re-rank the top K candidates by geometric verification (local features + MAGSAC++; needs "
-                         "opencv-python-headless); 10 was chosen on validation for SIFT, 25 for a ViT's patch tokens "
+                         "opencv-python-headless); 10 was chosen on validation for SIFT, 25 for a model's own features "
                          "(default 0: off)")
     _verify_with_flag(ca)
     ca.add_argument("--unknown", action="append", metavar="DIR",
@@ -906,7 +907,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "any is decoded (default 100000000)")
     sv.add_argument("--verify", type=_bounded(0, 1000), default=0, metavar="K",
                     help="re-rank the top K candidates by geometric verification (local features + MAGSAC++; needs "
-                         "opencv-python-headless); 10 was chosen on validation for SIFT, 25 for a ViT's patch tokens "
+                         "opencv-python-headless); 10 was chosen on validation for SIFT, 25 for a model's own features "
                          "(default 0: off)")
     _verify_with_flag(sv)
     sv.add_argument("--max-k", type=_bounded(1, 1000), default=50, help="largest k a request may ask (default 50)")

@@ -37,21 +37,49 @@ def test_inliers_tell_the_same_place_from_another():
 
 
 def test_verification_moves_a_correct_match_to_rank_1_on_gardens_point(gp_index, capsys):
-    """Night query 68: the descriptor's top-1 is place 71 (wrong: +-2 frames); verification of the top 10 puts
-    place 68 first (18 inliers against 10) and records what it did."""
+    """Night query 68: the descriptor's top-1 is place 71 (wrong: +-2 frames); SIFT verification of the top 10 (the
+    torch-free runtime's features) puts place 68 first (18 inliers against 10) and records what it did."""
     root, gp = gp_index
     photo = gp / "night_right" / "Image068.jpg"
     plain = Localizer(root).localize([load_image(photo)], 3)[0]
     assert plain[0].path.endswith("Image071.jpg")
-    loc = Localizer(root, verify=10)
+    loc = Localizer(root, verify=10, verify_with="sift")
     a = loc.answer(loc.embed([load_image(photo)]), 3, None, [load_image(photo)])[0]
     assert abs(int(a.matches[0].path[-7:-4]) - 68) <= 2
     check = a.decision["verification"]
-    assert check["verified"] and check["moved"] and check["candidates"] == 10
+    assert check["verified"] and check["moved"] and check["candidates"] == 10 and check["features"] == "sift"
     assert check["inliers"][0] == max(check["inliers"])
-    assert main(["localize", "--index", str(root), "--verify", "10", str(photo), "--json", "-k", "1"]) == 0
+    assert main(["localize", "--index", str(root), "--verify", "10", "--verify-with", "sift", str(photo), "--json",
+                 "-k", "1"]) == 0
     out = json.loads(capsys.readouterr().out)["results"][0]
     assert abs(int(out["matches"][0]["path"][-7:-4]) - 68) <= 2 and out["decision"]["verification"]["moved"]
+
+
+def test_a_cnn_verifies_a_nordland_thumbnail_on_its_own_feature_map(tmp_path):
+    """A 64x32 Nordland frame has too few SIFT points to verify; the default CNN's own stride-16 feature map (a
+    14x14 grid at 224 px, ``verify_with="auto"``) does: winter 1829 against summer 1800-1899, whose descriptor
+    top-1 is summer 1862, comes out right (66 inliers against at most 40 for the other nine candidates)."""
+    from edgevpr.models.model import load_model
+
+    nl = shared_data() / "nordland_64x32"
+    db = tmp_path / "summer"
+    db.mkdir()
+    for p in sorted((nl / "summer").glob("*.png"))[1800:1900]:
+        (db / p.name).symlink_to(p)
+    model = load_model("effnet-lite0-gem").eval()
+    idx.build(model, db, tmp_path / "index", progress=False)
+    photo = load_image(nl / "winter" / "images-18290.png")
+    plain = Localizer(tmp_path / "index", model).localize([photo], 3)[0]
+    assert plain[0].path.endswith("images-18620.png")
+    loc = Localizer(tmp_path / "index", model, verify=10)
+    assert loc.verifier.kind == "feature map"
+    a = loc.answer(loc.embed([photo]), 3, None, [photo])[0]
+    check = a.decision["verification"]
+    assert a.matches[0].path.endswith("images-18290.png"), (a.matches[0].path, check)
+    assert check["verified"] and check["moved"] and check["features"] == "feature map"
+    assert check["inliers"][0] >= 60 and max(check["inliers"][1:]) <= 45, check["inliers"]
+    sift = Localizer(tmp_path / "index", model, verify=10, verify_with="sift")
+    assert not sift.answer(sift.embed([photo]), 3, None, [photo])[0].decision["verification"]["verified"]
 
 
 def test_frames_too_small_for_local_features_fall_back_cleanly():
@@ -98,10 +126,10 @@ def test_patch_tokens_are_local_features_on_their_grid():
 
 
 def test_a_vit_verifies_with_its_own_patch_tokens(gp_index, tmp_path):
-    """``verify_with="auto"`` takes a torch ViT's own patch tokens (SIFT for a CNN: the index above), the answer
-    says which features it verified with, "sift" forces SIFT, and tokens are refused in one line for a model
-    without them. What tokens are worth is measured with a trained ViT (not in CI):
-    benchmarks/results/verification_tokens.md."""
+    """``verify_with="auto"`` takes a torch ViT's own patch tokens (a CNN's feature map: the index above), the
+    answer says which features it verified with, "sift" forces SIFT, and tokens are refused in one line for a model
+    without features of its own (SeqSLAM's pixels). What tokens are worth is measured with a trained ViT (not in
+    CI): benchmarks/results/verification_tokens.md."""
     from edgevpr.models.model import load_model
 
     gp = shared_data() / "gardens_point"
@@ -115,9 +143,12 @@ def test_a_vit_verifies_with_its_own_patch_tokens(gp_index, tmp_path):
     check = loc.answer(loc.embed([photo]), 3, None, [photo])[0].decision["verification"]
     assert check["verified"] and check["features"] == "patch tokens" and len(check["inliers"]) == 5
     assert Localizer(root, vit, verify=5, verify_with="sift").verifier.kind == "sift"
-    assert Localizer(gp_index[0], verify=5).verifier.kind == "sift"  # a CNN: SIFT
-    with pytest.raises(ValueError, match="--verify-with tokens: model .* has no ViT patch tokens"):
-        Localizer(gp_index[0], verify=5, verify_with="tokens")
+    assert Localizer(gp_index[0], verify=5).verifier.kind == "feature map"  # a CNN
+    pixels = tmp_path / "pixels-index"
+    idx.build(load_model("pixels-patchnorm"), gp / "day_right", pixels, spec="pixels-patchnorm", progress=False)
+    with pytest.raises(ValueError, match="--verify-with tokens: model pixels-patchnorm has no local features of its"):
+        Localizer(pixels, verify=5, verify_with="tokens")
+    assert Localizer(pixels, verify=5).verifier.kind == "sift"
     from edgevpr.cli import build_parser
 
     for argv in (["localize", "--index", "i", "a.jpg"], ["calibrate", "--index", "i"], ["serve", "--index", "i"],

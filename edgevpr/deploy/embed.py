@@ -26,19 +26,21 @@ def embed(model, x: np.ndarray, knobs: dict | None = None) -> np.ndarray:
 
 
 def patch_tokens(model, x: np.ndarray, knobs: dict | None = None) -> tuple[np.ndarray, tuple[int, int]] | None:
-    """images [B, 3, H, W] float32 -> (every patch token [B, H'*W', C] float32, grid (H', W')) of a torch ViT
-    (a model whose backbone gives a CLS token), None for any other model (ONNX exports give descriptors only; CNN
-    feature maps are not measured as local features). Pruning knobs are set to keep every patch."""
+    """images [B, 3, H, W] float32 -> (the model's own local features [B, H'*W', C] float32, grid (H', W')): a torch
+    ViT's every patch token (pruning knobs set to keep every patch) or a torch CNN's stride-16 feature map
+    (``CNNBackbone.local_map``); None for any other model (ONNX exports give descriptors only)."""
     if hasattr(model, "session") or not hasattr(model, "forward_tokens"):
         return None
     import torch
 
     from ..utils import module_device
 
+    local = getattr(getattr(model, "backbone", None), "local_map", None)
     keep = {"keep_ratio": 1.0} if "keep_ratio" in model.knob_names() else {}
     with torch.inference_mode(), model.using(**{**(knobs or {}), **keep}):
-        t = model.forward_tokens(torch.from_numpy(np.ascontiguousarray(x)).to(module_device(model)))
-    if t.cls is None or t.index is not None:
+        xt = torch.from_numpy(np.ascontiguousarray(x)).to(module_device(model))
+        t = local(xt) if local is not None else model.forward_tokens(xt)
+    if local is None and (t.cls is None or t.index is not None):
         return None
     return t.patches.float().cpu().numpy(), tuple(t.grid)
 

@@ -69,8 +69,8 @@ class Localizer:
                  device="cpu", verify: int = 0, exclude_sessions: list[str] = (), verify_with: str = "auto") -> None:
         """``verify`` > 0: geometric verification re-ranks each answer's top ``verify`` candidates
         (``deploy.verify``; needs the query images, so ``stream`` and ``localize`` apply it), on ``verify_with``
-        local features: "sift", "tokens" (a torch ViT's own patch tokens) or "auto" (tokens when the model has
-        them, else SIFT).
+        local features: "sift", "tokens" (the torch model's own: a ViT's patch tokens, a CNN's stride-16 feature
+        map) or "auto" (tokens when the model has them, else SIFT).
         ``exclude_sessions``: answers come from the other sessions only (single frames and sequences)."""
         self.index = index if isinstance(index, PlaceIndex) else PlaceIndex.open(index, mmap=mmap)
         self.allowed: np.ndarray | None = None  # ids answers may come from (None: all)

@@ -33,8 +33,10 @@ RATIO = 0.8
 #: Defaults, chosen on validation places (benchmarks/verification.py).
 DEFAULT_K = 10
 DEFAULT_WEIGHT = 0.05
-#: With a ViT's patch tokens (benchmarks/verification_tokens.py, chosen on Nordland 1500-1999 and Gardens Point
-#: night 60-79, places the measured ViT never trained on): K 25, w 0.5, mutual check alone, 0.5 patch.
+#: With a model's own local features (benchmarks/verification_tokens.py, chosen with a ViT's patch tokens on
+#: Nordland 1500-1999 and Gardens Point night 60-79, places the measured ViT never trained on): K 25, w 0.5, mutual
+#: check alone, 0.5 cell. For the ImageNet CNN's stride-16 map the same validation sets put them 0.002 below its
+#: best (w 1.0): one setting for both.
 TOKEN_K = 25
 TOKEN_WEIGHT = 0.5
 
@@ -72,9 +74,10 @@ def local_features(img: Image.Image, max_side: int = 640, features: int = 1000) 
 
 
 def patch_features(tokens: np.ndarray, grid: tuple[int, int]) -> Features:
-    """A ViT's patch tokens [H*W, C] (row-major in ``grid`` = (H, W), none pruned) -> Features at the patch centres
-    (in patch units) with the L2-normalised tokens as descriptors: the model's own local features, for
-    ``inliers(..., threshold_px=0.5, ratio=1.0)`` (a mutual check alone: a coarse grid has few look-alike patches)."""
+    """A model's own local features [H*W, C] (a ViT's patch tokens, none pruned, or a CNN's feature map cells;
+    row-major in ``grid`` = (H, W)) -> Features at the cell centres (in cell units) with the L2-normalised vectors
+    as descriptors, for ``inliers(..., threshold_px=0.5, ratio=1.0)`` (a mutual check alone: a coarse grid has few
+    look-alike cells)."""
     h, w = grid
     if len(tokens) != h * w:
         raise ValueError(f"{len(tokens)} patch tokens for a {h}x{w} grid: token verification needs every patch")
@@ -116,27 +119,30 @@ class Verifier:
     min_features: int = 50
     cache_size: int = 4096
     #: the local features of an image: None = SIFT; else e.g. a model's patch tokens (``patch_features``), matched
-    #: with ``ratio`` and fitted at ``threshold_px`` in their own units
+    #: with ``ratio`` and fitted at ``threshold_px`` in their own units, and called ``local_name`` in answers
     local: Callable[[Image.Image], Features] | None = None
+    local_name: str = "patch tokens"
     ratio: float = RATIO
     threshold_px: float = 3.0
     _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
     @classmethod
-    def with_tokens(cls, tokens: Callable[[Image.Image], Features], k: int = TOKEN_K) -> Verifier:
-        """A verifier on a ViT's own patch tokens (``tokens``: image -> ``patch_features``), with the settings
-        chosen for them."""
-        return cls(k=k, weight=TOKEN_WEIGHT, min_features=8, local=tokens, ratio=1.0, threshold_px=0.5)
+    def with_tokens(cls, tokens: Callable[[Image.Image], Features], k: int = TOKEN_K,
+                    name: str = "patch tokens") -> Verifier:
+        """A verifier on a model's own local features (``tokens``: image -> ``patch_features``: a ViT's patch
+        tokens or a CNN's feature map, called ``name``), with the settings chosen for them."""
+        return cls(k=k, weight=TOKEN_WEIGHT, min_features=8, local=tokens, local_name=name, ratio=1.0,
+                   threshold_px=0.5)
 
     @property
     def kind(self) -> str:
-        return "sift" if self.local is None else "patch tokens"
+        return "sift" if self.local is None else self.local_name
 
     @property
     def method(self) -> str:
         """What it does, in one line (for reports)."""
         features = "SIFT (RootSIFT) + mutual NN + ratio 0.8" if self.local is None else \
-            f"the model's patch tokens + mutual NN{'' if self.ratio >= 1 else f' + ratio {self.ratio}'}"
+            f"the model's {self.local_name} + mutual NN{'' if self.ratio >= 1 else f' + ratio {self.ratio}'}"
         return f"{features} + MAGSAC++ F; similarity + {self.weight} log(1 + inliers)"
 
     def features_of(self, img: Image.Image) -> Features:
@@ -178,9 +184,10 @@ class Verifier:
 def verifier_for(model, transform, k: int, kind: str = "auto", knobs: dict | None = None,
                  lock: threading.Lock | None = None) -> Verifier:
     """A verifier of the top ``k`` for ``model`` (whose input ``transform`` makes [3, H, W] arrays) on ``kind``
-    local features: "sift", "tokens" (a torch ViT's own patch tokens, at every patch) or "auto" (tokens when the
-    model has them, else SIFT; measured better with a trained ViT: benchmarks/results/verification_tokens.md).
-    ``lock``: held around the model's forward passes (a model shared between threads)."""
+    local features: "sift", "tokens" (the torch model's own: a ViT's patch tokens at every patch, a CNN's stride-16
+    feature map) or "auto" (tokens when the model has them, else SIFT: measured better with a trained ViT and with
+    the ImageNet CNN, benchmarks/results/verification_tokens.md and verification_cnn.md). ``lock``: held around the
+    model's forward passes (a model shared between threads)."""
     from .embed import patch_tokens
 
     if kind not in ("auto", "sift", "tokens"):
@@ -195,6 +202,9 @@ def verifier_for(model, transform, k: int, kind: str = "auto", knobs: dict | Non
 
     probe = patch_tokens(model, np.zeros((1, 3, *transform.size), np.float32), knobs)
     if probe is None and kind == "tokens":
-        raise ValueError(f"--verify-with tokens: model {model.name} has no ViT patch tokens here (a torch ViT is "
-                         "needed; ONNX exports give descriptors only)")
-    return Verifier(k=k) if probe is None else Verifier.with_tokens(tokens, k=k)
+        raise ValueError(f"--verify-with tokens: model {model.name} has no local features of its own here (a torch "
+                         "ViT or CNN is needed; ONNX exports give descriptors only)")
+    if probe is None:
+        return Verifier(k=k)
+    cnn = hasattr(getattr(model, "backbone", None), "local_map")
+    return Verifier.with_tokens(tokens, k=k, name="feature map" if cnn else "patch tokens")

@@ -267,6 +267,10 @@ class _FeatureMap(nn.Module):
         return self.net.forward_features(x)
 
 
+#: The stride of a CNN's local features for verification (``CNNBackbone.local_map``).
+LOCAL_STRIDE = 16
+
+
 class CNNBackbone(Backbone):
     """A timm CNN's last feature map as tokens.
 
@@ -332,6 +336,20 @@ class CNNBackbone(Backbone):
         if hasattr(n, "patch_embed"):
             return n.patch_embed(x)
         return n.bn1(n.conv_stem(x))  # timm's bn1 is BatchNormAct2d: norm + activation
+
+    def local_map(self, x: torch.Tensor) -> Tokens:
+        """images [B, 3, H, W] -> the deepest feature map at stride <= ``LOCAL_STRIDE`` as tokens [B, H'*W', C']
+        (grid (H', W')): the CNN's own local features for geometric verification. The final map (stride 32, 7x7 at
+        224 px) is too coarse for a fundamental matrix; stride 16 keeps a 14x14 grid with the deepest features
+        that still have it (EfficientNet-lite0: after block 4, 112-D; ResNet50 cropped after layer3: its final
+        map)."""
+        h = best = self._stem_forward(x)
+        for stage in self.stages():
+            h = stage(h)
+            if x.shape[-1] > LOCAL_STRIDE * h.shape[-1]:
+                break
+            best = h
+        return Tokens.from_map(best)
 
     def forward_prefix(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """-> feature map [B, C', H', W'] after stage k-1."""
