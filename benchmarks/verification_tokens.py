@@ -35,8 +35,8 @@ from verification import KS, Verifier, candidates, inlier_table, recall
 from edgevpr.data.datasets import open_dataset
 from edgevpr.data.images import load_image
 from edgevpr.deploy.embed import patch_tokens
+from edgevpr.deploy.localize import open_model
 from edgevpr.deploy.verify import TOKEN_K, TOKEN_WEIGHT, Features, inliers, patch_features
-from edgevpr.models.model import load_model
 from edgevpr.utils import write_json, write_text
 
 WEIGHTS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -86,15 +86,15 @@ def token_table(ds, top: np.ndarray, feats: TokenFeatures, ratio: float) -> tupl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="runs/weitop/cpu-weiad-nodistill/best",
-                    help="a torch model with its own local features: a ViT's patch tokens or a CNN's stride-16 map "
-                         "(default runs/weitop/cpu-weiad-nodistill/best)")
+                    help="a model with its own local features: a torch ViT's patch tokens, a torch CNN's or a CNN "
+                         "ONNX export's stride-16 map (default runs/weitop/cpu-weiad-nodistill/best)")
     ap.add_argument("--name", default="verification_tokens",
                     help="results file stem in benchmarks/results (default verification_tokens)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = data_root()
     gp, nl = data / "gardens_point", data / "nordland_64x32"
-    model = load_model(args.model).eval()
+    model = open_model(args.model).eval()
 
     def part(ds, keep):
         ds.q_paths = [ds.q_paths[i] for i in keep]
@@ -142,7 +142,8 @@ def main() -> None:
         sk, sw, _ = choice["sift"]
         res["sets"][name] = {"queries": len(ds.q_paths), "R@1/R@5 off": r1(name, "tokens", 0, 0.0),
                              "R@1/R@5 tokens": r1(name, "tokens", tk, tw, tr), "tokens ms/query (K=25)": tok[tr][1],
-                             "R@1/R@5 tokens, library K/w": r1(name, "tokens", TOKEN_K, TOKEN_WEIGHT, 1.0),
+                             **{f"R@1/R@5 tokens, library w, K={k}": r1(name, "tokens", k, TOKEN_WEIGHT, 1.0)
+                                for k in KS},
                              "token forward ms/img": forward_ms,
                              "R@1/R@5 sift": r1(name, "sift", sk, sw), "sift verifiable": float(s_ok.mean()),
                              "sift ms/query (K=25)": s_ms}
@@ -153,15 +154,15 @@ def main() -> None:
     lines = [f"# Verification with the model's own local features vs SIFT (`{command}`, {res['model']})", "",
              f"Chosen on the mean R@1 of the two validation sets: tokens K = {ct['k']}, w = {ct['weight']}, ratio "
              f"{ct['ratio']}; SIFT K = {cs['k']}, w = {cs['weight']}. Places held out from the model's training. "
-             f"'library K/w': what `--verify-with tokens` does (K = {TOKEN_K}, w = {TOKEN_WEIGHT}, mutual check alone, "
-             "``deploy.verify.TOKEN_K/TOKEN_WEIGHT``).", "",
-             "| set | queries | R@1 / R@5 unverified | own features | own features, library K/w | SIFT (verifiable) | "
-             "ms/query tokens / SIFT (K=25) | token forward ms/img |",
+             f"'library w': what `--verify K --verify-with tokens` does (w = {TOKEN_WEIGHT}, mutual check alone; the "
+             f"`--verify` help recommends K = {TOKEN_K}).", "",
+             "| set | queries | R@1 / R@5 unverified | own features | own features, library w, K = "
+             f"{' / '.join(map(str, KS))} | SIFT (verifiable) | ms/query tokens / SIFT (K=25) | token forward ms/img |",
              "|---|---:|---|---|---|---|---:|---:|"]
     for name, r in res["sets"].items():
         f = lambda v: f"{v[0]:.3f} / {v[1]:.3f}"  # noqa: E731
         lines.append(f"| {name} | {r['queries']} | {f(r['R@1/R@5 off'])} | {f(r['R@1/R@5 tokens'])} | "
-                     f"{f(r['R@1/R@5 tokens, library K/w'])} | "
+                     f"{' ; '.join(f(r[f'R@1/R@5 tokens, library w, K={k}']) for k in KS)} | "
                      f"{f(r['R@1/R@5 sift'])} ({r['sift verifiable']:.2f}) | "
                      f"{r['tokens ms/query (K=25)']:.0f} / {r['sift ms/query (K=25)']:.0f} | "
                      f"{r['token forward ms/img']:.0f} |")

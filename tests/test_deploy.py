@@ -11,6 +11,7 @@ import torch
 
 from edgevpr.cli import main
 from edgevpr.deploy import index as idx
+from edgevpr.deploy.embed import patch_tokens
 from edgevpr.deploy.export import OnnxModel, export_onnx
 from edgevpr.deploy.index.backends import faiss_kinds as fk
 from edgevpr.deploy.localize import Localizer
@@ -154,9 +155,14 @@ def test_onnx_matches_pytorch_for_the_default_model(data_root, tmp_path):
                      for f in ("day_right", "night_right", "day_left")])
     with torch.inference_mode():
         assert _cos(onnx_model(x), model(x)) >= 0.9999
+        local = model.backbone.local_map(x)
+    # the CNN's own local features (verification, torch-free) come out of the same graph: the stride-16 map
+    tokens, grid = patch_tokens(onnx_model, x.numpy())
+    assert grid == local.grid == (14, 14) and _cos(torch.from_numpy(tokens), local.patches) >= 0.9999
     q8 = OnnxModel(export_onnx(model, tmp_path / "m8.onnx", int8=True, calibration=data_root / "gardens_point" /
                                "day_right", calibration_count=8))
     assert q8.fingerprint() != model.fingerprint() and q8.fingerprint(runtime=False) == model.fingerprint()
+    assert patch_tokens(q8, x.numpy())[0].shape == tokens.shape
 
 
 VIT = {"name": "dinov2_vits14", "weights": None, "init_values": 1.0}

@@ -41,6 +41,15 @@ def test_runtime_install_localizes_without_torch(data_root, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     top = json.loads(r.stdout)["results"][0]["matches"][0]
     assert top["path"].endswith("day_right/Image050.jpg") and top["rank"] == 1
+    # verification without torch, on the CNN export's own feature map: night 68, whose descriptor top-1 is place
+    # 71 (wrong), comes out within +-2 frames
+    r = subprocess.run([str(cli), "localize", "--index", str(tmp_path / "idx"), "--model", str(onnx), "--verify", "10",
+                        str(gp / "night_right" / "Image068.jpg"), "--json", "-k", "1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)["results"][0]
+    check = out["decision"]["verification"]
+    assert check["features"] == "feature map" and check["moved"], check
+    assert abs(int(out["matches"][0]["path"][-7:-4]) - 68) <= 2, out["matches"][0]
     info = subprocess.run([str(cli), "index", "info", str(tmp_path / "idx"), "--verify"], capture_output=True,
                           text=True)
     assert info.returncode == 0 and json.loads(info.stdout)["verified"] is True

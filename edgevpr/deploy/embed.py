@@ -27,9 +27,12 @@ def embed(model, x: np.ndarray, knobs: dict | None = None) -> np.ndarray:
 
 def patch_tokens(model, x: np.ndarray, knobs: dict | None = None) -> tuple[np.ndarray, tuple[int, int]] | None:
     """images [B, 3, H, W] float32 -> (the model's own local features [B, H'*W', C] float32, grid (H', W')): a torch
-    ViT's every patch token (pruning knobs set to keep every patch) or a torch CNN's stride-16 feature map
-    (``CNNBackbone.local_map``); None for any other model (ONNX exports give descriptors only)."""
-    if hasattr(model, "session") or not hasattr(model, "forward_tokens"):
+    ViT's every patch token (pruning knobs set to keep every patch), a torch CNN's stride-16 feature map
+    (``CNNBackbone.local_map``) or a CNN ONNX export's (``OnnxModel.local_features``: the same map, torch-free); None
+    for any other model (ViT ONNX exports give descriptors only)."""
+    if hasattr(model, "session"):
+        return model.local_features(x)
+    if not hasattr(model, "forward_tokens"):
         return None
     import torch
 

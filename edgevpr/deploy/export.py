@@ -1,7 +1,8 @@
 """ONNX export of a VPRModel and an onnxruntime inference path that stands in for it.
 
 An exported model is one self-describing ``.onnx`` file: the graph (input ``images`` [B, 3, H, W] normalised,
-output ``descriptors`` [B, D] L2-normalised; dynamic batch, fixed H x W) plus, in the model's metadata under
+output ``descriptors`` [B, D] L2-normalised; dynamic batch, fixed H x W; a CNN's also ``local_features``
+[B, H'*W', C], its stride-16 map from the same pass, for geometric verification) plus, in the model's metadata under
 the key ``edgevpr``, a JSON record of the source model (config, fingerprint), the runtime knobs baked into the
 graph (keep ratio, sparsity: they select tokens and channels, so they are fixed at export time, as the input
 size is), the input size and preprocessing, and whether the weights were quantised to int8.
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.backbones import ViTBackbone
+from ..models.backbones import CNNBackbone, ViTBackbone
 from ..models.model import VPRModel
 from ..utils import atomic_write
 from .onnx_model import (  # noqa: F401  (OnnxModel, is_onnx: re-exported)
@@ -81,6 +82,19 @@ def _fixed_position_embeddings(model: VPRModel, image_size: tuple[int, int]):
         yield
     finally:
         tvit.resample_abs_pos_embed = original
+
+
+class _WithLocal(torch.nn.Module):
+    """A CNN model whose graph also outputs its own local features (``CNNBackbone.forward_with_local``): images
+    [B, 3, H, W] -> (descriptors [B, D], local features [B, H'*W', C]) in one pass."""
+
+    def __init__(self, model: VPRModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        final, local = self.model.backbone.forward_with_local(x)
+        return self.model.aggregator(final), local.patches
 
 
 def _frozen_copy(model: VPRModel) -> VPRModel:
@@ -145,12 +159,12 @@ def export_onnx(model: VPRModel, out: str | os.PathLike, knobs: dict | None = No
     """
     import onnx
 
-    from ..models.backbones import CNNBackbone
-
     model = _frozen_copy(model)
     knobs = {k: float(v) for k, v in (knobs or {}).items()}
     size = tuple(int(s) for s in (image_size or model.image_size))
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    cnn = isinstance(model.backbone, CNNBackbone)  # its local features go along (``_WithLocal``)
+    outputs = ["descriptors", "local_features"] if cnn else ["descriptors"]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as d:
@@ -160,9 +174,9 @@ def export_onnx(model: VPRModel, out: str | os.PathLike, knobs: dict | None = No
         with model.using(**knobs), _fixed_position_embeddings(model, size), torch.enable_grad(), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shapes are fixed: constants are intended
-            torch.onnx.export(model, (x,), str(fp32), dynamo=False, opset_version=opset, input_names=["images"],
-                              output_names=["descriptors"],
-                              dynamic_axes={"images": {0: "batch"}, "descriptors": {0: "batch"}})
+            torch.onnx.export(_WithLocal(model) if cnn else model, (x,), str(fp32), dynamo=False,
+                              opset_version=opset, input_names=["images"], output_names=outputs,
+                              dynamic_axes={n: {0: "batch"} for n in ["images", *outputs]})
         path = fp32
         quantized: dict = {}
         if int8:
@@ -200,6 +214,10 @@ def export_onnx(model: VPRModel, out: str | os.PathLike, knobs: dict | None = No
                 "config": model.config, "knobs": knobs, "image_size": list(size), "out_dim": model.out_dim,
                 "mean": list(p.mean), "std": list(p.std), "interpolation": p.interpolation, "int8": int8,
                 "opset": opset, "quantized": quantized}
+        if cnn:  # the grid the runtime reads ``local_features`` on
+            with torch.inference_mode():
+                local = model.backbone.local_map(x[:1])
+            meta["local_features"] = {"grid": list(local.grid), "dim": int(local.patches.shape[-1])}
         meta["graph_sha256"] = graph_digest(proto)
         meta["meta_sha256"] = meta_digest(meta)
         del proto.metadata_props[:]

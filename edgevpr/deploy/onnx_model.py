@@ -106,7 +106,8 @@ class OnnxModel:
     """An exported model run by onnxruntime; quacks like a VPRModel where extraction and search need it.
 
     ``model(x)``: images [B, 3, H, W] -> descriptors [B, D] (torch tensors, CPU). Knobs are baked in: asking
-    for other values is an error, asking for the baked ones is allowed.
+    for other values is an error, asking for the baked ones is allowed. ``local_features(x)``: a CNN export's own
+    local features, for geometric verification.
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
@@ -194,7 +195,17 @@ class OnnxModel:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """images [B, 3, H, W] float32 (numpy) -> descriptors [B, D] float32 (numpy)."""
-        return self.session.run(None, {"images": np.ascontiguousarray(x, np.float32)})[0]
+        return self.session.run(["descriptors"], {"images": np.ascontiguousarray(x, np.float32)})[0]
+
+    def local_features(self, x: np.ndarray) -> tuple[np.ndarray, tuple[int, int]] | None:
+        """images [B, 3, H, W] float32 -> (the model's own local features [B, H'*W', C] float32, grid (H', W')):
+        a CNN export's stride-16 map (output ``local_features``); None for an export without it (a ViT's, or one
+        made before edgevpr exported it)."""
+        local = self.meta.get("local_features")
+        if local is None:
+            return None
+        out = self.session.run(["local_features"], {"images": np.ascontiguousarray(x, np.float32)})[0]
+        return out, tuple(local["grid"])
 
     def __call__(self, x, **knobs):
         """A torch tensor in, a torch tensor out (the research side); a numpy array in, a numpy array out."""

@@ -206,5 +206,5 @@ def verifier_for(model, transform, k: int, kind: str = "auto", knobs: dict | Non
                          "ViT or CNN is needed; ONNX exports give descriptors only)")
     if probe is None:
         return Verifier(k=k)
-    cnn = hasattr(getattr(model, "backbone", None), "local_map")
-    return Verifier.with_tokens(tokens, k=k, name="feature map" if cnn else "patch tokens")
+    vit = getattr(getattr(model, "backbone", None), "has_cls", False)  # else a CNN's map (torch or its export)
+    return Verifier.with_tokens(tokens, k=k, name="patch tokens" if vit else "feature map")

@@ -342,14 +342,21 @@ class CNNBackbone(Backbone):
         (grid (H', W')): the CNN's own local features for geometric verification. The final map (stride 32, 7x7 at
         224 px) is too coarse for a fundamental matrix; stride 16 keeps a 14x14 grid with the deepest features
         that still have it (EfficientNet-lite0: after block 4, 112-D; ResNet50 cropped after layer3: its final
-        map)."""
-        h = best = self._stem_forward(x)
+        map). Runs the stages up to it only."""
+        return self.forward_with_local(x, final=False)[1]
+
+    def forward_with_local(self, x: torch.Tensor, final: bool = True) -> tuple[Tokens | None, Tokens]:
+        """images [B, 3, H, W] -> (the final map's tokens, as ``forward``; ``local_map``'s) in one pass (an ONNX
+        export's two outputs); ``final`` False: stop after the local map (None for the first)."""
+        h = local = self._stem_forward(x)
         for stage in self.stages():
             h = stage(h)
             if x.shape[-1] > LOCAL_STRIDE * h.shape[-1]:
-                break
-            best = h
-        return Tokens.from_map(best)
+                if not final:
+                    break
+            else:
+                local = h
+        return (Tokens.from_map(h) if final else None), Tokens.from_map(local)
 
     def forward_prefix(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """-> feature map [B, C', H', W'] after stage k-1."""
