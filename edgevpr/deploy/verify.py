@@ -203,7 +203,7 @@ def verifier_for(model, transform, k: int, kind: str = "auto", knobs: dict | Non
     probe = patch_tokens(model, np.zeros((1, 3, *transform.size), np.float32), knobs)
     if probe is None and kind == "tokens":
         raise ValueError(f"--verify-with tokens: model {model.name} has no local features of its own here (a torch "
-                         "ViT or CNN is needed; ONNX exports give descriptors only)")
+                         "ViT or CNN, or a CNN's ONNX export, is needed)")
     if probe is None:
         return Verifier(k=k)
     vit = getattr(getattr(model, "backbone", None), "has_cls", False)  # else a CNN's map (torch or its export)
