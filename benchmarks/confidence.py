@@ -26,7 +26,10 @@ the answer is the sequence match, the estimators are the same statistics over th
 plus ``agree`` (the frame's own top-1 in the sequence match's neighbourhood) and ``steady`` (the streak of smooth
 steps of the sequence match over the last L-1 frames, ``decision.steadiness``), fused by the sequence calibration.
 The first L-1 frames of each sequence are warm-up (never known) and left out.
-No Corridor data is available here. Writes benchmarks/results/confidence.{json,md}.
+With ``--verify K`` (single frames only): each answer is re-ranked by geometric verification over its top K on the
+model's own local features, as ``localize --verify K`` does, and ``inliers`` (log(1 + the top-1's inliers)) is one
+more estimator and one more feature of the fused one (``decision.VERIFIED_FEATURES``).
+No Corridor data is available here. Writes benchmarks/results/NAME.{json,md} (default confidence).
 """
 
 from __future__ import annotations
@@ -39,24 +42,29 @@ from heldout import ROOT, data_root
 from sklearn.metrics import average_precision_score
 
 from edgevpr.data.datasets import open_dataset
+from edgevpr.data.images import load_image
 from edgevpr.deploy.decision import (
     DECISION_DEPTH,
     FEATURES,
     SEQUENCE_FEATURES,
+    VERIFIED_FEATURES,
     Coordinates,
     Neighbourhood,
     calibrate,
     evidence,
     expected_calibration_error,
     steadiness,
+    verified_evidence,
 )
 from edgevpr.deploy.sequence import SEQSLAM_VELOCITIES, row_z, trajectory_scores
+from edgevpr.deploy.verify import verifier_for
 from edgevpr.eval.extract import extract
 from edgevpr.models.model import load_model
 from edgevpr.utils import default_cache_dir, write_json, write_text
 
 ESTIMATORS = {"top-1 cosine": "top1", "margin": "margin", "SUE (spread)": "log_spread", "SD (z-score)": "top1_z"}
 BLOCK = 50  # answers per stretch of the ECE's block bootstrap
+VERIFIED_ESTIMATORS = {**ESTIMATORS, "inliers": "log_inliers"}
 SEQ_ESTIMATORS = {"top-1 trajectory": "top1", "margin": "margin", "SUE (spread)": "log_spread",
                   "SD (z-score)": "top1_z", "agreement": "agree", "steadiness": "steady"}
 
@@ -66,10 +74,12 @@ def descriptors(model, paths) -> np.ndarray:
 
 
 def answers(q: np.ndarray, db: np.ndarray, positives: list, hood: Neighbourhood,
-            length: int = 0) -> tuple[np.ndarray, np.ndarray]:
+            length: int = 0, verify: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One capture sequence of queries [Q, D] against a database [N, D] -> (evidence [A, F], answer right [A]);
     positives[i] empty: an unknown place (always wrong). ``length`` 0: single frames (A = Q, ``FEATURES``); L > 0:
-    the sequence answers past the warm-up (A = Q - L + 1, ``SEQUENCE_FEATURES``), computed as ``Tracker`` does."""
+    the sequence answers past the warm-up (A = Q - L + 1, ``SEQUENCE_FEATURES``), computed as ``Tracker`` does.
+    ``verify`` (single frames): (Verifier, query paths, database paths): each answer re-ranked as ``Localizer``
+    does, with ``VERIFIED_FEATURES``."""
     nan = np.full(len(db), np.nan)
     coords = Coordinates(nan, nan, nan, nan)
     s = q @ db.T
@@ -78,8 +88,16 @@ def answers(q: np.ndarray, db: np.ndarray, positives: list, hood: Neighbourhood,
     for i in range(len(q)):
         top = np.argsort(-s[i])[:DECISION_DEPTH]
         if not length:
-            ev = evidence(s[i, top], top, coords, hood)
-            feats.append([ev[f] for f in FEATURES])
+            sc = s[i, top]
+            if verify:
+                v, q_paths, db_paths = verify
+                n = min(v.k, len(top))
+                order, check = v.rerank(load_image(q_paths[i]), sc[:n], [str(db_paths[j]) for j in top[:n]])
+                top[:n], sc[:n] = top[:n][order], sc[:n][order]
+            ev = evidence(sc, top, coords, hood)
+            if verify:
+                ev["log_inliers"] = verified_evidence(check)
+            feats.append([ev[f] for f in (VERIFIED_FEATURES if verify else FEATURES)])
             right.append(int(top[0]) in set(positives[i]))
             continue
         t = trajectory_scores(norm[max(0, i - length + 1):i + 1], length, SEQSLAM_VELOCITIES, seg)
@@ -110,14 +128,16 @@ def ece_interval(p: np.ndarray, right: np.ndarray, block: np.ndarray, draws: int
 
 
 def evaluate(name: str, model, db_paths, cal_sets, test_sets, hood: Neighbourhood, target: float,
-             length: int = 0) -> dict:
+             length: int = 0, verifier=None) -> dict:
     """cal_sets / test_sets: lists of (label, query paths, positives per query; [] = unknown place), each one
-    capture sequence."""
+    capture sequence. ``verifier``: single-frame answers verified (``answers``)."""
     db = descriptors(model, db_paths)
-    names, estimators = (SEQUENCE_FEATURES, SEQ_ESTIMATORS) if length else (FEATURES, ESTIMATORS)
+    names, estimators = (SEQUENCE_FEATURES, SEQ_ESTIMATORS) if length else \
+        (VERIFIED_FEATURES, VERIFIED_ESTIMATORS) if verifier else (FEATURES, ESTIMATORS)
 
     def pooled(sets):
-        parts = [answers(descriptors(model, paths), db, pos, hood, length) for _, paths, pos in sets]
+        parts = [answers(descriptors(model, paths), db, pos, hood, length,
+                         (verifier, paths, db_paths) if verifier else None) for _, paths, pos in sets]
         unknown = np.concatenate([np.full(len(p[1]), len(pos) > 0 and not any(pos)) for p, (_, _, pos)
                                   in zip(parts, sets, strict=True)])
         label = np.concatenate([np.full(len(p[1]), lab) for p, (lab, _, _) in zip(parts, sets, strict=True)])
@@ -189,10 +209,14 @@ def main() -> None:
     ap.add_argument("--maps", nargs="+", choices=["gardens_point", "nordland"], default=["gardens_point", "nordland"],
                     help="maps to evaluate (default both)")
     ap.add_argument("--name", default="confidence", help="results file stem in benchmarks/results (default confidence)")
+    ap.add_argument("--verify", type=int, default=0, metavar="K",
+                    help="single frames only, each answer verified over its top K on the model's own local features "
+                         "(--verify-with auto), the inliers one more estimator (default 0: off)")
     args = ap.parse_args()
     data = data_root()
     gp, nl = data / "gardens_point", data / "nordland_64x32"
     model = load_model(args.model).eval()
+    verifier = verifier_for(model, model.transform(), args.verify) if args.verify else None
 
     def gp_queries(folder, a, b):  # against the whole day_right database: +-2 frames
         ds = open_dataset(gp / "day_right", gp / folder, aligned_tolerance=2)
@@ -209,7 +233,10 @@ def main() -> None:
     gp_night = sorted((gp / "night_right").glob("*.jpg"))
     gp_left = sorted((gp / "day_left").glob("*.jpg"))
     res: dict = {"model": model.name, "target_precision": args.precision, "maps": {m: {} for m in args.maps}}
-    for length in (0, args.sequence):
+    if verifier:
+        res["verified"] = {"k": verifier.k, "features": verifier.kind, "method": verifier.method}
+    lengths = (0,) if verifier else (0, args.sequence)
+    for length in lengths:
         if "gardens_point" in args.maps:
             res["maps"]["gardens_point"][f"L={length}"] = evaluate(
                 "gardens_point", model, sorted((gp / "day_right").glob("*.jpg")),
@@ -217,13 +244,13 @@ def main() -> None:
                  unknown("nordland", nl_summer[0:2000:10])],
                 [gp_queries("night_right", 50, 100), gp_queries("day_left", 50, 100),
                  unknown("nordland", nl_summer[5:2000:10])],
-                Neighbourhood(radius_m=None, frames=2), args.precision, length)
+                Neighbourhood(radius_m=None, frames=2), args.precision, length, verifier)
         if "nordland" in args.maps:
             res["maps"]["nordland"][f"L={length}"] = evaluate(
                 "nordland", model, val.db_paths,
                 [nl_q[0], unknown("gp night", gp_night[:50]), unknown("gp day_left", gp_left[:50])],
                 [nl_q[1], unknown("gp night", gp_night[50:]), unknown("gp day_left", gp_left[50:])],
-                Neighbourhood(radius_m=None, frames=1), args.precision, length)
+                Neighbourhood(radius_m=None, frames=1), args.precision, length, verifier)
     results = ROOT / "benchmarks" / "results"
     write_json(results / f"{args.name}.json", res)
     command = " ".join(["python benchmarks/confidence.py", *sys.argv[1:]])
@@ -231,8 +258,11 @@ def main() -> None:
              "AUC-PR of 'the answer is right' (unknown-place answers count as wrong), on each map's test answers "
              "pooled and per test set (with the unknown-place answers); the fused estimator is the calibrated "
              f"probability, fitted on the calibration split; target precision {args.precision}. No Corridor data "
-             "here.", "", "## Single frames", "", *table(res, 0), "",
-             f"## Sequences of {args.sequence} frames (answers past the warm-up)", "", *table(res, args.sequence)]
+             "here.", "", f"## Single frames{f' verified ({verifier.method}, K = {verifier.k})' if verifier else ''}",
+             "", *table(res, 0)]
+    if not verifier:
+        lines += ["", f"## Sequences of {args.sequence} frames (answers past the warm-up)", "",
+                  *table(res, args.sequence)]
     write_text(results / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -425,7 +425,9 @@ def cmd_calibrate(args) -> int:
     wrote = _reliability_plot([(cal, "single frames")] + ([(seq, f"sequences of {args.sequence}")] if seq else []),
                               plot)
     print(f"{cal.queries} queries pooled from {len(sets)} set(s) and {cal.unknown_queries} unknown-place photos")
-    for c, what in ((cal, "single frames"), (seq, f"sequences of {args.sequence} ({args.sequence_method})")):
+    frames_what = f"single frames verified (--verify {cal.verify} on {cal.verify_features}; evidence includes the " \
+        "inliers)" if cal.verify else "single frames"
+    for c, what in ((cal, frames_what), (seq, f"sequences of {args.sequence} ({args.sequence_method})")):
         if c is not None:
             rejected = "" if c.unknown_queries == 0 else \
                 f", {c.unknown_rejected:.3f} of {c.unknown_queries} unknown-place answers rejected " \

@@ -155,3 +155,49 @@ def test_a_vit_verifies_with_its_own_patch_tokens(gp_index, tmp_path):
                  ["eval", "--model", "m", "--db", "d", "--queries", "q"]):
         assert build_parser().parse_args(argv).verify_with == "auto"
         assert build_parser().parse_args([*argv, "--verify-with", "sift"]).verify_with == "sift"
+
+
+def test_a_calibration_fitted_on_verified_answers_uses_their_inliers_and_needs_them(gp_index, tmp_path, capsys):
+    """``calibrate`` with verification on (the default CNN's feature map, K = 10) fits the confidence on the
+    inliers too (``log_inliers``: right answers have more, so its weight is positive, and on these answers inliers
+    alone tell right from wrong), records how it verified, and gives held-out verified answers a probability; a
+    localizer that does not verify the same way gets no confidence from it, with one warning."""
+    import shutil
+
+    from sklearn.metrics import roc_auc_score
+
+    from edgevpr.deploy.decision import Neighbourhood
+    from edgevpr.deploy.inputs import Frame
+
+    root, gp = gp_index
+    index = tmp_path / "index"
+    shutil.copytree(root, index)
+    nl = sorted((shared_data() / "nordland_64x32" / "summer").glob("*.png"))
+
+    def frames(paths):
+        return [Frame(str(p), load_image(p)) for p in paths]
+
+    def positives(i):
+        return {str(gp / "day_right" / f"Image{j:03d}.jpg") for j in range(max(0, i - 2), min(100, i + 3))}
+
+    loc = Localizer(index, verify=10)
+    cal, _ = loc.calibrate(frames([gp / "night_right" / f"Image{i:03d}.jpg" for i in range(50)]),
+                           [positives(i) for i in range(50)], 0.9, Neighbourhood(radius_m=None, frames=2),
+                           unknown_frames=frames(nl[:50]))
+    assert cal.features[-1] == "log_inliers" and (cal.verify, cal.verify_features) == (10, "feature map")
+    assert cal.coef[-1] > 0
+    loc = Localizer(index, verify=10)
+    rows = []
+    for f, good in zip(frames([gp / "night_right" / f"Image{i:03d}.jpg" for i in range(50, 100)] + nl[100:150]),
+                       [positives(i) for i in range(50, 100)] + [set()] * 50, strict=True):
+        a = loc.answer(loc.embed([f.image]), 3, None, [f.image])[0]
+        rows.append((a.matches[0].path in good, a.decision["evidence"]["log_inliers"], a.decision["confidence"]))
+    right, inl, prob = (np.array(c) for c in zip(*rows, strict=True))
+    assert roc_auc_score(right, inl) > 0.9, roc_auc_score(right, inl)
+    assert prob[right].mean() > 0.7 > 0.2 > prob[~right].mean()
+    plain = Localizer(index)
+    capsys.readouterr()
+    photo = load_image(gp / "night_right" / "Image060.jpg")
+    assert all(plain.answer(plain.embed([photo]), 3)[0].decision["confidence"] is None for _ in range(2))
+    err = capsys.readouterr().err
+    assert err.count("fitted on answers verified with --verify 10 on feature map, not no --verify") == 1, err

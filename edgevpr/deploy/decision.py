@@ -178,6 +178,14 @@ FEATURES = ("margin", "top1", "top1_z", "log_spread")
 #: (1 when the newest frame's own top-1 lies in the sequence match's neighbourhood, else 0) and ``steady``
 #: (``steadiness``: how long the sequence match has moved smoothly along the map).
 SEQUENCE_FEATURES = (*FEATURES, "agree", "steady")
+#: The evidence of a verified answer (``--verify K``): also ``log_inliers``, log(1 + the geometric inliers of the
+#: top-1 after re-ranking), 0 when the query had too few local features to verify (no geometric support).
+VERIFIED_FEATURES = (*FEATURES, "log_inliers")
+
+
+def verified_evidence(check: dict) -> float:
+    """A verification record (``Verifier.rerank``) -> ``log_inliers`` of its answer."""
+    return math.log1p(check["inliers"][0]) if check.get("verified") else 0.0
 
 
 def steadiness(answers: list[int], coords: Coordinates, hood: Neighbourhood, length: int, move: int = 2) -> float:
@@ -274,6 +282,8 @@ class Calibration:
     kind: str = "logistic"
     sequence_length: int = 0  # a calibration of sequence answers: their length L and method (0, "": single frames)
     sequence_method: str = ""
+    verify: int = 0  # fitted on answers verified over the top ``verify`` candidates (0: unverified) ...
+    verify_features: str = ""  # ... with these local features ("feature map", "patch tokens", "sift")
     reject_unknown: float = 0.0  # the share of unknown-place answers 'known' must reject (target)
     unknown_rejected: float = float("nan")  # ... rejected at the threshold on the calibration answers
 

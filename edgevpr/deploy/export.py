@@ -174,7 +174,7 @@ def export_onnx(model: VPRModel, out: str | os.PathLike, knobs: dict | None = No
         with model.using(**knobs), _fixed_position_embeddings(model, size), torch.enable_grad(), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shapes are fixed: constants are intended
-            torch.onnx.export(_WithLocal(model) if cnn else model, (x,), str(fp32), dynamo=False,
+            torch.onnx.export(_WithLocal(model).eval() if cnn else model, (x,), str(fp32), dynamo=False,
                               opset_version=opset, input_names=["images"], output_names=outputs,
                               dynamic_axes={n: {0: "batch"} for n in ["images", *outputs]})
         path = fp32

@@ -23,6 +23,7 @@ from .decision import (
     FEATURES,
     REJECT_UNKNOWN,
     SEQUENCE_FEATURES,
+    VERIFIED_FEATURES,
     Calibration,
     GeoPrior,
     Neighbourhood,
@@ -30,6 +31,7 @@ from .decision import (
     evidence,
     position,
     steadiness,
+    verified_evidence,
 )
 from .embed import embed
 from .index import Match, PlaceIndex, check_model, match_dicts, update_manifest
@@ -131,6 +133,24 @@ class Localizer:
         """The index's calibration of sequence answers (``calibrate --sequence L``), or None."""
         return self._calibration("sequence_calibration")
 
+    def frame_calibration(self) -> Calibration | None:
+        """The single-frame calibration when it applies to this localizer's answers: one fitted on verified
+        answers (``log_inliers``) needs the same verification (K and features); None otherwise, with a one-line
+        warning."""
+        cal = self.calibration
+        if cal is None or not cal.verify:
+            return cal
+        v = self.verifier
+        if v is None or (v.k, v.kind) != (cal.verify, cal.verify_features):
+            if not getattr(self, "_warned_verify", False):
+                now = f"--verify {v.k} on {v.kind}" if v else "no --verify"
+                warn(f"{self.index.root}: its calibration was fitted on answers verified with --verify {cal.verify} "
+                     f"on {cal.verify_features}, not {now}: answers are uncalibrated (verify as it did, or run "
+                     "`edgevpr calibrate` again)")
+                self._warned_verify = True
+            return None
+        return cal
+
     def _calibration(self, key: str) -> Calibration | None:
         rec = self.index.manifest.get(key)
         if not rec:
@@ -173,16 +193,19 @@ class Localizer:
                 order, checks[q] = self.verifier.rerank(img, scores[q, :n], [rows[int(i)][0] for i in found[q, :n]])
                 scores[q, :n], found[q, :n] = scores[q, :n][order], found[q, :n][order]
         top = self.index.matches(scores[:, :k], found[:, :k])
-        coords, cal, hood = self.index.coordinates(), self.calibration, self.hood(hood)
+        coords, cal, hood = self.index.coordinates(), self.frame_calibration(), self.hood(hood)
         out = []
         for matches, sq, iq, check in zip(top, scores, found, checks, strict=True):
             sq, iq = sq[iq >= 0], iq[iq >= 0]
             ev = evidence(sq, iq, coords, hood)
-            p = cal.probability(ev) if cal else None
+            if check is not None:
+                ev["log_inliers"] = verified_evidence(check)
+            c = cal if cal and all(f in ev for f in cal.features) else None  # verified evidence needs images
+            p = c.probability(ev) if c else None
             out.append(Answer(matches, {
                 "position": position(sq, iq, coords, hood, max(k, DECISION_DEPTH)), "score": ev["margin"],
-                "confidence": p, "known": bool(p >= cal.threshold) if cal else None,
-                "threshold": cal.threshold if cal else None, "evidence": ev,
+                "confidence": p, "known": bool(p >= c.threshold) if c else None,
+                "threshold": c.threshold if c else None, "evidence": ev,
                 "searched": len(self.index) if ids is None else len(ids),
                 **({"verification": check} if check is not None else {})}))
         return out
@@ -216,10 +239,12 @@ class Localizer:
                 yield f
 
         feats, right, seq_feats, seq_right, unknown_answer, seq_unknown = [], [], [], [], [], []
+        names = VERIFIED_FEATURES if self.verifier else FEATURES
+        self._warned_verify = True  # the calibration in place is being replaced: no word on whether it applies
         # one frame in memory at a time; answered as live queries are (verified when on)
         for _, a, _ in self.stream(tagged(), 1, sequence=sequence, method=method, hood=hood):
             good = pending.popleft()
-            feats.append([a.decision["evidence"][name] for name in FEATURES])
+            feats.append([a.decision["evidence"][name] for name in names])
             right.append(a.matches[0].path in good)
             unknown_answer.append(not good)
             if a.sequence is not None and not a.sequence["decision"]["warming_up"]:
@@ -227,7 +252,9 @@ class Localizer:
                 seq_right.append(a.sequence["match"]["path"] in good)
                 seq_unknown.append(not good)
         cal = calibrate(np.array(feats), np.array(right), precision, hood, unknown=np.array(unknown_answer),
-                        reject_unknown=reject_unknown)
+                        names=names, reject_unknown=reject_unknown)
+        if self.verifier:
+            cal.verify, cal.verify_features = self.verifier.k, self.verifier.kind
         seq = None
         if sequence:
             if not seq_feats:
