@@ -1,4 +1,6 @@
-"""Geometric verification re-ranking: R@1 / R@5 and ms per query for K = 0 (off) / 10 / 25, and the fusion weight.
+"""Geometric verification re-ranking with SIFT: R@1 / R@5 and ms per query for K = 0 (off) / 10 / 25, and the
+fusion weight. SIFT is what `--verify-with auto` uses for a model without local features of its own (a ViT's ONNX
+export, SeqSLAM pixels); a model's own features are measured by benchmarks/verification_tokens.py.
 
     python benchmarks/verification.py [--model effnet-lite0-gem]
 
