@@ -177,7 +177,8 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
         m = index.model
         return {"status": "ok", "images": len(index), "model": m["name"], "fingerprint": m["fingerprint"],
                 "knobs": m["knobs"], "kind": index.manifest["kind"], "dim": index.manifest["dim"],
-                "calibration": {k: cal[k] for k in ("threshold", "target_precision", "precision", "queries")}
+                "calibration": {**{k: cal[k] for k in ("threshold", "target_precision", "precision", "queries")},
+                                "verify": cal.get("verify", 0), "verify_features": cal.get("verify_features", "")}
                 if (cal := index.manifest.get("calibration")) else None,
                 "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
                            "max_k": limits.max_k, "max_frames": limits.max_frames,
