@@ -26,9 +26,10 @@ the answer is the sequence match, the estimators are the same statistics over th
 plus ``agree`` (the frame's own top-1 in the sequence match's neighbourhood) and ``steady`` (the streak of smooth
 steps of the sequence match over the last L-1 frames, ``decision.steadiness``), fused by the sequence calibration.
 The first L-1 frames of each sequence are warm-up (never known) and left out.
-With ``--verify K`` (single frames only): each answer is re-ranked by geometric verification over its top K on the
-model's own local features, as ``localize --verify K`` does, and ``inliers`` (log(1 + the top-1's inliers)) is one
-more estimator and one more feature of the fused one (``decision.VERIFIED_FEATURES``).
+With ``--verify K``: each frame's answer is re-ranked by geometric verification over its top K on the model's own
+local features, as ``localize --verify K`` does; for single frames ``inliers`` (log(1 + the top-1's inliers)) is one
+more estimator and one more feature of the fused one (``decision.VERIFIED_FEATURES``), for sequences ``agree``
+reads the verified frame top-1 (as ``Tracker`` does behind a verifying ``Localizer``).
 No Corridor data is available here. Writes benchmarks/results/NAME.{json,md} (default confidence).
 """
 
@@ -73,13 +74,27 @@ def descriptors(model, paths) -> np.ndarray:
     return extract(model, list(paths), 32, default_cache_dir(), False, 0, "cpu", None, progress=False).descriptors
 
 
+_VERIFIED: dict = {}  # query path -> (verified top-``DECISION_DEPTH`` ids, scores, check): computed once per run
+
+
+def verified(v, path, scores: np.ndarray, top: np.ndarray, db_paths) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A query's similarity-ranked ids ``top`` [M] and their scores [M] -> the same re-ranked by ``v`` over its top
+    K, as ``Localizer.answer`` does, and the verification record."""
+    if str(path) not in _VERIFIED:
+        top, scores, n = top.copy(), scores.copy(), min(v.k, len(top))
+        order, check = v.rerank(load_image(path), scores[:n], [str(db_paths[j]) for j in top[:n]])
+        top[:n], scores[:n] = top[:n][order], scores[:n][order]
+        _VERIFIED[str(path)] = top, scores, check
+    return _VERIFIED[str(path)]
+
+
 def answers(q: np.ndarray, db: np.ndarray, positives: list, hood: Neighbourhood,
             length: int = 0, verify: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One capture sequence of queries [Q, D] against a database [N, D] -> (evidence [A, F], answer right [A]);
     positives[i] empty: an unknown place (always wrong). ``length`` 0: single frames (A = Q, ``FEATURES``); L > 0:
     the sequence answers past the warm-up (A = Q - L + 1, ``SEQUENCE_FEATURES``), computed as ``Tracker`` does.
-    ``verify`` (single frames): (Verifier, query paths, database paths): each answer re-ranked as ``Localizer``
-    does, with ``VERIFIED_FEATURES``."""
+    ``verify``: (Verifier, query paths, database paths): each frame's answer re-ranked as ``Localizer`` does;
+    single frames get ``VERIFIED_FEATURES``, sequences' ``agree`` reads the verified frame top-1."""
     nan = np.full(len(db), np.nan)
     coords = Coordinates(nan, nan, nan, nan)
     s = q @ db.T
@@ -87,13 +102,10 @@ def answers(q: np.ndarray, db: np.ndarray, positives: list, hood: Neighbourhood,
     feats, right, matches = [], [], []
     for i in range(len(q)):
         top = np.argsort(-s[i])[:DECISION_DEPTH]
+        sc, check = s[i, top], None
+        if verify:
+            top, sc, check = verified(verify[0], verify[1][i], sc, top, verify[2])
         if not length:
-            sc = s[i, top]
-            if verify:
-                v, q_paths, db_paths = verify
-                n = min(v.k, len(top))
-                order, check = v.rerank(load_image(q_paths[i]), sc[:n], [str(db_paths[j]) for j in top[:n]])
-                top[:n], sc[:n] = top[:n][order], sc[:n][order]
             ev = evidence(sc, top, coords, hood)
             if verify:
                 ev["log_inliers"] = verified_evidence(check)
@@ -210,8 +222,8 @@ def main() -> None:
                     help="maps to evaluate (default both)")
     ap.add_argument("--name", default="confidence", help="results file stem in benchmarks/results (default confidence)")
     ap.add_argument("--verify", type=int, default=0, metavar="K",
-                    help="single frames only, each answer verified over its top K on the model's own local features "
-                         "(--verify-with auto), the inliers one more estimator (default 0: off)")
+                    help="each frame's answer verified over its top K on the model's own local features "
+                         "(--verify-with auto), the inliers one more estimator of single frames (default 0: off)")
     args = ap.parse_args()
     data = data_root()
     gp, nl = data / "gardens_point", data / "nordland_64x32"
@@ -235,8 +247,7 @@ def main() -> None:
     res: dict = {"model": model.name, "target_precision": args.precision, "maps": {m: {} for m in args.maps}}
     if verifier:
         res["verified"] = {"k": verifier.k, "features": verifier.kind, "method": verifier.method}
-    lengths = (0,) if verifier else (0, args.sequence)
-    for length in lengths:
+    for length in (0, args.sequence):
         if "gardens_point" in args.maps:
             res["maps"]["gardens_point"][f"L={length}"] = evaluate(
                 "gardens_point", model, sorted((gp / "day_right").glob("*.jpg")),
@@ -254,15 +265,14 @@ def main() -> None:
     results = ROOT / "benchmarks" / "results"
     write_json(results / f"{args.name}.json", res)
     command = " ".join(["python benchmarks/confidence.py", *sys.argv[1:]])
+    verified = f", verified ({verifier.method}, K = {verifier.k})" if verifier else ""
     lines = [f"# Confidence estimators on held-out answers (`{command}`, {res['model']})", "",
              "AUC-PR of 'the answer is right' (unknown-place answers count as wrong), on each map's test answers "
              "pooled and per test set (with the unknown-place answers); the fused estimator is the calibrated "
              f"probability, fitted on the calibration split; target precision {args.precision}. No Corridor data "
-             "here.", "", f"## Single frames{f' verified ({verifier.method}, K = {verifier.k})' if verifier else ''}",
-             "", *table(res, 0)]
-    if not verifier:
-        lines += ["", f"## Sequences of {args.sequence} frames (answers past the warm-up)", "",
-                  *table(res, args.sequence)]
+             "here.", "", f"## Single frames{verified}", "", *table(res, 0), "",
+             f"## Sequences of {args.sequence} frames (answers past the warm-up){verified}", "",
+             *table(res, args.sequence)]
     write_text(results / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

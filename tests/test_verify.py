@@ -160,8 +160,9 @@ def test_a_vit_verifies_with_its_own_patch_tokens(gp_index, tmp_path):
 def test_a_calibration_fitted_on_verified_answers_uses_their_inliers_and_needs_them(gp_index, tmp_path, capsys):
     """``calibrate`` with verification on (the default CNN's feature map, K = 10) fits the confidence on the
     inliers too (``log_inliers``: right answers have more, so its weight is positive, and on these answers inliers
-    alone tell right from wrong), records how it verified, and gives held-out verified answers a probability; a
-    localizer that does not verify the same way gets no confidence from it, with one warning."""
+    alone tell right from wrong), records how it verified (the sequence calibration too: its ``agree`` read the
+    verified frame answers), and gives held-out verified answers a probability; a localizer that does not verify
+    the same way gets no confidence from either, with one warning."""
     import shutil
 
     from sklearn.metrics import roc_auc_score
@@ -181,10 +182,11 @@ def test_a_calibration_fitted_on_verified_answers_uses_their_inliers_and_needs_t
         return {str(gp / "day_right" / f"Image{j:03d}.jpg") for j in range(max(0, i - 2), min(100, i + 3))}
 
     loc = Localizer(index, verify=10)
-    cal, _ = loc.calibrate(frames([gp / "night_right" / f"Image{i:03d}.jpg" for i in range(50)]),
-                           [positives(i) for i in range(50)], 0.9, Neighbourhood(radius_m=None, frames=2),
-                           unknown_frames=frames(nl[:50]))
+    cal, seq = loc.calibrate(frames([gp / "night_right" / f"Image{i:03d}.jpg" for i in range(50)]),
+                             [positives(i) for i in range(50)], 0.9, Neighbourhood(radius_m=None, frames=2),
+                             unknown_frames=frames(nl[:50]), sequence=5)
     assert cal.features[-1] == "log_inliers" and (cal.verify, cal.verify_features) == (10, "feature map")
+    assert (seq.verify, seq.verify_features) == (10, "feature map")  # its ``agree`` read verified frame answers
     assert cal.coef[-1] > 0
     loc = Localizer(index, verify=10)
     rows = []
@@ -199,5 +201,6 @@ def test_a_calibration_fitted_on_verified_answers_uses_their_inliers_and_needs_t
     capsys.readouterr()
     photo = load_image(gp / "night_right" / "Image060.jpg")
     assert all(plain.answer(plain.embed([photo]), 3)[0].decision["confidence"] is None for _ in range(2))
+    assert plain.tracker(5).calibration is None and loc.tracker(5).calibration is not None
     err = capsys.readouterr().err
     assert err.count("fitted on answers verified with --verify 10 on feature map, not no --verify") == 1, err

@@ -134,10 +134,13 @@ class Localizer:
         return self._calibration("sequence_calibration")
 
     def frame_calibration(self) -> Calibration | None:
-        """The single-frame calibration when it applies to this localizer's answers: one fitted on verified
-        answers (``log_inliers``) needs the same verification (K and features); None otherwise, with a one-line
-        warning."""
-        cal = self.calibration
+        """The single-frame calibration when it applies to this localizer's answers (``_verified_alike``)."""
+        return self._verified_alike(self.calibration)
+
+    def _verified_alike(self, cal: Calibration | None) -> Calibration | None:
+        """``cal`` when it applies to this localizer's answers: one fitted on verified answers (their
+        ``log_inliers``, and for sequences the verified frame top-1 of ``agree``) needs the same verification (K and
+        features); None otherwise, with a one-line warning."""
         if cal is None or not cal.verify:
             return cal
         v = self.verifier
@@ -263,6 +266,8 @@ class Localizer:
             seq = calibrate(np.array(seq_feats), np.array(seq_right), precision, hood, unknown=np.array(seq_unknown),
                             names=SEQUENCE_FEATURES, what="sequence", reject_unknown=reject_unknown)
             seq.sequence_length, seq.sequence_method = sequence, method
+            if self.verifier:  # ``agree`` read the verified frame top-1
+                seq.verify, seq.verify_features = self.verifier.k, self.verifier.kind
         self.index.manifest = update_manifest(self.index.root, calibration=cal.to_dict(),
                                               sequence_calibration=seq.to_dict() if seq else None)
         return cal, seq
@@ -270,7 +275,7 @@ class Localizer:
     def tracker(self, length: int, method: str = "seqslam", hood: Neighbourhood | None = None) -> Tracker:
         """A sequence tracker over this index (see ``Tracker``), with the index's sequence calibration when it was
         made for this ``length`` and ``method``."""
-        cal = self.sequence_calibration
+        cal = self._verified_alike(self.sequence_calibration)
         if cal is not None and (cal.sequence_length, cal.sequence_method) != (length, method):
             if not getattr(self, "_warned_seq", False):
                 warn(f"{self.index.root}: its sequence calibration was made for {cal.sequence_method} L="
