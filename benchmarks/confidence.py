@@ -74,18 +74,19 @@ def descriptors(model, paths) -> np.ndarray:
     return extract(model, list(paths), 32, default_cache_dir(), False, 0, "cpu", None, progress=False).descriptors
 
 
-_VERIFIED: dict = {}  # query path -> (verified top-``DECISION_DEPTH`` ids, scores, check): computed once per run
+_VERIFIED: dict = {}  # (query path, map) -> (verified top-``DECISION_DEPTH`` ids, scores, check): once per run
 
 
 def verified(v, path, scores: np.ndarray, top: np.ndarray, db_paths) -> tuple[np.ndarray, np.ndarray, dict]:
     """A query's similarity-ranked ids ``top`` [M] and their scores [M] -> the same re-ranked by ``v`` over its top
     K, as ``Localizer.answer`` does, and the verification record."""
-    if str(path) not in _VERIFIED:
+    key = (str(path), str(db_paths[0]), len(db_paths))  # a photo can be a query of one map, unknown to another
+    if key not in _VERIFIED:
         top, scores, n = top.copy(), scores.copy(), min(v.k, len(top))
         order, check = v.rerank(load_image(path), scores[:n], [str(db_paths[j]) for j in top[:n]])
         top[:n], scores[:n] = top[:n][order], scores[:n][order]
-        _VERIFIED[str(path)] = top, scores, check
-    return _VERIFIED[str(path)]
+        _VERIFIED[key] = top, scores, check
+    return _VERIFIED[key]
 
 
 def answers(q: np.ndarray, db: np.ndarray, positives: list, hood: Neighbourhood,
