@@ -98,7 +98,6 @@ class Localizer:
         else:
             self.verifier = None
 
-
     def embed(self, images: list[Image.Image], knobs: dict | None = None) -> np.ndarray:
         """RGB images -> descriptors [B, D] float32. ``knobs`` override the index's for these queries only
         (e.g. a lower keep_ratio for faster queries against a database embedded unpruned)."""
@@ -256,8 +255,6 @@ class Localizer:
                 seq_unknown.append(not good)
         cal = calibrate(np.array(feats), np.array(right), precision, hood, unknown=np.array(unknown_answer),
                         names=names, reject_unknown=reject_unknown)
-        if self.verifier:
-            cal.verify, cal.verify_features = self.verifier.k, self.verifier.kind
         seq = None
         if sequence:
             if not seq_feats:
@@ -266,8 +263,9 @@ class Localizer:
             seq = calibrate(np.array(seq_feats), np.array(seq_right), precision, hood, unknown=np.array(seq_unknown),
                             names=SEQUENCE_FEATURES, what="sequence", reject_unknown=reject_unknown)
             seq.sequence_length, seq.sequence_method = sequence, method
-            if self.verifier:  # ``agree`` read the verified frame top-1
-                seq.verify, seq.verify_features = self.verifier.k, self.verifier.kind
+        for c in (cal, seq) if self.verifier else ():  # read verified answers: log_inliers, a sequence's agree
+            if c is not None:
+                c.verify, c.verify_features = self.verifier.k, self.verifier.kind
         self.index.manifest = update_manifest(self.index.root, calibration=cal.to_dict(),
                                               sequence_calibration=seq.to_dict() if seq else None)
         return cal, seq
