@@ -159,6 +159,20 @@ def test_onnx_matches_pytorch_for_the_default_model(data_root, tmp_path):
     # the CNN's own local features (verification, torch-free) come out of the same graph: the stride-16 map
     tokens, grid = patch_tokens(onnx_model, x.numpy())
     assert grid == local.grid == (14, 14) and _cos(torch.from_numpy(tokens), local.patches) >= 0.9999
+    # a grid in the metadata that the output does not fit (re-signed, so the checksum passes) is one line, not a
+    # 10^10-cell allocation
+    import onnx
+
+    from edgevpr.deploy.onnx_model import meta_digest
+
+    proto = onnx.load(str(out))
+    meta = json.loads(proto.metadata_props[0].value)
+    meta["local_features"]["grid"] = [100000, 100000]
+    meta["meta_sha256"] = meta_digest(meta)
+    proto.metadata_props[0].value = json.dumps(meta, sort_keys=True)
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    with pytest.raises(ValueError, match=r"bad.onnx: its local_features output \[3, 196, 112\] does not fit"):
+        patch_tokens(OnnxModel(tmp_path / "bad.onnx"), x.numpy())
     q8 = OnnxModel(export_onnx(model, tmp_path / "m8.onnx", int8=True, calibration=data_root / "gardens_point" /
                                "day_right", calibration_count=8))
     assert q8.fingerprint() != model.fingerprint() and q8.fingerprint(runtime=False) == model.fingerprint()

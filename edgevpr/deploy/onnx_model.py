@@ -205,7 +205,11 @@ class OnnxModel:
         if local is None:
             return None
         out = self.session.run(["local_features"], {"images": np.ascontiguousarray(x, np.float32)})[0]
-        return out, tuple(local["grid"])
+        grid = tuple(int(g) for g in local["grid"])
+        if out.ndim != 3 or out.shape[1] != grid[0] * grid[1]:
+            raise ValueError(f"{self.path}: its local_features output {list(out.shape)} does not fit the grid "
+                             f"{list(grid)} its metadata records (modified file): export it again")
+        return out, grid
 
     def __call__(self, x, **knobs):
         """A torch tensor in, a torch tensor out (the research side); a numpy array in, a numpy array out."""
