@@ -11,7 +11,7 @@ import torch
 
 from edgevpr.cli import main
 from edgevpr.deploy import index as idx
-from edgevpr.deploy.embed import patch_tokens
+from edgevpr.deploy.embed import embed, embed_with_local, patch_tokens
 from edgevpr.deploy.export import OnnxModel, export_onnx
 from edgevpr.deploy.index.backends import faiss_kinds as fk
 from edgevpr.deploy.localize import Localizer
@@ -171,8 +171,13 @@ def test_onnx_matches_pytorch_for_the_default_model(data_root, tmp_path):
     meta["meta_sha256"] = meta_digest(meta)
     proto.metadata_props[0].value = json.dumps(meta, sort_keys=True)
     onnx.save(proto, str(tmp_path / "bad.onnx"))
-    with pytest.raises(ValueError, match=r"bad.onnx: its local_features output \[3, 196, 112\] does not fit"):
-        patch_tokens(OnnxModel(tmp_path / "bad.onnx"), x.numpy())
+    for read in (patch_tokens, embed_with_local):
+        with pytest.raises(ValueError, match=r"bad.onnx: its local_features output \[3, 196, 112\] does not fit"):
+            read(OnnxModel(tmp_path / "bad.onnx"), x.numpy())
+    # a verified query's descriptor and features come from one forward, in torch and in the export alike
+    for m, ref in ((model, model(x).detach().numpy()), (onnx_model, onnx_model.run(x.numpy()))):
+        d, (got, g) = embed_with_local(m, x.numpy())
+        assert g == (14, 14) and np.abs(d - ref).max() < 1e-5 and _cos(torch.from_numpy(got), local.patches) >= 0.9999
     q8 = OnnxModel(export_onnx(model, tmp_path / "m8.onnx", int8=True, calibration=data_root / "gardens_point" /
                                "day_right", calibration_count=8))
     assert q8.fingerprint() != model.fingerprint() and q8.fingerprint(runtime=False) == model.fingerprint()
@@ -180,6 +185,23 @@ def test_onnx_matches_pytorch_for_the_default_model(data_root, tmp_path):
 
 
 VIT = {"name": "dinov2_vits14", "weights": None, "init_values": 1.0}
+
+
+def test_a_vit_gives_its_tokens_from_the_descriptor_pass_only_when_it_keeps_every_patch():
+    """``embed_with_local`` on a WeiToP-pruned ViT: at keep ratio 1.0 its descriptor and patch tokens come from one
+    pass and equal the two separate ones (``embed``, ``patch_tokens``); at 0.5 the pass has no full grid, so no
+    local features (verification then runs a pass of its own) and the descriptor is still the pruned one."""
+    torch.manual_seed(0)
+    model = load_model({"image_size": [112, 112], "backbone": {**VIT, "pruning": {"block": 3, "method": "weitop"}},
+                        "aggregator": {"name": "weiad"}}).eval()
+    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(1)).numpy()
+    d, (tokens, grid) = embed_with_local(model, x, {"keep_ratio": 1.0})
+    ref, ref_grid = patch_tokens(model, x)
+    assert grid == ref_grid == (8, 8) and np.abs(tokens - ref).max() < 1e-5
+    assert np.abs(d - embed(model, x, {"keep_ratio": 1.0})).max() < 1e-5
+    d, local = embed_with_local(model, x, {"keep_ratio": 0.5})
+    assert local is None and np.abs(d - embed(model, x, {"keep_ratio": 0.5})).max() < 1e-5
+    assert np.abs(d - embed(model, x, {"keep_ratio": 1.0})).max() > 1e-3  # pruning changed the descriptor
 
 
 @pytest.mark.parametrize("cfg,knobs,tol", [

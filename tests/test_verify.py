@@ -11,6 +11,7 @@ from PIL import Image
 from edgevpr.cli import main
 from edgevpr.data.images import load_image
 from edgevpr.deploy import index as idx
+from edgevpr.deploy.inputs import Frame
 from edgevpr.deploy.localize import Localizer
 from edgevpr.deploy.verify import Verifier, inliers, local_features
 from tests.conftest import shared_data
@@ -80,6 +81,12 @@ def test_a_cnn_verifies_a_nordland_thumbnail_on_its_own_feature_map(tmp_path):
     assert check["inliers"][0] >= 60 and max(check["inliers"][1:]) <= 45, check["inliers"]
     sift = Localizer(tmp_path / "index", model, verify=10, verify_with="sift")
     assert not sift.answer(sift.embed([photo]), 3, None, [photo])[0].decision["verification"]["verified"]
+    # the query's map comes from its descriptor's forward (``embed_local``): no second pass, the same answer
+    own, passes = loc.verifier.local, []
+    loc.verifier.local = lambda img: passes.append(img) or own(img)
+    one = loc.stream([Frame("winter 1829", photo, "w")], 3)
+    b = next(one)[1]
+    assert passes == [] and b.decision["verification"] == check and b.matches == a.matches
 
 
 def test_frames_too_small_for_local_features_fall_back_cleanly():

@@ -25,6 +25,28 @@ def embed(model, x: np.ndarray, knobs: dict | None = None) -> np.ndarray:
         return model(torch.from_numpy(np.ascontiguousarray(x)).to(device), **knobs).float().cpu().numpy()
 
 
+def embed_with_local(model, x: np.ndarray, knobs: dict | None = None
+                     ) -> tuple[np.ndarray, tuple[np.ndarray, tuple[int, int]] | None]:
+    """images [B, 3, H, W] float32 -> (descriptors [B, D] float32, as ``embed``; the model's own local features
+    of the same pass [B, H'*W', C] with their grid (H', W'), as ``patch_tokens`` gives them, or None when the pass
+    has none: a pruned ViT pass, a ViT's ONNX export, a model with no local features). One forward instead of two
+    for a query that is verified on the model's own features."""
+    knobs = knobs or {}
+    if hasattr(model, "session"):
+        model.check_knobs(knobs)
+        return model.run_with_local(x)
+    if not hasattr(model, "forward_with_local"):
+        return embed(model, x, knobs), None
+    import torch
+
+    from ..utils import module_device
+
+    with torch.inference_mode():
+        d, t = model.forward_with_local(torch.from_numpy(np.ascontiguousarray(x)).to(module_device(model)), **knobs)
+    local = None if t is None else (t.patches.float().cpu().numpy(), tuple(t.grid))
+    return d.float().cpu().numpy(), local
+
+
 def patch_tokens(model, x: np.ndarray, knobs: dict | None = None) -> tuple[np.ndarray, tuple[int, int]] | None:
     """images [B, 3, H, W] float32 -> (the model's own local features [B, H'*W', C] float32, grid (H', W')): a torch
     ViT's every patch token (pruning knobs set to keep every patch), a torch CNN's stride-16 feature map

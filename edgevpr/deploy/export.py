@@ -85,7 +85,7 @@ def _fixed_position_embeddings(model: VPRModel, image_size: tuple[int, int]):
 
 
 class _WithLocal(torch.nn.Module):
-    """A CNN model whose graph also outputs its own local features (``CNNBackbone.forward_with_local``): images
+    """A CNN model whose graph also outputs its own local features (``VPRModel.forward_with_local``): images
     [B, 3, H, W] -> (descriptors [B, D], local features [B, H'*W', C]) in one pass."""
 
     def __init__(self, model: VPRModel) -> None:
@@ -93,8 +93,8 @@ class _WithLocal(torch.nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        final, local = self.model.backbone.forward_with_local(x)
-        return self.model.aggregator(final), local.patches
+        d, local = self.model.forward_with_local(x)
+        return d, local.patches
 
 
 def _frozen_copy(model: VPRModel) -> VPRModel:

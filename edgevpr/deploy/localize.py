@@ -33,7 +33,7 @@ from .decision import (
     steadiness,
     verified_evidence,
 )
-from .embed import embed
+from .embed import embed, embed_with_local
 from .index import Match, PlaceIndex, check_model, match_dicts, update_manifest
 from .sequence import SEQSLAM_VELOCITIES, SequenceFilter, normalise, trajectory_lines, trajectory_scores
 
@@ -101,8 +101,7 @@ class Localizer:
     def embed(self, images: list[Image.Image], knobs: dict | None = None) -> np.ndarray:
         """RGB images -> descriptors [B, D] float32. ``knobs`` override the index's for these queries only
         (e.g. a lower keep_ratio for faster queries against a database embedded unpruned)."""
-        return self.embed_arrays(np.stack([self.prepare(im) for im in images]), knobs,
-                                 [getattr(im, "filename", "") or f"query {i}" for i, im in enumerate(images)])
+        return self.embed_arrays(np.stack([self.prepare(im) for im in images]), knobs, _names(images))
 
     def prepare(self, image: Image.Image) -> np.ndarray:
         """An RGB image -> the model's input [3, H, W] float32 (resized and normalised as the index's images were)."""
@@ -110,16 +109,32 @@ class Localizer:
 
     def embed_arrays(self, x: np.ndarray, knobs: dict | None = None, names: list[str] | None = None) -> np.ndarray:
         """Prepared images [B, 3, H, W] -> descriptors [B, D] float32 (one forward at a time: thread-safe)."""
+        return self.embed_local(x, knobs, names, local=False)[0]
+
+    def embed_local(self, x: np.ndarray, knobs: dict | None = None, names: list[str] | None = None,
+                    local: bool = True) -> tuple[np.ndarray, list]:
+        """Prepared images [B, 3, H, W] -> (descriptors [B, D] float32; per image the query features this
+        localizer's verifier needs when the same forward gave them (``embed.embed_with_local``: a CNN's map, an
+        unpruned ViT's tokens), else None, and ``Verifier.rerank`` computes them itself). So a query verified on
+        the model's own features costs one forward, not two. Only when ``knobs`` change nothing of the index's:
+        the verifier reads every image at the index's knobs."""
+        knobs = {**self.knobs, **{k: v for k, v in (knobs or {}).items() if v is not None}}
+        own = local and self.verifier is not None and self.verifier.local is not None and knobs == self.knobs
         with self._lock:
             self.model.eval()
-            d = embed(self.model, x, {**self.knobs, **(knobs or {})})
+            d, feats = embed_with_local(self.model, x, knobs) if own else (embed(self.model, x, knobs), None)
         check_finite(d, names or [f"query {i}" for i in range(len(x))], self.model.name)
-        return d
+        if feats is None:
+            return d, [None] * len(x)
+        from .verify import patch_features
+
+        return d, [patch_features(t, feats[1]) for t in feats[0]]
 
     def localize(self, images: list[Image.Image], k: int = 5, knobs: dict | None = None,
                  prior: GeoPrior | None = None) -> list[list[Match]]:
         """RGB images -> per image its top-k matches (within the GNSS ``prior`` when given)."""
-        return [a.matches for a in self.answer(self.embed(images, knobs), k, prior, images)]
+        d, feats = self.embed_local(np.stack([self.prepare(im) for im in images]), knobs, _names(images))
+        return [a.matches for a in self.answer(d, k, prior, images, features=feats)]
 
     @property
     def calibration(self) -> Calibration | None:
@@ -172,13 +187,15 @@ class Localizer:
                         Neighbourhood.default(self.index.coordinates()))
 
     def answer(self, desc: np.ndarray, k: int = 5, prior: GeoPrior | None = None,
-               images: list[Image.Image] | None = None, hood: Neighbourhood | None = None) -> list[Answer]:
+               images: list[Image.Image] | None = None, hood: Neighbourhood | None = None,
+               features: list | None = None) -> list[Answer]:
         """Descriptors [Q, D] -> per query its top-k matches and a decision (see ``decision``): position
         estimate, margin score, calibrated confidence and known/unknown. Searches ``DECISION_DEPTH`` deep to find
         the best match outside the top-1's neighbourhood. With a verifier and the query ``images``, the top
         candidates are re-ranked by geometric verification first, and the decision is made on the new order
         (``decision.verification`` records the inliers). ``hood``: the neighbourhood of the margin (default: the
-        calibration's, else 25 m or +-2 ids)."""
+        calibration's, else 25 m or +-2 ids). ``features``: per query its local features from ``embed_local``
+        (None: the verifier computes them)."""
         ids = prior.ids(self.index.coordinates(), str(self.index.root)) if prior is not None else None
         if self.allowed is not None:
             ids = self.allowed if ids is None else np.intersect1d(ids, self.allowed)
@@ -192,7 +209,8 @@ class Localizer:
             for q, img in enumerate(images):
                 n = int(min(self.verifier.k, (found[q] >= 0).sum()))
                 rows = self.index.rows([int(i) for i in found[q, :n]])
-                order, checks[q] = self.verifier.rerank(img, scores[q, :n], [rows[int(i)][0] for i in found[q, :n]])
+                order, checks[q] = self.verifier.rerank(img, scores[q, :n], [rows[int(i)][0] for i in found[q, :n]],
+                                                        features[q] if features else None)
                 scores[q, :n], found[q, :n] = scores[q, :n][order], found[q, :n][order]
         top = self.index.matches(scores[:, :k], found[:, :k])
         coords, cal, hood = self.index.coordinates(), self.frame_calibration(), self.hood(hood)
@@ -292,10 +310,14 @@ class Localizer:
         tracks = Sequences(self, sequence, method, hood)
         t0 = time.perf_counter()  # ms per frame: reading/decoding it, embedding and searching
         for f in frames:
-            d = self.embed([f.image], knobs)
-            a = tracks.push(f, d[0], self.answer(d, k, prior, [f.image], hood)[0])
+            d, feats = self.embed_local(self.prepare(f.image)[None], knobs, [f.name])
+            a = tracks.push(f, d[0], self.answer(d, k, prior, [f.image], hood, feats)[0])
             yield f.name, a, (time.perf_counter() - t0) * 1000
             t0 = time.perf_counter()
+
+
+def _names(images: list[Image.Image]) -> list[str]:
+    return [getattr(im, "filename", "") or f"query {i}" for i, im in enumerate(images)]
 
 
 class Sequences:

@@ -201,11 +201,21 @@ class OnnxModel:
         """images [B, 3, H, W] float32 -> (the model's own local features [B, H'*W', C] float32, grid (H', W')):
         a CNN export's stride-16 map (output ``local_features``); None for an export without it (a ViT's, or one
         made before edgevpr exported it)."""
-        local = self.meta.get("local_features")
-        if local is None:
+        if self.meta.get("local_features") is None:
             return None
-        out = self.session.run(["local_features"], {"images": np.ascontiguousarray(x, np.float32)})[0]
-        grid = tuple(int(g) for g in local["grid"])
+        return self._local(self.session.run(["local_features"], {"images": np.ascontiguousarray(x, np.float32)})[0])
+
+    def run_with_local(self, x: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, tuple[int, int]] | None]:
+        """images [B, 3, H, W] float32 -> (descriptors [B, D], ``local_features`` or None) from one run of the
+        graph."""
+        if self.meta.get("local_features") is None:
+            return self.run(x), None
+        d, out = self.session.run(["descriptors", "local_features"], {"images": np.ascontiguousarray(x, np.float32)})
+        return d, self._local(out)
+
+    def _local(self, out: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """The ``local_features`` output [B, H'*W', C], checked against the grid the metadata records."""
+        grid = tuple(int(g) for g in self.meta["local_features"]["grid"])
         if out.ndim != 3 or out.shape[1] != grid[0] * grid[1]:
             raise ValueError(f"{self.path}: its local_features output {list(out.shape)} does not fit the grid "
                              f"{list(grid)} its metadata records (modified file): export it again")

@@ -139,7 +139,7 @@ class Pipeline:
                 if item is _END:
                     break
                 f, x, t_in = item
-                self._put(1, (f, self.loc.embed_arrays(x[None], self.knobs), t_in))
+                self._put(1, (f, *self.loc.embed_local(x[None], self.knobs, [f.name]), t_in))
         except BaseException as e:
             self._error = e
         finally:
@@ -163,8 +163,8 @@ class Pipeline:
                 item = self._q[1].get()
                 if item is _END:
                     break
-                f, d, t_in = item
-                a = tracks.push(f, d[0], self.loc.answer(d, self.k, self.prior, [f.image])[0])
+                f, d, feats, t_in = item
+                a = tracks.push(f, d[0], self.loc.answer(d, self.k, self.prior, [f.image], features=feats)[0])
                 self.stats.answered += 1
                 yield f.name, a, (time.perf_counter() - t_in) * 1000
             if self._error is not None:

@@ -40,7 +40,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .decision import GeoPrior
 from .inputs import Frame
-from .localize import Localizer
+from .localize import Answer, Localizer
 
 THUMB_PX = 320
 
@@ -234,7 +234,12 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
         with busy:
             img = decoded(image)
             t0 = time.perf_counter()
-            answer = run(lambda: localizer.answer(localizer.embed([img], knobs), k, prior, [img])[0])
+
+            def one() -> Answer:
+                d, feats = localizer.embed_local(localizer.prepare(img)[None], knobs, [image.filename or "image"])
+                return localizer.answer(d, k, prior, [img], features=feats)[0]
+
+            answer = run(one)
         return {"k": k, "knobs": {**localizer.knobs, **knobs}, "prior": prior and asdict(prior),
                 **answered(answer, image.filename, img.size, (time.perf_counter() - t0) * 1000)}
 

@@ -168,11 +168,13 @@ class Verifier:
             self._cache.popitem(last=False)
         return f
 
-    def rerank(self, query: Image.Image, scores: np.ndarray, paths: list[str]) -> tuple[np.ndarray, dict]:
+    def rerank(self, query: Image.Image, scores: np.ndarray, paths: list[str],
+               features: Features | None = None) -> tuple[np.ndarray, dict]:
         """The similarity-ranked candidates (scores [M], database paths [M]) -> (new order [M]: the first
-        min(k, M) re-ranked by fused score, the rest as they were; a record of what was done)."""
+        min(k, M) re-ranked by fused score, the rest as they were; a record of what was done). ``features``: the
+        query's, when its descriptor's pass already gave them (``Localizer.embed_local``); else computed here."""
         n = min(self.k, len(paths))
-        q = self.features_of(query)
+        q = self.features_of(query) if features is None else features
         if len(q.desc) < self.min_features:
             return np.arange(len(paths)), {"verified": False, "reason": f"the query has {len(q.desc)} local "
                                            f"features (< {self.min_features}): too small or plain to verify"}

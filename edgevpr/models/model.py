@@ -107,6 +107,20 @@ class VPRModel(nn.Module):
         with self.using(**knobs):
             return self.aggregator(self.forward_tokens(x))
 
+    def forward_with_local(self, x: torch.Tensor, **knobs) -> tuple[torch.Tensor, Tokens | None]:
+        """images [B, 3, H, W] -> (descriptors [B, D], as ``forward``; the model's own local features from the
+        same pass, or None when this pass has none): a CNN's stride-16 map (``CNNBackbone.forward_with_local``), a
+        ViT's patch tokens when ``knobs`` keep every patch (a pruned pass has no full grid; verification then needs
+        a pass of its own, ``deploy.embed.patch_tokens``). One forward for a verified query's descriptor and
+        features, and the two outputs of a CNN's ONNX export."""
+        with self.using(**knobs):
+            with_local = getattr(self.backbone, "forward_with_local", None)
+            if with_local is not None:
+                final, local = with_local(x)
+                return self.aggregator(final), local
+            t = self.forward_tokens(x)
+            return self.aggregator(t), (t if t.cls is not None and t.is_full_grid else None)
+
     def knob_names(self) -> list[str]:
         return sorted({k for m in self.modules() for k in getattr(m, "knobs", ())})
 
