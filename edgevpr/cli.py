@@ -156,8 +156,12 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _print_matches(matches: list) -> None:
-    print(f"  {'rank':>4}  {'score':>6}  {'place':>8}  {'lat, lon / east, north':>26}  path")
+def _print_matches(matches: list, check: dict | None = None) -> None:
+    """The top-k table; with a verification record (``check``) an inliers column (the order is the verified one,
+    so scores need not fall) and a line on what verification did."""
+    verified = bool(check and check.get("verified"))
+    print(f"  {'rank':>4}  {'score':>6}  " + ("inliers  " if verified else "") +
+          f"{'place':>8}  {'lat, lon / east, north':>26}  path")
     for m in matches:
         if m.lat is not None:
             where = f"{m.lat:.6f}, {m.lon:.6f}"
@@ -165,15 +169,22 @@ def _print_matches(matches: list) -> None:
             where = f"{m.east:.1f}, {m.north:.1f}"
         else:
             where = "-"
-        print(f"  {m.rank:>4}  {m.score:6.3f}  {m.place_id or '-':>8}  {where:>26}  {m.path}")
+        inl = (f"{m.inliers:>7}  " if m.inliers is not None else f"{'-':>7}  ") if verified else ""
+        print(f"  {m.rank:>4}  {m.score:6.3f}  {inl}{m.place_id or '-':>8}  {where:>26}  {m.path}")
+    if verified:
+        print(f"  verified on {check['features']} over {check['candidates']} candidates: top-1 "
+              f"{'moved' if check['moved'] else 'kept'} (order by similarity + inliers)")
+    elif check:
+        print(f"  not verified: {check['reason']}")
 
 
 def _print_answer(photo: str, answer, ms: float) -> None:
     """One answer for people: the headline first (the sequence answer when a sequence is on), then the single
     frame's matches and decision."""
     print(f"{photo}  ({ms:.0f} ms)")
+    check = answer.decision.get("verification")
     if answer.sequence is None:
-        _print_matches(answer.matches)
+        _print_matches(answer.matches, check)
         print(_decision_line(answer.decision))
         return
     sq, m = answer.sequence, answer.sequence["match"]
@@ -183,7 +194,7 @@ def _print_answer(photo: str, answer, ms: float) -> None:
                                                                           if m["place_id"] else ""))
     print(_decision_line(sq["decision"]))
     print("  single frame:")
-    _print_matches(answer.matches)
+    _print_matches(answer.matches, check)
     print(_decision_line(answer.decision, "single-frame decision"))
 
 
@@ -623,9 +634,9 @@ EXAMPLES = {
 
 def _verify_with_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify-with", choices=["auto", "sift", "tokens"], default="auto",
-                   help="--verify's local features: the torch model's own (tokens: a ViT's patch tokens, a CNN's "
-                        "stride-16 feature map), SIFT (sift), or tokens when the model has them, else SIFT (an ONNX "
-                        "model) (default auto)")
+                   help="--verify's local features: the model's own (tokens: a torch ViT's patch tokens, a CNN's "
+                        "stride-16 feature map, in torch or its ONNX export), SIFT (sift), or tokens when the model "
+                        "has them, else SIFT (a ViT's ONNX export, SeqSLAM pixels) (default auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -163,6 +163,10 @@ def test_web_page_in_chromium(server, width, height):
         assert page.evaluate("window.sawSpinner")
         cards = page.locator(".match")
         assert cards.count() == 5 and QUERY in cards.nth(0).inner_text()
+        assert "inliers" not in cards.nth(0).inner_text()  # this service does not verify
+        verified = page.evaluate("""() => matchCard({score: 0.5, inliers: 12, name: 'a.jpg', thumb: '', place_id: null,
+            lat: null, lon: null, east: null, north: null}, 'card-v', '#1', false).innerText""")
+        assert "0.500 · 12 inliers" in verified  # a verified match (``serve --verify``) shows its inliers
         page.wait_for_function("[...document.querySelectorAll('.match img')].every(i => i.complete && i.naturalWidth)")
         decision = page.inner_text("#decision")
         assert "Known place" in decision and "Estimated position" in decision

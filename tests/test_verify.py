@@ -54,6 +54,14 @@ def test_verification_moves_a_correct_match_to_rank_1_on_gardens_point(gp_index,
                  "-k", "1"]) == 0
     out = json.loads(capsys.readouterr().out)["results"][0]
     assert abs(int(out["matches"][0]["path"][-7:-4]) - 68) <= 2 and out["decision"]["verification"]["moved"]
+    # each verified match carries its inliers, and the table for people shows them and what verification did
+    assert [m.inliers for m in a.matches] == check["inliers"][:3]
+    assert out["matches"][0]["inliers"] == out["decision"]["verification"]["inliers"][0] == check["inliers"][0]
+    assert main(["localize", "--index", str(root), "--verify", "10", "--verify-with", "sift", str(photo), "-k",
+                 "3"]) == 0
+    text = capsys.readouterr().out
+    assert "  rank   score  inliers " in text and "verified on sift over 10 candidates: top-1 moved" in text
+    assert f"  {check['inliers'][0]:>7}  " in text.splitlines()[2], text
 
 
 def test_a_cnn_verifies_a_nordland_thumbnail_on_its_own_feature_map(tmp_path):

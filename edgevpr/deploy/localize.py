@@ -213,6 +213,9 @@ class Localizer:
                                                         features[q] if features else None)
                 scores[q, :n], found[q, :n] = scores[q, :n][order], found[q, :n][order]
         top = self.index.matches(scores[:, :k], found[:, :k])
+        for matches, check in zip(top, checks, strict=True):  # verified candidates come in verified order
+            for m, n in zip(matches, (check or {}).get("inliers", ()), strict=False):
+                m.inliers = int(n)
         coords, cal, hood = self.index.coordinates(), self.frame_calibration(), self.hood(hood)
         out = []
         for matches, sq, iq, check in zip(top, scores, found, checks, strict=True):

@@ -112,6 +112,7 @@ class Match:
     lon: float | None
     east: float | None
     north: float | None
+    inliers: int | None = None  # geometric verification's inliers with the query (verified candidates only)
 
 
 def read_rows(source: str | os.PathLike) -> list[Row]:
