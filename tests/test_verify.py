@@ -103,6 +103,29 @@ def test_frames_too_small_for_local_features_fall_back_cleanly():
     assert order.tolist() == [0, 1, 2] and info["verified"] is False and "local features" in info["reason"]
 
 
+def test_the_database_feature_cache_is_bounded_in_bytes_and_keeps_the_recently_used():
+    """Database features are kept for later queries within ``cache_mb`` (a CNN map's size here: room for five),
+    least recently used dropped first; a dropped image is computed again when it comes back."""
+    from edgevpr.deploy.verify import patch_features
+
+    paths = [str(p) for p in sorted((shared_data() / "gardens_point" / "day_right").glob("*.jpg"))[:6]]
+    computed = []
+
+    def cells(img):
+        computed.append(img.size)
+        return patch_features(np.ones((196, 112), np.float32), (14, 14))
+
+    v = Verifier.with_tokens(cells, k=5)
+    one = patch_features(np.ones((196, 112), np.float32), (14, 14)).nbytes
+    v.cache_mb = 5 * one / 2**20
+    for p in paths[:5] + paths[:1] + paths[5:]:  # the first image used again before the sixth arrives
+        v.db_features(p)
+    assert list(v._cache) == paths[2:5] + paths[:1] + paths[5:] and v._cached_bytes == 5 * one
+    assert len(computed) == 6
+    v.db_features(paths[1])  # dropped: computed again
+    assert len(computed) == 7 and paths[1] in v._cache and paths[2] not in v._cache
+
+
 def test_eval_verify_reports_the_verified_recall_beside_the_unverified(tmp_path, capsys):
     """`eval --verify 10` on Gardens Point night 60-79 (20 queries; night 68 is the known rescue above): the
     recall is the verified one, the unverified one stands beside it, and the table says so."""

@@ -56,10 +56,15 @@ def _cv2():
 
 @dataclass
 class Features:
-    """Keypoints [N, 2] (pixels of the resized image) and RootSIFT descriptors [N, 128] float32."""
+    """Keypoints [N, 2] (pixels of the resized image) and descriptors [N, C] float32 (RootSIFT: C = 128; a model's
+    own local features: their cells, ``patch_features``)."""
 
     xy: np.ndarray
     desc: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.xy.nbytes + self.desc.nbytes)
 
 
 def local_features(img: Image.Image, max_side: int = 640, features: int = 1000) -> Features:
@@ -120,7 +125,10 @@ class Verifier:
     max_side: int = 640
     features: int = 1000
     min_features: int = 50
-    cache_size: int = 4096
+    #: database features kept for later queries (least recently used dropped first), bounded in bytes because their
+    #: size differs 6x by kind: a CNN's 14x14x112 map is 89 KB (256 MB: ~2900 images), 1000 SIFT points 520 KB
+    #: (~500 images)
+    cache_mb: float = 256.0
     #: the local features of an image: None = SIFT; else e.g. a model's patch tokens (``patch_features``), matched
     #: with ``ratio`` and fitted at ``threshold_px`` in their own units, and called ``local_name`` in answers
     local: Callable[[Image.Image], Features] | None = None
@@ -128,6 +136,7 @@ class Verifier:
     ratio: float = RATIO
     threshold_px: float = 3.0
     _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _cached_bytes: int = field(default=0, repr=False)
 
     @classmethod
     def with_tokens(cls, tokens: Callable[[Image.Image], Features], k: int = TOKEN_K,
@@ -154,6 +163,8 @@ class Verifier:
     def __post_init__(self) -> None:
         if not 1 <= self.k <= 1000:
             raise ValueError(f"--verify {self.k}: must be between 1 and 1000 candidates")
+        if not self.cache_mb >= 0:
+            raise ValueError(f"verification cache {self.cache_mb} MB: must be >= 0")
         _cv2()
 
     def db_features(self, path: str) -> Features:
@@ -164,8 +175,9 @@ class Verifier:
 
         f = self.features_of(load_image(path))
         self._cache[path] = f
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        self._cached_bytes += f.nbytes
+        while self._cached_bytes > self.cache_mb * 2**20 and len(self._cache) > 1:
+            self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
         return f
 
     def rerank(self, query: Image.Image, scores: np.ndarray, paths: list[str],
