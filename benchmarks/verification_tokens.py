@@ -11,8 +11,8 @@ at the cell centres (``deploy.verify.patch_features``), mutual nearest neighbour
 test), and a MAGSAC++ fundamental matrix (0.5 cell); SIFT as in ``benchmarks/verification.py``. Candidates
 re-ranked by similarity + w log(1 + inliers) over the top K. Costs: matching + MAGSAC per query for K = 25 with
 every image's features at hand (SIFT: the query's SIFT too), and apart the forward pass for the local features per
-image (a deployment could take the query's from the pass that makes its descriptor; SIFT's database features are
-likewise one-time).
+image (a deployment takes the query's from the pass that makes its descriptor, ``Localizer.embed_local``; SIFT's
+database features are likewise one-time).
 
 Places held out from the model's training (the hybrid ViT: Gardens Point 0-59, Nordland 0-1499; the ImageNet CNN:
 all): K, w and the ratio are chosen on the mean R@1 of two validation sets, one of each map kind (Nordland winter
