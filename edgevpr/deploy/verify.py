@@ -7,8 +7,8 @@ match must be each descriptor's nearest in both directions) passing Lowe's ratio
 and a fundamental matrix fitted by OpenCV's USAC MAGSAC++ (any rigid scene seen from two viewpoints; a homography
 would assume a plane). Its inliers are the evidence. A model's own local features can stand in for SIFT
 (``patch_features``: a ViT's patch tokens or a CNN's stride-16 feature map, torch or a CNN's ONNX export; mutual
-check alone, fitted at 0.5 cell): they verify where SIFT finds nothing (64x32 frames) and cost a fifth to a
-quarter of its matching (``verifier_for``, ``--verify-with``).
+check alone, fitted at 0.5 cell): they verify where SIFT finds nothing (64x32 frames) and cost about half
+of its matching, MAGSAC++ included (``verifier_for``, ``--verify-with``).
 
 Re-ranking: the top-K candidates are reordered by ``similarity + weight * log(1 + inliers)`` (a fusion: similarity
 still breaks ties between candidates with few inliers, and a handful of chance inliers cannot overturn a clear
