@@ -181,7 +181,7 @@ def _print_matches(matches: list, check: dict | None = None) -> None:
 def _print_answer(photo: str, answer, ms: float) -> None:
     """One answer for people: the headline first (the sequence answer when a sequence is on), then the single
     frame's matches and decision."""
-    print(f"{photo}  ({ms:.0f} ms)")
+    print(f"{photo}  ({ms:.0f} ms read to answer)")
     check = answer.decision.get("verification")
     if answer.sequence is None:
         _print_matches(answer.matches, check)
