@@ -133,8 +133,14 @@ class Localizer:
     def localize(self, images: list[Image.Image], k: int = 5, knobs: dict | None = None,
                  prior: GeoPrior | None = None) -> list[list[Match]]:
         """RGB images -> per image its top-k matches (within the GNSS ``prior`` when given)."""
-        d, feats = self.embed_local(np.stack([self.prepare(im) for im in images]), knobs, _names(images))
-        return [a.matches for a in self.answer(d, k, prior, images, features=feats)]
+        return [a.matches for a in self.answer_images(images, k, knobs, prior)]
+
+    def answer_images(self, images: list[Image.Image], k: int = 5, knobs: dict | None = None,
+                      prior: GeoPrior | None = None, names: list[str] | None = None) -> list[Answer]:
+        """RGB images -> per image its ``answer`` (verified when on, the query's own features from its
+        descriptor's forward: ``embed_local``). ``names``: the images' in errors (default: their file names)."""
+        d, feats = self.embed_local(np.stack([self.prepare(im) for im in images]), knobs, names or _names(images))
+        return self.answer(d, k, prior, images, features=feats)
 
     @property
     def calibration(self) -> Calibration | None:

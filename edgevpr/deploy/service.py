@@ -40,7 +40,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .decision import GeoPrior
 from .inputs import Frame
-from .localize import Answer, Localizer
+from .localize import Localizer
 
 THUMB_PX = 320
 
@@ -234,12 +234,7 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
         with busy:
             img = decoded(image)
             t0 = time.perf_counter()
-
-            def one() -> Answer:
-                d, feats = localizer.embed_local(localizer.prepare(img)[None], knobs, [image.filename or "image"])
-                return localizer.answer(d, k, prior, [img], features=feats)[0]
-
-            answer = run(one)
+            answer = run(lambda: localizer.answer_images([img], k, knobs, prior, [image.filename or "image"])[0])
         return {"k": k, "knobs": {**localizer.knobs, **knobs}, "prior": prior and asdict(prior),
                 **answered(answer, image.filename, img.size, (time.perf_counter() - t0) * 1000)}
 
