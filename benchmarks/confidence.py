@@ -1,15 +1,20 @@
 """How well each confidence estimator tells right from wrong answers, in the form of Zaffar et al. (CVPR 2024).
 
     python benchmarks/confidence.py [--model effnet-lite0-gem] [--precision 0.9] [--sequence 10]
-                                    [--maps gardens_point nordland] [--name confidence]
+                                    [--maps gardens_point nordland] [--nordland-places 0 2500] [--name confidence]
 
-Two maps, each calibrated on validation queries and judged on held-out ones (no place or photo in both):
+Two maps; every place's queries are held out once (cross-validation by stretches of the route): each fold's test
+answers get the probability of a calibration fitted on the other folds' places alone, and the figures pool the
+test answers of all folds, with each fold's own ECE and unknown rejection in a table of their own.
 
-* Gardens Point: database day_right 0-99; calibration night_right and day_left 0-49 pooled, plus 200 Nordland
-  summer frames (0-1990, every 10th) as photos of places the map does not hold; test night_right and day_left 50-99
-  plus 200 other Nordland frames (5-1995, every 10th).
-* Nordland: database summer 1500-2499 (dark frames dropped); calibration winter 1500-1999 plus Gardens Point
-  night_right and day_left 0-49 as unknown places; test winter 2000-2499 plus Gardens Point 50-99.
+* Gardens Point: database day_right 0-99; two folds, places 0-49 and 50-99: night_right and day_left of the
+  held-out half plus 200 Nordland summer frames as photos of places the map does not hold (5-1995 every 10th with
+  places 50-99, 0-1990 with 0-49) are the test answers, the other half's the calibration.
+* Nordland: database the summer route, places 0-2499 (dark frames dropped; ``--nordland-places`` for a model
+  trained on part of it); five folds of 500 places, each one capture sequence of winter queries, plus Gardens Point
+  night_right and day_left in five blocks of 20 frames as unknown places (block k held out with stretch k). Every
+  place once held out: 2500 places, where one stretch of 500 moved the sequence ECE by up to 0.07 (the stretches'
+  share of right sequence answers runs from 0.16 to 0.45).
 
 Per estimator: AUC-PR (average precision) of "the answer is right" on the test answers, unknown-place answers
 counting as wrong, on each test set (with the unknown-place answers) and on all of them pooled. Estimators: top-1
@@ -17,8 +22,8 @@ cosine, the margin over the best other place, SUE (the spatial spread of the top
 ids here, as these maps carry no coordinates), SD (the top-1 z-scored within its top-100), and the fused,
 calibrated probability (``edgevpr.deploy.decision.calibrate``). For the fused one also: held-out ECE (10 bins,
 with a 90% interval from a block bootstrap over stretches of 50 answers) and Brier, the precision of its "known"
-answers at the target precision (the threshold also rejects 0.95 of the calibration's unknown-place answers,
-``decision.REJECT_UNKNOWN``), and the fraction of unknown-place queries rejected.
+answers at the target precision (the threshold also rejects 0.95 of the calibration's unknown-place answers at 90%
+confidence, ``decision.REJECT_UNKNOWN``), and the fraction of unknown-place queries rejected.
 
 With sequences (``--sequence L``, default 10): each query set (and each unknown-place set) is streamed as one
 capture sequence, as ``localize --sequence`` does (row z-scores, SeqSLAM trajectories over the last L frames);
@@ -65,6 +70,7 @@ from edgevpr.utils import default_cache_dir, write_json, write_text
 
 ESTIMATORS = {"top-1 cosine": "top1", "margin": "margin", "SUE (spread)": "log_spread", "SD (z-score)": "top1_z"}
 BLOCK = 50  # answers per stretch of the ECE's block bootstrap
+NORDLAND_FOLD = 500  # places per held-out stretch of the Nordland route
 VERIFIED_ESTIMATORS = {**ESTIMATORS, "inliers": "log_inliers"}
 SEQ_ESTIMATORS = {"top-1 trajectory": "top1", "margin": "margin", "SUE (spread)": "log_spread",
                   "SD (z-score)": "top1_z", "agreement": "agree", "steadiness": "steady"}
@@ -140,27 +146,54 @@ def ece_interval(p: np.ndarray, right: np.ndarray, block: np.ndarray, draws: int
     return [float(v) for v in np.percentile(eces, [5, 95])]
 
 
-def evaluate(name: str, model, db_paths, cal_sets, test_sets, hood: Neighbourhood, target: float,
+_ANSWERS: dict = {}  # (set label, first path, length, sequence length, verified) -> answers(): once per run
+
+
+def set_answers(model, db_paths, qset, hood: Neighbourhood, length: int, verifier) -> tuple:
+    """One capture sequence (label, query paths, positives) -> ``answers`` of it, computed once per run (a set is
+    calibration in some folds and test in one)."""
+    label, paths, pos = qset
+    key = (label, str(paths[0]), len(paths), str(db_paths[0]), len(db_paths), length, verifier is not None)
+    if key not in _ANSWERS:
+        _ANSWERS[key] = answers(descriptors(model, paths), descriptors(model, db_paths), pos, hood, length,
+                                (verifier, paths, db_paths) if verifier else None)
+    return _ANSWERS[key]
+
+
+def evaluate(name: str, model, db_paths, folds: list, hood: Neighbourhood, target: float,
              length: int = 0, verifier=None) -> dict:
-    """cal_sets / test_sets: lists of (label, query paths, positives per query; [] = unknown place), each one
-    capture sequence. ``verifier``: single-frame answers verified (``answers``)."""
-    db = descriptors(model, db_paths)
+    """folds: list of (held-out label, calibration sets, test sets), every place a test query in exactly one fold;
+    a set is (label, query paths, positives per query; [] = unknown place), one capture sequence. Each fold's test
+    answers get the probability of a calibration fitted on that fold's calibration sets alone; the figures are over
+    all folds' test answers pooled, plus the ECE of each fold. ``verifier``: answers verified (``answers``)."""
     names, estimators = (SEQUENCE_FEATURES, SEQ_ESTIMATORS) if length else \
         (VERIFIED_FEATURES, VERIFIED_ESTIMATORS) if verifier else (FEATURES, ESTIMATORS)
 
-    def pooled(sets):
-        parts = [answers(descriptors(model, paths), db, pos, hood, length,
-                         (verifier, paths, db_paths) if verifier else None) for _, paths, pos in sets]
+    def pooled(sets, offset=0):
+        parts = [set_answers(model, db_paths, s, hood, length, verifier) for s in sets]
         unknown = np.concatenate([np.full(len(p[1]), len(pos) > 0 and not any(pos)) for p, (_, _, pos)
                                   in zip(parts, sets, strict=True)])
         label = np.concatenate([np.full(len(p[1]), lab) for p, (lab, _, _) in zip(parts, sets, strict=True)])
-        block = np.concatenate([k * 10_000 + np.arange(len(p[1])) // BLOCK for k, p in enumerate(parts)])
+        block = np.concatenate([offset + k * 10_000 + np.arange(len(p[1])) // BLOCK for k, p in enumerate(parts)])
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), unknown, label, block
 
-    xc, yc, uc, _, _ = pooled(cal_sets)
-    xt, yt, ut, lt, bt = pooled(test_sets)
-    cal = calibrate(xc, yc, target, hood, unknown=uc, names=names, refuse=False)
-    p = np.array([cal.probability(dict(zip(names, row, strict=True))) for row in xt])
+    xt, yt, ut, lt, bt, p, known, per_fold, cals = [], [], [], [], [], [], [], [], []
+    for f, (held, cal_sets, test_sets) in enumerate(folds):
+        xc, yc, uc, _, _ = pooled(cal_sets)
+        x, y, u, lab, blk = pooled(test_sets, offset=f * 1_000_000)
+        cal = calibrate(xc, yc, target, hood, unknown=uc, names=names, refuse=False)
+        pf = np.array([cal.probability(dict(zip(names, r, strict=True))) for r in x])
+        for acc, v in zip((xt, yt, ut, lt, bt, p, known), (x, y, u, lab, blk, pf, pf >= cal.threshold), strict=True):
+            acc.append(v)
+        cals.append(cal)
+        per_fold.append({"held_out": held, "calibration_answers": int(len(yc)), "calibration_right": int(yc.sum()),
+                         "test_answers": int(len(y)), "test_right": int(y.sum()), "test_unknown": int(u.sum()),
+                         "mean_probability": float(pf.mean()), "ece": expected_calibration_error(pf, y)[0],
+                         "unknown_rejected": float((pf[u] < cal.threshold).mean()) if u.any() else None,
+                         "calibration_unknown_rejected": cal.unknown_rejected,
+                         "threshold": cal.threshold if np.isfinite(cal.threshold) else None,
+                         "calibration_best_precision": cal.precision, "calibration_ece": cal.ece})
+    xt, yt, ut, lt, bt, p, known = (np.concatenate(v) for v in (xt, yt, ut, lt, bt, p, known))
 
     def auc(sel) -> dict:
         out = {}
@@ -170,28 +203,27 @@ def evaluate(name: str, model, db_paths, cal_sets, test_sets, hood: Neighbourhoo
         out["fused (calibrated)"] = float(average_precision_score(yt[sel], p[sel]))
         return out
 
-    known_sets = [lab for lab, _, pos in test_sets if any(pos)]
-    row = {"sequence_length": length, "calibration_answers": int(len(yc)), "calibration_right": int(yc.sum()),
+    known_sets = sorted({lab for _, _, sets in folds for lab, _, pos in sets if any(pos)})
+    reached = [bool(np.isfinite(c.threshold)) for c in cals]
+    row = {"sequence_length": length, "folds": per_fold,
            "test_answers": int(len(yt)), "test_right": int(yt.sum()), "test_unknown": int(ut.sum()),
            "auc_pr": auc(np.ones(len(yt), bool)),
-           "auc_pr_by_set": {lab: auc((lt == lab) | ut) for lab in known_sets} if len(known_sets) > 1 else {}}
-    known = p >= cal.threshold
-    row.update({"ece": expected_calibration_error(p, yt)[0], "ece_ci90": ece_interval(p, yt, bt),
-                "brier": float(np.mean((p - yt) ** 2)),
-                "threshold": cal.threshold if np.isfinite(cal.threshold) else None,
-                "target_reached_on_calibration": bool(np.isfinite(cal.threshold)),
-                "calibration_best_precision": cal.precision,
-                "calibration_unknown_rejected": cal.unknown_rejected,
-                "known_precision": float(yt[known].mean()) if known.any() else None,
-                "known_share_of_known_places": float(known[~ut].mean()),
-                "unknown_rejected": float((~known[ut]).mean()), "calibration_ece": cal.ece})
+           "auc_pr_by_set": {lab: auc((lt == lab) | ut) for lab in known_sets} if len(known_sets) > 1 else {},
+           "ece": expected_calibration_error(p, yt)[0], "ece_ci90": ece_interval(p, yt, bt),
+           "brier": float(np.mean((p - yt) ** 2)),
+           "folds_target_reached": int(sum(reached)),
+           "calibration_best_precision": max(c.precision for c in cals),
+           "known_precision": float(yt[known].mean()) if known.any() else None,
+           "known_share_of_known_places": float(known[~ut].mean()),
+           "unknown_rejected": float((~known[ut]).mean())}
     print(name, f"L={length}", row, flush=True)
     return row
 
 
 def table(res: dict, length: int) -> list[str]:
-    """The markdown rows of one mode (single frames: length 0, or sequences of ``length``)."""
-    rows = []
+    """The markdown rows of one mode (single frames: length 0, or sequences of ``length``), then each fold's."""
+    rows, folds = [], ["", "| map: held out | answers (right / unknown) | mean confidence | share right | ECE | "
+                       "unknown rejected (calibration) |", "|---|---|---:|---:|---:|---:|"]
     for name, r in res["maps"].items():
         r = r[f"L={length}"]
         est = list(r["auc_pr"])
@@ -200,10 +232,14 @@ def table(res: dict, length: int) -> list[str]:
                     " | ECE (90% interval) | Brier | known precision | unknown rejected | "
                     "known places answered 'known' |",
                     "|---|---|" + "---:|" * (len(est) + 5)]
+        n = len(r["folds"])
         kp = "-" if r["known_precision"] is None else f"{r['known_precision']:.3f}"
-        if not r["target_reached_on_calibration"]:
+        if not r["folds_target_reached"]:
             kp = f"refused (calibration reaches at most {r['calibration_best_precision']:.3f}: nothing 'known')"
-        rows.append(f"| **{name}** (all) | {r['test_answers']} ({r['test_right']} / {r['test_unknown']}) | " +
+        elif r["folds_target_reached"] < n:
+            kp += f" ({n - r['folds_target_reached']} of {n} folds refused)"
+        rows.append(f"| **{name}** (all, {n} folds) | {r['test_answers']} ({r['test_right']} / "
+                    f"{r['test_unknown']}) | " +
                     " | ".join(f"{r['auc_pr'][e]:.3f}" for e in est) +
                     f" | {r['ece']:.3f} ({r['ece_ci90'][0]:.3f}-{r['ece_ci90'][1]:.3f}) | {r['brier']:.3f} | {kp} | "
                     f"{r['unknown_rejected']:.3f} | "
@@ -211,7 +247,11 @@ def table(res: dict, length: int) -> list[str]:
         for lab, a in r["auc_pr_by_set"].items():
             rows.append(f"| {name}: {lab} + unknown | | " + " | ".join(f"{a[e]:.3f}" for e in est) +
                         " | | | | | |")
-    return rows
+        folds += [f"| {name}: {f['held_out']} | {f['test_answers']} ({f['test_right']} / {f['test_unknown']}) | "
+                  f"{f['mean_probability']:.3f} | {f['test_right'] / f['test_answers']:.3f} | {f['ece']:.3f} | "
+                  f"{f['unknown_rejected']:.3f} ({f['calibration_unknown_rejected']:.3f}) |"
+                  for f in r["folds"]]
+    return rows + folds
 
 
 def main() -> None:
@@ -221,11 +261,18 @@ def main() -> None:
     ap.add_argument("--sequence", type=int, default=10, help="sequence length L of the sequence rows (default 10)")
     ap.add_argument("--maps", nargs="+", choices=["gardens_point", "nordland"], default=["gardens_point", "nordland"],
                     help="maps to evaluate (default both)")
+    ap.add_argument("--nordland-places", nargs=2, type=int, default=[0, 2500], metavar=("FROM", "TO"),
+                    help="the Nordland map's places (database and held-out queries), in folds of "
+                         f"{NORDLAND_FOLD}; a model trained on Nordland 0-1499 takes 1500 2500 (default 0 2500)")
     ap.add_argument("--name", default="confidence", help="results file stem in benchmarks/results (default confidence)")
     ap.add_argument("--verify", type=int, default=0, metavar="K",
                     help="each frame's answer verified over its top K on the model's own local features "
                          "(--verify-with auto), the inliers one more estimator of single frames (default 0: off)")
     args = ap.parse_args()
+    lo, hi = args.nordland_places
+    if lo < 0 or hi > 2500 or (hi - lo) % NORDLAND_FOLD or hi - lo < 2 * NORDLAND_FOLD:
+        ap.error(f"--nordland-places {lo} {hi}: need 0 <= FROM < TO <= 2500 spanning at least two folds of "
+                 f"{NORDLAND_FOLD} places")
     data = data_root()
     gp, nl = data / "gardens_point", data / "nordland_64x32"
     model = load_model(args.model).eval()
@@ -233,36 +280,47 @@ def main() -> None:
 
     def gp_queries(folder, a, b):  # against the whole day_right database: +-2 frames
         ds = open_dataset(gp / "day_right", gp / folder, aligned_tolerance=2)
-        return folder, [ds.q_paths[i] for i in range(a, b)], [ds.positives[i].tolist() for i in range(a, b)]
+        return f"{folder}", [ds.q_paths[i] for i in range(a, b)], [ds.positives[i].tolist() for i in range(a, b)]
 
     def unknown(label, paths):
         return label, list(paths), [[] for _ in paths]
 
+    def two_halves(sets_a, sets_b):  # Gardens Point: places 0-49 and 50-99, each held out once
+        return [("places 50-99", sets_a, sets_b), ("places 0-49", sets_b, sets_a)]
+
     nl_summer = sorted((nl / "summer").glob("*.png"))
-    val = open_dataset(nl / "summer", nl / "winter", aligned_tolerance=1, frames=(1500, 2500), drop_dark=10)
-    cut = int(np.searchsorted([int(p.stem.split("-")[1]) for p in val.q_paths], 20000))  # winter 2000- (test)
-    nl_q = [("winter", val.q_paths[:cut], [p.tolist() for p in val.positives[:cut]]),
-            ("winter", val.q_paths[cut:], [p.tolist() for p in val.positives[cut:]])]
+    route = open_dataset(nl / "summer", nl / "winter", aligned_tolerance=1, frames=(lo, hi), drop_dark=10)
+    place = np.array([int(p.stem.split("-")[1]) // 10 for p in route.q_paths])
+    stretches = [("winter", [route.q_paths[i] for i in idx], [route.positives[i].tolist() for i in idx])
+                 for a in range(lo, hi, NORDLAND_FOLD)
+                 for idx in [np.flatnonzero((place >= a) & (place < a + NORDLAND_FOLD))]]
     gp_night = sorted((gp / "night_right").glob("*.jpg"))
     gp_left = sorted((gp / "day_left").glob("*.jpg"))
-    res: dict = {"model": model.name, "target_precision": args.precision, "maps": {m: {} for m in args.maps}}
+    n_folds = len(stretches)
+    step = len(gp_night) // n_folds
+    unknown_blocks = [[unknown("gp night", gp_night[k * step:(k + 1) * step]),
+                       unknown("gp day_left", gp_left[k * step:(k + 1) * step])] for k in range(n_folds)]
+    nl_folds = [(f"winter {lo + k * NORDLAND_FOLD}-{lo + (k + 1) * NORDLAND_FOLD - 1}",
+                 [s for j, s in enumerate(stretches) if j != k] +
+                 [u for j, b in enumerate(unknown_blocks) if j != k for u in b],
+                 [stretches[k], *unknown_blocks[k]]) for k in range(n_folds)]
+    res: dict = {"model": model.name, "target_precision": args.precision, "nordland_places": [lo, hi],
+                 "maps": {m: {} for m in args.maps}}
     if verifier:
         res["verified"] = {"k": verifier.k, "features": verifier.kind, "method": verifier.method}
     for length in (0, args.sequence):
         if "gardens_point" in args.maps:
             res["maps"]["gardens_point"][f"L={length}"] = evaluate(
                 "gardens_point", model, sorted((gp / "day_right").glob("*.jpg")),
-                [gp_queries("night_right", 0, 50), gp_queries("day_left", 0, 50),
-                 unknown("nordland", nl_summer[0:2000:10])],
-                [gp_queries("night_right", 50, 100), gp_queries("day_left", 50, 100),
-                 unknown("nordland", nl_summer[5:2000:10])],
+                two_halves([gp_queries("night_right", 0, 50), gp_queries("day_left", 0, 50),
+                            unknown("nordland", nl_summer[0:2000:10])],
+                           [gp_queries("night_right", 50, 100), gp_queries("day_left", 50, 100),
+                            unknown("nordland", nl_summer[5:2000:10])]),
                 Neighbourhood(radius_m=None, frames=2), args.precision, length, verifier)
         if "nordland" in args.maps:
             res["maps"]["nordland"][f"L={length}"] = evaluate(
-                "nordland", model, val.db_paths,
-                [nl_q[0], unknown("gp night", gp_night[:50]), unknown("gp day_left", gp_left[:50])],
-                [nl_q[1], unknown("gp night", gp_night[50:]), unknown("gp day_left", gp_left[50:])],
-                Neighbourhood(radius_m=None, frames=1), args.precision, length, verifier)
+                "nordland", model, route.db_paths, nl_folds, Neighbourhood(radius_m=None, frames=1),
+                args.precision, length, verifier)
     results = ROOT / "benchmarks" / "results"
     write_json(results / f"{args.name}.json", res)
     command = " ".join(["python benchmarks/confidence.py", *sys.argv[1:]])
@@ -270,8 +328,10 @@ def main() -> None:
     lines = [f"# Confidence estimators on held-out answers (`{command}`, {res['model']})", "",
              "AUC-PR of 'the answer is right' (unknown-place answers count as wrong), on each map's test answers "
              "pooled and per test set (with the unknown-place answers); the fused estimator is the calibrated "
-             f"probability, fitted on the calibration split; target precision {args.precision}. No Corridor data "
-             "here.", "", f"## Single frames{verified}", "", *table(res, 0), "",
+             "probability. Every place is held out once: each fold's test answers get the probability of a "
+             "calibration fitted on the other folds' places alone, and the figures pool all folds' test answers "
+             f"(each fold's own ECE below each table); target precision {args.precision}. No Corridor data here.", "",
+             f"## Single frames{verified}", "", *table(res, 0), "",
              f"## Sequences of {args.sequence} frames (answers past the warm-up){verified}", "",
              *table(res, args.sequence)]
     write_text(results / f"{args.name}.md", "\n".join(lines) + "\n")

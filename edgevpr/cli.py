@@ -415,7 +415,7 @@ def cmd_localize(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .deploy.decision import Neighbourhood
+    from .deploy.decision import REJECT_CONFIDENCE, Neighbourhood
     from .deploy.inputs import Stream
     from .deploy.localize import Localizer
 
@@ -442,7 +442,10 @@ def cmd_calibrate(args) -> int:
         if c is not None:
             rejected = "" if c.unknown_queries == 0 else \
                 f", {c.unknown_rejected:.3f} of {c.unknown_queries} unknown-place answers rejected " \
-                f"(target {c.reject_unknown})"
+                f"(target {c.reject_unknown}, lower bound at {REJECT_CONFIDENCE:.0%} confidence " \
+                f"{c.unknown_rejected_bound:.3f}" + ("; too few photos to promise the target, so all are rejected: "
+                                                     "add --unknown photos" if c.unknown_rejected_bound <
+                                                     c.reject_unknown else "") + ")"
             print(f"  {what}: {c.queries} answers, known when P(right) >= {c.threshold:.4g}, precision "
                   f"{c.precision:.3f} (target {c.target_precision}) at recall {c.recall:.3f}{rejected}; "
                   f"ECE {c.ece:.3f}, Brier {c.brier:.3f} (on these answers)")
@@ -893,8 +896,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="photos of places the map does not hold (a folder, list or video; repeat): every answer "
                          "to them counts as wrong (default: none)")
     ca.add_argument("--reject-unknown", type=_real(0, 1), default=0.95, metavar="SHARE",  # decision.REJECT_UNKNOWN
-                    help="'known' must also reject at least this share of the --unknown answers (default 0.95; "
-                         "0: the target precision alone)")
+                    help="'known' must also reject at least this share of the --unknown answers, at 90%% "
+                         "confidence (its Clopper-Pearson lower bound; below about 45 photos at 0.95 that means all "
+                         "of them) (default 0.95; 0: the target precision alone)")
     ca.add_argument("--sequence", type=_bounded(0, 1000), default=0, metavar="L",
                     help="also calibrate sequence answers over L frames (each query set is one capture sequence; "
                          "frames before the L-th are warm-up and not used) (default 0: single frames only)")
