@@ -169,6 +169,11 @@ def evaluate(name: str, model, db_paths, folds: list, hood: Neighbourhood, targe
     names, estimators = (SEQUENCE_FEATURES, SEQ_ESTIMATORS) if length else \
         (VERIFIED_FEATURES, VERIFIED_ESTIMATORS) if verifier else (FEATURES, ESTIMATORS)
 
+    def auc_pr(x, y, p) -> dict:  # per estimator (a wider spread: less sure) and the fused probability
+        out = {lab: float(average_precision_score(y, x[:, names.index(feat)] * (-1 if feat == "log_spread" else 1)))
+               for lab, feat in estimators.items()}
+        return out | {"fused (calibrated)": float(average_precision_score(y, p))}
+
     def pooled(sets, offset=0):
         parts = [set_answers(model, db_paths, s, hood, length, verifier) for s in sets]
         unknown = np.concatenate([np.full(len(p[1]), len(pos) > 0 and not any(pos)) for p, (_, _, pos)
@@ -186,29 +191,23 @@ def evaluate(name: str, model, db_paths, folds: list, hood: Neighbourhood, targe
         for acc, v in zip((xt, yt, ut, lt, bt, p, known), (x, y, u, lab, blk, pf, pf >= cal.threshold), strict=True):
             acc.append(v)
         cals.append(cal)
+        fold_auc = auc_pr(x, y, pf)
         per_fold.append({"held_out": held, "calibration_answers": int(len(yc)), "calibration_right": int(yc.sum()),
                          "test_answers": int(len(y)), "test_right": int(y.sum()), "test_unknown": int(u.sum()),
                          "mean_probability": float(pf.mean()), "ece": expected_calibration_error(pf, y)[0],
                          "unknown_rejected": float((pf[u] < cal.threshold).mean()) if u.any() else None,
                          "calibration_unknown_rejected": cal.unknown_rejected,
-                         "threshold": cal.threshold if np.isfinite(cal.threshold) else None,
+                         "threshold": cal.threshold if np.isfinite(cal.threshold) else None, "auc_pr": fold_auc,
                          "calibration_best_precision": cal.precision, "calibration_ece": cal.ece})
     xt, yt, ut, lt, bt, p, known = (np.concatenate(v) for v in (xt, yt, ut, lt, bt, p, known))
-
-    def auc(sel) -> dict:
-        out = {}
-        for label, feat in estimators.items():
-            score = xt[sel, names.index(feat)] * (-1 if feat == "log_spread" else 1)
-            out[label] = float(average_precision_score(yt[sel], score))
-        out["fused (calibrated)"] = float(average_precision_score(yt[sel], p[sel]))
-        return out
 
     known_sets = sorted({lab for _, _, sets in folds for lab, _, pos in sets if any(pos)})
     reached = [bool(np.isfinite(c.threshold)) for c in cals]
     row = {"sequence_length": length, "folds": per_fold,
            "test_answers": int(len(yt)), "test_right": int(yt.sum()), "test_unknown": int(ut.sum()),
-           "auc_pr": auc(np.ones(len(yt), bool)),
-           "auc_pr_by_set": {lab: auc((lt == lab) | ut) for lab in known_sets} if len(known_sets) > 1 else {},
+           "auc_pr": auc_pr(xt, yt, p),
+           "auc_pr_by_set": {lab: auc_pr(xt[sel], yt[sel], p[sel]) for lab in known_sets
+                             for sel in [(lt == lab) | ut]} if len(known_sets) > 1 else {},
            "ece": expected_calibration_error(p, yt)[0], "ece_ci90": ece_interval(p, yt, bt),
            "brier": float(np.mean((p - yt) ** 2)),
            "folds_target_reached": int(sum(reached)),
