@@ -71,7 +71,7 @@ from edgevpr.utils import default_cache_dir, write_json, write_text
 ESTIMATORS = {"top-1 cosine": "top1", "margin": "margin", "SUE (spread)": "log_spread", "SD (z-score)": "top1_z"}
 BLOCK = 50  # answers per stretch of the ECE's block bootstrap
 NORDLAND_FOLD = 500  # places per held-out stretch of the Nordland route
-VERIFIED_ESTIMATORS = {**ESTIMATORS, "inliers": "log_inliers"}
+VERIFIED_ESTIMATORS = {**ESTIMATORS, "inliers": "log_inliers", "inlier margin": "inlier_margin"}
 SEQ_ESTIMATORS = {"top-1 trajectory": "top1", "margin": "margin", "SUE (spread)": "log_spread",
                   "SD (z-score)": "top1_z", "agreement": "agree", "steadiness": "steady"}
 
@@ -115,7 +115,7 @@ def answers(q: np.ndarray, db: np.ndarray, positives: list, hood: Neighbourhood,
         if not length:
             ev = evidence(sc, top, coords, hood)
             if verify:
-                ev["log_inliers"] = verified_evidence(check)
+                ev |= verified_evidence(check, top, coords, hood)
             feats.append([ev[f] for f in (VERIFIED_FEATURES if verify else FEATURES)])
             right.append(int(top[0]) in set(positives[i]))
             continue

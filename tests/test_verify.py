@@ -226,10 +226,33 @@ def test_a_vit_verifies_with_its_own_patch_tokens(gp_index, tmp_path):
         assert build_parser().parse_args([*argv, "--verify-with", "sift"]).verify_with == "sift"
 
 
+def test_the_inlier_margin_marks_a_look_alike_with_many_inliers():
+    """``verified_evidence``: the top-1's log inliers minus the best candidate's outside its neighbourhood. The
+    measured near miss (Gardens Point day_left 37: top-1 33 with 72 inliers, the true place 37 with 75) gets a
+    negative margin for all its inliers; a top-1 whose rivals lie in its own neighbourhood is measured against the
+    best one outside; unverified answers have no geometric evidence (0, 0). Break: neighbours not excluded, or the
+    top-1's own count as the rival -> red."""
+    from edgevpr.deploy.decision import Coordinates, Neighbourhood, verified_evidence
+
+    nan = np.full(100, np.nan)
+    coords, hood = Coordinates(nan, nan, nan, nan), Neighbourhood(radius_m=None, frames=2)
+    near_miss = verified_evidence({"verified": True, "inliers": [72, 75, 65]}, np.array([33, 37, 34]), coords, hood)
+    assert near_miss["log_inliers"] == pytest.approx(np.log(73))
+    assert near_miss["inlier_margin"] == pytest.approx(np.log(73) - np.log(76))
+    right = verified_evidence({"verified": True, "inliers": [72, 70, 10, 12]}, np.array([33, 34, 80, 5]), coords,
+                              hood)
+    assert right["inlier_margin"] == pytest.approx(np.log(73) - np.log(13))  # 34 is a neighbour, not a rival
+    alone = verified_evidence({"verified": True, "inliers": [40, 30]}, np.array([10, 11]), coords, hood)
+    assert alone["inlier_margin"] == pytest.approx(np.log(41))
+    assert verified_evidence({"verified": False, "reason": "small"}, np.array([1, 2]), coords, hood) == \
+        {"log_inliers": 0.0, "inlier_margin": 0.0}
+
+
 def test_a_calibration_fitted_on_verified_answers_uses_their_inliers_and_needs_them(gp_index, tmp_path, capsys):
     """``calibrate`` with verification on (the default CNN's feature map, K = 10) fits the confidence on the
-    inliers too (``log_inliers``: right answers have more, so its weight is positive, and on these answers inliers
-    alone tell right from wrong), records how it verified (the sequence calibration too: its ``agree`` read the
+    inliers too (``log_inliers`` and ``inlier_margin``: right answers have more than any look-alike elsewhere, so
+    the margin's weight is positive, and on these answers inliers alone tell right from wrong), records how it
+    verified (the sequence calibration too: its ``agree`` read the
     verified frame answers), and gives held-out verified answers a probability; a localizer that does not verify
     the same way gets no confidence from either, with one warning."""
     import shutil
@@ -254,7 +277,8 @@ def test_a_calibration_fitted_on_verified_answers_uses_their_inliers_and_needs_t
     cal, seq = loc.calibrate(frames([gp / "night_right" / f"Image{i:03d}.jpg" for i in range(50)]),
                              [positives(i) for i in range(50)], 0.9, Neighbourhood(radius_m=None, frames=2),
                              unknown_frames=frames(nl[:50]), sequence=5)
-    assert cal.features[-1] == "log_inliers" and (cal.verify, cal.verify_features) == (10, "feature map")
+    assert cal.features[-2:] == ["log_inliers", "inlier_margin"] and (cal.verify, cal.verify_features) == (10,
+                                                                                                  "feature map")
     assert (seq.verify, seq.verify_features) == (10, "feature map")  # its ``agree`` read verified frame answers
     assert cal.coef[-1] > 0
     loc = Localizer(index, verify=10)

@@ -159,8 +159,8 @@ class Localizer:
 
     def _verified_alike(self, cal: Calibration | None) -> Calibration | None:
         """``cal`` when it applies to this localizer's answers: one fitted on verified answers (their
-        ``log_inliers``, and for sequences the verified frame top-1 of ``agree``) needs the same verification (K and
-        features); None otherwise, with a one-line warning."""
+        ``log_inliers`` and ``inlier_margin``, and for sequences the verified frame top-1 of ``agree``) needs the
+        same verification (K and features); None otherwise, with a one-line warning."""
         if cal is None or not cal.verify:
             return cal
         v = self.verifier
@@ -228,7 +228,7 @@ class Localizer:
             sq, iq = sq[iq >= 0], iq[iq >= 0]
             ev = evidence(sq, iq, coords, hood)
             if check is not None:
-                ev["log_inliers"] = verified_evidence(check)
+                ev |= verified_evidence(check, iq, coords, hood)
             c = cal if cal and all(f in ev for f in cal.features) else None  # verified evidence needs images
             p = c.probability(ev) if c else None
             out.append(Answer(matches, {
