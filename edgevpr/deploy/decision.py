@@ -274,8 +274,8 @@ def expected_calibration_error(p: np.ndarray, correct: np.ndarray, bins: int = E
 class Calibration:
     """Confidence = a calibrated probability that the top-1 is the right place: a logistic model on the evidence
     (``FEATURES``, standardised), fitted on validation answers; ``known`` = probability >= ``threshold``, the lowest
-    probability at which the pooled calibration answers reach ``target_precision`` and at least ``reject_unknown``
-    of the answers to unknown-place photos fall below it."""
+    probability at which the pooled calibration answers reach ``target_precision`` and enough of the answers to
+    unknown-place photos fall below it to promise ``reject_unknown`` of them at 90% confidence (``unknown_floor``)."""
 
     threshold: float
     target_precision: float
@@ -385,7 +385,7 @@ def calibrate(features: np.ndarray, correct: np.ndarray, target_precision: float
               what: str = "calibration", reject_unknown: float = REJECT_UNKNOWN) -> Calibration:
     """Evidence [Q, F] (columns ``names``) and whether each top-1 is right [Q] -> a fitted Calibration.
     ``unknown`` [Q]: which answers are to photos of places the map does not hold (all wrong); the threshold also
-    rejects at least ``reject_unknown`` of them.
+    rejects enough of them that the lower bound of the share rejected reaches ``reject_unknown`` (``unknown_floor``).
 
     Logistic regression (scikit-learn, L2, C = 1) on standardised features: monotone in each feature's learned
     direction, smooth, and fitted well by a few hundred answers, where isotonic regression over several features

@@ -254,7 +254,7 @@ class Localizer:
         """Validation frames (``inputs.Frame``, in capture order, every query set pooled) and, per frame, the
         database paths that count as right, plus ``unknown_frames``: photos of places the map does not hold (every
         answer to them is wrong) -> (single-frame Calibration, sequence Calibration or None) at the target
-        ``precision`` (and at least ``reject_unknown`` of the unknown-place answers rejected), recorded in the
+        ``precision`` (and ``reject_unknown`` of the unknown-place answers rejected at 90% confidence), recorded in the
         index together. With ``sequence`` L > 0 the frames are also tracked as sequences (each capture sequence on
         its own) and the sequence answers of every frame past the warm-up are calibrated on ``SEQUENCE_FEATURES``.
         Refused in one line (nothing written) when a target cannot be reached."""
