@@ -191,13 +191,12 @@ def evaluate(name: str, model, db_paths, folds: list, hood: Neighbourhood, targe
         for acc, v in zip((xt, yt, ut, lt, bt, p, known), (x, y, u, lab, blk, pf, pf >= cal.threshold), strict=True):
             acc.append(v)
         cals.append(cal)
-        fold_auc = auc_pr(x, y, pf)
         per_fold.append({"held_out": held, "calibration_answers": int(len(yc)), "calibration_right": int(yc.sum()),
                          "test_answers": int(len(y)), "test_right": int(y.sum()), "test_unknown": int(u.sum()),
                          "mean_probability": float(pf.mean()), "ece": expected_calibration_error(pf, y)[0],
                          "unknown_rejected": float((pf[u] < cal.threshold).mean()) if u.any() else None,
                          "calibration_unknown_rejected": cal.unknown_rejected,
-                         "threshold": cal.threshold if np.isfinite(cal.threshold) else None, "auc_pr": fold_auc,
+                         "threshold": cal.threshold if np.isfinite(cal.threshold) else None, "auc_pr": auc_pr(x, y, pf),
                          "calibration_best_precision": cal.precision, "calibration_ece": cal.ece})
     xt, yt, ut, lt, bt, p, known = (np.concatenate(v) for v in (xt, yt, ut, lt, bt, p, known))
 
@@ -279,7 +278,7 @@ def main() -> None:
 
     def gp_queries(folder, a, b):  # against the whole day_right database: +-2 frames
         ds = open_dataset(gp / "day_right", gp / folder, aligned_tolerance=2)
-        return f"{folder}", [ds.q_paths[i] for i in range(a, b)], [ds.positives[i].tolist() for i in range(a, b)]
+        return folder, [ds.q_paths[i] for i in range(a, b)], [ds.positives[i].tolist() for i in range(a, b)]
 
     def unknown(label, paths):
         return label, list(paths), [[] for _ in paths]

@@ -440,12 +440,12 @@ def cmd_calibrate(args) -> int:
         "inliers)" if cal.verify else "single frames"
     for c, what in ((cal, frames_what), (seq, f"sequences of {args.sequence} ({args.sequence_method})")):
         if c is not None:
+            few = "; too few photos to promise the target, so all are rejected: add --unknown photos" \
+                if c.unknown_rejected_bound < c.reject_unknown else ""
             rejected = "" if c.unknown_queries == 0 else \
                 f", {c.unknown_rejected:.3f} of {c.unknown_queries} unknown-place answers rejected " \
                 f"(target {c.reject_unknown}, lower bound at {REJECT_CONFIDENCE:.0%} confidence " \
-                f"{c.unknown_rejected_bound:.3f}" + ("; too few photos to promise the target, so all are rejected: "
-                                                     "add --unknown photos" if c.unknown_rejected_bound <
-                                                     c.reject_unknown else "") + ")"
+                f"{c.unknown_rejected_bound:.3f}{few})"
             print(f"  {what}: {c.queries} answers, known when P(right) >= {c.threshold:.4g}, precision "
                   f"{c.precision:.3f} (target {c.target_precision}) at recall {c.recall:.3f}{rejected}; "
                   f"ECE {c.ece:.3f}, Brier {c.brier:.3f} (on these answers)")

@@ -424,10 +424,11 @@ def calibrate(features: np.ndarray, correct: np.ndarray, target_precision: float
                          f"answers ({int(y.sum())} right): {best}; lower --precision"
                          f"{' or --reject-unknown' if also else ''} or add validation queries")
     ece, table = expected_calibration_error(p, y)
+    rejected = int((p[unknown] < threshold).sum())
     return Calibration(threshold, float(target_precision), reached, recall, int(len(y)), asdict(neighbourhood),
                        list(names), mean.tolist(), std.tolist(), lr.coef_[0].tolist(), float(lr.intercept_[0]),
                        int(unknown.sum()), ece, float(np.mean((p - y) ** 2)), table,
                        reject_unknown=float(reject_unknown),
-                       unknown_rejected=float((p[unknown] < threshold).mean()) if unknown.any() else float("nan"),
-                       unknown_rejected_bound=rejected_bound(int((p[unknown] < threshold).sum()), int(unknown.sum()))
-                       if unknown.any() else float("nan"))
+                       unknown_rejected=float(rejected / unknown.sum()) if unknown.any() else float("nan"),
+                       unknown_rejected_bound=rejected_bound(rejected, int(unknown.sum())) if unknown.any()
+                       else float("nan"))
