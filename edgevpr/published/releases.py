@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import os
 import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import netio
 from ..integrity import sha256_file
 from ..utils import write_json
 
@@ -93,33 +93,15 @@ def release_url(r: Release) -> str:
     return f"{mirror.rstrip('/')}/{r.file_name}" if mirror else r.url
 
 
-#: the largest release file fetched or read (bytes); ``EDGEVPR_MAX_DOWNLOAD_GB`` raises it
 def max_download_bytes() -> int:
-    return int(float(os.environ.get("EDGEVPR_MAX_DOWNLOAD_GB", "4")) * 2**30)
+    """The largest release file fetched or read (bytes); ``EDGEVPR_MAX_DOWNLOAD_GB`` raises it."""
+    return int(netio.limit("bytes"))
 
 
 def _download(url: str, tmp: Path, progress: bool) -> None:
-    """Stream ``url`` into ``tmp`` with a progress bar (rate, ETA); refuses an HTML page, a declared or actual body
-    over ``max_download_bytes`` (checked before and while reading) and a body shorter than its Content-Length."""
-    from tqdm.auto import tqdm
-
-    limit = max_download_bytes()
-    with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as f:
-        if "html" in (resp.headers.get("Content-Type") or "").lower():
-            raise OSError(f"{url} answered with an HTML page, not the release file")
-        total = int(resp.headers.get("Content-Length") or 0) or None
-        if total is not None and total > limit:
-            raise OSError(f"{url} declares {total / 2**30:.3g} GiB, over the {limit / 2**30:.3g} GiB download limit "
-                          "(EDGEVPR_MAX_DOWNLOAD_GB raises it)")
-        with tqdm(total=total, unit="B", unit_scale=True, desc=tmp.name, disable=not progress) as bar:
-            for block in iter(lambda: resp.read(1 << 20), b""):
-                f.write(block)
-                bar.update(len(block))
-                if f.tell() > limit:
-                    raise OSError(f"{url} sent more than the {limit / 2**30:.3g} GiB download limit "
-                                  "(EDGEVPR_MAX_DOWNLOAD_GB raises it)")
-        if total is not None and f.tell() != total:
-            raise OSError(f"download of {url} ended after {f.tell()} of {total} bytes")
+    """Stream ``url`` into ``tmp`` with a progress bar (rate, ETA) under ``netio``'s byte limit, stall timeout and
+    overall deadline; an HTML page is refused."""
+    netio.download(url, tmp, progress=progress, refuse_html=True)
 
 
 def check_plausible(path: Path, file_name: str) -> None:

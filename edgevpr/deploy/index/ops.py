@@ -389,7 +389,9 @@ def _edge_dir(root: Path, manifest: dict) -> Path:
     if manifest["kind"] != "qdrant" or manifest["params"].get("url"):
         raise ValueError(f"{root}: a {manifest['kind']} index has no Qdrant Edge shard; snapshots move maps built "
                          "with --kind qdrant (the device's engine)")
-    return root / manifest["params"].get("edge_path", "qdrant-edge")
+    from .backends.qdrant_edge import edge_dir
+
+    return edge_dir(root, manifest["params"])
 
 
 @_exclusive("root")
@@ -403,7 +405,8 @@ def snapshot(root: str | os.PathLike, out: str | os.PathLike, since: dict | None
     manifest = read_manifest(root)
     verify_for_writing(root, manifest)
     shard = _edge_dir(root, manifest)
-    record = {k: manifest[k] for k in ("model", "dim", "kind", "params", "metric") if k in manifest}
+    # the model record only: where the pulled index lives and which engine answers it are the puller's choice
+    record = {k: manifest[k] for k in ("model", "dim", "metric") if k in manifest}
     extra = {SNAPSHOT_RECORD: json.dumps(record, indent=2).encode()}
     box: dict = {}
     atomic_write(out, lambda tmp: box.update(qdrant_edge.write_snapshot(shard, tmp, since, extra)))
@@ -420,21 +423,20 @@ def snapshot_manifest(root: str | os.PathLike) -> dict:
 
 def _fetch(source: str, folder: Path) -> str:
     """A local path as is; an http(s) URL (e.g. a Qdrant server's ``/collections/C/shards/0/snapshot``) downloaded
-    into ``folder`` -> the path of the snapshot file."""
+    into ``folder`` under ``netio``'s byte limit, stall timeout and deadline -> the path of the snapshot file. A
+    failed download leaves nothing behind and names the URL."""
     if not source.startswith(("http://", "https://")):
         if not Path(source).is_file():
             raise FileNotFoundError(f"{source}: no such snapshot file")
         return source
-    import shutil
-    import urllib.request
+    from ... import netio
 
     dest = folder / ".pulled.snapshot"
     try:
-        with urllib.request.urlopen(source, timeout=60) as r, open(dest, "wb") as f:
-            shutil.copyfileobj(r, f, 1 << 20)
+        netio.download(source, dest)
     except OSError as e:
         dest.unlink(missing_ok=True)
-        raise ValueError(f"{source}: could not download the snapshot ({e})") from None
+        raise ValueError(f"could not download the snapshot: {e}") from None
     return str(dest)
 
 
@@ -446,13 +448,38 @@ def pull(root: str | os.PathLike, source: str, record: dict | None = None) -> di
     The model record comes from the index already at ``root``, else from an ``index snapshot`` archive, else from
     ``record`` (``--model``: a snapshot of a server collection carries no model); a snapshot of another model than
     the index's is refused before anything changes. Ids must be 0..N-1. -> {"count", "partial", "source"}."""
+    root = Path(root)
+    old = read_manifest(root) if (root / MANIFEST_FILE).is_file() else None
+    # where the index lives and which engine answers it come from the local manifest or the defaults, never from the
+    # snapshot (its ``params`` are ignored: a snapshot carries points and a model record, not instructions)
+    if old is not None:
+        shard = _edge_dir(root, old)
+        params = old["params"]
+    else:
+        from .backends.qdrant_edge import EDGE_DEFAULTS, EDGE_DIR
+
+        params = {"engine": "qdrant-edge", "edge_path": EDGE_DIR, **EDGE_DEFAULTS}
+        shard = root / EDGE_DIR
+    path = _fetch(source, root)
+    try:
+        return _pull_file(root, source, path, old, params, shard, record)
+    except ValueError as e:
+        if path != source:  # name the URL the user gave, not the temporary file
+            raise ValueError(str(e).replace(path, source)) from None
+        raise
+    finally:
+        if path != source:
+            Path(path).unlink(missing_ok=True)
+
+
+def _pull_file(root: Path, source: str, path: str, old: dict | None, params: dict, shard: Path,
+               record: dict | None) -> dict:
+    """``pull`` once the snapshot is a local file ``path`` (``source``: what the user named)."""
     import shutil
 
     from .backends import qdrant_edge
 
-    root = Path(root)
-    old = read_manifest(root) if (root / MANIFEST_FILE).is_file() else None
-    path = _fetch(source, root)
+    qdrant_edge.check_archive(path)
     carried = qdrant_edge.read_extra(path, SNAPSHOT_RECORD)
     try:
         carried = json.loads(carried) if carried else None
@@ -470,9 +497,6 @@ def pull(root: str | os.PathLike, source: str, record: dict | None = None) -> di
     rec = named[0]
     for other in named[1:]:
         check_model(rec, other["name"], other["fingerprint"], str(source))
-    params = (old or {}).get("params") or (carried or {}).get("params") or {"engine": "qdrant-edge",
-                                                                           "edge_path": "qdrant-edge"}
-    shard = root / params.get("edge_path", "qdrant-edge")
     partial = qdrant_edge.is_partial(path)
     # everything is staged in root/.pull (a partial snapshot merges into a copy of the shard) and swapped in only
     # when the rows it gives are valid: a failed or killed pull leaves the index as it was
@@ -508,9 +532,6 @@ def pull(root: str | os.PathLike, source: str, record: dict | None = None) -> di
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    finally:
-        if path != source:
-            Path(path).unlink(missing_ok=True)
     previous = root / (shard.name + ".old")
     shutil.rmtree(previous, ignore_errors=True)
     if shard.exists():

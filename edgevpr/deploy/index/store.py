@@ -273,6 +273,7 @@ def _exclusive(arg: str, create: bool = False):
             import fcntl
 
             root = Path(inspect.signature(fn).bind(*args, **kwargs).arguments[arg])
+            made = create and not root.exists()
             if create:
                 root.mkdir(parents=True, exist_ok=True)
             elif not root.is_dir():
@@ -288,6 +289,11 @@ def _exclusive(arg: str, create: bool = False):
                 except sqlite3.Error as e:
                     raise ValueError(f"{root / DB_FILE}: {str(e).splitlines()[0]} (free disk space or restore the "
                                      "file; finished batches are kept: run the same command again)") from None
+                except BaseException:
+                    if made and [p.name for p in root.iterdir()] == [LOCK_FILE]:  # a failure that wrote nothing
+                        (root / LOCK_FILE).unlink()
+                        root.rmdir()
+                    raise
                 finally:
                     fcntl.flock(lock, fcntl.LOCK_UN)
 

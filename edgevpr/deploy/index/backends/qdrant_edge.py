@@ -32,6 +32,17 @@ EDGE_DIR = "qdrant-edge"
 EDGE_DEFAULTS = {"hnsw_m": 16, "ef_construct": 100, "quantization": "int8", "hnsw_ef": 128, "oversampling": 2.0}
 
 
+def edge_dir(root: Path, params: dict) -> Path:
+    """The shard's folder: always ``root/qdrant-edge``. A manifest's ``params.edge_path`` is data, never a place: one
+    that names anything else (``/home/user/photos``, ``../x``) is refused, so no setting in a file chooses a folder
+    that a writer renames or deletes."""
+    named = params.get("edge_path", EDGE_DIR)
+    if named != EDGE_DIR:
+        raise ValueError(f"{root}: manifest field params.edge_path is {str(named)[:80]!r}; the shard of an index is "
+                         f"always its {EDGE_DIR}/ folder (a path from a file is never followed)")
+    return root / EDGE_DIR
+
+
 def edge_config(qe, dim: int, params: dict):
     """The EdgeConfig of a new shard: cosine vectors of ``dim``, no WAL, HNSW and quantization from ``params``."""
     p = {**EDGE_DEFAULTS, **params}
@@ -59,7 +70,7 @@ class EdgeStore(QdrantBackend):
         except ImportError:
             raise ValueError(INSTALL) from None
         self.qe, self.root, self.spec, self.dim = qe, root, spec, dim
-        self.path = root / spec.get("edge_path", EDGE_DIR)
+        self.path = edge_dir(root, spec)
         self.where = str(self.path)
         self.collection = spec.get("collection")
         exists = (self.path / "edge_config.json").is_file()
@@ -137,7 +148,7 @@ def load(root: Path, manifest: dict, con: sqlite3.Connection, mmap: bool = True)
 
 
 def discard(root: Path, params: dict) -> None:
-    shutil.rmtree(root / params.get("edge_path", EDGE_DIR), ignore_errors=True)
+    shutil.rmtree(edge_dir(root, params), ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------------- snapshots
@@ -214,6 +225,42 @@ def write_snapshot(shard_dir: Path, out: str, since: dict | None = None, extra: 
 
 #: the largest root file ``read_extra`` reads (the model record an ``index snapshot`` carries)
 MAX_EXTRA_BYTES = 1 << 20
+
+
+#: the most tar entries a snapshot archive (and each segment archive in it) may hold: a shard has tens of files
+MAX_SNAPSHOT_ENTRIES = 10_000
+
+
+def check_archive(snapshot: str) -> None:
+    """Bound the work before anything is extracted: the archive must be an uncompressed tar (Qdrant's format; no
+    decompression bomb) of at most ``MAX_SNAPSHOT_ENTRIES`` entries, likewise each ``segments/*.tar`` in it, with
+    declared sizes adding up to at most the download limit (``EDGEVPR_MAX_DOWNLOAD_GB``). Read as a stream, so a
+    planted archive of millions of entries is refused after ``MAX_SNAPSHOT_ENTRIES`` headers. ValueError, one line."""
+    import tarfile
+
+    from ....netio import limit
+
+    max_bytes = limit("bytes")
+
+    def walk(tar: tarfile.TarFile, where: str) -> int:
+        total = 0
+        for n, m in enumerate(tar, 1):
+            if n > MAX_SNAPSHOT_ENTRIES:
+                raise ValueError(f"{where} holds more than {MAX_SNAPSHOT_ENTRIES} entries: not a Qdrant shard snapshot")
+            total += m.size
+            if total > max_bytes:
+                raise ValueError(f"{where} declares over {max_bytes / 2**30:.3g} GiB (EDGEVPR_MAX_DOWNLOAD_GB raises "
+                                 "the limit)")
+            if m.isfile() and m.name.startswith("segments/") and m.name.endswith(".tar"):
+                with tarfile.open(fileobj=tar.extractfile(m), mode="r|") as inner:
+                    walk(inner, f"{where}: {m.name}")
+        return total
+
+    try:
+        with tarfile.open(snapshot, mode="r|") as tar:
+            walk(tar, snapshot)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ValueError(f"{snapshot}: not a Qdrant snapshot archive (an uncompressed tar): {e}") from None
 
 
 def read_extra(snapshot: str, name: str) -> bytes | None:
