@@ -60,7 +60,7 @@ class StampCache:
             self.stamps: dict = json.loads(self.path.read_text())
             if not isinstance(self.stamps, dict):
                 self.stamps = {}
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # unreadable or hostile stamps: every file is checked in full
             self.stamps = {}
 
     def fresh(self, file: Path, sha256: str) -> bool:

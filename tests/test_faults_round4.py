@@ -135,3 +135,128 @@ def test_a_snapshot_of_many_empty_entries_is_refused_after_a_bounded_read(tmp_pa
         tar.addfile(tarfile.TarInfo("e"), io.BytesIO(b""))
     _one_line_error(capsys, ["index", "pull", "--index", str(tmp_path / "dev"), str(gz)], "uncompressed tar")
     assert not (tmp_path / "dev").exists()
+
+
+# ---------------------------------------------------------- O, Q, R: one generation per reader; kill-safe writers
+def _gp_index(tiny, tmp_path: Path, data_root: Path, kind: str = "flat", n: int = 12) -> tuple[Path, Path]:
+    """An index of the first ``n`` real Gardens Point day_right frames -> (index, the frames' folder)."""
+    import shutil
+
+    db = tmp_path / "gp-db"
+    if not db.exists():
+        db.mkdir()
+        for i in range(n):
+            shutil.copy(data_root / "gardens_point" / "day_right" / f"Image{i:03d}.jpg", db)
+    root = tmp_path / f"gp-{kind}"
+    idx.build(tiny, db, root, kind=kind, progress=False)
+    return root, db
+
+
+def test_a_running_reader_never_mixes_generations_and_sees_a_removal(tiny, tmp_path, data_root):
+    """Defect O on real frames: a Localizer (and the service built on it) opened before ``index remove`` answers
+    every later request from the new generation: a removed frame is never answered, the frame after it keeps its
+    own path, thumbnails and the map follow."""
+    from fastapi.testclient import TestClient
+
+    from edgevpr.deploy.localize import Localizer
+    from edgevpr.deploy.service import create_app
+
+    root, db = _gp_index(tiny, tmp_path, data_root)
+    loc = Localizer(root, tiny)
+    client = TestClient(create_app(loc))
+    q5, q6 = (str(db / f"Image00{i}.jpg") for i in (5, 6))
+    top = loc.localize_files([q5, q6], k=3)[0]
+    assert [m[0].path for m in top] == [q5, q6] and client.get("/api/health").json()["generation"] == 1
+    assert main(["index", "remove", "--index", str(root), "Image005.jpg"]) == 0
+    top = loc.localize_files([q5, q6], k=3)[0]
+    assert q5 not in {m.path for m in top[0]} and top[1][0].path == q6 and top[1][0].score > 0.999
+    health = client.get("/api/health").json()
+    assert health["generation"] == 2 and health["images"] == 11
+    with open(q6, "rb") as f:
+        body = client.post("/api/localize", files={"image": ("q.jpg", f, "image/jpeg")}).json()
+    best = body["matches"][0]
+    assert best["path"] == q6 and best["id"] == 5 and client.get(f"/api/thumb/{best['id']}").status_code == 200
+    assert client.get("/api/map").json()["count"] == 11
+
+
+def test_a_stray_wal_is_never_applied(tiny, tmp_path, data_root, capsys):
+    """Defect R: a ``places.sqlite-wal`` copied beside a finished index (rewriting row 3's path and position) is
+    ignored by every reader and never folded into the rows by a writer."""
+    import shutil
+    import sqlite3
+
+    root, db = _gp_index(tiny, tmp_path, data_root)
+    other = tmp_path / "other"
+    shutil.copytree(root, other)
+    con = sqlite3.connect(other / idx.DB_FILE)
+    con.execute("PRAGMA wal_autocheckpoint=0")
+    con.execute("UPDATE images SET path = '/elsewhere/evil.jpg', lat = -33.0, lon = 151.0 WHERE id = 3")
+    con.commit()
+    shutil.copy(other / (idx.DB_FILE + "-wal"), root / (idx.DB_FILE + "-wal"))
+    con.close()
+    q3 = str(db / "Image003.jpg")
+    assert idx.verify_index(root)["verified"]
+    capsys.readouterr()
+    assert main(["localize", "--index", str(root), "--model", _model_file(tiny, tmp_path), q3, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["matches"][0]["path"] == q3
+    assert main(["index", "remove", "--index", str(root), "Image011.jpg"]) == 0
+    pi = idx.PlaceIndex.open(root)
+    assert pi.rows([3])[3][0] == q3 and idx.verify_index(root)["verified"]
+    pi.close()
+
+
+def _run_cli(argv: list[str], fault_at: str | None = None) -> int:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EDGEVPR_FAULT_AT": fault_at or ""}
+    return subprocess.run([sys.executable, "-m", "edgevpr.cli", *argv], env=env, capture_output=True,
+                          timeout=300).returncode
+
+
+@pytest.mark.parametrize("writer", ["remove", "add", "pull"])
+def test_a_writer_killed_at_each_step_leaves_the_old_or_the_new_index(writer, tiny, tmp_path, data_root, capsys):
+    """Defect Q: each writer that changes a finished index, killed (``os._exit``, no cleanup) at each of its steps:
+    rows written, next generation complete, commit mark written, each file swapped in. Afterwards ``index info
+    --verify`` passes, ``localize`` answers from exactly the old or the new image set, and the same command run
+    again finishes."""
+    import shutil
+
+    kind = "qdrant" if writer == "pull" else "flat"
+    base, db = _gp_index(tiny, tmp_path, data_root, kind, n=12)
+    model = _model_file(tiny, tmp_path)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    for i in (20, 21, 22):
+        shutil.copy(data_root / "gardens_point" / "day_right" / f"Image{i:03d}.jpg", extra)
+    snap = tmp_path / "full.snapshot"
+    if writer == "pull":
+        bigger = tmp_path / "bigger"
+        shutil.copytree(base, bigger)
+        idx.add(tiny, extra, bigger, progress=False)
+        assert main(["index", "snapshot", "--index", str(bigger), "--out", str(snap)]) == 0
+    argv = {"remove": ["index", "remove", "--index", "{root}", "Image005.jpg"],
+            "add": ["index", "add", "--index", "{root}", "--images", str(extra), "--model", model, "--quiet"],
+            "pull": ["index", "pull", "--index", "{root}", str(snap)]}[writer]
+    names = {"flat": ["index.faiss", "places.sqlite"], "qdrant": ["places.sqlite", "qdrant-edge"]}[kind]
+    old = {str(p) for p in db.iterdir()}
+    new = old - {str(db / "Image005.jpg")} if writer == "remove" else old | {str(p) for p in extra.iterdir()}
+    for n, point in enumerate(["rows", "staged", "committed", *(f"moved:{x}" for x in names)]):
+        root = tmp_path / f"{writer}-{n}"
+        shutil.copytree(base, root)
+        cmd = [a.replace("{root}", str(root)) for a in argv]
+        assert _run_cli(cmd, point) == 137, point  # it died there
+        assert idx.verify_index(root)["verified"], (point, idx.verify_index(root))
+        capsys.readouterr()
+        assert main(["localize", "--index", str(root), "--model", model, "--json", "-k", "20",
+                     str(db / "Image006.jpg")]) == 0
+        seen = {m["path"] for m in json.loads(capsys.readouterr().out)["results"][0]["matches"]}
+        assert seen in (old, new), point
+        if seen == new:
+            assert point in ("committed", *(f"moved:{x}" for x in names)), point  # never before its commit
+        # the same writer finishes (a removal already swapped in has nothing left to remove: one line, rc 2)
+        assert _run_cli(cmd) == (2 if writer == "remove" and seen == new else 0), point
+        pi = idx.PlaceIndex.open(root, verify=True)
+        assert {r[0] for r in pi.rows(list(range(len(pi)))).values()} == new, point
+        pi.close()

@@ -75,12 +75,9 @@ class Localizer:
         map) or "auto" (tokens when the model has them, else SIFT).
         ``exclude_sessions``: answers come from the other sessions only (single frames and sequences)."""
         self.index = index if isinstance(index, PlaceIndex) else PlaceIndex.open(index, mmap=mmap)
-        self.allowed: np.ndarray | None = None  # ids answers may come from (None: all)
-        if exclude_sessions:
-            out = self.index.session_ids(list(exclude_sessions))
-            self.allowed = np.setdiff1d(np.arange(len(self.index)), out)
-            if not len(self.allowed):
-                raise ValueError(f"{self.index.root}: excluding {', '.join(exclude_sessions)} leaves no image")
+        self.mmap, self.exclude_sessions = mmap, list(exclude_sessions)
+        self._swap = threading.Lock()
+        self.allowed = self._allowed(self.index)  # ids answers may come from (None: all)
         rec = self.index.model
         if model is None:
             if not rec.get("spec"):
@@ -97,6 +94,26 @@ class Localizer:
             self.verifier = verifier_for(self.model, self.transform, verify, verify_with, self.knobs, self._lock)
         else:
             self.verifier = None
+
+    def _allowed(self, index: PlaceIndex) -> np.ndarray | None:
+        if not self.exclude_sessions:
+            return None
+        allowed = np.setdiff1d(np.arange(len(index)), index.session_ids(self.exclude_sessions))
+        if not len(allowed):
+            raise ValueError(f"{index.root}: excluding {', '.join(self.exclude_sessions)} leaves no image")
+        return allowed
+
+    def refresh(self) -> tuple[PlaceIndex, np.ndarray | None]:
+        """The index generation to answer from, and its allowed ids: when a writer (``index add``, ``remove``,
+        ``pull``) has swapped in a new generation since the last call, it is opened (checked like any open, and
+        refused if another model made it) and used from now on; one answer never mixes two generations (callers
+        use what this returns for the whole answer). -> (index, allowed ids or None)."""
+        with self._swap:
+            if self.index.changed():
+                new = PlaceIndex.open(self.index.root, mmap=self.mmap)
+                check_model(new.model, self.model.name, self.model.fingerprint(), str(new.root))
+                self.index, self.allowed = new, self._allowed(new)  # the old one closes when no answer holds it
+            return self.index, self.allowed
 
     def embed(self, images: list[Image.Image], knobs: dict | None = None) -> np.ndarray:
         """RGB images -> descriptors [B, D] float32. ``knobs`` override the index's for these queries only
@@ -202,27 +219,28 @@ class Localizer:
         (``decision.verification`` records the inliers). ``hood``: the neighbourhood of the margin (default: the
         calibration's, else 25 m or +-2 ids). ``features``: per query its local features from ``embed_local``
         (None: the verifier computes them)."""
-        ids = prior.ids(self.index.coordinates(), str(self.index.root)) if prior is not None else None
-        if self.allowed is not None:
-            ids = self.allowed if ids is None else np.intersect1d(ids, self.allowed)
+        index, allowed = self.refresh()
+        ids = prior.ids(index.coordinates(), str(index.root)) if prior is not None else None
+        if allowed is not None:
+            ids = allowed if ids is None else np.intersect1d(ids, allowed)
         if ids is not None and len(ids) == 0:
             return [Answer([], {"known": False, "reason": "no database image within the prior's radius",
                                 "searched": 0}) for _ in range(len(desc))]
         geo = (prior.lat, prior.lon, prior.radius_m) if prior is not None and prior.lat is not None else None
-        scores, found = self.index.search_ids(desc, max(k, DECISION_DEPTH), ids, geo)
+        scores, found = index.search_ids(desc, max(k, DECISION_DEPTH), ids, geo)
         checks: list[dict | None] = [None] * len(desc)
         if self.verifier is not None and images is not None:
             for q, img in enumerate(images):
                 n = int(min(self.verifier.k, (found[q] >= 0).sum()))
-                rows = self.index.rows([int(i) for i in found[q, :n]])
+                rows = index.rows([int(i) for i in found[q, :n]])
                 order, checks[q] = self.verifier.rerank(img, scores[q, :n], [rows[int(i)][0] for i in found[q, :n]],
                                                         features[q] if features else None)
                 scores[q, :n], found[q, :n] = scores[q, :n][order], found[q, :n][order]
-        top = self.index.matches(scores[:, :k], found[:, :k])
+        top = index.matches(scores[:, :k], found[:, :k])
         for matches, check in zip(top, checks, strict=True):  # verified candidates come in verified order
             for m, n in zip(matches, (check or {}).get("inliers", ()), strict=False):
                 m.inliers = int(n)
-        coords, cal, hood = self.index.coordinates(), self.frame_calibration(), self.hood(hood)
+        coords, cal, hood = index.coordinates(), self.frame_calibration(), self.hood(hood)
         out = []
         for matches, sq, iq, check in zip(top, scores, found, checks, strict=True):
             sq, iq = sq[iq >= 0], iq[iq >= 0]
@@ -235,7 +253,7 @@ class Localizer:
                 "position": position(sq, iq, coords, hood, max(k, DECISION_DEPTH)), "score": ev["margin"],
                 "confidence": p, "known": bool(p >= c.threshold) if c else None,
                 "threshold": c.threshold if c else None, "evidence": ev,
-                "searched": len(self.index) if ids is None else len(ids),
+                "searched": len(index) if ids is None else len(ids),
                 **({"verification": check} if check is not None else {})}))
         return out
 
@@ -342,7 +360,8 @@ class Sequences:
     def push(self, frame, desc: np.ndarray, answer: Answer) -> Answer:
         """A frame, its descriptor [D] and single-frame answer -> the answer, with its sequence answer when on."""
         if self.length:
-            if self.tracker is None or frame.sequence != self.current:
+            if self.tracker is None or frame.sequence != self.current or self.tracker.index is not self.loc.index:
+                # a new capture sequence, or a new index generation (ids renumbered): the tracking starts afresh
                 self.tracker = self.loc.tracker(self.length, self.method, self.hood)
                 self.current = frame.sequence
             answer.sequence = self.tracker.push(desc, answer.matches[0].id if answer.matches else None)

@@ -162,7 +162,6 @@ def decode_upload(data: bytes, limits: ServiceLimits, header_only: bool = False)
 def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
     """The FastAPI application serving ``localizer``."""
     limits = limits or ServiceLimits()
-    index = localizer.index
     app = FastAPI(title="edgevpr", description="Visual place recognition: localize a photo against a place index")
     page = resources.files("edgevpr.deploy").joinpath("static/index.html").read_text()
 
@@ -174,8 +173,10 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
 
     @app.get("/api/health")
     def health() -> dict:
+        index, _ = localizer.refresh()
         m = index.model
-        return {"status": "ok", "images": len(index), "model": m["name"], "fingerprint": m["fingerprint"],
+        return {"status": "ok", "images": len(index), "generation": index.generation, "model": m["name"],
+                "fingerprint": m["fingerprint"],
                 "knobs": m["knobs"], "kind": index.manifest["kind"], "dim": index.manifest["dim"],
                 "calibration": {**{k: cal[k] for k in ("threshold", "target_precision", "precision", "queries")},
                                 "verify": cal.get("verify", 0), "verify_features": cal.get("verify_features", "")}
@@ -277,6 +278,7 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
 
     @app.get("/api/thumb/{image_id}")
     def thumb(image_id: int) -> Response:
+        index, _ = localizer.refresh()
         row = index.rows([image_id]).get(image_id) if 0 <= image_id < len(index) else None
         if row is None:
             raise HTTPException(404, f"no database image with id {image_id}")
@@ -287,11 +289,12 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
                 buf = io.BytesIO()
                 im.save(buf, "JPEG", quality=85)
         except OSError as e:
-            raise HTTPException(404, f"{row[0]}: cannot read the database image ({e})") from None
+            raise HTTPException(404, f"{Path(row[0]).name}: cannot read the database image "
+                                     f"({type(e).__name__})") from None
         return Response(buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/api/map")
     def map_points() -> dict:
-        return index.positions()
+        return localizer.refresh()[0].positions()
 
     return app

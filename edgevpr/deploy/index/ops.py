@@ -26,6 +26,7 @@ from .store import (
     FORMAT_VERSION,
     KEPT_BY_WRITERS,
     MANIFEST_FILE,
+    NEXT_DIR,
     _columns,
     _exclusive,
     _extract_into,
@@ -37,18 +38,23 @@ from .store import (
     check_descriptors,
     check_files,
     check_model,
+    commit_next,
+    fault,
     model_record,
     read_manifest,
     read_rows,
+    ro_connect,
     rows_digest,
+    stage_next,
     verify_for_writing,
 )
 
 
 def _write(root: Path, con: sqlite3.Connection, backend: Backend, kind: str, params: dict, record: dict,
-           created: str | None, keep: dict | None = None) -> dict:
+           created: str | None, keep: dict | None = None, generation: int = 1) -> dict:
     """Make the search structure durable (``Backend.save``), then write the manifest over every file it and the row
-    store hold, last and atomically (``keep``: fields carried over, e.g. a calibration); closes ``backend``."""
+    store hold, last and atomically (``keep``: fields carried over, e.g. a calibration; ``generation``: 1 for a new
+    index, the previous one's + 1 for a changed one); closes ``backend``."""
     names = (*backend.save(root, con), DB_FILE)
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     n_failed = con.execute("SELECT COUNT(*) FROM failed").fetchone()[0]
@@ -63,12 +69,17 @@ def _write(root: Path, con: sqlite3.Connection, backend: Backend, kind: str, par
         "format_version": FORMAT_VERSION, "model": record, "dim": record["dim"], "rows_sha256": rows_digest(con, count),
         "metric": "Hamming distance of sign bits (score 1 - 2 h / D)" if kind == "binary" else
         "inner product of L2-normalised descriptors (cosine similarity)", "kind": kind, "params": params,
-        "count": count, "failed_images": n_failed, "created": created or now, "updated": now,
+        "count": count, "failed_images": n_failed, "created": created or now, "updated": now, "generation": generation,
         "files": files, **(keep or {}),
     }
     write_json(root / MANIFEST_FILE, manifest)
     stamps.save()
     return manifest
+
+
+def _next_generation(manifest: dict) -> int:
+    g = manifest.get("generation", 0)
+    return (g if isinstance(g, int) and g >= 0 else 0) + 1
 
 
 @_exclusive("out", create=True)
@@ -211,16 +222,20 @@ def add(model, source: str | os.PathLike, root: str | os.PathLike, batch_size: i
     verify_for_writing(root, manifest)
     record = {**manifest["model"]}
     storage = storage_of(manifest["kind"])
-    con = _open_for_writing(root, record, storage)
+    # the next generation is made in root/.next and swapped in at the end; readers keep the current one meanwhile
+    stage = stage_next(root, manifest, backends.folders(manifest["kind"], manifest["params"]), resume=True)
+    con = _open_for_writing(stage, record, storage)
     counts = _extract_into(con, model, read_rows(source), record["knobs"], batch_size, skip_bad, progress,
                            "index add", on_batch, storage)
-    backend = backends.open_backend(root, manifest, con, mmap=False)
+    fault("rows")
+    backend = backends.open_backend(stage, manifest, con, mmap=False)
     new = _stored_descriptors(con, record["dim"], backend.ntotal, storage)
     check_descriptors(new, str(root / DB_FILE), storage)
     backend.add(new)
-    manifest = _write(root, con, backend, manifest["kind"], manifest["params"], record, manifest["created"],
-                      {k: manifest[k] for k in KEPT_BY_WRITERS if k in manifest})
+    manifest = _write(stage, con, backend, manifest["kind"], manifest["params"], record, manifest["created"],
+                      {k: manifest[k] for k in KEPT_BY_WRITERS if k in manifest}, _next_generation(manifest))
     con.close()
+    commit_next(root)
     return {**counts, "appended_to_faiss": len(new), "count": manifest["count"], "failed_paths": _failed(root)}
 
 
@@ -243,13 +258,16 @@ def remove(root: str | os.PathLike, sessions: list[str] = (), patterns: list[str
     if not sessions and not patterns:
         raise ValueError("index remove: give --session NAME or path globs")
     storage = storage_of(kind)
-    con = _open_for_writing(root, record, storage)
-    of = _sessions_of(con, count)
+    con = ro_connect(root / DB_FILE)
+    try:
+        of = _sessions_of(con, count)
+        paths = [p for (p,) in con.execute("SELECT path FROM images WHERE id < ? ORDER BY id", (count,))]
+    finally:
+        con.close()
     for name in sessions:
         if name not in set(of):
             raise ValueError(f"{root}: no session {name!r} (it has {', '.join(sorted(set(of)))})")
     want = set(sessions)
-    paths = [p for (p,) in con.execute("SELECT path FROM images WHERE id < ? ORDER BY id", (count,))]
     gone = [i for i, (path, session) in enumerate(zip(paths, of, strict=True))
             if session in want or any(fnmatch.fnmatch(path, g) or fnmatch.fnmatch(Path(path).name, g)
                                       for g in patterns)]
@@ -257,19 +275,25 @@ def remove(root: str | os.PathLike, sessions: list[str] = (), patterns: list[str
         raise ValueError(f"{root}: no image matches {', '.join([*sessions, *patterns])}")
     if len(gone) == count:
         raise ValueError(f"{root}: that would remove all {count} images; delete the index folder instead")
+    # the next generation is made in root/.next and swapped in at the end: a kill at any step leaves the old index
+    # or the new one, and readers keep answering from the old one meanwhile
+    stage = stage_next(root, manifest, backends.folders(kind, manifest["params"]))
+    con = _open_for_writing(stage, record, storage)
     with con:  # one transaction: a kill leaves the old rows, which the old manifest still describes
         con.execute("DELETE FROM images WHERE id >= ?", (count,))  # rows an interrupted add left (it redoes them)
         con.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in gone])
         left = [i for (i,) in con.execute("SELECT id FROM images ORDER BY id")]
         con.executemany("UPDATE images SET id = ? WHERE id = ?", [(new, old) for new, old in enumerate(left)
                                                                   if new != old])
+    fault("rows")
     desc = _stored_descriptors(con, record["dim"], 0, storage)
     check_descriptors(desc, str(root / DB_FILE), storage)
-    backends.discard(root, kind, manifest["params"])  # made anew from the renumbered rows
-    backend, used = backends.create(root, kind, record["dim"], desc, manifest["params"], con)
-    new = _write(root, con, backend, kind, used, record, manifest["created"],
-                 {k: manifest[k] for k in KEPT_BY_WRITERS if k in manifest})
+    backends.discard(stage, kind, manifest["params"])  # made anew from the renumbered rows
+    backend, used = backends.create(stage, kind, record["dim"], desc, manifest["params"], con)
+    new = _write(stage, con, backend, kind, used, record, manifest["created"],
+                 {k: manifest[k] for k in KEPT_BY_WRITERS if k in manifest}, _next_generation(manifest))
     con.close()
+    commit_next(root)
     return {"removed": len(gone), "count": new["count"], "sessions_removed": sorted(want)}
 
 
@@ -472,6 +496,22 @@ def pull(root: str | os.PathLike, source: str, record: dict | None = None) -> di
             Path(path).unlink(missing_ok=True)
 
 
+def _check_payload(source: str, i: int, cols: tuple) -> None:
+    """A pulled point's row columns are data checked like built rows: a path, coordinates in range or absent."""
+    if not isinstance(cols[0], str) or not cols[0]:
+        raise ValueError(f"{source}: point {i} has no 'path' in its payload: not a map made by edgevpr (its points "
+                         "need path, and optionally place_id, location, east, north)")
+    lat, lon, east, north = cols[2:6]
+    for name, v, lim in (("lat", lat, 90.0), ("lon", lon, 180.0), ("east", east, 1e8), ("north", north, 1e8)):
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and abs(v) <= lim):
+            raise ValueError(f"{source}: point {i} payload field {name} is {str(v)[:40]!r} (a finite number within "
+                             f"+-{lim:g} or absent)")
+    for name, v, ok in (("place_id", cols[1], (str, int)), ("session", cols[6], str), ("time", cols[7], (int, float))):
+        if v is not None and (not isinstance(v, ok) or isinstance(v, bool)
+                              or (isinstance(v, float) and not math.isfinite(v))):
+            raise ValueError(f"{source}: point {i} payload field {name} is {str(v)[:40]!r} (wrong type)")
+
+
 def _pull_file(root: Path, source: str, path: str, old: dict | None, params: dict, shard: Path,
                record: dict | None) -> dict:
     """``pull`` once the snapshot is a local file ``path`` (``source``: what the user named)."""
@@ -498,10 +538,10 @@ def _pull_file(root: Path, source: str, path: str, old: dict | None, params: dic
     for other in named[1:]:
         check_model(rec, other["name"], other["fingerprint"], str(source))
     partial = qdrant_edge.is_partial(path)
-    # everything is staged in root/.pull (a partial snapshot merges into a copy of the shard) and swapped in only
-    # when the rows it gives are valid: a failed or killed pull leaves the index as it was
-    stage = root / ".pull"
-    shutil.rmtree(stage, ignore_errors=True)  # what a killed pull left
+    # the next generation is made in root/.next (a partial snapshot merges into a copy of the shard) and swapped in
+    # only when the rows it gives are valid: a failed or killed pull leaves the index as it was
+    stage = root / NEXT_DIR
+    shutil.rmtree(stage, ignore_errors=True)  # an uncommitted stage a killed writer left
     stage.mkdir()
     staged = stage / shard.name
     try:
@@ -516,36 +556,24 @@ def _pull_file(root: Path, source: str, path: str, old: dict | None, params: dic
                     if i != expect:
                         raise ValueError(f"{source}: point ids are not 0..N-1 (found {i} where {expect} was due): "
                                          "not a map made by edgevpr; rebuild it with `index build --kind qdrant`")
-                    if not isinstance(cols[0], str):
-                        raise ValueError(f"{source}: point {i} has no 'path' in its payload: not a map made by "
-                                         "edgevpr (its points need path, and optionally place_id, location, east, "
-                                         "north)")
+                    _check_payload(source, i, cols)
                     if vec.shape != (rec["dim"],):
                         raise ValueError(f"{source}: {vec.shape[0]}-D vectors; the model {rec['name']} makes "
                                          f"{rec['dim']}-D descriptors")
                     con.execute(_INSERT_IMAGE, (i, cols[0], *cols[1:6], vec.tobytes(), *cols[6:]))
                     expect += 1
+            if expect == 0:
+                raise ValueError(f"{source}: the snapshot holds no points")
+            fault("rows")
+            backend = backends.open_backend(stage, {"kind": "qdrant", "params": params, "dim": rec["dim"]}, con)
+            keep = {"pulled_from": {"source": str(source), "partial": partial,
+                                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+            manifest = _write(stage, con, backend, "qdrant", params, rec, (old or {}).get("created"), keep,
+                              _next_generation(old or {}))
         finally:
             con.close()
-        if expect == 0:
-            raise ValueError(f"{source}: the snapshot holds no points")
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    previous = root / (shard.name + ".old")
-    shutil.rmtree(previous, ignore_errors=True)
-    if shard.exists():
-        shard.rename(previous)
-    staged.rename(shard)
-    for name in (DB_FILE + "-wal", DB_FILE + "-shm"):
-        (root / name).unlink(missing_ok=True)
-    os.replace(stage / DB_FILE, root / DB_FILE)
-    shutil.rmtree(previous, ignore_errors=True)
-    shutil.rmtree(stage, ignore_errors=True)
-    con = _open_for_writing(root, rec, "float32")
-    backend = backends.open_backend(root, {"kind": "qdrant", "params": params, "dim": rec["dim"]}, con)
-    keep = {"pulled_from": {"source": str(source), "partial": partial,
-                            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
-    manifest = _write(root, con, backend, "qdrant", params, rec, (old or {}).get("created"), keep)
-    con.close()
+    commit_next(root)
     return {"count": manifest["count"], "partial": partial, "source": str(source)}

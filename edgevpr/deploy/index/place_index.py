@@ -14,6 +14,7 @@ from ..decision import Coordinates
 from .backends import Backend, open_backend, storage_of
 from .store import (
     DB_FILE,
+    MANIFEST_FILE,
     MAX_K,
     Match,
     _columns,
@@ -21,15 +22,37 @@ from .store import (
     _stored_descriptors,
     check_files,
     read_manifest,
+    ro_connect,
 )
+
+
+def _stamp(root: Path) -> tuple | None:
+    try:
+        st = os.stat(root / MANIFEST_FILE)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns
 
 
 class PlaceIndex:
     """An index folder opened for search (``open``) or built and extended (``build``, ``add``)."""
 
-    def __init__(self, root: Path, manifest: dict, backend: Backend, con: sqlite3.Connection) -> None:
+    def __init__(self, root: Path, manifest: dict, backend: Backend, con: sqlite3.Connection,
+                 stamp: tuple | None = None) -> None:
         self.root, self.manifest, self.backend, self.con = root, manifest, backend, con
         self._n = backend.ntotal  # counted once: a Qdrant count is a request
+        self.stamp = stamp  # the manifest file's identity when this generation was opened (``changed``)
+
+    @property
+    def generation(self) -> int:
+        """The index generation this object answers from (+1 at every ``add``, ``remove``, ``pull``)."""
+        return int(self.manifest.get("generation", 1))
+
+    def changed(self) -> bool:
+        """Whether a writer has swapped in another generation since this one was opened (a stat of the manifest:
+        cheap enough for every request). The open object keeps answering from its own generation (its files stay
+        open); the caller reopens (``Localizer.refresh``)."""
+        return _stamp(self.root) != self.stamp
 
     # ----------------------------------------------------------------------------------------- open / info
     @classmethod
@@ -37,12 +60,13 @@ class PlaceIndex:
         """Open a finished index; ``mmap`` maps the search files instead of reading them; ``verify`` checks every
         byte (sha256) and every point of a structure derived from the rows."""
         root = Path(root)
+        stamp = _stamp(root)  # before reading: a swap in between shows as a change at the next check
         manifest = read_manifest(root)
         problems = check_files(root, manifest, full=verify)
         if problems:
             raise ValueError(problems[0])
         try:
-            con = sqlite3.connect(f"file:{root / DB_FILE}?mode=ro", uri=True, check_same_thread=False)
+            con = ro_connect(root / DB_FILE)
             n = con.execute("SELECT COUNT(*) FROM images").fetchone()[0]
         except sqlite3.Error as e:
             raise ValueError(f"{root / DB_FILE}: not a readable SQLite database ({e})") from None
@@ -54,7 +78,7 @@ class PlaceIndex:
         if problems := backend.check(con, full=verify):
             backend.close()
             raise ValueError(problems[0])
-        return cls(root, manifest, backend, con)
+        return cls(root, manifest, backend, con, stamp)
 
     def close(self) -> None:
         self.con.close()

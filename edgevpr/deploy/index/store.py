@@ -206,6 +206,7 @@ def _file_signature(path: str) -> tuple[int | None, int | None]:
 
 def read_manifest(root: Path) -> dict:
     """The manifest of an index folder, checked for the fields edgevpr reads (one-line errors)."""
+    recover(root)
     man_file = root / MANIFEST_FILE
     if not man_file.is_file():
         hint = " (an interrupted build: run the same `edgevpr index build` again)" if (root / DB_FILE).exists() \
@@ -213,8 +214,8 @@ def read_manifest(root: Path) -> dict:
         raise FileNotFoundError(f"{root}: not a finished place index, no {MANIFEST_FILE}{hint}")
     try:
         manifest = json.loads(man_file.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{man_file}: not valid JSON ({e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{man_file}: not valid JSON ({str(e)[:200] or 'nested too deeply'})") from None
     need = {"model": dict, "dim": int, "kind": str, "params": dict, "count": int, "files": dict}
     for key, typ in need.items():
         if not isinstance(manifest, dict) or not isinstance(manifest.get(key), typ):
@@ -260,6 +261,131 @@ def check_files(root: Path, manifest: dict, full: bool = False,
 
 
 LOCK_FILE = ".lock"
+
+# ------------------------------------------------------------------------------------------- generations and swaps
+#: where a writer that changes a finished index (``add``, ``remove``, ``pull``) builds the next generation
+NEXT_DIR = ".next"
+#: written into NEXT_DIR once the next generation is complete: from then on it is rolled forward, never discarded
+COMMIT_FILE = "COMMITTED"
+SWAP_LOCK = ".swap.lock"
+#: in a stage: which generation it was copied from
+BASE_FILE = ".base.json"
+
+
+def fault(point: str) -> None:
+    """Fault injection for the kill tests: the process dies at once (``os._exit``, no cleanup) when
+    ``EDGEVPR_FAULT_AT`` names ``point``. Points: ``rows`` (rows written), ``staged`` (next generation complete,
+    before its commit mark), ``committed`` (mark written), ``moved:NAME`` (one file swapped in)."""
+    if os.environ.get("EDGEVPR_FAULT_AT") == point:
+        os._exit(137)
+
+
+def ro_connect(path: Path) -> sqlite3.Connection:
+    """A finished index's row store opened for reading: ``immutable=1``, so SQLite takes no lock and reads no
+    journal or WAL file beside it (a stray ``places.sqlite-wal`` copied in is never applied; a committed database
+    never changes in place, writers build the next generation beside it)."""
+    from urllib.parse import quote
+
+    return sqlite3.connect(f"file:{quote(str(path))}?immutable=1", uri=True, check_same_thread=False)
+
+
+def stage_next(root: Path, manifest: dict, folders: tuple[str, ...] = (), resume: bool = False) -> Path:
+    """A copy of the index's current generation in ``root/.next`` for a writer to change (rows through SQLite's
+    backup API from the immutable file, the search files, and the engine's ``folders``, e.g. an Edge shard) -> that
+    folder; ``resume`` keeps an uncommitted stage made from this same generation (an interrupted ``add``)."""
+    import shutil
+
+    stage = root / NEXT_DIR
+    base = json.dumps({"updated": manifest.get("updated"), "rows_sha256": manifest.get("rows_sha256"),
+                       "count": manifest["count"]})
+    try:
+        if resume and (stage / BASE_FILE).read_text() == base and (stage / DB_FILE).is_file():
+            return stage  # what a killed writer of the same kind finished on this generation (``add`` resumes)
+    except OSError:
+        pass
+    shutil.rmtree(stage, ignore_errors=True)  # an uncommitted stage a killed writer left (we hold the lock)
+    stage.mkdir()
+    src, dst = ro_connect(root / DB_FILE), sqlite3.connect(stage / DB_FILE)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+    for name in manifest["files"]:
+        if name != DB_FILE:
+            shutil.copy2(root / name, stage / name)
+    for name in folders:
+        if (root / name).is_dir():
+            shutil.copytree(root / name, stage / name)
+    (stage / BASE_FILE).write_text(base)
+    return stage
+
+
+def commit_next(root: Path) -> None:
+    """Swap the complete next generation in ``root/.next`` (its manifest written) in: the commit mark lists what
+    moves, then every file and folder is moved over the old one and the manifest last, so a reader sees the old
+    manifest with the old files or the new with the new; a kill after the mark is rolled forward by the next
+    opener (``recover``)."""
+    stage = root / NEXT_DIR
+    names = sorted(p.name for p in stage.iterdir() if p.name not in (MANIFEST_FILE, COMMIT_FILE)
+                   and not p.name.startswith((".", DB_FILE + "-")))
+    fault("staged")
+    write_json(stage / COMMIT_FILE, {"move": [*names, MANIFEST_FILE]})
+    fault("committed")
+    _roll_forward(root)
+
+
+def _roll_forward(root: Path) -> None:
+    import fcntl
+    import re
+    import shutil
+
+    stage = root / NEXT_DIR
+    with open(root / SWAP_LOCK, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one mover at a time (a writer and a reader recovering)
+        try:
+            mark = stage / COMMIT_FILE
+            if not mark.is_file():
+                return  # another process finished it
+            try:
+                names = json.loads(mark.read_text())["move"]
+            except (ValueError, KeyError, TypeError, RecursionError):
+                raise ValueError(f"{mark}: not a commit mark edgevpr wrote; remove {stage} (the index as it was "
+                                 "stays)") from None
+            if not (isinstance(names, list) and names and names[-1] == MANIFEST_FILE and
+                    all(isinstance(n, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", n) for n in names)):
+                raise ValueError(f"{mark}: field 'move' must list plain file names ending with {MANIFEST_FILE}")
+            for name in names:
+                src, dst = stage / name, root / name
+                if not src.exists():
+                    continue  # moved before a kill
+                if name == DB_FILE:
+                    for j in (DB_FILE + "-wal", DB_FILE + "-shm"):
+                        (root / j).unlink(missing_ok=True)
+                if src.is_dir():
+                    old = root / (name + ".old")
+                    shutil.rmtree(old, ignore_errors=True)
+                    if dst.exists():
+                        dst.rename(old)
+                    src.rename(dst)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(src, dst)
+                fault(f"moved:{name}")
+            shutil.rmtree(stage, ignore_errors=True)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def recover(root: Path) -> None:
+    """Finish a swap a killed writer committed (readers and writers call it before reading the manifest); an
+    uncommitted stage is left for the next writer to discard (a running writer may be filling it)."""
+    if (root / NEXT_DIR / COMMIT_FILE).is_file():
+        try:
+            _roll_forward(root)
+        except OSError as e:
+            raise ValueError(f"{root}: a swap of index files was interrupted and cannot be finished here ({e}); run "
+                             "`edgevpr index info` where the folder is writable") from None
 
 
 def _exclusive(arg: str, create: bool = False):
@@ -443,7 +569,7 @@ def verify_for_writing(root: Path, manifest: dict) -> None:
     problems = check_files(root, manifest, names=names)
     if not problems and check_files(root, manifest, names=(DB_FILE,)):
         recorded = manifest.get("rows_sha256")
-        con = sqlite3.connect(f"file:{root / DB_FILE}?mode=ro", uri=True)
+        con = ro_connect(root / DB_FILE)
         try:
             same = recorded is not None and rows_digest(con, manifest["count"]) == recorded
         except sqlite3.Error as e:
@@ -475,7 +601,7 @@ def update_manifest(root: str | os.PathLike, **fields) -> dict:
 
 
 def _failed(root: Path) -> list[tuple[str, str]]:
-    con = sqlite3.connect(root / DB_FILE)
+    con = ro_connect(root / DB_FILE)
     try:
         return [tuple(r) for r in con.execute("SELECT path, reason FROM failed ORDER BY path")]
     finally:

@@ -100,6 +100,11 @@ def required_files(kind: str, params: dict) -> tuple[str, ...]:
     return _module(kind, params).REQUIRED_FILES
 
 
+def folders(kind: str, params: dict) -> tuple[str, ...]:
+    """Folders of the index that hold this engine's structure (copied into a writer's next generation)."""
+    return getattr(_module(kind, params), "FOLDERS", ())
+
+
 def storage_of(kind: str) -> str:
     """How the row store keeps descriptors for ``kind``: "bits" (binary) or "float32"."""
     return "bits" if kind == "binary" else "float32"

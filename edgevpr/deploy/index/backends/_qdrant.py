@@ -31,7 +31,8 @@ def _payload(path: str, place: str | None, lat, lon, east, north, session=None, 
 
 def row_of(payload: dict) -> tuple:
     """The row columns (path, place_id, lat, lon, east, north, session, time) a payload holds."""
-    loc = payload.get("location") or {}
+    loc = payload.get("location")
+    loc = loc if isinstance(loc, dict) else {}
     return (payload.get("path"), payload.get("place_id"), loc.get("lat"), loc.get("lon"), payload.get("east"),
             payload.get("north"), payload.get("session"), payload.get("time"))
 

@@ -25,6 +25,8 @@ import numpy as np
 from ._qdrant import INSTALL, REQUIRED_FILES, QdrantBackend, refuse_fuller, row_of  # noqa: F401  (REQUIRED_FILES: the registry reads it)
 
 EDGE_DIR = "qdrant-edge"
+#: the index folders this engine's structure lives in (``backends.folders``)
+FOLDERS = (EDGE_DIR,)
 
 #: Edge's build and search settings (``index build --kind qdrant --param``): HNSW graph degree and build depth,
 #: int8 scalar quantization of the vectors (kept in RAM, 4x smaller than float32) and, at search, the HNSW beam
