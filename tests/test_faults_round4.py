@@ -260,3 +260,48 @@ def test_a_writer_killed_at_each_step_leaves_the_old_or_the_new_index(writer, ti
         pi = idx.PlaceIndex.open(root, verify=True)
         assert {r[0] for r in pi.rows(list(range(len(pi)))).values()} == new, point
         pi.close()
+
+
+# ------------------------------------------------------------------- P: a progressive JPEG's scans bounded, not decoded
+def _scan_bomb(data_root: Path, out: Path, repeats: int = 400) -> Path:
+    """A real Gardens Point frame saved as a progressive JPEG whose last scan is repeated ``repeats`` times (the CPU
+    bomb's shape: every repeated scan is one more pass over the image at decode time)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(data_root / "gardens_point" / "day_right" / "Image010.jpg").save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    last = data.rindex(b"\xff\xda")
+    scan = data[last:-2]  # the last scan header and its entropy-coded data, up to the end-of-image marker
+    out.write_bytes(data[:-2] + scan * repeats + b"\xff\xd9")
+    return out
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(tiny, tmp_path, data_root, capsys, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from edgevpr.data import images
+    from edgevpr.deploy.localize import Localizer
+    from edgevpr.deploy.service import create_app
+
+    bomb = _scan_bomb(data_root, tmp_path / "bomb.jpg")
+    decoded = []
+    monkeypatch.setattr(images.Image.Image, "load", lambda self: decoded.append(self) or None, raising=True)
+    with pytest.raises(images.ImageLoadError, match=r"bomb.jpg: a JPEG of 4\d\d scans, over the limit of 100"):
+        images.load_image(bomb)
+    assert not decoded  # refused from the bytes alone
+    monkeypatch.undo()
+    good = tmp_path / "good.jpg"  # a normal progressive JPEG of the same frame passes
+    _scan_bomb(data_root, good, repeats=1)
+    assert images.load_image(good).size == (960, 540)
+    root, db = _gp_index(tiny, tmp_path, data_root)
+    client = TestClient(create_app(Localizer(root, tiny)))
+    r = client.post("/api/localize", files={"image": ("b.jpg", bomb.read_bytes(), "image/jpeg")})
+    assert r.status_code == 413 and "scans" in r.json()["detail"]
+    _one_line_error(capsys, ["localize", "--index", str(root), "--model", _model_file(tiny, tmp_path), str(bomb)],
+                    "bomb.jpg", "scans")
+    (db / "bomb.jpg").write_bytes(bomb.read_bytes())
+    _one_line_error(capsys, ["index", "build", "--images", str(db), "--out", str(tmp_path / "b"), "--model",
+                             _model_file(tiny, tmp_path), "--quiet"], "bomb.jpg", "scans")

@@ -15,6 +15,26 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", "
 DEFAULT_MAX_PIXELS = int(os.environ.get("EDGEVPR_MAX_PIXELS", 120_000_000))
 
 
+#: The most scans a JPEG may have (``EDGEVPR_MAX_JPEG_SCANS``, default 100). A progressive JPEG has about 10; each
+#: scan is another pass over every coefficient of the image, so a 36-megapixel file of 20,000 tiny scans costs minutes
+#: of CPU to decode although it is under the pixel limit. Counted in the bytes before anything is decoded.
+MAX_JPEG_SCANS = int(os.environ.get("EDGEVPR_MAX_JPEG_SCANS", 100))
+
+
+def jpeg_scans(data: bytes) -> int:
+    """Start-of-scan markers (FF DA) in a JPEG's bytes: entropy-coded data stuffs every FF byte (FF 00), so each
+    occurrence is a scan header."""
+    return data.count(b"\xff\xda")
+
+
+def decode_work_problem(fmt: str | None, data: bytes) -> str | None:
+    """Why decoding these bytes would cost unbounded work (None: it is bounded): a JPEG of too many scans."""
+    if fmt == "JPEG" and (n := jpeg_scans(data)) > MAX_JPEG_SCANS:
+        return (f"a JPEG of {n} scans, over the limit of {MAX_JPEG_SCANS} (each scan is a pass over the whole image; "
+                "EDGEVPR_MAX_JPEG_SCANS raises it)")
+    return None
+
+
 class ImageLoadError(OSError):
     """An image that cannot be used; ``str(err)`` is one line naming the file and the reason."""
 
@@ -57,6 +77,8 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
                 w, h = img.size
                 if w * h > limit:
                     raise ImageLoadError(path, f"{w}x{h} = {w * h} pixels exceeds the limit of {limit}")
+                if img.format == "JPEG" and (why := decode_work_problem(img.format, path.read_bytes())):
+                    raise ImageLoadError(path, why)
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 return _to_rgb(img)

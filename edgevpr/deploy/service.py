@@ -38,6 +38,7 @@ from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.responses import HTMLResponse, Response
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..data.images import decode_work_problem
 from .decision import GeoPrior
 from .inputs import Frame
 from .localize import Localizer
@@ -145,6 +146,8 @@ def decode_upload(data: bytes, limits: ServiceLimits, header_only: bool = False)
             w, h = img.size
             if w * h > limits.max_pixels:
                 raise UploadError(413, f"image of {w}x{h} = {w * h} pixels exceeds the limit of {limits.max_pixels}")
+            if why := decode_work_problem(img.format, data):
+                raise UploadError(413, why)
             if header_only:
                 return img
             img.load()
