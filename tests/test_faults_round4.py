@@ -305,3 +305,50 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(tiny, tmp_path,
     (db / "bomb.jpg").write_bytes(bomb.read_bytes())
     _one_line_error(capsys, ["index", "build", "--images", str(db), "--out", str(tmp_path / "b"), "--model",
                              _model_file(tiny, tmp_path), "--quiet"], "bomb.jpg", "scans")
+
+
+# ----------------------------------------------------------------- U: the calibration record is sealed and validated
+def _calibration() -> dict:
+    from edgevpr.deploy.decision import FEATURES, Calibration
+
+    n = len(FEATURES)
+    return Calibration(threshold=0.5, target_precision=0.9, precision=0.92, recall=0.6, queries=40,
+                       neighbourhood={"radius_m": None, "frames": 2}, features=list(FEATURES), mean=[0.1] * n,
+                       std=[1.0] * n, coef=[1.0] * n, intercept=0.0).to_dict()
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("coef", [-1e6, 0, 0, 0], "coef: must be 4 finite numbers"),
+    ("threshold", "0.5", "threshold: is '0.5', must be a probability"),
+    ("coef", [float("nan")] * 4, "coef: must be 4 finite numbers"),
+    ("coef", [1.0, 1.0, 1.0], "coef: must be 4 finite numbers"),
+    ("features", ["margin", "__class__", "x", "y"], "features: must list evidence names"),
+])
+def test_a_calibration_edited_by_hand_is_one_line_naming_the_file_and_field(field, value, says, tiny, tmp_path,
+                                                                              data_root, capsys):
+    from fastapi.testclient import TestClient  # noqa: F401  (the service is refused at start, below)
+
+    from edgevpr.deploy.index.store import seal
+    from edgevpr.deploy.localize import Localizer
+
+    root, db = _gp_index(tiny, tmp_path, data_root)
+    idx.update_manifest(root, calibration=_calibration())
+    photo, model = str(db / "Image004.jpg"), _model_file(tiny, tmp_path)
+    assert main(["localize", "--index", str(root), "--model", model, photo, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["decision"]["known"] is not None
+    man_file = root / "manifest.json"
+    man = json.loads(man_file.read_text())
+    man["calibration"]["threshold"] *= 1.5  # a hand edit: the seal no longer matches
+    man_file.write_text(json.dumps(man))
+    _one_line_error(capsys, ["localize", "--index", str(root), "--model", model, photo], "manifest.json",
+                    "calibration_sha256")
+    assert not idx.verify_index(root)["verified"]
+    man["calibration"]["threshold"] /= 1.5
+    man["calibration"][field] = value  # resealed: the values themselves are checked
+    man["calibration_sha256"] = seal(man)
+    man_file.write_text(json.dumps(man))
+    _one_line_error(capsys, ["localize", "--index", str(root), "--model", model, photo], "manifest.json", says)
+    report = idx.verify_index(root)
+    assert not report["verified"] and says in report["problems"][0]
+    with pytest.raises(ValueError, match=says.split(":")[0]):
+        Localizer(root, tiny)

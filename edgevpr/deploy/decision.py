@@ -307,20 +307,60 @@ class Calibration:
         if not np.isfinite(x).all():
             return 0.0
         z = (x - np.asarray(self.mean)) / np.asarray(self.std)
-        return float(1.0 / (1.0 + math.exp(-float(np.dot(self.coef, z) + self.intercept))))
+        logit = float(np.clip(np.dot(self.coef, z) + self.intercept, -700.0, 700.0))  # no overflow on far evidence
+        return float(1.0 / (1.0 + math.exp(-logit)))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> Calibration:
-        if d.get("kind") != "logistic":
+        """A stored record -> Calibration, every field checked (type, length, finite, range): a record is data, and a
+        wrong one is one line naming ``where`` (the file and field) and what is wrong, never a crash at answer time."""
+        if not isinstance(d, dict) or d.get("kind") != "logistic":
             raise ValueError(f"{where}: its calibration was made by an earlier edgevpr (a threshold on the margin, "
                              "whose confidence was not a probability): run `edgevpr calibrate` again")
         try:
-            return cls(**d)
+            cal = cls(**d)
         except TypeError as e:
             raise ValueError(f"{where}: malformed calibration record ({e})") from None
+        cal.check(where)
+        return cal
+
+    def check(self, where: str) -> None:
+        """ValueError naming ``where`` and the field when a value is out of its type or range."""
+        def bad(field: str, why: str) -> ValueError:
+            return ValueError(f"{where}.{field}: {why}; run `edgevpr calibrate` again")
+
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        known = set(SEQUENCE_FEATURES) | set(VERIFIED_FEATURES)
+        if not (isinstance(self.features, list) and self.features and
+                all(isinstance(f, str) and f in known for f in self.features)):
+            raise bad("features", f"must list evidence names from {', '.join(sorted(known))}")
+        n = len(self.features)
+        for name, lim in (("mean", 1e6), ("std", 1e6), ("coef", 1e3)):
+            v = getattr(self, name)
+            if not (isinstance(v, list) and len(v) == n and all(number(x) and abs(x) <= lim for x in v)):
+                raise bad(name, f"must be {n} finite numbers within +-{lim:g} (one per feature)")
+        if not all(x > 0 for x in self.std):
+            raise bad("std", "must be positive")
+        if not (number(self.intercept) and abs(self.intercept) <= 1e3):
+            raise bad("intercept", "must be a finite number within +-1000")
+        for name in ("threshold", "target_precision"):
+            v = getattr(self, name)
+            if not (number(v) and 0.0 <= v <= 1.0):
+                raise bad(name, f"is {str(v)[:40]!r}, must be a probability in [0, 1]")
+        hood = self.neighbourhood
+        if not (isinstance(hood, dict) and set(hood) <= {"radius_m", "frames"}
+                and (number(hood.get("radius_m")) and hood["radius_m"] > 0 or hood.get("radius_m") is None)
+                and (isinstance(hood.get("frames"), int) and hood["frames"] >= 0 or hood.get("frames") is None)):
+            raise bad("neighbourhood", "must be {radius_m: metres > 0 or null, frames: whole number or null}")
+        for name in ("sequence_length", "verify", "queries", "unknown_queries"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+                raise bad(name, "must be a whole number >= 0")
 
 
 #: A threshold must keep at least this many calibration answers above it: a precision measured on one or two

@@ -86,6 +86,7 @@ class Localizer:
         self.model = open_model(model, device) if isinstance(model, (str, os.PathLike)) else model
         check_model(rec, self.model.name, self.model.fingerprint(), str(self.index.root))
         self.knobs = rec["knobs"]
+        self._calibration("calibration"), self._calibration("sequence_calibration")  # refused here, not mid-stream
         self.transform = self.model.transform(tuple(rec["image_size"]))
         self._lock = threading.Lock()
         if verify:
@@ -196,8 +197,10 @@ class Localizer:
         if not rec:
             return None
         try:
-            return Calibration.from_dict(rec, str(self.index.root))
+            return Calibration.from_dict(rec, f"{self.index.root / 'manifest.json'}: field {key}")
         except ValueError as e:
+            if "earlier edgevpr" not in str(e):
+                raise  # a damaged or edited record is refused, never half-used
             if not getattr(self, "_warned", False):
                 warn(str(e))
                 self._warned = True

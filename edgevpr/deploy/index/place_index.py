@@ -228,6 +228,11 @@ def verify_index(root: str | os.PathLike) -> dict:
         if not problems:
             PlaceIndex.open(root, verify=True).close()  # the files parse, their counts agree, a search structure
             # derived from the rows (Qdrant) holds exactly them
+            from ..decision import Calibration
+
+            for key in ("calibration", "sequence_calibration"):  # the decision's records are valid
+                if isinstance(manifest.get(key), dict) and manifest[key].get("kind") == "logistic":
+                    Calibration.from_dict(manifest[key], f"{root / MANIFEST_FILE}: field {key}")
     except (OSError, ValueError, RuntimeError) as e:
         problems = [str(e).splitlines()[0]]
     return {"verified": not problems, "problems": problems}

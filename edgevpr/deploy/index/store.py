@@ -58,7 +58,16 @@ MAX_K = 1000
 
 
 #: manifest fields a writer that changes the rows carries over (``add``, ``remove``)
-KEPT_BY_WRITERS = ("calibration", "sequence_calibration", "tuned")
+KEPT_BY_WRITERS = ("calibration", "sequence_calibration", "tuned", "calibration_sha256")
+
+#: manifest fields whose content the manifest seals (``calibration_sha256``): the decision's fitted records
+SEALED = ("calibration", "sequence_calibration")
+
+
+def seal(manifest: dict) -> str:
+    """sha256 of the canonical JSON of the manifest's ``SEALED`` records (what ``calibration_sha256`` holds)."""
+    body = json.dumps({k: manifest.get(k) for k in SEALED}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 @dataclass
@@ -229,6 +238,12 @@ def read_manifest(root: Path) -> dict:
             raise ValueError(f"{man_file}: files.{name} needs 'bytes' and 'sha256'")
     if not isinstance(manifest["model"].get("fingerprint"), str):
         raise ValueError(f"{man_file}: field 'model.fingerprint' is missing")
+    sealed = manifest.get("calibration_sha256")
+    if (sealed is not None or any(manifest.get(k) for k in SEALED)) and sealed != seal(manifest):
+        # an index calibrated by an edgevpr before the seal has records and no seal: those are validated on use
+        if sealed is not None:
+            raise ValueError(f"{man_file}: fields calibration / sequence_calibration differ from "
+                             "calibration_sha256 (edited by hand?): run `edgevpr calibrate` again")
     return manifest
 
 
@@ -590,6 +605,7 @@ def _update_manifest(root: str | os.PathLike, **fields) -> dict:
     manifest = read_manifest(root)
     verify_for_writing(root, manifest)
     manifest = {**manifest, **fields}
+    manifest["calibration_sha256"] = seal(manifest)
     write_json(root / MANIFEST_FILE, manifest)
     return manifest
 
