@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import tempfile
@@ -82,15 +83,23 @@ def module_device(module):
     return first.device if first is not None else "cpu"
 
 
+#: the largest Unix time accepted (the year 3000): ``inf`` or ``1e20`` in a track is refused, not an overflow
+MAX_UNIX_S = 32503680000.0
+
+
 def parse_time(text: str, where: str) -> float:
     """A time as ISO 8601 (no zone: UTC) or Unix seconds -> Unix seconds; ValueError naming ``where``."""
     from datetime import datetime, timezone
 
     text = str(text).strip()
     try:
-        return float(text)
+        t = float(text)
     except ValueError:
         pass
+    else:
+        if not (math.isfinite(t) and abs(t) <= MAX_UNIX_S):
+            raise ValueError(f"{where}: time {text!r} is not a Unix time (finite, within +-{MAX_UNIX_S:g} s)")
+        return t
     try:
         t = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

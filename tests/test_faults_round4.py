@@ -352,3 +352,40 @@ def test_a_calibration_edited_by_hand_is_one_line_naming_the_file_and_field(fiel
     assert not report["verified"] and says in report["problems"][0]
     with pytest.raises(ValueError, match=says.split(":")[0]):
         Localizer(root, tiny)
+
+
+# ------------------------------------------------- T, AB: one bad fix is skipped and reported, never spread or a crash
+def test_a_bad_fix_is_skipped_and_reported_and_the_rest_of_the_track_kept(tmp_path, capsys):
+    """Defects T and AB on a real video (Gardens Point frames, 5 m/s due north): a CSV track with one NaN latitude,
+    one ``inf`` time and one ``1e20`` time keeps its other fixes (every 2 m still keeps 10 of 40 frames, each within
+    0.5 m of the track), and says how many it skipped and the first bad line; NMEA with day 32 is skipped likewise;
+    a track left with fewer than two good fixes is one line naming the file."""
+    from edgevpr.deploy import recordings as rec
+    from tests.test_recordings import LON0, M_PER_DEG, START, _lat, _video
+
+    video = _video(tmp_path / "walk.mp4", "day_right")
+    lines = ["time,lat,lon"] + [f"{START.timestamp() + t},{_lat(t)},{LON0}" for t in range(-2, 8)]
+    lines[3] = f"{START.timestamp() + 0.5},nan,{LON0}"
+    lines.insert(5, f"inf,{_lat(1.5)},{LON0}")
+    lines.insert(7, f"1e20,{_lat(2.5)},{LON0}")
+    track_file = tmp_path / "t.csv"
+    track_file.write_text("\n".join(lines) + "\n")
+    track = rec.read_track(track_file)
+    err = capsys.readouterr().err
+    assert "t.csv: skipped 3 bad fix(es), kept 9 (first: line 4" in err and len(track.time) == 9
+    manifest, report = rec.manifest_from_video(video, track, tmp_path / "recordings", "2m")
+    rows = idx.read_rows(manifest)
+    assert report["kept"] == len(rows) == 10
+    for i, r in enumerate(rows):
+        assert abs((r.lat - _lat(0.4 * i)) * M_PER_DEG) < 0.5, (i, r)
+    nmea = tmp_path / "t.nmea"
+    from tests.test_recordings import _nmea
+
+    _nmea(nmea)
+    text = nmea.read_text().splitlines()
+    text[0] = text[0].replace(text[0].split(",")[9], "320526")  # day 32
+    nmea.write_text("\n".join(text) + "\n")
+    assert len(rec.read_track(nmea).time) == 9 and "t.nmea: skipped 1 bad fix(es)" in capsys.readouterr().err
+    track_file.write_text(f"time,lat,lon\n{START.timestamp()},nan,{LON0}\ninf,1,2\n{START.timestamp() + 1},1,2\n")
+    with pytest.raises(ValueError, match=r"t.csv: a track needs at least two good timed fixes \(1 found; 2 bad"):
+        rec.read_track(track_file)

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.images import ImageLoadError, list_images
-from ..utils import atomic_write, parse_time
+from ..utils import MAX_UNIX_S, atomic_write, parse_time
 from .decision import EARTH_RADIUS_M, haversine
 from .inputs import check_frame_size
 
@@ -231,7 +231,20 @@ def read_track(path: str | os.PathLike) -> Track:
         text = path.read_text(errors="replace")
     except OSError as e:
         raise ValueError(f"{path}: cannot read the track ({e.strerror or e})") from None
-    t, a, b = [], [], []
+    t, a, b, bad = [], [], [], []  # good fixes; what was skipped
+
+    def add(where: str, tj: float, aj: float, bj: float) -> None:
+        """Keep a fix, or skip and report it: a bad fix (NaN, inf, out of range) never spreads over the recording."""
+        lim = (90.0, 180.0) if geo else (1e8, 1e8)
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in (tj, aj, bj)) and abs(aj) <= lim[0] and \
+                abs(bj) <= lim[1] and abs(tj) <= MAX_UNIX_S:
+            t.append(tj)
+            a.append(aj)
+            b.append(bj)
+        else:
+            bad.append(f"{where}: fix ({tj}, {aj}, {bj}) is not finite or out of range")
+
+    geo = True
     if kind == "gpx":
         import gpxpy
         import gpxpy.gpx
@@ -242,17 +255,15 @@ def read_track(path: str | os.PathLike) -> Track:
             raise ValueError(f"{path}: not a readable GPX file ({str(e).splitlines()[0]})") from None
         points = [p for tr in gpx.tracks for seg in tr.segments for p in seg.points] or \
                  [p for r in gpx.routes for p in r.points]
-        for p in points:
+        for n, p in enumerate(points, start=1):
             if p.time is not None:
                 tm = p.time if p.time.tzinfo else p.time.replace(tzinfo=timezone.utc)
-                t.append(tm.timestamp())
-                a.append(p.latitude)
-                b.append(p.longitude)
+                add(f"point {n}", tm.timestamp(), p.latitude, p.longitude)
         geo = True
     elif kind == "nmea":
         import pynmea2
 
-        for line in text.splitlines():
+        for n, line in enumerate(text.splitlines(), start=1):
             line = line.strip()
             if not line.startswith("$") or "RMC," not in line[:7]:
                 continue
@@ -260,12 +271,15 @@ def read_track(path: str | os.PathLike) -> Track:
                 msg = pynmea2.parse(line)
             except pynmea2.ParseError:
                 continue
-            if getattr(msg, "status", "A") != "A" or msg.datestamp is None or msg.timestamp is None:
+            try:
+                if getattr(msg, "status", "A") != "A" or msg.datestamp is None or msg.timestamp is None:
+                    continue
+                tm = datetime.combine(msg.datestamp, msg.timestamp)
+                fix = ((tm if tm.tzinfo else tm.replace(tzinfo=timezone.utc)).timestamp(), msg.latitude, msg.longitude)
+            except (ValueError, TypeError, OverflowError) as e:  # day 32, month 13, a garbled field
+                bad.append(f"line {n}: {str(e)[:60]}")
                 continue
-            tm = datetime.combine(msg.datestamp, msg.timestamp)
-            t.append((tm if tm.tzinfo else tm.replace(tzinfo=timezone.utc)).timestamp())
-            a.append(msg.latitude)
-            b.append(msg.longitude)
+            add(f"line {n}", *fix)
         geo = True
         if not t:
             raise ValueError(f"{path}: no valid RMC sentences (NMEA 0183 fixes with a date) in it")
@@ -277,12 +291,19 @@ def read_track(path: str | os.PathLike) -> Track:
             raise ValueError(f"{path}: a CSV track needs columns time and lat,lon (or east,north)")
         for i, r in enumerate(rows, start=2):
             try:
-                t.append(parse_time(r["time"], f"{path}: line {i}"))
-                a.append(float(r["lat" if geo else "north"]))
-                b.append(float(r["lon" if geo else "east"]))
+                fix = (parse_time(r["time"], f"line {i}"), float(r["lat" if geo else "north"]),
+                       float(r["lon" if geo else "east"]))
             except (TypeError, ValueError) as e:
-                raise ValueError(str(e) if str(e).startswith(str(path)) else
-                                 f"{path}: line {i}: not a number ({e})") from None
+                bad.append(str(e) if str(e).startswith("line") else f"line {i}: not a number ({e})")
+                continue
+            add(f"line {i}", *fix)
+    if bad:
+        from ..integrity import warn
+
+        warn(f"{path}: skipped {len(bad)} bad fix(es), kept {len(t)} (first: {bad[0]})")
+    if len(t) < 2:
+        raise ValueError(f"{path}: a track needs at least two good timed fixes ({len(t)} found"
+                         + (f"; {len(bad)} bad, first: {bad[0]})" if bad else ")"))
     nan = np.full(len(t), np.nan)
     if geo:
         return Track(np.array(t), np.array(a), np.array(b), nan, nan, str(path))
