@@ -83,6 +83,23 @@ def module_device(module):
     return first.device if first is not None else "cpu"
 
 
+def read_yaml(path: str | os.PathLike, text: str | None = None):
+    """A YAML file (or ``text`` said to come from it) parsed with ``safe_load`` -> its object; ValueError in one
+    line naming the file, line and column of a syntax error, or an unsupported tag (``!!python/...`` runs no code
+    and is refused like any other error)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text() if text is None else text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{path}: not valid YAML{where} ({what})") from None
+    except (RecursionError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable YAML file ({type(e).__name__})") from None
+
+
 #: the largest Unix time accepted (the year 3000): ``inf`` or ``1e20`` in a track is refused, not an overflow
 MAX_UNIX_S = 32503680000.0
 

@@ -389,3 +389,60 @@ def test_a_bad_fix_is_skipped_and_reported_and_the_rest_of_the_track_kept(tmp_pa
     track_file.write_text(f"time,lat,lon\n{START.timestamp()},nan,{LON0}\ninf,1,2\n{START.timestamp() + 1},1,2\n")
     with pytest.raises(ValueError, match=r"t.csv: a track needs at least two good timed fixes \(1 found; 2 bad"):
         rec.read_track(track_file)
+
+
+# ---------------------------------------------------------------------------- AA: a malformed YAML file is one line
+@pytest.mark.parametrize("text, says", [("backbone: [unclosed\n", "not valid YAML at line"),
+                                        ("!!python/object:os.system {}\n", "not valid YAML"),
+                                        ("a: b: c\n", "not valid YAML at line 1")])
+def test_a_malformed_yaml_is_one_line_in_every_command(text, says, tiny, tmp_path, data_root, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    photo = tmp_path / "p.png"
+    from tests.conftest import make_image
+
+    make_image(photo, 0)
+    for argv in (["train", "--config", str(bad), "--out", str(tmp_path / "run")],
+                 ["export", "--model", str(bad), "--out", str(tmp_path / "m.onnx")],
+                 ["localize", "--index", str(_build(tiny, tmp_path)), "--model", str(bad), str(photo)],
+                 ["compress", "--teacher", str(bad), "--images", str(data_root / "gardens_point" / "day_right"),
+                  "--budget-ms", "5", "--out",
+                  str(tmp_path / "c")]):
+        _one_line_error(capsys, argv, "bad.yaml", says)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()
+
+
+# ---------------------------------------------------- S: a compress OUT of another run resumes nothing and says so
+def test_compress_into_the_folder_of_another_run_is_refused_before_any_cached_step_is_used(tiny, tmp_path, data_root,
+                                                                                          capsys):
+    from edgevpr.compress.budget import compress
+    from edgevpr.models.model import save_model
+
+    images = str(data_root / "gardens_point" / "day_right")
+    teacher_a = _model_file(tiny, tmp_path)
+    torch.manual_seed(1)
+    save_model(load_model(TINY_MODEL), tmp_path / "teacher-b")
+    run = dict(sizes=(0.5,), dims=(0,), distil_steps=0, keep_ratios=(), progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill(*args):
+        raise Killed
+
+    out = tmp_path / "c"
+    with pytest.raises(Killed):  # a run of teacher A, stopped after its first candidate: its caches are there
+        compress(teacher_a, images, 1e6, out, **run, on_candidate=kill)
+    before = sorted(p.name for p in out.rglob("*"))
+    for argv, says in (
+            (["--teacher", str(tmp_path / "teacher-b"), "--images", images], "another teacher"),
+            (["--teacher", teacher_a, "--images", str(data_root / "gardens_point" / "night_right")], "another images"),
+            (["--teacher", teacher_a, "--images", images, "--sizes", "0.75"], "another settings")):
+        _one_line_error(capsys, ["compress", *argv, "--budget-ms", "1e6", "--out", str(out), "--dims", "0",
+                                 "--distil-steps", "0", "--quiet", *(["--sizes", "0.5"] if "--sizes" not in argv
+                                                                      else [])], says, "nothing is resumed")
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing written or removed
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    _one_line_error(capsys, ["compress", "--teacher", teacher_a, "--images", images, "--budget-ms", "5", "--out",
+                             str(tmp_path / "other"), "--quiet"], "not empty and not a compress run")

@@ -46,6 +46,7 @@ are distilled with token distillation too. What did not apply is listed in the r
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -315,6 +316,45 @@ def _size(model, frac: float) -> tuple[int, int]:
     return tuple(max(step, int(round(s * frac / step)) * step) for s in model.image_size)
 
 
+#: in a compress OUT: what the run is of (teacher fingerprint, image lists, settings); every cached step belongs to it
+RUN_FILE = "run.json"
+
+
+def _listing(rows: list) -> str:
+    """sha256 of an image list with each file's size and mtime: another folder, or a changed image, differs."""
+    h = hashlib.sha256()
+    for r in rows:
+        try:
+            st = os.stat(r.path)
+            h.update(f"{r.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{r.path}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def _claim(out: Path, run: dict) -> None:
+    """Make ``out`` this run's folder, or resume it when it holds the same run (same teacher fingerprint, images,
+    queries and settings); anything else in it is refused in one line naming what differs: a cached teacher,
+    student or candidate of another run is never returned as this one's."""
+    f = out / RUN_FILE
+    if f.is_file():
+        try:
+            had = json.loads(f.read_text())
+        except (ValueError, RecursionError):
+            had = None
+        if not isinstance(had, dict):
+            raise ValueError(f"{f}: not a compress run record; choose another --out")
+        differ = [k for k in run if had.get(k) != run[k]]
+        if differ:
+            raise ValueError(f"{out}: holds a compress run of another {', '.join(differ)} (nothing is resumed from "
+                             "it): choose another --out, or delete that folder")
+        return
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"{out}: not empty and not a compress run (no {RUN_FILE}): choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(f, run)
+
+
 def _cached(path: Path, make: Callable[[], dict]) -> dict:
     """The JSON at ``path`` when a previous run finished it, else ``make()`` written there atomically."""
     if path.is_file():
@@ -357,7 +397,6 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
     if any(not (isinstance(k, (int, float)) and 0 < k <= 1) for k in keep_ratios):
         raise ValueError(f"--keep-ratios {' '.join(map(str, keep_ratios))}: each must be in (0, 1]")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
     rows = read_rows(images)
@@ -394,6 +433,11 @@ def compress(teacher: str, images: str | os.PathLike, budget_ms: float, out: str
 
     t0 = time.perf_counter()
     tm = load_model(teacher).eval()
+    settings = {"sizes": list(sizes), "dims": list(dims), "holdout": holdout, "exclude": exclude,
+                "keep_ratios": list(keep_ratios), "distil_steps": distil_steps, "distil_sizes": distil_sizes,
+                "ternary": ternary, "seed": seed, "aligned": aligned, "radius": radius}  # not the budget, the choice
+    _claim(out, {"teacher": tm.fingerprint(), "images": _listing(rows),
+                 "queries": _listing(q_rows) if queries is not None else None, "settings": settings})
     cache = out / "cache"
     t_db = _descriptors(tm, db_paths, cache, "teacher-db", progress)
     t_q = _descriptors(tm, q_paths, cache, "teacher-queries", progress)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from .. import threads
@@ -288,7 +287,11 @@ def load_model(spec: str | os.PathLike | dict, device: str | torch.device = "cpu
         model.source = str(p)
         return model.to(device).eval()
     if p.suffix in (".yaml", ".yml", ".json") and p.is_file():
-        cfg = yaml.safe_load(p.read_text())
+        from ..utils import read_yaml
+
+        cfg = read_yaml(p)
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{p}: a model config must be a YAML mapping")
         cfg.setdefault("name", p.stem)
         return build_model(cfg).to(device).eval()
     from ..published.releases import RELEASES, load_release

@@ -161,12 +161,12 @@ def merge(base: dict, over: dict) -> dict:
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
     """A YAML training config; ``base: other.yaml`` (relative to the file) is loaded first and overridden,
     then ``KEY.SUB=VALUE`` overrides (values parsed as YAML) are applied."""
-    import yaml
+    from ..utils import read_yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such config file")
-    conf = yaml.safe_load(path.read_text()) or {}
+    conf = read_yaml(path) or {}
     if not isinstance(conf, dict):
         raise ValueError(f"{path}: a config must be a YAML mapping")
     if "base" in conf:
@@ -180,7 +180,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
         try:
             for k in keys[:-1]:
                 node = node[k] if isinstance(node, list) else node.setdefault(k, {})
-            node[keys[-1]] = yaml.safe_load(value)
+            node[keys[-1]] = read_yaml(f"--set {item}", value)
         except (IndexError, TypeError, AttributeError):
             raise ValueError(f"--set {item}: '{key}' does not name a field of {path}") from None
     check_keys(conf, str(path))
