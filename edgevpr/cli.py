@@ -244,10 +244,12 @@ def cmd_index(args) -> int:
         if args.since:
             try:
                 since = json.loads(Path(args.since).read_text())
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{args.since}: not a readable snapshot manifest ({e})") from None
-            if not isinstance(since, dict):
-                raise ValueError(f"{args.since}: a snapshot manifest is a JSON object of segments")
+            except (OSError, ValueError, RecursionError) as e:
+                raise ValueError(f"{args.since}: not a readable snapshot manifest ({str(e)[:200]})") from None
+            try:
+                idx.check_snapshot_manifest(since)
+            except ValueError as e:
+                raise ValueError(f"{args.since}: {e}") from None
         res = idx.snapshot(args.index, args.out, since)
         print(json.dumps(res, indent=2) if args.json else
               f"{args.out}: {'partial' if res['partial'] else 'full'} snapshot of {res['count']} images, "

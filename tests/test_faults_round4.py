@@ -446,3 +446,29 @@ def test_compress_into_the_folder_of_another_run_is_refused_before_any_cached_st
     (tmp_path / "other" / "notes.txt").write_text("mine")
     _one_line_error(capsys, ["compress", "--teacher", teacher_a, "--images", images, "--budget-ms", "5", "--out",
                              str(tmp_path / "other"), "--quiet"], "not empty and not a compress run")
+
+
+# ------------------------------------------------------------ AC: type errors in given or pulled files are one line
+def test_type_errors_in_snapshots_and_snapshot_manifests_are_one_line(tiny, tmp_path, capsys):
+    import io
+    import tarfile
+
+    src = _build(tiny, tmp_path, "src", kind="qdrant")
+    snap = tmp_path / "seg.snapshot"  # a segment that is not a tar
+    with tarfile.open(snap, "w") as tar:
+        info = tarfile.TarInfo("segments/abc.tar")
+        info.size = 100
+        tar.addfile(info, io.BytesIO(b"x" * 100))
+    _one_line_error(capsys, ["index", "pull", "--index", str(tmp_path / "dev"), str(snap)], "seg.snapshot",
+                    "not a Qdrant snapshot archive")
+    for since, says in (({"seg": 5}, "segment 'seg' is a int"),
+                        ({"seg": {"file_versions": {"a.dat": "7"}}}, "file_versions['a.dat'] is '7'"),
+                        ([1, 2], "not a JSON object")):
+        f = tmp_path / "since.json"
+        f.write_text(json.dumps(since))
+        _one_line_error(capsys, ["index", "snapshot", "--index", str(src), "--since", str(f), "--out",
+                                 str(tmp_path / "p.snapshot")], "since.json", says)
+    f.write_text("[" * 100_000)
+    _one_line_error(capsys, ["index", "snapshot", "--index", str(src), "--since", str(f), "--out",
+                             str(tmp_path / "p.snapshot")], "since.json", "not a readable snapshot manifest")
+    assert not (tmp_path / "p.snapshot").exists()

@@ -12,7 +12,18 @@ The package has three layers, each in its own files:
 
 from .backends import KINDS, storage_of
 from .backends.faiss_kinds import DEFAULT_RERANK, FAISS_FILE, VECTORS_FILE, pca_whitening
-from .ops import add, build, merge, pull, remove, search_settings, snapshot, snapshot_manifest, tune
+from .ops import (
+    add,
+    build,
+    check_snapshot_manifest,
+    merge,
+    pull,
+    remove,
+    search_settings,
+    snapshot,
+    snapshot_manifest,
+    tune,
+)
 from .place_index import PlaceIndex, verify_index
 from .store import (
     DB_FILE,
@@ -34,7 +45,8 @@ from .store import (
 )
 
 __all__ = ["DB_FILE", "DEFAULT_RERANK", "FAISS_FILE", "KINDS", "LOCK_FILE", "MANIFEST_FILE", "MAX_K", "VECTORS_FILE",
-           "Match", "PlaceIndex", "Row", "_connect", "_extract_into", "add", "build", "check_model", "match_dicts",
+           "Match", "PlaceIndex", "Row", "_connect", "_extract_into", "add", "build", "check_model",
+           "check_snapshot_manifest", "match_dicts",
            "merge", "model_record", "pack_bits", "pca_whitening", "pull", "read_manifest", "read_rows", "remove",
            "rows_digest", "search_settings", "snapshot", "snapshot_manifest", "storage_of", "tune", "update_manifest",
            "verify_index"]

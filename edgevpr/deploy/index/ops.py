@@ -437,6 +437,13 @@ def snapshot(root: str | os.PathLike, out: str | os.PathLike, since: dict | None
     return {**box, "out": str(out), "count": manifest["count"]}
 
 
+def check_snapshot_manifest(since) -> None:
+    """ValueError naming the field when ``since`` is not a snapshot manifest (``index snapshot --since``)."""
+    from .backends import qdrant_edge
+
+    qdrant_edge.check_since(since)
+
+
 def snapshot_manifest(root: str | os.PathLike) -> dict:
     """The Qdrant snapshot manifest of an index's Edge shard (what a device sends for a partial snapshot)."""
     from .backends import qdrant_edge

@@ -170,6 +170,23 @@ def shard_manifest(shard_dir: Path) -> dict:
         shard.close()
 
 
+def check_since(since) -> None:
+    """A device's snapshot manifest is data: {segment id: {"file_versions": {file: int or null}, ...}}; anything else
+    is ValueError naming the field."""
+    if not isinstance(since, dict):
+        raise ValueError("the snapshot manifest is not a JSON object of segments")
+    for seg_id, seg in since.items():
+        if not isinstance(seg, dict):
+            raise ValueError(f"segment {str(seg_id)[:60]!r} is a {type(seg).__name__}, not an object")
+        versions = seg.get("file_versions", {})
+        if not isinstance(versions, dict):
+            raise ValueError(f"segment {str(seg_id)[:60]!r}: file_versions is not an object")
+        for name, v in versions.items():
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise ValueError(f"segment {str(seg_id)[:60]!r}: file_versions[{str(name)[:60]!r}] is "
+                                 f"{str(v)[:20]!r}, not a whole number or null")
+
+
 def write_snapshot(shard_dir: Path, out: str, since: dict | None = None, extra: dict[str, bytes] | None = None) -> dict:
     """Write the shard in ``shard_dir`` (closed) as a Qdrant shard snapshot to the path ``out`` (a tar, the layout a
     Qdrant server's ``/collections/C/shards/S/snapshot`` gives: the shard's own files, and per segment
@@ -185,6 +202,8 @@ def write_snapshot(shard_dir: Path, out: str, since: dict | None = None, extra: 
     import tarfile
 
     current = shard_manifest(shard_dir)
+    if since is not None:
+        check_since(since)
     sent = 0
     with tarfile.open(out, "w") as tar:
         for f in sorted(shard_dir.iterdir()):
