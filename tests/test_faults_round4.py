@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -472,3 +473,32 @@ def test_type_errors_in_snapshots_and_snapshot_manifests_are_one_line(tiny, tmp_
     _one_line_error(capsys, ["index", "snapshot", "--index", str(src), "--since", str(f), "--out",
                              str(tmp_path / "p.snapshot")], "since.json", "not a readable snapshot manifest")
     assert not (tmp_path / "p.snapshot").exists()
+
+
+# -------------------------------------------------- AD: polar photos, photos of several zones, refs of any spelling
+def test_exif_refs_of_any_case_or_type_polar_photos_and_distant_zones(tmp_path, capsys):
+    """Real frames with EXIF: 's'/'w' in lower case and a BYTE-typed 'S' put photos in the right hemisphere; a photo
+    at 85 N is reported and indexed without coordinates (the folder is still built); photos in Brisbane and London
+    keep their own lat/lon and their distances are great-circle ones (no 29,000 km route)."""
+    from edgevpr.deploy import recordings as rec
+    from tests.test_recordings import _photo
+
+    folder = tmp_path / "visit"
+    folder.mkdir()
+    _photo(folder / "a.jpg", {1: "s", 2: (27.0, 28.0, 39.0), 3: "e", 4: (153.0, 1.0, 40.8)})
+    _photo(folder / "b.jpg", {1: b"S\x00", 2: (27.0, 28.0, 40.0), 3: "E", 4: (153.0, 1.0, 40.8)})
+    _photo(folder / "c.jpg", {1: "N", 2: (51.0, 30.0, 0.0), 3: "w", 4: (0.0, 7.0, 0.0)})
+    _photo(folder / "d.jpg", {1: "N", 2: (85.0, 0.0, 0.0), 3: "E", 4: (10.0, 0.0, 0.0)})
+    assert rec.exif_position(folder / "a.jpg")["lat"] < 0 and rec.exif_position(folder / "b.jpg")["lat"] < 0
+    assert rec.exif_position(folder / "c.jpg")["lon"] == pytest.approx(-7 / 60)
+    assert rec._ref(83) == "S" and rec._ref((87,)) == "W"
+    assert main(["index", "build", "--model", "pixels-patchnorm", "--images", str(folder), "--out",
+                 str(tmp_path / "i"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "d.jpg" in err and "3 of 4 photos with an EXIF GPS position" in err and "span" in err
+    pi = idx.PlaceIndex.open(tmp_path / "i")
+    c = pi.coordinates()
+    assert np.isfinite(c.lat).sum() == 3 and not np.isfinite(c.east).any()
+    route = {s["session"]: s["route_m"] for s in pi.sessions()}
+    assert 16.4e6 < route["visit"] < 16.7e6  # Brisbane -> London -> (no position) great-circle, not UTM of one zone
+    pi.close()

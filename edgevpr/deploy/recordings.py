@@ -39,6 +39,9 @@ from ..utils import MAX_UNIX_S, atomic_write, parse_time
 from .decision import EARTH_RADIUS_M, haversine
 from .inputs import check_frame_size
 
+#: photos further from the equator than this have no UTM frame: reported and indexed without coordinates
+UTM_MAX_LAT = 84.0
+
 MANIFEST_COLUMNS = ("path", "lat", "lon", "utm_east", "utm_north", "altitude", "heading", "time", "session")
 #: the largest track file read (a day of 10 Hz NMEA is about 60 MB); EDGEVPR_MAX_TRACK_MB overrides
 MAX_TRACK_BYTES = int(float(os.environ.get("EDGEVPR_MAX_TRACK_MB", 512)) * 2**20)
@@ -67,10 +70,21 @@ def _rational(v) -> float:
     return float(v[0]) / float(v[1]) if isinstance(v, tuple) and len(v) == 2 else float(v)
 
 
-def _dms(value, ref: str) -> float:
+def _ref(value) -> str:
+    """An EXIF GPS reference ('N', b'S', a BYTE-typed 83, ' s\x00') -> its upper-case letter ('' if none)."""
+    if isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    if isinstance(value, int):
+        value = chr(value) if 0 < value < 128 else ""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value).strip("\x00 ").upper()[:1]
+
+
+def _dms(value, ref) -> float:
     d, m, s = (_rational(x) for x in value)
     deg = d + m / 60 + s / 3600
-    return -deg if ref in ("S", "W") else deg
+    return -deg if _ref(ref) in ("S", "W") else deg
 
 
 def _exif_time(text: str | None) -> float | None:
@@ -142,6 +156,8 @@ def manifest_from_photos(folder: str | os.PathLike, out_csv: str | os.PathLike, 
         except ImageLoadError:  # unreadable: index build reports it (or stops on it) as for any folder
             pos = None
         session = str(Path(p).parent.relative_to(folder)) if Path(p).parent != folder else folder.name
+        if pos is not None and abs(pos["lat"]) > UTM_MAX_LAT:  # no UTM frame there: reported, indexed without
+            pos = None
         if pos is None:
             missing.append(str(p))
             if not require_gps:

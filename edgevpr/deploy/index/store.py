@@ -173,11 +173,27 @@ def read_rows(source: str | os.PathLike) -> list[Row]:
             raise ValueError(f"{src}: line {line}: lat/lon out of range ({row.lat}, {row.lon})")
         rows.append(row)
     geo = [i for i, row in enumerate(rows) if row.lat is not None and row.lon is not None and row.east is None]
-    if geo:  # one UTM zone for the whole manifest (that of its first lat/lon row), as read_manifest does
+    if geo and utm_zone_spread([rows[i].lon for i in geo]) <= 1:
+        # one UTM zone for the whole manifest (that of its first lat/lon row), as read_manifest does; a neighbouring
+        # zone's points are still accurate to a fraction of a metre per km in it
         utm_xy = latlon_to_utm(np.array([rows[i].lat for i in geo]), np.array([rows[i].lon for i in geo]), str(src))
         for i, (east, north) in zip(geo, utm_xy.tolist(), strict=True):
             rows[i].east, rows[i].north = east, north
+    elif geo:  # across distant zones one frame distorts thousands of km: distances come from lat/lon (haversine)
+        from ...integrity import warn
+
+        warn(f"{src}: its positions span {utm_zone_spread([rows[i].lon for i in geo]) + 1} UTM zones; distances are "
+             "great-circle distances from lat/lon (no UTM)")
     return rows
+
+
+def utm_zone_spread(lons: list[float]) -> int:
+    """How many UTM zones (6 degrees of longitude each) apart the farthest two longitudes are, the short way round."""
+    zones = sorted({int((lon + 180) // 6) % 60 for lon in lons})
+    if len(zones) < 2:
+        return 0
+    gaps = [b - a for a, b in zip(zones, zones[1:], strict=False)] + [zones[0] + 60 - zones[-1]]
+    return 60 - max(gaps)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
