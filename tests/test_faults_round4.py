@@ -502,3 +502,33 @@ def test_exif_refs_of_any_case_or_type_polar_photos_and_distant_zones(tmp_path, 
     route = {s["session"]: s["route_m"] for s in pi.sessions()}
     assert 16.4e6 < route["visit"] < 16.7e6  # Brisbane -> London -> (no position) great-circle, not UTM of one zone
     pi.close()
+
+
+# ------------------------------------------------- V: an Edge shard damaged past its loader is one line everywhere
+def test_an_edge_shard_damaged_past_its_loader_is_one_line_and_never_shipped(tiny, tmp_path, capsys):
+    from edgevpr.deploy.localize import Localizer
+
+    root = _build(tiny, tmp_path, kind="qdrant")
+    seg = next((root / qdrant_edge.EDGE_DIR / "segments").iterdir())
+    (seg / "vector_storage" / "vectors" / "chunk_0.mmap").write_bytes(b"")  # loads; fails when counted or read
+    photo, model = str(tmp_path / "index-db" / "img002.png"), _model_file(tiny, tmp_path)
+    for argv in (["index", "info", str(root)], ["localize", "--index", str(root), "--model", model, photo],
+                 ["index", "snapshot", "--index", str(root), "--out", str(tmp_path / "s.snapshot")]):
+        _one_line_error(capsys, argv, "qdrant-edge: not a readable Qdrant Edge shard")
+    assert main(["index", "info", str(root), "--verify"]) == 1
+    assert "not a readable Qdrant Edge shard" in json.loads(capsys.readouterr().out)["problems"][0]
+    with pytest.raises(ValueError, match="not a readable Qdrant Edge shard"):
+        Localizer(root, tiny)  # what `serve` opens first
+    assert not (tmp_path / "s.snapshot").exists()
+    # a shard whose points differ from the rows (it loads and counts) is refused by snapshot before sending
+    root2 = _build(tiny, tmp_path, "other", kind="qdrant")
+    from qdrant_edge import Point, UpdateOperation
+
+    store = qdrant_edge.EdgeStore(root2, {"edge_path": qdrant_edge.EDGE_DIR}, tiny.out_dim)
+    vec = np.zeros(tiny.out_dim, np.float32)
+    vec[0] = 1.0
+    store.shard.update(UpdateOperation.upsert_points([Point(id=3, vector=vec.tolist(), payload={})]))
+    store.close()
+    _one_line_error(capsys, ["index", "snapshot", "--index", str(root2), "--out", str(tmp_path / "s.snapshot")],
+                    "differs from its row", "no snapshot was written")
+    assert not (tmp_path / "s.snapshot").exists()

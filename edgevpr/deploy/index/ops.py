@@ -277,7 +277,7 @@ def remove(root: str | os.PathLike, sessions: list[str] = (), patterns: list[str
         raise ValueError(f"{root}: that would remove all {count} images; delete the index folder instead")
     # the next generation is made in root/.next and swapped in at the end: a kill at any step leaves the old index
     # or the new one, and readers keep answering from the old one meanwhile
-    stage = stage_next(root, manifest, backends.folders(kind, manifest["params"]))
+    stage = stage_next(root, manifest)  # the structure is made anew from the rows: nothing of it is copied
     con = _open_for_writing(stage, record, storage)
     with con:  # one transaction: a kill leaves the old rows, which the old manifest still describes
         con.execute("DELETE FROM images WHERE id >= ?", (count,))  # rows an interrupted add left (it redoes them)
@@ -429,6 +429,11 @@ def snapshot(root: str | os.PathLike, out: str | os.PathLike, since: dict | None
     manifest = read_manifest(root)
     verify_for_writing(root, manifest)
     shard = _edge_dir(root, manifest)
+    from .place_index import verify_index
+
+    report = verify_index(root)  # every point against its row: a damaged shard is never shipped to a fleet
+    if not report["verified"]:
+        raise ValueError(f"{report['problems'][0]}; no snapshot was written")
     # the model record only: where the pulled index lives and which engine answers it are the puller's choice
     record = {k: manifest[k] for k in ("model", "dim", "metric") if k in manifest}
     extra = {SNAPSHOT_RECORD: json.dumps(record, indent=2).encode()}

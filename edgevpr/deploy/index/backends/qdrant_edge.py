@@ -63,6 +63,42 @@ def search_params(qe, params: dict):
         rescore=True, oversampling=float(p["oversampling"])))
 
 
+class _Guarded:
+    """A Qdrant Edge shard whose every call turns the engine's bare exceptions (a damaged segment found while
+    counting, searching or reading, not only while loading) into one ValueError line naming the shard."""
+
+    def __init__(self, shard, where: str) -> None:
+        self._shard, self._where = shard, where
+
+    def __getattr__(self, name: str):
+        fn = getattr(self._shard, name)
+        if not callable(fn):
+            return fn
+
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except ValueError:
+                raise
+            except Exception as e:  # noqa: BLE001  (the engine raises bare Exception)
+                raise ValueError(f"{self._where}: not a readable Qdrant Edge shard ({type(e).__name__}: "
+                                 f"{(str(e).splitlines() or [''])[0][:200]}); rebuild the index or pull a snapshot"
+                                 ) from None
+
+        return call
+
+
+def load_shard(path: Path) -> _Guarded:
+    """An existing shard, opened with its engine errors as one line (``_Guarded``)."""
+    import qdrant_edge as qe
+
+    try:
+        return _Guarded(qe.EdgeShard.load(str(path)), str(path))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path}: not a readable Qdrant Edge shard ({(str(e).splitlines() or [''])[0][:200]})"
+                         ) from None
+
+
 class EdgeStore(QdrantBackend):
     """A Qdrant Edge shard in ``INDEX/qdrant-edge/`` (qdrant-edge-py)."""
 
@@ -78,12 +114,12 @@ class EdgeStore(QdrantBackend):
         exists = (self.path / "edge_config.json").is_file()
         try:
             if exists:
-                self.shard = qe.EdgeShard.load(str(self.path))
+                self.shard = load_shard(self.path)
             elif create:
                 # no write-ahead log: with one, a second process (``serve`` beside ``localize``) cannot open the
                 # shard (the WAL is locked); durability comes from flushing after every uploaded batch instead,
                 # and the SQLite rows stay the authority a killed upload is resumed from
-                self.shard = qe.EdgeShard.create(str(self.path), edge_config(qe, dim, spec))
+                self.shard = _Guarded(qe.EdgeShard.create(str(self.path), edge_config(qe, dim, spec)), self.where)
                 self.shard.update(qe.UpdateOperation.create_field_index("location", qe.PayloadSchemaType.Geo))
             else:
                 raise ValueError(f"{self.path}: the index's Qdrant Edge shard is missing (rebuild the index)")
@@ -161,9 +197,7 @@ SEGMENT_MANIFEST = "segment_manifest.json"
 def shard_manifest(shard_dir: Path) -> dict:
     """Qdrant's snapshot manifest of the shard in ``shard_dir``: {segment id: {segment_id, segment_version,
     file_versions: {file: version or None}}}: what a device sends to get a partial snapshot of what changed."""
-    import qdrant_edge as qe
-
-    shard = qe.EdgeShard.load(str(shard_dir))
+    shard = load_shard(shard_dir)
     try:
         return shard.snapshot_manifest()
     finally:
@@ -359,7 +393,7 @@ def scroll_rows(shard_dir: Path, batch: int = 1024):
     gives back to the row store)."""
     import qdrant_edge as qe
 
-    shard = qe.EdgeShard.load(str(shard_dir))
+    shard = load_shard(shard_dir)
     try:
         offset = None
         while True:
