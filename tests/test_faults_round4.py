@@ -532,3 +532,26 @@ def test_an_edge_shard_damaged_past_its_loader_is_one_line_and_never_shipped(tin
     _one_line_error(capsys, ["index", "snapshot", "--index", str(root2), "--out", str(tmp_path / "s.snapshot")],
                     "differs from its row", "no snapshot was written")
     assert not (tmp_path / "s.snapshot").exists()
+
+
+# --------------------------------------------- Y: a downloaded zip's declared sizes are checked before decompression
+def test_a_downloaded_release_zip_is_bounded_by_its_declared_sizes_before_decompression(tmp_path, monkeypatch):
+    import zipfile
+
+    from edgevpr.published import releases as rel
+    from tests.test_faults_round3 import _cosplace_release, _server
+
+    monkeypatch.setenv("EDGEVPR_MAX_CHECKPOINT_GB", str(1 / 1024))  # 1 MiB
+    z = tmp_path / "ResNet18_512_cosplace.pth"
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as f:
+        f.writestr("archive/data/0", b"\0" * (8 << 20))  # 8 MiB of zeros: a few KiB on the wire
+    opened = []
+    real_open = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, *a, **k: opened.append(a) or real_open(self, *a, **k))
+    with _server({z.name: (z.read_bytes(), {}, None)}) as url:
+        folder = _cosplace_release(tmp_path, monkeypatch, url)
+        with pytest.raises(ValueError, match=r"member archive/data/0 is 0.00781 GiB, over the 0.000977 GiB "
+                                             r"checkpoint limit \(EDGEVPR_MAX_CHECKPOINT_GB raises it\)"):
+            rel.load_release("cosplace-resnet18-512", progress=False)
+    assert not opened  # refused from the zip directory: no member was decompressed
+    assert not any(p.is_file() for p in folder.rglob("*"))

@@ -104,6 +104,10 @@ def _download(url: str, tmp: Path, progress: bool) -> None:
     netio.download(url, tmp, progress=progress, refuse_html=True)
 
 
+#: the most members a release zip may have (a PyTorch checkpoint has one per tensor storage plus a few)
+MAX_ZIP_MEMBERS = 100_000
+
+
 def check_plausible(path: Path, file_name: str) -> None:
     """Refuse a file that cannot be the release ``file_name`` (an error page, a body cut short): a safetensors file
     must have a JSON header whose tensors end exactly at the end of the file; a ``.pth``/``.ckpt``/``.zip`` must be
@@ -127,7 +131,17 @@ def check_plausible(path: Path, file_name: str) -> None:
         return
     if not zipfile.is_zipfile(path):
         raise ValueError("not a complete PyTorch checkpoint (no zip directory: an error page, or a body cut short)")
+    from ..models.weights import too_big
+
     with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+        if len(infos) > MAX_ZIP_MEMBERS:
+            raise ValueError(f"{len(infos)} zip members (at most {MAX_ZIP_MEMBERS}): not a checkpoint")
+        for info in infos:  # declared sizes first: nothing is decompressed past the checkpoint limit
+            if err := too_big(f"member {info.filename}", info.file_size):
+                raise err
+        if err := too_big("its members together", sum(i.file_size for i in infos)):
+            raise err
         bad = z.testzip()
     if bad is not None:
         raise ValueError(f"member {bad} fails its CRC (damaged download)")
