@@ -386,7 +386,7 @@ def cmd_localize(args) -> int:
     loc = Localizer(args.index, args.model, mmap=not args.no_mmap, device=args.device, verify=args.verify,
                     verify_with=args.verify_with,
                     exclude_sessions=args.exclude_session)
-    stream = Stream(args.photos, args.stride, args.skip_bad)
+    stream = Stream(args.photos, args.stride, args.skip_bad, timeout=args.stream_timeout)
     loop = Pipeline(loc, stream, args.top_k, _knobs(args) or None, _prior(args), args.sequence, args.sequence_method,
                     live=True if args.live else None, max_fps=args.max_fps)
     results, ms = [], []
@@ -856,6 +856,9 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--max-fps", type=_real(0, 1e4, low_open=True), metavar="F",
                     help="keep at most F frames per second of the source's clock; the rest are skipped and counted "
                          "(default: every frame)")
+    lo.add_argument("--stream-timeout", type=_real(0, 1e6, low_open=True), default=10.0, metavar="S",
+                    help="a camera or stream URL that sends nothing for S seconds ends the run in one line "
+                         "(default 10)")
     lo.add_argument("--live", action="store_true",
                     help="treat the input as a live source: drop the oldest waiting frame rather than fall behind, "
                          "and report the drops (default: on for cameras and stream URLs, off for files)")

@@ -555,3 +555,37 @@ def test_a_downloaded_release_zip_is_bounded_by_its_declared_sizes_before_decomp
             rel.load_release("cosplace-resnet18-512", progress=False)
     assert not opened  # refused from the zip directory: no member was decompressed
     assert not any(p.is_file() for p in folder.rglob("*"))
+
+
+# ------------------------------------------------------------- Z: a stream URL that never sends data ends in one line
+def test_a_stream_url_that_never_sends_data_ends_at_its_stall_timeout(tiny, tmp_path, capsys):
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    held, stop = [], threading.Event()
+
+    def accept():  # accepts and reads the request, never answers
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+                held.append(conn)
+            except OSError:
+                pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}/live.mp4"
+    try:
+        t0 = time.monotonic()
+        _one_line_error(capsys, ["localize", "--index", str(_build(tiny, tmp_path)), "--model",
+                                 _model_file(tiny, tmp_path), url, "--stream-timeout", "1.5"],
+                        "live.mp4", "sent no data for 1.5 s", "--stream-timeout")
+        assert time.monotonic() - t0 < 30 and held  # it connected, waited, and gave up on its own
+    finally:
+        stop.set()
+        for c in held:
+            c.close()
+        srv.close()

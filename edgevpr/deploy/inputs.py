@@ -17,6 +17,7 @@ The stream is lazy (a long video is never held in memory). An unreadable item ra
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,10 @@ from ..data.images import DEFAULT_MAX_PIXELS, ImageLoadError, list_images, load_
 
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 LIVE_PREFIXES = ("rtsp://", "rtmp://", "udp://", "http://", "https://", "srt://", "/dev/video")
+
+
+#: how long a live source (camera, stream URL) may send nothing before it ends in one line (``--stream-timeout``)
+STREAM_TIMEOUT_S = 10.0
 
 
 def is_live(item: str | os.PathLike) -> bool:
@@ -55,10 +60,13 @@ class Stream:
     stride: int = 1
     skip_bad: bool = False
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    timeout: float = STREAM_TIMEOUT_S  # a live source that sends nothing for this long ends in one line
 
     def __post_init__(self) -> None:
         if self.stride < 1:
             raise ValueError(f"--stride {self.stride}: must be >= 1")
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ValueError(f"--stream-timeout {self.timeout}: must be a positive number of seconds")
 
     @property
     def live(self) -> bool:
@@ -76,7 +84,7 @@ class Stream:
 
     def _expand(self, p: Path | str) -> Iterator[Frame]:
         if is_live(p):
-            yield from video_frames(p, self.stride, live=True)
+            yield from video_frames(p, self.stride, live=True, timeout=self.timeout)
         elif p.is_dir():
             paths = list_images(p)
             if not paths:
@@ -122,9 +130,11 @@ def read_list(path: Path) -> list[Path]:
     return out
 
 
-def video_frames(path: Path | str, stride: int = 1, live: bool = False) -> Iterator[Frame]:
+def video_frames(path: Path | str, stride: int = 1, live: bool = False,
+                 timeout: float = STREAM_TIMEOUT_S) -> Iterator[Frame]:
     """Every ``stride``-th decoded frame of a video (or, ``live``, of a camera device or stream URL PyAV opens) as
-    RGB images, named ``PATH#frameN`` (N counts from 0), with their presentation time in seconds."""
+    RGB images, named ``PATH#frameN`` (N counts from 0), with their presentation time in seconds. A live source
+    that sends nothing for ``timeout`` seconds (while opening or between frames) ends in one line."""
     try:
         import av
     except ImportError:
@@ -132,8 +142,12 @@ def video_frames(path: Path | str, stride: int = 1, live: bool = False) -> Itera
             from None
     if not live and not Path(path).is_file():
         raise ImageLoadError(path, "no such file")
+    stalled = (f"sent no data for {timeout:g} s (--stream-timeout, default {STREAM_TIMEOUT_S:g}, raises the "
+               "wait)")
     try:
-        container = av.open(str(path))
+        container = av.open(str(path), timeout=(timeout, timeout) if live else None)
+    except av.ExitError:
+        raise ImageLoadError(path, stalled) from None
     except (av.FFmpegError, OSError) as e:
         raise ImageLoadError(path, f"not a readable {'stream' if live else 'video'} ({str(e).splitlines()[0]})") \
             from None
@@ -147,6 +161,8 @@ def video_frames(path: Path | str, stride: int = 1, live: bool = False) -> Itera
             for n, frame in enumerate(container.decode(stream)):
                 if n % stride == 0:
                     yield Frame(f"{path}#frame{n}", frame.to_image().convert("RGB"), str(path), frame.time)
+        except av.ExitError:
+            raise ImageLoadError(path, stalled) from None
         except av.FFmpegError as e:
             raise ImageLoadError(path, f"video decoding failed ({str(e).splitlines()[0]})") from None
 
