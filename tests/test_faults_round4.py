@@ -589,3 +589,32 @@ def test_a_stream_url_that_never_sends_data_ends_at_its_stall_timeout(tiny, tmp_
         for c in held:
             c.close()
         srv.close()
+
+
+# -------------------------------------------------- AE: a resumed run refuses training data that changed under it
+def test_resume_refuses_changed_training_data_unless_allowed(data_root, tmp_path):
+    import os
+    import shutil
+
+    from edgevpr.train.loop import train
+    from tests.test_faults import _train_conf
+
+    conf = _train_conf(data_root)
+    for season in ("summer", "winter"):  # the first 64 real Nordland places, in a folder this test may change
+        (tmp_path / season).mkdir()
+        for f in sorted((data_root / "nordland_64x32" / season).iterdir())[:64]:
+            shutil.copy(f, tmp_path / season / f.name)
+    conf["data"]["places"][0]["aligned"] = [str(tmp_path / "summer"), str(tmp_path / "winter")]
+    train(conf, tmp_path / "run", progress=False, stop_after=3)
+    assert json.loads((tmp_path / "run" / "data.json").read_text())["images"] == 128
+    victim = sorted((tmp_path / "winter").iterdir())[5]
+    os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))  # one image replaced
+    with pytest.raises(ValueError, match=r"--resume with changed training data \(128 images of 64 places when it "
+                                         r"started, 128 images of 64 places now, or changed files\)"):
+        train(conf, tmp_path / "run", resume=True, progress=False)
+    victim.unlink()  # one place gone
+    (tmp_path / "summer" / victim.name).unlink()
+    with pytest.raises(ValueError, match=r"128 images of 64 places when it started, 126 images of 63 places now"):
+        train(conf, tmp_path / "run", resume=True, progress=False)
+    train(conf, tmp_path / "run", resume=True, progress=False, allow_change=("data",))  # said out loud: it goes on
+    assert (tmp_path / "run" / "final").is_dir()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import hashlib
 import json
 import math
 import os
@@ -609,6 +610,37 @@ def check_resume(out: Path, conf: dict, allow: tuple[str, ...] = ()) -> list[str
     return changed
 
 
+def data_fingerprint(places) -> dict:
+    """What a run trains on: {"images", "places", "sha256"} over every place's image paths with their sizes and
+    modification times (changed, added or removed images all change it; the pixels are not read)."""
+    h, n = hashlib.sha256(), 0
+    for i, place in enumerate(places.places):
+        for p in place:
+            try:
+                st = os.stat(p)
+                sig = f"{st.st_size}:{st.st_mtime_ns}"
+            except OSError:
+                sig = "missing"
+            h.update(f"{i}\0{p}\0{sig}\n".encode())
+            n += 1
+    return {"images": n, "places": len(places.places), "sha256": h.hexdigest()}
+
+
+def check_resume_data(out: Path, data: dict, allow: tuple[str, ...] = ()) -> None:
+    """Refuse to resume the run in ``out`` when its training data changed since it started (``data.json``), unless
+    ``--allow-change data``; a run made before the fingerprint was recorded gets it now."""
+    f = out / "data.json"
+    try:
+        old = json.loads(f.read_text()) if f.is_file() else None
+    except (OSError, ValueError, RecursionError):
+        old = {}
+    if old is not None and old != data and "data" not in allow:
+        was = f"{old.get('images')} images of {old.get('places')} places" if isinstance(old, dict) else "unreadable"
+        raise ValueError(f"{out}: --resume with changed training data ({was} when it started, {data['images']} "
+                         f"images of {data['places']} places now, or changed files); resume with the same data, "
+                         "or --allow-change data")
+
+
 def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int | None, rank: int, world: int,
            device: torch.device, on_step: Callable[[int, dict], None] | None = None,
            allow_change: tuple[str, ...] = ()) -> dict:
@@ -670,8 +702,10 @@ def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(conf["schedule"], conf["steps"], steps_per_epoch))
     val = open_val_sets(conf["val"]["sets"]) if conf["val"] and main else None
     start, best = 0, -1.0
+    data = data_fingerprint(places)
     if resume and (out / "checkpoints" / "latest.json").exists():
         changed = check_resume(out, conf, allow_change)
+        check_resume_data(out, data, allow_change)
         configured = [g["lr"] for g in opt.param_groups]  # this config's base learning rates
         start, best = _load_checkpoint(out, model, terms, opt, sched)
         if any(c.startswith(("optimizer", "schedule")) for c in changed):  # allowed: the new rates apply from here
@@ -687,6 +721,7 @@ def _train(conf: dict, out: Path, resume: bool, progress: bool, stop_after: int 
     tb = _tensorboard(out / "tensorboard") if main else None
     if main:
         write_json(out / "config.json", conf)
+        write_json(out / "data.json", data)
         log.truncate(start)  # rows logged after the checkpoint we resume from are replayed
     if val is not None and start == 0:
         best = _validate_and_keep(model, val, size, 0, -1.0, out, log, tb, conf["val"].get("knobs"))
