@@ -498,6 +498,11 @@ def cmd_serve(args) -> int:
     loc = Localizer(args.index, args.model, device=args.device, verify=args.verify, verify_with=args.verify_with)
     app = create_app(loc, ServiceLimits(args.max_upload_mb * 2**20, args.max_pixels, args.max_k, args.max_frames,
                                         args.max_request_pixels, args.concurrency))
+    from .integrity import warn
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        warn(f"--host {args.host}: the service answers anyone who can reach this address, and serves every map image "
+             "as a thumbnail (it has no login); put it behind an authenticating proxy on an untrusted network")
     print(f"serving {loc.index.root} ({len(loc.index)} images, model {loc.model.name}) on "
           f"http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -956,9 +961,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "agreement with the teacher)")
     cp.add_argument("--radius", type=float, metavar="M",
                     help="ground truth: map images within M metres of the query (coordinates needed; default: none)")
-    cp.add_argument("--sizes", type=float, nargs="+", default=list(SIZES),
+    cp.add_argument("--sizes", type=_real(0, 1, low_open=True), nargs="+", default=list(SIZES),
                     help=f"input sizes tried, fractions of the teacher's (default {' '.join(map(str, SIZES))})")
-    cp.add_argument("--dims", type=int, nargs="+", default=list(DIMS),
+    cp.add_argument("--dims", type=_bounded(0, 1 << 16), nargs="+", default=list(DIMS),
                     help="descriptor sizes tried by PCA-whitening fitted on the map, 0 = the model's own (default "
                          f"{' '.join(map(str, DIMS))})")
     cp.add_argument("--keep-ratios", type=float, nargs="+", default=list(KEEPS),
@@ -1019,13 +1024,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _leaf_parsers(parser: argparse.ArgumentParser):
-    """Every sub-command's parser that runs a command (has ``func``)."""
+    """Every parser that runs a command: one without sub-commands of its own (``index build``, ``localize``)."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sp in action.choices.values():
-                if sp.get_default("func") is not None:
+                if any(isinstance(a, argparse._SubParsersAction) for a in sp._actions):
+                    yield from _leaf_parsers(sp)
+                else:
                     yield sp
-                yield from _leaf_parsers(sp)
 
 
 def _thread_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -618,3 +618,30 @@ def test_resume_refuses_changed_training_data_unless_allowed(data_root, tmp_path
         train(conf, tmp_path / "run", resume=True, progress=False)
     train(conf, tmp_path / "run", resume=True, progress=False, allow_change=("data",))  # said out loud: it goes on
     assert (tmp_path / "run" / "final").is_dir()
+
+
+# ------------------------------------------------------------------------------------------- minor, fixed while there
+def test_minor_round4_flags_service_and_prior(tiny, tmp_path, capsys):
+    """--threads after a sub-command's action; compress sizes and dims refused at parse time; no Swagger UI or
+    OpenAPI document (a CDN page) from the service; a NaN prior refused; a 404 names no absolute database path."""
+    from fastapi.testclient import TestClient
+
+    from edgevpr.deploy.localize import Localizer
+    from edgevpr.deploy.service import create_app
+
+    root = _build(tiny, tmp_path)
+    capsys.readouterr()
+    assert main(["index", "info", str(root), "--threads", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 6
+    for flag, value in (("--sizes", "0"), ("--sizes", "-1"), ("--dims", "-5")):
+        with pytest.raises(SystemExit):
+            main(["compress", "--teacher", "x", "--images", "y", "--budget-ms", "5", "--out", "z", flag, value])
+        assert value in capsys.readouterr().err
+    client = TestClient(create_app(Localizer(root, tiny)))
+    assert all(client.get(p).status_code == 404 for p in ("/docs", "/redoc", "/openapi.json"))
+    photo = (tmp_path / "index-db" / "img002.png").read_bytes()
+    r = client.post("/api/localize?lat=nan&lon=nan&radius_m=50", files={"image": ("q.png", photo, "image/png")})
+    assert r.status_code == 400 and "finite" in r.json()["detail"]
+    (tmp_path / "index-db" / "img003.png").unlink()
+    r = client.get("/api/thumb/3")
+    assert r.status_code == 404 and str(tmp_path) not in r.json()["detail"] and "img003.png" in r.json()["detail"]

@@ -48,6 +48,9 @@ class GeoPrior:
             raise ValueError("a GNSS prior needs lat and lon, or east and north (UTM metres), not both")
         if not (self.radius_m > 0 and math.isfinite(self.radius_m)):
             raise ValueError(f"prior radius {self.radius_m}: must be a positive number of metres")
+        vals = (self.lat, self.lon) if geo else (self.east, self.north)
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
+            raise ValueError(f"prior position {vals}: must be finite numbers")
         if geo and (abs(self.lat) > 90 or abs(self.lon) > 180):
             raise ValueError(f"prior lat/lon ({self.lat}, {self.lon}) out of range")
 

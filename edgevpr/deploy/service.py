@@ -165,7 +165,9 @@ def decode_upload(data: bytes, limits: ServiceLimits, header_only: bool = False)
 def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
     """The FastAPI application serving ``localizer``."""
     limits = limits or ServiceLimits()
-    app = FastAPI(title="edgevpr", description="Visual place recognition: localize a photo against a place index")
+    # no /docs, /redoc or /openapi.json: Swagger UI loads from a CDN, and the API is documented in the module docstring
+    app = FastAPI(title="edgevpr", description="Visual place recognition: localize a photo against a place index",
+                  docs_url=None, redoc_url=None, openapi_url=None)
     page = resources.files("edgevpr.deploy").joinpath("static/index.html").read_text()
 
     app.add_middleware(BodyLimit, limit=limits.max_upload_bytes)
