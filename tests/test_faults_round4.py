@@ -645,3 +645,27 @@ def test_minor_round4_flags_service_and_prior(tiny, tmp_path, capsys):
     (tmp_path / "index-db" / "img003.png").unlink()
     r = client.get("/api/thumb/3")
     assert r.status_code == 404 and str(tmp_path) not in r.json()["detail"] and "img003.png" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("writer", ["build", "merge", "tune"])
+def test_new_folder_and_manifest_only_writers_killed_leave_nothing_half_made(writer, tiny, tmp_path, data_root,
+                                                                             capsys):
+    """The other writers killed mid-way: ``build`` and ``merge`` (a new folder, manifest last) leave no index that
+    answers, say so in one line, and finish when run again; ``tune`` (and ``calibrate``, the same manifest-only
+    swap) leaves the old manifest, which verifies and answers."""
+    base, db = _gp_index(tiny, tmp_path, data_root, "hnsw" if writer == "tune" else "flat", n=12)
+    model = _model_file(tiny, tmp_path)
+    out = tmp_path / "out"
+    argv = {"build": ["index", "build", "--images", str(db), "--out", str(out), "--model", model, "--quiet"],
+            "merge": ["index", "merge", "--out", str(out), str(base)],
+            "tune": ["index", "tune", "--index", str(base), "--quiet"]}[writer]
+    point = "staged" if writer == "tune" else "rows"
+    assert _run_cli(argv, point) == 137
+    if writer == "tune":
+        assert idx.verify_index(base)["verified"] and "tuned" not in idx.read_manifest(base)
+    else:
+        _one_line_error(capsys, ["localize", "--index", str(out), "--model", model, str(db / "Image003.jpg")],
+                        "not a finished place index")
+    assert _run_cli(argv) == 0
+    root = base if writer == "tune" else out
+    assert idx.verify_index(root)["verified"] and len(idx.PlaceIndex.open(root)) == 12

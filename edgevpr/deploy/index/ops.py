@@ -115,6 +115,7 @@ def build(model, source: str | os.PathLike, out: str | os.PathLike, kind: str = 
     t0 = time.perf_counter()
     counts = _extract_into(con, model, rows, record["knobs"], batch_size, skip_bad, progress, "index build", on_batch,
                            storage)
+    fault("rows")
     t_extract = time.perf_counter() - t0
     desc = _stored_descriptors(con, record["dim"], 0, storage)
     if len(desc) == 0:
@@ -198,6 +199,7 @@ def merge(parts: list[str | os.PathLike], out: str | os.PathLike, kind: str = "f
     except sqlite3.IntegrityError as e:
         con.close()
         raise ValueError(f"index merge: an image is in more than one part ({e})") from None
+    fault("rows")
     desc = _stored_descriptors(con, record["dim"], 0, storage)
     check_descriptors(desc, f"index merge into {root}", storage)
     backend, used = backends.create(root, kind, record["dim"], desc, params or {}, con)

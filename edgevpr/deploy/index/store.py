@@ -622,6 +622,7 @@ def _update_manifest(root: str | os.PathLike, **fields) -> dict:
     verify_for_writing(root, manifest)
     manifest = {**manifest, **fields}
     manifest["calibration_sha256"] = seal(manifest)
+    fault("staged")  # ``tune`` and ``calibrate`` change the manifest alone: its atomic rename is the swap
     write_json(root / MANIFEST_FILE, manifest)
     return manifest
 
