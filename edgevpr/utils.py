@@ -26,6 +26,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+    except OSError as e:  # disk full, a read-only folder: one line naming the file, the old one left as it was
+        if e.filename is not None and str(path) in str(e):
+            raise
+        raise OSError(e.errno, f"{path}: could not be written ({e.strerror or e}); the previous file, if any, is "
+                               "unchanged") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -669,3 +669,29 @@ def test_new_folder_and_manifest_only_writers_killed_leave_nothing_half_made(wri
     assert _run_cli(argv) == 0
     root = base if writer == "tune" else out
     assert idx.verify_index(root)["verified"] and len(idx.PlaceIndex.open(root)) == 12
+
+
+def test_disk_full_while_writing_names_the_file_and_keeps_the_old_one(tiny, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from edgevpr import utils
+
+    root = _build(tiny, tmp_path, kind="qdrant")
+    model = _model_file(tiny, tmp_path)
+    before = (root / "manifest.json").read_bytes()
+    real = utils.os.chmod
+
+    def full(path, mode):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(utils.os, "chmod", full)
+    out = tmp_path / "s.snapshot"
+    _one_line_error(capsys, ["index", "snapshot", "--index", str(root), "--out", str(out)], "s.snapshot",
+                    "No space left on device")
+    _one_line_error(capsys, ["export", "--model", model, "--out", str(tmp_path / "m.onnx")],
+                    "m.onnx", "No space left on device")
+    with pytest.raises(OSError, match="manifest.json: could not be written"):
+        idx.update_manifest(root, calibration=_calibration())
+    monkeypatch.setattr(utils.os, "chmod", real)
+    assert (root / "manifest.json").read_bytes() == before and not out.exists()
+    assert not list(tmp_path.glob(".*.tmp")) and not list(root.glob(".*.tmp"))
