@@ -695,3 +695,46 @@ def test_disk_full_while_writing_names_the_file_and_keeps_the_old_one(tiny, tmp_
     monkeypatch.setattr(utils.os, "chmod", real)
     assert (root / "manifest.json").read_bytes() == before and not out.exists()
     assert not list(tmp_path.glob(".*.tmp")) and not list(root.glob(".*.tmp"))
+
+
+def test_sequence_request_bodies_are_read_only_by_the_requests_being_served(tiny, tmp_path, monkeypatch):
+    """With --concurrency 1, a second sequence request waits before its frames are read and decoded (their bytes
+    are not held in memory by every waiting request)."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from edgevpr.deploy import service
+    from edgevpr.deploy.localize import Localizer
+
+    root = _build(tiny, tmp_path)
+    loc = Localizer(root, tiny)
+    gate, inside, decoded = threading.Event(), threading.Event(), []
+    real_stream, real_decode = loc.stream, service.decode_upload
+
+    def slow_stream(*a, **k):
+        inside.set()
+        gate.wait(30)
+        yield from real_stream(*a, **k)
+
+    monkeypatch.setattr(loc, "stream", slow_stream)
+    monkeypatch.setattr(service, "decode_upload", lambda data, *a, **k: decoded.append(len(data)) or
+                        real_decode(data, *a, **k))
+    client = TestClient(service.create_app(loc, service.ServiceLimits(concurrency=1)))
+    photo = (tmp_path / "index-db" / "img002.png").read_bytes()
+    files = [("images", (f"f{i}.png", photo, "image/png")) for i in range(3)]
+    results = []
+    first = threading.Thread(target=lambda: results.append(client.post("/api/localize_sequence?length=2",
+                                                                       files=files)))
+    first.start()
+    assert inside.wait(30)
+    seen = len(decoded)  # the first request's headers
+    second = threading.Thread(target=lambda: results.append(client.post("/api/localize_sequence?length=2",
+                                                                        files=files)))
+    second.start()
+    time.sleep(1.0)
+    assert len(decoded) == seen  # the waiting request has decoded nothing
+    gate.set()
+    first.join(60)
+    second.join(60)
+    assert [r.status_code for r in results] == [200, 200]

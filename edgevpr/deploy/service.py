@@ -258,24 +258,24 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
         if not 1 <= length <= 1000:
             raise HTTPException(400, f"length={length}: must be between 1 and 1000")
         knobs, prior = options(k, keep_ratio, sparsity, lat, lon, east, north, radius_m)
-        data = [u.file.read(limits.max_upload_bytes + 1) for u in images]
-        total = 0
-        for u, b in zip(images, data, strict=True):  # headers only: every size is known before any decoding
-            with decoded(u, b, header_only=True) as im:
-                total += im.width * im.height
-        if total > limits.max_request_pixels:
-            raise HTTPException(413, f"{len(images)} frames of {total} pixels in all exceed the request limit of "
-                                     f"{limits.max_request_pixels} (--max-request-pixels)")
+        with busy:  # bodies are read into memory only by the requests being served (--concurrency of them)
+            data = [u.file.read(limits.max_upload_bytes + 1) for u in images]
+            total = 0
+            for u, b in zip(images, data, strict=True):  # headers only: every size is known before any decoding
+                with decoded(u, b, header_only=True) as im:
+                    total += im.width * im.height
+            if total > limits.max_request_pixels:
+                raise HTTPException(413, f"{len(images)} frames of {total} pixels in all exceed the request limit of "
+                                         f"{limits.max_request_pixels} (--max-request-pixels)")
 
-        sizes: list[tuple[int, int]] = []
+            sizes: list[tuple[int, int]] = []
 
-        def frames():  # decoded one at a time as the stream asks: one full-size frame in memory, not all of them
-            for i, (u, b) in enumerate(zip(images, data, strict=True)):
-                img = decoded(u, b)
-                sizes.append(img.size)
-                yield Frame(u.filename or f"frame {i}", img)
+            def frames():  # decoded one at a time as the stream asks: one full-size frame in memory, not all of them
+                for i, (u, b) in enumerate(zip(images, data, strict=True)):
+                    img = decoded(u, b)
+                    sizes.append(img.size)
+                    yield Frame(u.filename or f"frame {i}", img)
 
-        with busy:
             out = run(lambda: [answered(a, name, sizes[i], ms) for i, (name, a, ms) in
                                enumerate(localizer.stream(frames(), k, knobs, prior, length, method))])
         return {"k": k, "length": length, "method": method, "knobs": {**localizer.knobs, **knobs},
