@@ -738,3 +738,35 @@ def test_sequence_request_bodies_are_read_only_by_the_requests_being_served(tiny
     first.join(60)
     second.join(60)
     assert [r.status_code for r in results] == [200, 200]
+
+
+def test_an_onnx_export_without_its_metadata_checksum_or_with_two_metadata_entries_is_refused(tiny, tmp_path,
+                                                                                              monkeypatch, capsys):
+    import onnx
+
+    from edgevpr.deploy.export import META_KEY, export_onnx
+    from edgevpr.deploy.onnx_model import OnnxModel
+
+    out = tmp_path / "m.onnx"
+    export_onnx(tiny, out)
+    OnnxModel(out)
+    proto = onnx.load(str(out))
+    meta = json.loads(proto.metadata_props[0].value)
+    del meta["meta_sha256"]
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(proto)
+    stripped.metadata_props[0].value = json.dumps(meta, sort_keys=True)
+    onnx.save(stripped, str(tmp_path / "stripped.onnx"))
+    with pytest.raises(ValueError, match="stripped.onnx: records no checksum of its metadata"):
+        OnnxModel(tmp_path / "stripped.onnx")
+    monkeypatch.setenv("EDGEVPR_ALLOW_UNCHECKED_ONNX", "1")  # said out loud: an old export, used with a warning
+    OnnxModel(tmp_path / "stripped.onnx")
+    assert "used unchecked" in capsys.readouterr().err
+    monkeypatch.delenv("EDGEVPR_ALLOW_UNCHECKED_ONNX")
+    twice = onnx.ModelProto()
+    twice.CopyFrom(proto)
+    extra = twice.metadata_props.add()
+    extra.key, extra.value = META_KEY, json.dumps({**json.loads(proto.metadata_props[0].value), "knobs": {"x": 1}})
+    onnx.save(twice, str(tmp_path / "twice.onnx"))
+    with pytest.raises(ValueError, match="twice.onnx: 2 'edgevpr' metadata entries"):
+        OnnxModel(tmp_path / "twice.onnx")

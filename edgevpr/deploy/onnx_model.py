@@ -102,6 +102,18 @@ def _loaded_graph_digest(path: Path) -> str | None:
         return None
 
 
+def _metadata_keys(path: Path) -> list[str]:
+    """The keys of an ONNX file's metadata entries, duplicates included (onnxruntime's map keeps one of each)."""
+    try:
+        import onnx
+
+        return [p.key for p in onnx.load(str(path), load_external_data=False).metadata_props]
+    except ImportError:  # the runtime install: onnxruntime alone, one entry per key is all it can see
+        return []
+    except Exception as e:  # noqa: BLE001  (protobuf decode errors)
+        raise ValueError(f"{path}: damaged ONNX file ({str(e).splitlines()[0][:200]})") from None
+
+
 class OnnxModel:
     """An exported model run by onnxruntime; quacks like a VPRModel where extraction and search need it.
 
@@ -126,6 +138,10 @@ class OnnxModel:
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
             raise ValueError(f"{self.path}: not a loadable ONNX model ({str(e).splitlines()[0]})") from None
+        entries = _metadata_keys(self.path).count(META_KEY)
+        if entries > 1:  # onnxruntime would keep one of them silently
+            raise ValueError(f"{self.path}: {entries} '{META_KEY}' metadata entries (an export has one): damaged or "
+                             "modified file, export it again")
         raw = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
         if raw is None:
             raise ValueError(f"{self.path}: not an edgevpr export (no '{META_KEY}' metadata); use `edgevpr export`")
@@ -146,17 +162,19 @@ class OnnxModel:
             raise ValueError(f"{self.path}: its '{META_KEY}' metadata (preprocessing, input size or knobs) differs "
                              "from the export's checksum (damaged or modified file): export it again")
         recorded = self.meta.get("graph_sha256")
-        if recorded is None:
+        if recorded is None or "meta_sha256" not in self.meta:
+            # a file without both checksums cannot be checked: an export older than them, or one whose checksum was
+            # deleted (which would otherwise turn a refusal into a warning); refused unless the user says it is old
+            what = "the weights" if recorded is None else "its metadata (preprocessing, input size, knobs)"
+            if not os.environ.get("EDGEVPR_ALLOW_UNCHECKED_ONNX"):
+                raise ValueError(f"{self.path}: records no checksum of {what}, so its integrity cannot be checked: "
+                                 "export it again (or set EDGEVPR_ALLOW_UNCHECKED_ONNX=1 for an export made before "
+                                 "edgevpr recorded it)")
             from ..integrity import warn
 
-            warn(f"{self.path}: exported before edgevpr recorded a checksum of the weights; its integrity cannot be "
-                 "checked (export it again)")
-            return
-        if "meta_sha256" not in self.meta:
-            from ..integrity import warn
-
-            warn(f"{self.path}: exported before edgevpr recorded a checksum of its metadata; its preprocessing "
-                 "cannot be checked (export it again)")
+            warn(f"{self.path}: no checksum of {what}; used unchecked (EDGEVPR_ALLOW_UNCHECKED_ONNX)")
+            if recorded is None:
+                return
         try:
             digest = file_graph_digest(self.path)
         except (ValueError, OSError) as e:
