@@ -344,19 +344,24 @@ def _prior(args):
 
 
 def _decision_line(d: dict, label: str = "decision") -> str:
-    if d.get("reason"):
-        return f"  {label}: unknown ({d['reason']})"
+    """One decision, worded so that the word and its P cannot contradict: "known place, P 0.93 (known from P 0.90)"
+    or "not recognised, best guess P 0.12 (...)"; a position only for an answer that is not rejected."""
     pos = d.get("position")
     where = "" if pos is None else (f" at {pos['lat']:.6f}, {pos['lon']:.6f}" if "lat" in pos else
                                     f" at E {pos['east']:.1f} N {pos['north']:.1f}") + f" (+-{pos['spread_m']:.0f} m)"
+    p = d.get("confidence")
+    known_from = f" (known from P {d['threshold']:.2f})" if d.get("threshold") is not None else ""
     if d.get("warming_up"):
         state = "warming up, not known until the sequence has its L frames"
-    elif d["known"] is None:
-        state = "uncalibrated (run `edgevpr calibrate`)"
+    elif d.get("known"):
+        state = f"known place, P {p:.2f}{known_from}"
+    elif d.get("known") is False or d.get("reason"):
+        why = f" ({d['reason']})" if d.get("reason") else ""
+        state = f"not recognised{why}" + (f", best guess P {p:.2f}{known_from}" if p is not None else "")
     else:
-        state = f"{'known' if d['known'] else 'unknown'}, P(right place) {d['confidence']:.2f} (known at >= " \
-                f"{d['threshold']:.3g})"
-    return f"  {label}: {state}, margin {d['score']:.3f}{where}"
+        state = "uncalibrated (run `edgevpr calibrate`)"
+    margin = f", margin {d['score']:.3f}" if d.get("score") is not None else ""
+    return f"  {label}: {state}{margin}{where}"
 
 
 def _index_params(args) -> dict:

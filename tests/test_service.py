@@ -169,7 +169,7 @@ def test_web_page_in_chromium(server, width, height):
         assert "0.500 · 12 inliers" in verified  # a verified match (``serve --verify``) shows its inliers
         page.wait_for_function("[...document.querySelectorAll('.match img')].every(i => i.complete && i.naturalWidth)")
         decision = page.inner_text("#decision")
-        assert "Known place" in decision and "Estimated position" in decision
+        assert "Known place, P " in decision and "Position " in decision
         assert page.locator("#query-img").is_visible()
         markers = page.locator("circle.match-marker")
         assert markers.count() == 5 and all(markers.nth(i).is_visible() for i in range(5))
@@ -216,7 +216,7 @@ def test_web_page_sequence_mode_headlines_the_sequence_answer(server, width, hei
         assert rows.count() == 8
         assert "Sequence of 8 frames" in page.inner_text("#results-title")
         head = page.locator("#decision .headline").inner_text()
-        assert head.startswith("Sequence answer (4 of 4 frames): Known place") and "Estimated position" in head
+        assert head.startswith("Sequence answer (4 of 4 frames): Known place, P ") and "Position " in head
         assert page.locator("#decision .secondary").inner_text().startswith("Last frame alone:")
         first = page.locator(".match").nth(0)
         assert first.get_attribute("id") == "card-S" and "sequence answer" in first.inner_text()

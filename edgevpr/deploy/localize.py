@@ -35,7 +35,15 @@ from .decision import (
 )
 from .embed import embed, embed_with_local
 from .index import Match, PlaceIndex, check_model, match_dicts, update_manifest
-from .sequence import SEQSLAM_VELOCITIES, SequenceFilter, normalise, trajectory_lines, trajectory_scores
+from .sequence import (
+    ORDER_GAIN_MIN,
+    SEQSLAM_VELOCITIES,
+    SequenceFilter,
+    normalise,
+    order_gain,
+    trajectory_lines,
+    trajectory_scores,
+)
 
 
 def open_model(spec: str | os.PathLike, device="cpu", int8: bool = False):
@@ -251,11 +259,10 @@ class Localizer:
             if check is not None:
                 ev |= verified_evidence(check, iq, coords, hood)
             c = cal if cal and all(f in ev for f in cal.features) else None  # verified evidence needs images
-            p = c.probability(ev) if c else None
+            said = c.decide(ev) if c else {"confidence": None, "known": None, "threshold": None}
+            pos = position(sq, iq, coords, hood, max(k, DECISION_DEPTH)) if said["known"] is not False else None
             out.append(Answer(matches, {
-                "position": position(sq, iq, coords, hood, max(k, DECISION_DEPTH)), "score": ev["margin"],
-                "confidence": p, "known": bool(p >= c.threshold) if c else None,
-                "threshold": c.threshold if c else None, "evidence": ev,
+                "position": pos, "score": ev["margin"], **said, "evidence": ev,
                 "searched": len(index) if ids is None else len(ids),
                 **({"verification": check} if check is not None else {})}))
         return out
@@ -466,13 +473,23 @@ class Tracker:
         ev["agree"] = float(frame_top is not None and bool(self.hood.near(self.coords, j, np.array([frame_top]))[0]))
         self.answers.append(j)
         ev["steady"] = steadiness(list(self.answers), self.coords, self.hood, self.length)
+        if self.filter is None:
+            ev["order_gain"] = order_gain(np.stack(self.rows), float(scores[j]), self.length, self.segments,
+                                          self._lines.get(len(self.rows)))
         warming, cal = self.frames < self.length, self.calibration
-        p = cal.probability(ev) if cal is not None and not warming else None
-        decision = {"position": position(scores[ids], ids, self.coords, self.hood, DECISION_DEPTH),
-                    "score": ev["margin"], "confidence": p,
-                    "known": False if warming else (bool(p >= cal.threshold) if cal is not None else None),
-                    "threshold": cal.threshold if cal is not None else None, "evidence": ev,
-                    "warming_up": warming}
+        if warming:
+            said = {"confidence": None, "known": False, "threshold": cal.known_from if cal else None}
+        elif cal is not None:
+            said = cal.decide(ev)
+        else:
+            said = {"confidence": None, "known": None, "threshold": None}
+        if not warming and ev.get("order_gain", 1.0) <= ORDER_GAIN_MIN and said["known"] is not False:
+            # the match does not move with the frames: as good with the frames reversed (a hub, a static match)
+            said = {**said, "known": False if cal is not None else None,
+                    "reason": "no temporal order: the match scores as well with the frames reversed"}
+        pos = position(scores[ids], ids, self.coords, self.hood, DECISION_DEPTH) if said["known"] is not False \
+            else None
+        decision = {"position": pos, "score": ev["margin"], **said, "evidence": ev, "warming_up": warming}
         match = Match(1, j, float(sim[j]), *self.index.rows([j])[j])
         return {"method": self.method, "frames": min(self.frames, self.length), "length": self.length,
                 "match": asdict(match), "score": float(scores[j]), "decision": decision}

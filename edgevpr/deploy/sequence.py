@@ -118,6 +118,23 @@ def trajectory_search(norm: np.ndarray, length: int, velocities: tuple[float, ..
     return j, float(score[j])
 
 
+#: A sequence answer is 'known' only when its best trajectory beats the best over the same frames in reversed order
+#: by more than this (mean row-normalised similarity; ``order_gain``), chosen on validation (docs/methods.md).
+ORDER_GAIN_MIN = 0.25
+
+
+def order_gain(norm: np.ndarray, best: float, length: int, seg: np.ndarray, lines: list | None = None,
+               velocities: tuple[float, ...] = SEQSLAM_VELOCITIES) -> float:
+    """A test of temporal order, label-free and with its own null: the best trajectory score ``best`` of the frames
+    [T, N] (normalised rows, newest last) minus the best score of the same frames in reversed order. A right match
+    moves along the route with the frames, so reversing them breaks every forward trajectory; a match that stays on
+    one image while the frames change (a hub, a static match, a repeated frame) scores as well reversed: gain ~0.
+    ``lines``: ``trajectory_lines`` for T rows when the caller keeps them."""
+    rev = trajectory_scores(norm[::-1], length, velocities, seg, lines)
+    rev = rev[np.isfinite(rev)]
+    return float(best - rev.max()) if len(rev) else float(best)
+
+
 class SequenceFilter:
     """Online discrete Bayes filter over N database positions (see the module notes)."""
 
