@@ -45,36 +45,61 @@ def _varint(buf, i: int) -> tuple[int, int]:
             return value, i
 
 
-def file_graph_digest(path: str | os.PathLike) -> str:
-    """sha256 of the graph field's bytes as they lie in an ONNX file (the top-level ModelProto read as protobuf
-    wire format: each field a varint key, then a varint, 8 bytes, 4 bytes or a length-prefixed run). For a file
-    written by protobuf's serializer this equals ``graph_digest`` of the loaded model (a GraphProto has no map
-    fields, so its serialisation is canonical); ValueError when the bytes are not a ModelProto with one graph."""
+#: ModelProto's field number of its metadata entries (``repeated StringStringEntryProto metadata_props = 14``)
+METADATA_FIELD = 14
+
+
+def _fields(buf, start: int = 0, end: int | None = None):
+    """The top-level protobuf fields of ``buf[start:end]``: (field number, wire type, value or (offset, length))."""
+    i, end = start, len(buf) if end is None else end
+    while i < end:
+        key, i = _varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            v, i = _varint(buf, i)
+            yield field, wire, v
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            yield field, wire, (i, n)
+            i += n
+        else:
+            raise ValueError(f"wire type {wire} at byte {i}")
+        if i > end:
+            raise ValueError("a field runs past the end of the file")
+
+
+def scan_onnx(path: str | os.PathLike) -> tuple[str, list[str]]:
+    """(sha256 of the graph field's bytes as they lie in the file, the keys of its metadata entries, duplicates
+    included), reading the top-level ModelProto as protobuf wire format without ``onnx`` (the runtime's hot path).
+    For a file written by protobuf's serializer the digest equals ``graph_digest`` of the loaded model (a GraphProto
+    has no map fields, so its serialisation is canonical); ValueError when the bytes are not a ModelProto with one
+    graph."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        i, found = 0, None
-        while i < len(buf):
-            key, i = _varint(buf, i)
-            field, wire = key >> 3, key & 7
-            if wire == 0:
-                _, i = _varint(buf, i)
-            elif wire == 1:
-                i += 8
-            elif wire == 5:
-                i += 4
-            elif wire == 2:
-                n, i = _varint(buf, i)
-                if field == GRAPH_FIELD:
-                    if found is not None:
-                        raise ValueError("two graph fields")
-                    found = hashlib.sha256(buf[i:i + n]).hexdigest()
-                i += n
-            else:
-                raise ValueError(f"wire type {wire} at byte {i}")
-            if i > len(buf):
-                raise ValueError("a field runs past the end of the file")
+        found, keys = None, []
+        for field, wire, v in _fields(buf):
+            if wire != 2:
+                continue
+            off, n = v
+            if field == GRAPH_FIELD:
+                if found is not None:
+                    raise ValueError("two graph fields")
+                found = hashlib.sha256(buf[off:off + n]).hexdigest()
+            elif field == METADATA_FIELD:
+                for f2, w2, x in _fields(buf, off, off + n):  # StringStringEntryProto: key = 1, value = 2
+                    if f2 == 1 and w2 == 2:
+                        keys.append(bytes(buf[x[0]:x[0] + x[1]]).decode("utf-8", "replace"))
         if found is None:
             raise ValueError("no graph")
-        return found
+        return found, keys
+
+
+def file_graph_digest(path: str | os.PathLike) -> str:
+    """sha256 of the graph field's bytes as they lie in an ONNX file (``scan_onnx``)."""
+    return scan_onnx(path)[0]
 
 
 #: metadata entries that are checksums, not covered by ``meta_digest``
@@ -102,18 +127,6 @@ def _loaded_graph_digest(path: Path) -> str | None:
         return None
 
 
-def _metadata_keys(path: Path) -> list[str]:
-    """The keys of an ONNX file's metadata entries, duplicates included (onnxruntime's map keeps one of each)."""
-    try:
-        import onnx
-
-        return [p.key for p in onnx.load(str(path), load_external_data=False).metadata_props]
-    except ImportError:  # the runtime install: onnxruntime alone, one entry per key is all it can see
-        return []
-    except Exception as e:  # noqa: BLE001  (protobuf decode errors)
-        raise ValueError(f"{path}: damaged ONNX file ({str(e).splitlines()[0][:200]})") from None
-
-
 class OnnxModel:
     """An exported model run by onnxruntime; quacks like a VPRModel where extraction and search need it.
 
@@ -138,7 +151,10 @@ class OnnxModel:
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
             raise ValueError(f"{self.path}: not a loadable ONNX model ({str(e).splitlines()[0]})") from None
-        entries = _metadata_keys(self.path).count(META_KEY)
+        try:
+            entries = scan_onnx(self.path)[1].count(META_KEY)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{self.path}: damaged ONNX file ({e})") from None
         if entries > 1:  # onnxruntime would keep one of them silently
             raise ValueError(f"{self.path}: {entries} '{META_KEY}' metadata entries (an export has one): damaged or "
                              "modified file, export it again")
