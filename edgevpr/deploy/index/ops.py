@@ -426,14 +426,14 @@ def snapshot(root: str | os.PathLike, out: str | os.PathLike, since: dict | None
     against ``since`` (a device's ``snapshot_manifest``, from ``index snapshot --manifest``), with the index's model
     record at the archive's root so that ``pull`` can make a whole index of it -> what was written."""
     from .backends import qdrant_edge
+    from .place_index import verify_index
 
     root = Path(root)
     manifest = read_manifest(root)
-    verify_for_writing(root, manifest)
     shard = _edge_dir(root, manifest)
-    from .place_index import verify_index
-
-    report = verify_index(root)  # every point against its row: a damaged shard is never shipped to a fleet
+    # every file's bytes and every point against its row (what verify_for_writing checks, and more): a damaged
+    # shard is never shipped to a fleet
+    report = verify_index(root)
     if not report["verified"]:
         raise ValueError(f"{report['problems'][0]}; no snapshot was written")
     # the model record only: where the pulled index lives and which engine answers it are the puller's choice
