@@ -51,18 +51,29 @@ from edgevpr.data.datasets import open_dataset
 from edgevpr.data.images import load_image
 from edgevpr.deploy.decision import (
     DECISION_DEPTH,
+    EARLIER_SEQUENCE_FEATURES,
     FEATURES,
+    ORDER_GAIN_MIN,
     SEQUENCE_FEATURES,
     VERIFIED_FEATURES,
     Coordinates,
+    MapProbe,
     Neighbourhood,
     calibrate,
     evidence,
     expected_calibration_error,
+    probe_map,
+    sequence_lookalikes,
     steadiness,
     verified_evidence,
 )
-from edgevpr.deploy.sequence import SEQSLAM_VELOCITIES, row_z, trajectory_scores
+from edgevpr.deploy.sequence import (
+    SEQSLAM_VELOCITIES,
+    order_gain,
+    row_z,
+    trajectory_lines,
+    trajectory_scores,
+)
 from edgevpr.deploy.verify import verifier_for
 from edgevpr.eval.extract import extract
 from edgevpr.models.model import load_model
@@ -72,8 +83,8 @@ ESTIMATORS = {"top-1 cosine": "top1", "margin": "margin", "SUE (spread)": "log_s
 BLOCK = 50  # answers per stretch of the ECE's block bootstrap
 NORDLAND_FOLD = 500  # places per held-out stretch of the Nordland route
 VERIFIED_ESTIMATORS = {**ESTIMATORS, "inliers": "log_inliers", "inlier margin": "inlier_margin"}
-SEQ_ESTIMATORS = {"top-1 trajectory": "top1", "margin": "margin", "SUE (spread)": "log_spread",
-                  "SD (z-score)": "top1_z", "agreement": "agree", "steadiness": "steady"}
+SEQ_ESTIMATORS = {"margin (z)": "margin_z", "order gain": "order_gain", "hub": "hub"}
+LOWER_IS_SURER = ("log_spread", "hub")
 
 
 def descriptors(model, paths) -> np.ndarray:
@@ -96,16 +107,22 @@ def verified(v, path, scores: np.ndarray, top: np.ndarray, db_paths) -> tuple[np
 
 
 def answers(q: np.ndarray, db: np.ndarray, positives: list, hood: Neighbourhood,
-            length: int = 0, verify: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+            length: int = 0, verify: tuple | None = None, names: tuple[str, ...] | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
     """One capture sequence of queries [Q, D] against a database [N, D] -> (evidence [A, F], answer right [A]);
     positives[i] empty: an unknown place (always wrong). ``length`` 0: single frames (A = Q, ``FEATURES``); L > 0:
-    the sequence answers past the warm-up (A = Q - L + 1, ``SEQUENCE_FEATURES``), computed as ``Tracker`` does.
-    ``verify``: (Verifier, query paths, database paths): each frame's answer re-ranked as ``Localizer`` does;
-    single frames get ``VERIFIED_FEATURES``, sequences' ``agree`` reads the verified frame top-1."""
+    the sequence answers past the warm-up (A = Q - L + 1, ``SEQUENCE_FEATURES``), computed as ``Tracker`` does,
+    with the map's hubs as ``PlaceIndex.hubs`` measures them (``map_probe``). ``names``: the evidence columns
+    (default as above). ``verify``: (Verifier, query paths, database paths): each frame's answer re-ranked as
+    ``Localizer`` does; single frames get ``VERIFIED_FEATURES``, sequences' ``agree`` reads the verified frame
+    top-1."""
     nan = np.full(len(db), np.nan)
     coords = Coordinates(nan, nan, nan, nan)
+    names = names or (SEQUENCE_FEATURES if length else VERIFIED_FEATURES if verify else FEATURES)
     s = q @ db.T
+    hubs = map_probe(db, hood).hubs
     norm, seg = row_z(s), np.zeros(len(db), np.int64)
+    lines = {t: trajectory_lines(len(db), t, SEQSLAM_VELOCITIES, seg) for t in range(1, length + 1)}
     feats, right, matches = [], [], []
     for i in range(len(q)):
         top = np.argsort(-s[i])[:DECISION_DEPTH]
@@ -113,24 +130,45 @@ def answers(q: np.ndarray, db: np.ndarray, positives: list, hood: Neighbourhood,
         if verify:
             top, sc, check = verified(verify[0], verify[1][i], sc, top, verify[2])
         if not length:
-            ev = evidence(sc, top, coords, hood)
+            ev = evidence(sc, top, coords, hood, hubs)
             if verify:
                 ev |= verified_evidence(check, top, coords, hood)
-            feats.append([ev[f] for f in (VERIFIED_FEATURES if verify else FEATURES)])
+            feats.append([ev[f] for f in names])
             right.append(int(top[0]) in set(positives[i]))
             continue
-        t = trajectory_scores(norm[max(0, i - length + 1):i + 1], length, SEQSLAM_VELOCITIES, seg)
+        rows = norm[max(0, i - length + 1):i + 1]
+        t = trajectory_scores(rows, length, SEQSLAM_VELOCITIES, seg, lines[len(rows)])
         ids = np.argsort(-t, kind="stable")[:DECISION_DEPTH]
         ids = ids[np.isfinite(t[ids])]
         matches.append(int(ids[0]))
         if i < length - 1:  # warm-up: its matches feed ``steady`` only
             continue
-        ev = evidence(t[ids], ids, coords, hood)
+        ev = evidence(t[ids], ids, coords, hood, hubs)
         ev["agree"] = float(hood.near(coords, int(ids[0]), np.array([top[0]]))[0])
         ev["steady"] = steadiness(matches[-length:], coords, hood, length)
-        feats.append([ev[f] for f in SEQUENCE_FEATURES])
+        ev["order_gain"] = order_gain(rows, float(t[ids[0]]), length, seg, lines[len(rows)])
+        feats.append([ev[f] for f in names])
         right.append(int(ids[0]) in set(positives[i]))
     return np.array(feats), np.array(right)
+
+
+_PROBES: dict = {}  # (database size, first row) -> MapProbe: once per map and run
+
+
+def map_probe(db: np.ndarray, hood: Neighbourhood) -> MapProbe:
+    """A map probed with its own images as ``PlaceIndex.probe`` does (``decision.probe_map``), by exact
+    inner-product search over ``db`` [N, D]."""
+    key = (len(db), db[0].tobytes(), hood.radius_m, hood.frames)
+    if key not in _PROBES:
+        nan = np.full(len(db), np.nan)
+
+        def search(x, k):
+            sim = x @ db.T
+            ids = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+            return np.take_along_axis(sim, ids, 1), ids
+
+        _PROBES[key] = probe_map(search, lambda ids: db[ids], Coordinates(nan, nan, nan, nan), hood, len(db))
+    return _PROBES[key]
 
 
 def ece_interval(p: np.ndarray, right: np.ndarray, block: np.ndarray, draws: int = 1000) -> list[float]:
@@ -149,14 +187,15 @@ def ece_interval(p: np.ndarray, right: np.ndarray, block: np.ndarray, draws: int
 _ANSWERS: dict = {}  # (set label, first path, length, sequence length, verified) -> answers(): once per run
 
 
-def set_answers(model, db_paths, qset, hood: Neighbourhood, length: int, verifier) -> tuple:
+def set_answers(model, db_paths, qset, hood: Neighbourhood, length: int, verifier,
+                names: tuple[str, ...] | None = None) -> tuple:
     """One capture sequence (label, query paths, positives) -> ``answers`` of it, computed once per run (a set is
     calibration in some folds and test in one)."""
     label, paths, pos = qset
-    key = (label, str(paths[0]), len(paths), str(db_paths[0]), len(db_paths), length, verifier is not None)
+    key = (label, str(paths[0]), len(paths), str(db_paths[0]), len(db_paths), length, verifier is not None, names)
     if key not in _ANSWERS:
         _ANSWERS[key] = answers(descriptors(model, paths), descriptors(model, db_paths), pos, hood, length,
-                                (verifier, paths, db_paths) if verifier else None)
+                                (verifier, paths, db_paths) if verifier else None, names)
     return _ANSWERS[key]
 
 
@@ -170,7 +209,7 @@ def evaluate(name: str, model, db_paths, folds: list, hood: Neighbourhood, targe
         (VERIFIED_FEATURES, VERIFIED_ESTIMATORS) if verifier else (FEATURES, ESTIMATORS)
 
     def auc_pr(x, y, p) -> dict:  # per estimator (a wider spread: less sure) and the fused probability
-        out = {lab: float(average_precision_score(y, x[:, names.index(feat)] * (-1 if feat == "log_spread" else 1)))
+        out = {lab: float(average_precision_score(y, x[:, names.index(feat)] * (-1 if feat in LOWER_IS_SURER else 1)))
                for lab, feat in estimators.items()}
         return out | {"fused (calibrated)": float(average_precision_score(y, p))}
 
@@ -218,6 +257,141 @@ def evaluate(name: str, model, db_paths, folds: list, hood: Neighbourhood, targe
     return row
 
 
+#: Evidence sets the transfer protocol compares (single frames, sequences): the earlier sets, and the sets whose
+#: every piece carries its own null. The shipped sets are ``decision.FEATURES`` and ``decision.SEQUENCE_FEATURES``.
+TRANSFER_SETS = {0: {"shipped (margin, top-1, SD, SUE)": FEATURES,
+                     "without top-1 (margin, SD, SUE, hub)": ("margin", "top1_z", "log_spread", "hub"),
+                     "null-carrying (margin z, hub)": ("margin_z", "hub")},
+                 1: {"earlier (+ agree, steady)": EARLIER_SEQUENCE_FEATURES,
+                     "shipped (margin z, order gain, hub)": SEQUENCE_FEATURES}}
+
+
+def precision_interval(right: int, n: int, confidence: float = 0.9) -> list[float]:
+    """Two-sided Clopper-Pearson interval of a share ``right`` of ``n`` at ``confidence``."""
+    from scipy.stats import beta
+
+    a = (1 - confidence) / 2
+    return [float(beta.ppf(a, right, n - right + 1)) if right else 0.0,
+            float(beta.ppf(1 - a, right + 1, n - right)) if right < n else 1.0]
+
+
+def map_lookalikes(db: np.ndarray, hood: Neighbourhood, length: int) -> list[dict]:
+    """A map's look-alike answers as ``PlaceIndex.lookalikes`` makes them (single frames: ``length`` 0)."""
+    if not length:
+        return map_probe(db, hood).lookalikes
+    nan = np.full(len(db), np.nan)
+    return sequence_lookalikes(lambda ids: db[ids] @ db.T, len(db), np.zeros(len(db), np.int64),
+                               map_probe(db, hood).hubs, Coordinates(nan, nan, nan, nan), hood, length)
+
+
+def judge(cal, names: tuple[str, ...], parts: list, length: int, lookalikes: list[dict]) -> dict:
+    """A calibration applied to test sets -> the figures of the decision as the runtime makes it: P, 'known' =
+    ``Calibration.decide`` (P >= known_from, inside the calibration's range) and, for sequences, an order gain
+    above ``ORDER_GAIN_MIN``; answers on a map whose ``lookalikes`` the calibration does not apply to
+    (``Calibration.applies``) get no P and are never known (``Localizer.map_check``). parts: (label, kind "known"
+    or "foreign", evidence [A, F + 1] with order_gain last, right [A])."""
+    share = cal.lookalike_known(lookalikes)
+    if not cal.applies(share):
+        return {"refused": share, "answers": int(sum(len(y) for *_, y in parts)),
+                "right": int(sum(y.sum() for *_, y in parts)), "known": 0,
+                "sets": {lab: {"kind": kind, "answers": len(y), "right": int(y.sum()), "known": 0}
+                         for lab, kind, _, y in parts}}
+    p, known, right, rows, block = [], [], [], {}, []
+    for k, (label, kind, x, y) in enumerate(parts):
+        said = [cal.decide(dict(zip(names, r[:len(names)], strict=True))) for r in x]
+        pk = np.array([d["confidence"] for d in said])
+        kn = np.array([d["known"] for d in said], bool)
+        if length:
+            kn &= x[:, -1] > ORDER_GAIN_MIN
+        p.append(pk), known.append(kn), right.append(y), block.append(k * 10_000 + np.arange(len(y)) // BLOCK)
+        r = rows.setdefault(label, {"kind": kind, "answers": 0, "right": 0, "known": 0, "known_right": 0, "p": []})
+        r["answers"] += len(y)
+        r["right"] += int(y.sum())
+        r["known"] += int(kn.sum())
+        r["known_right"] += int((kn & y).sum())
+        r["p"] += pk.tolist()
+    p, known, right, block = (np.concatenate(v) for v in (p, known, right, block))
+    for r in rows.values():
+        r["mean_p"] = float(np.mean(r.pop("p")))
+        r["known_share"] = r["known"] / r["answers"]
+    nk = int(known.sum())
+    return {"lookalike_known": share, "answers": int(len(right)), "right": int(right.sum()),
+            "ece": expected_calibration_error(p, right)[0],
+            "ece_ci90": ece_interval(p, right, block), "brier": float(np.mean((p - right) ** 2)),
+            "known": nk, "known_precision": float(right[known].mean()) if nk else None,
+            "known_precision_ci90": precision_interval(int(right[known].sum()), nk) if nk else None,
+            "known_from": cal.known_from if np.isfinite(cal.threshold) else None, "sets": rows}
+
+
+def transfer(model, maps: dict, scenarios: list, target: float, lengths: tuple[int, ...]) -> dict:
+    """The transfer protocol: each scenario calibrates on one map's answers (its known-place sets and one kind of
+    foreign set) and judges the decision on answers it never saw: another map, other places, foreign scenes of
+    another kind. maps: name -> (database paths, Neighbourhood); scenario: (name, calibration map, calibration
+    sets, test map, test sets), a set being (label, paths, positives per query; [] = foreign), one capture
+    sequence. Per evidence set of ``TRANSFER_SETS`` and mode (single frames, sequences of L)."""
+    out = {}
+    for length in lengths:
+        for set_name, names in TRANSFER_SETS[bool(length)].items():
+            cols = (*names, "order_gain") if length else (*names, "margin")
+            for sc_name, cal_map, cal_sets, test_map, test_sets in scenarios:
+                def parts(mp, sets, length=length, cols=cols):
+                    db, hood = maps[mp]
+                    return [(lab, "known" if any(pos) else "foreign",
+                             *set_answers(model, db, (lab, paths, pos), hood, length, None, cols))
+                            for lab, paths, pos in sets]
+                cp = parts(cal_map, cal_sets)
+                xc = np.concatenate([x[:, :len(names)] for _, _, x, _ in cp])
+                yc = np.concatenate([y for *_, y in cp])
+                uc = np.concatenate([np.full(len(y), kind == "foreign") for _, kind, _, y in cp])
+                own_look = map_lookalikes(descriptors(model, maps[cal_map][0]), maps[cal_map][1], length)
+                cal = calibrate(xc, yc, target, maps[cal_map][1], unknown=uc, names=names, refuse=False)
+                own = cal.lookalike_known(own_look)
+                cal.lookalike_known_share = float("nan") if own is None else own
+                db, hood = maps[test_map]
+                row = judge(cal, names, parts(test_map, test_sets), length,
+                            map_lookalikes(descriptors(model, db), hood, length))
+                row["calibration"] = {"answers": int(len(yc)), "right": int(yc.sum()), "foreign": int(uc.sum()),
+                                      "target_reached": bool(np.isfinite(cal.threshold)),
+                                      "own_lookalikes_known": own}
+                out.setdefault(f"L={length}", {}).setdefault(set_name, {})[sc_name] = row
+                print(model.name, f"L={length}", set_name, sc_name, {k: v for k, v in row.items() if k != "sets"},
+                      flush=True)
+    return out
+
+
+def transfer_table(res: dict, target: float) -> list[str]:
+    """Markdown: per mode and evidence set one row per scenario, then its test sets."""
+    lines = []
+    for mode, sets in res.items():
+        what = "Single frames" if mode == "L=0" else f"Sequences of {mode[2:]} frames (past the warm-up)"
+        for set_name, rows in sets.items():
+            lines += ["", f"### {what}: evidence {set_name}", "",
+                      "| calibrated on -> judged on | answers (right) | ECE (90% interval) | known: precision (90% "
+                      "interval), count | per test set: share right / mean P / share 'known' |",
+                      "|---|---:|---:|---|---|"]
+            for sc, r in rows.items():
+                if "refused" in r:
+                    per = "; ".join(f"{lab}: {v['right'] / v['answers']:.2f} right, none known"
+                                    for lab, v in r["sets"].items())
+                    lines.append(f"| {sc} | {r['answers']} ({r['right']}) | - (no P: refused, the calibration "
+                                 f"would know {r['refused']:.0%} of this map's look-alikes) | nothing 'known' | "
+                                 f"{per} |")
+                    continue
+                if r["known_precision"] is None:
+                    kp = "nothing 'known'" + ("" if r["calibration"]["target_reached"] else
+                                               f" (target {target} not reached on calibration)")
+                else:
+                    lo, hi = r["known_precision_ci90"]
+                    kp = f"{r['known_precision']:.3f} ({lo:.3f}-{hi:.3f}), {r['known']}"
+                per = "; ".join(f"{lab}{' (foreign)' if v['kind'] == 'foreign' else ''}: "
+                                f"{v['right'] / v['answers']:.2f} / {v['mean_p']:.2f} / "
+                                f"**{v['known_share']:.3f}** ({v['known']} of {v['answers']})"
+                                for lab, v in r["sets"].items())
+                lines.append(f"| {sc} | {r['answers']} ({r['right']}) | {r['ece']:.3f} ({r['ece_ci90'][0]:.3f}-"
+                             f"{r['ece_ci90'][1]:.3f}) | {kp} | {per} |")
+    return lines
+
+
 def table(res: dict, length: int) -> list[str]:
     """The markdown rows of one mode (single frames: length 0, or sequences of ``length``), then each fold's."""
     rows, folds = [], ["", "| map: held out | answers (right / unknown) | mean confidence | share right | ECE | "
@@ -252,6 +426,53 @@ def table(res: dict, length: int) -> list[str]:
     return rows + folds
 
 
+def run_transfer(model, gp, nl, route, stretches: list, target: float, length: int, out, command: str) -> None:
+    """The transfer protocol on the two maps (``transfer``), written to OUT.{json,md}."""
+    def stream(label, paths):
+        return label, list(paths), [[] for _ in paths]
+
+    gp_ds = {f: open_dataset(gp / "day_right", gp / f, aligned_tolerance=2) for f in ("night_right", "day_left")}
+    nl_summer, nl_winter = sorted((nl / "summer").glob("*.png")), sorted((nl / "winter").glob("*.png"))
+
+    def gp_known(a, b):
+        return [(f, ds.q_paths[a:b], [ds.positives[i].tolist() for i in range(a, b)]) for f, ds in gp_ds.items()]
+
+    gp_seen = [stream("nordland summer", nl_summer[0:100]), stream("nordland summer", nl_summer[1000:1100])]
+    gp_unseen = [stream("nordland winter", nl_winter[500:600]), stream("nordland winter", nl_winter[1500:1600])]
+    nl_seen = [stream("gardens point night", sorted((gp / "night_right").glob("*.jpg")))]
+    nl_unseen = [stream(f"gardens point {f}", sorted((gp / f).glob("*.jpg"))) for f in ("day_left", "day_right")]
+    half = len(stretches) // 2
+    maps = {"gardens point": (sorted((gp / "day_right").glob("*.jpg")), Neighbourhood(radius_m=None, frames=2)),
+            "nordland": (route.db_paths, Neighbourhood(radius_m=None, frames=1))}
+    scenarios = [
+        ("Gardens Point -> Nordland", "gardens point", gp_known(0, 100) + gp_seen, "nordland",
+         stretches + nl_seen + nl_unseen),
+        ("Nordland -> Gardens Point", "nordland", stretches + nl_seen, "gardens point",
+         gp_known(0, 100) + gp_seen + gp_unseen),
+        ("Gardens Point 0-49 -> 50-99, foreign of another season", "gardens point", gp_known(0, 50) + gp_seen,
+         "gardens point", gp_known(50, 100) + gp_unseen),
+        ("Gardens Point 50-99 -> 0-49, foreign of another season", "gardens point", gp_known(50, 100) + gp_seen,
+         "gardens point", gp_known(0, 50) + gp_unseen),
+        ("Nordland first half -> second, foreign of another kind", "nordland", stretches[:half] + nl_seen,
+         "nordland", stretches[half:] + nl_unseen),
+        ("Nordland second half -> first, foreign of another kind", "nordland", stretches[half:] + nl_seen,
+         "nordland", stretches[:half] + nl_unseen)]
+    res = {"model": model.name, "target_precision": target, "sequence_length": length,
+           "scenarios": transfer(model, maps, scenarios, target, (0, length))}
+    write_json(out.with_suffix(".json"), res)
+    lines = [f"# The decision where it was not tuned (`{command}`, {model.name})", "",
+             "Each row calibrates on one map's answers (its known-place query sets and one kind of foreign photo: "
+             "Nordland summer for Gardens Point, Gardens Point night for Nordland) and judges the decision on answers "
+             "the calibration never saw: the other map, or the other places of the same map with foreign streams of "
+             "a kind it never saw (Nordland winter; Gardens Point by day). Every set is one capture sequence. "
+             f"'known' as the runtime says it (P >= max(threshold, 0.5), inside the calibration's range; sequences "
+             f"also an order gain above {ORDER_GAIN_MIN}); target precision {target}. Per test set: the share of "
+             "right answers, the mean P and the share answered 'known' (for a foreign set: wrongly).",
+             *transfer_table(res["scenarios"], target)]
+    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="effnet-lite0-gem", help="model (default effnet-lite0-gem)")
@@ -266,6 +487,10 @@ def main() -> None:
     ap.add_argument("--verify", type=int, default=0, metavar="K",
                     help="each frame's answer verified over its top K on the model's own local features "
                          "(--verify-with auto), the inliers one more estimator of single frames (default 0: off)")
+    ap.add_argument("--protocol", choices=["both", "transfer", "in-distribution"], default="both",
+                    help="transfer: calibrate on one map and judge on the other, on other places and on foreign "
+                         "scenes of unseen kinds (NAME_transfer.{json,md}); in-distribution: every place held out "
+                         "once on its own map (NAME.{json,md}) (default both)")
     args = ap.parse_args()
     lo, hi = args.nordland_places
     if lo < 0 or hi > 2500 or (hi - lo) % NORDLAND_FOLD or hi - lo < 2 * NORDLAND_FOLD:
@@ -302,6 +527,13 @@ def main() -> None:
                  [s for j, s in enumerate(stretches) if j != k] +
                  [u for j, b in enumerate(unknown_blocks) if j != k for u in b],
                  [stretches[k], *unknown_blocks[k]]) for k in range(n_folds)]
+    results = ROOT / "benchmarks" / "results"
+    command = " ".join(["python benchmarks/confidence.py", *sys.argv[1:]])
+    if args.protocol != "in-distribution":
+        run_transfer(model, gp, nl, route, stretches, args.precision, args.sequence, results / f"{args.name}_transfer",
+                     command)
+    if args.protocol == "transfer":
+        return
     res: dict = {"model": model.name, "target_precision": args.precision, "nordland_places": [lo, hi],
                  "maps": {m: {} for m in args.maps}}
     if verifier:
@@ -319,9 +551,7 @@ def main() -> None:
             res["maps"]["nordland"][f"L={length}"] = evaluate(
                 "nordland", model, route.db_paths, nl_folds, Neighbourhood(radius_m=None, frames=1),
                 args.precision, length, verifier)
-    results = ROOT / "benchmarks" / "results"
     write_json(results / f"{args.name}.json", res)
-    command = " ".join(["python benchmarks/confidence.py", *sys.argv[1:]])
     verified = f", verified ({verifier.method}, K = {verifier.k})" if verifier else ""
     lines = [f"# Confidence estimators on held-out answers (`{command}`, {res['model']})", "",
              "AUC-PR of 'the answer is right' (unknown-place answers count as wrong), on each map's test answers "

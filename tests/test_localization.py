@@ -15,7 +15,15 @@ import pytest
 from edgevpr.cli import main
 from edgevpr.data.images import ImageLoadError, load_image
 from edgevpr.deploy import index as idx
-from edgevpr.deploy.decision import Coordinates, GeoPrior, Neighbourhood, calibrate, haversine, steadiness
+from edgevpr.deploy.decision import (
+    SEQUENCE_FEATURES,
+    Coordinates,
+    GeoPrior,
+    Neighbourhood,
+    calibrate,
+    haversine,
+    steadiness,
+)
 from edgevpr.deploy.inputs import Frame, Stream, write_video
 from edgevpr.deploy.localize import Localizer
 from edgevpr.deploy.sequence import seqslam
@@ -158,7 +166,7 @@ def test_sequence_answers_headline_with_their_own_calibration_and_warm_up_never_
     cal, seq = loc.calibrate(_frames([gp / "night_right" / f"Image{i:03d}.jpg" for i in range(50)]),
                              [positives(i) for i in range(50)], 0.9, Neighbourhood(radius_m=None, frames=2),
                              unknown_frames=_frames(nl[:80]), sequence=5)
-    assert seq.sequence_length == 5 and seq.features[-2:] == ["agree", "steady"] and seq.precision >= 0.9
+    assert seq.sequence_length == 5 and seq.features == list(SEQUENCE_FEATURES) and seq.precision >= 0.9
     assert seq.queries == (50 - 4) + (80 - 4) and cal.queries == 130
     loc = Localizer(index)
     held = [Frame(str(p), load_image(p), "night") for p in (gp / "night_right" / f"Image{i:03d}.jpg"
@@ -173,10 +181,10 @@ def test_sequence_answers_headline_with_their_own_calibration_and_warm_up_never_
             assert d["warming_up"] and d["known"] is False and d["confidence"] is None
             continue
         assert not d["warming_up"] and d["known"] == (d["confidence"] >= seq.known_from and "reason" not in d)
-        rows.append((d["known"], head["match"]["path"] in good, d["confidence"], d["evidence"]["steady"]))
+        rows.append((d["known"], head["match"]["path"] in good, d["confidence"], d["evidence"]["order_gain"]))
     assert len(rows) == 46 + 26
-    known, right, prob, steady = (np.array(c) for c in zip(*rows, strict=True))
-    assert steady[right].mean() > steady[~right].mean() + 0.2  # right matches follow the route (1.00 vs 0.69)
+    known, right, prob, gain = (np.array(c) for c in zip(*rows, strict=True))
+    assert gain[right].mean() > gain[~right].mean() + 0.2  # right matches follow the route
     # 'known' also needs the order test (a match as good with the frames reversed is refused): at L = 5 it costs a
     # third of the night answers P alone would know (36 -> 23 of 46 measured), for no foreign answer known
     assert right[known].mean() >= 0.9 and known[:46].mean() >= 0.45 and known[46:].mean() <= 0.05
@@ -487,7 +495,7 @@ def test_a_stream_whose_match_does_not_move_is_never_known(calibrated):
     assert np.mean(known) <= 0.05
     # a credulous sequence calibration (P > 0.99 for any steady match: what a calibration that never saw such a
     # stream may learn) still knows none of them: the order test refuses them on their own evidence
-    from edgevpr.deploy.decision import SEQUENCE_FEATURES, Calibration
+    from edgevpr.deploy.decision import ORDER_GAIN_MIN, Calibration
 
     n = len(SEQUENCE_FEATURES)
     credulous = Calibration(0.5, 0.9, 0.9, 0.5, 100, {"radius_m": None, "frames": 2}, list(SEQUENCE_FEATURES),
@@ -497,12 +505,10 @@ def test_a_stream_whose_match_does_not_move_is_never_known(calibrated):
     for frames in (frozen, _frames(nl[500:620])):
         seq = [a.sequence["decision"] for _, a, _ in loc.stream(frames, 3, sequence=5)][4:]
         steady = [d for d in seq if d["confidence"] >= 0.5]
-        assert len(steady) >= 5 and not any(d["known"] for d in steady if d["evidence"]["order_gain"] <= 0.25)
-        assert all("temporal order" in d["reason"] for d in steady if d["evidence"]["order_gain"] <= 0.25)
+        assert len(steady) >= 5 and not any(d["known"] for d in steady if d["evidence"]["order_gain"] <= ORDER_GAIN_MIN)
+        assert all("temporal order" in d["reason"] for d in steady if d["evidence"]["order_gain"] <= ORDER_GAIN_MIN)
     night = [a.sequence for _, a, _ in loc.stream(_frames([gp / "night_right" / f"Image{i:03d}.jpg"
                                                            for i in range(60, 80)]), 3, sequence=5)][4:]
-    from edgevpr.deploy.sequence import ORDER_GAIN_MIN
-
     assert np.mean([s["decision"]["evidence"]["order_gain"] > ORDER_GAIN_MIN for s in night]) >= 0.5  # 0.625
 
 

@@ -118,21 +118,44 @@ def trajectory_search(norm: np.ndarray, length: int, velocities: tuple[float, ..
     return j, float(score[j])
 
 
-#: A sequence answer is 'known' only when its best trajectory beats the best over the same frames in reversed order
-#: by more than this (mean row-normalised similarity; ``order_gain``), chosen on validation (docs/methods.md).
-ORDER_GAIN_MIN = 0.25
+#: The reorderings of a sequence's frames the order test scores against: the reversal and fixed shuffles, this many
+#: in all (fewer when the frames have fewer distinct orders).
+ORDER_REORDERINGS = 10
+
+
+def reorderings(steps: int, count: int = ORDER_REORDERINGS) -> list[np.ndarray]:
+    """The orders of ``steps`` frames the order test compares with [count][steps]: the reversal first, then
+    shuffles from a fixed seed (the same for every call: a deterministic test), never the frames' own order."""
+    if steps < 2:
+        return []
+    rng, seen = np.random.default_rng(steps), {tuple(range(steps))}
+    out = []
+    for order in [np.arange(steps)[::-1], *(rng.permutation(steps) for _ in range(8 * count))]:
+        if tuple(order) not in seen and len(out) < count:
+            seen.add(tuple(order))
+            out.append(np.asarray(order))
+    return out
 
 
 def order_gain(norm: np.ndarray, best: float, length: int, seg: np.ndarray, lines: list | None = None,
                velocities: tuple[float, ...] = SEQSLAM_VELOCITIES) -> float:
-    """A test of temporal order, label-free and with its own null: the best trajectory score ``best`` of the frames
-    [T, N] (normalised rows, newest last) minus the best score of the same frames in reversed order. A right match
-    moves along the route with the frames, so reversing them breaks every forward trajectory; a match that stays on
-    one image while the frames change (a hub, a static match, a repeated frame) scores as well reversed: gain ~0.
-    ``lines``: ``trajectory_lines`` for T rows when the caller keeps them."""
-    rev = trajectory_scores(norm[::-1], length, velocities, seg, lines)
-    rev = rev[np.isfinite(rev)]
-    return float(best - rev.max()) if len(rev) else float(best)
+    """A test of temporal order, label-free and with its own null: the best trajectory score ``best`` of the last
+    ``length`` frames [T, N] (normalised rows, newest last) minus the best score of the same frames in any of
+    ``reorderings`` (the reversal and fixed shuffles). A right match moves along the route with the frames, so
+    every other order breaks its trajectory; a match that stays on one image while the frames change (a hub, a
+    static match, a repeated frame) or a foreign stream whose best trajectory is chance scores about as well in
+    another order: gain <= 0. Against the reversal alone, foreign streams on a 100-image map passed 0.25 in 13%
+    of answers (Nordland winter vs Gardens Point, ``pixels-patchnorm``; benchmarks/results/confidence_transfer.md
+    has the figures against every order). ``lines``: ``trajectory_lines`` for
+    min(T, length) rows when the caller keeps them."""
+    rows = norm[-length:]
+    other = -np.inf
+    for order in reorderings(len(rows)):
+        t = trajectory_scores(rows[order], length, velocities, seg, lines)
+        t = t[np.isfinite(t)]
+        if len(t):
+            other = max(other, float(t.max()))
+    return float(best - other) if np.isfinite(other) else float(best)
 
 
 class SequenceFilter:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..decision import Coordinates
+from ..decision import Coordinates, MapProbe, Neighbourhood, probe_map, sequence_lookalikes
 from .backends import Backend, open_backend, storage_of
 from .store import (
     DB_FILE,
@@ -42,6 +42,7 @@ class PlaceIndex:
         self.root, self.manifest, self.backend, self.con = root, manifest, backend, con
         self._n = backend.ntotal  # counted once: a Qdrant count is a request
         self.stamp = stamp  # the manifest file's identity when this generation was opened (``changed``)
+        self._probes: dict = {}  # neighbourhood -> MapProbe (``probe``)
 
     @property
     def generation(self) -> int:
@@ -213,6 +214,39 @@ class PlaceIndex:
             out["east"] = [r[1] for r in rows]
             out["north"] = [r[2] for r in rows]
         return out
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Stored descriptors of ``ids`` [B] as queries [B, D] float32 (a binary index's sign bits as +-1 / sqrt(D))."""
+        bits = storage_of(self.manifest["kind"]) == "bits"
+        out = []
+        for i in ids:
+            (blob,) = self.con.execute("SELECT descriptor FROM images WHERE id = ?", (int(i),)).fetchone()
+            v = np.frombuffer(blob, np.uint8 if bits else np.float32)
+            out.append(np.unpackbits(v).astype(np.float32) * 2 - 1 if bits else v)
+        x = np.asarray(out, np.float32).reshape(len(ids), self.manifest["dim"])
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    def probe(self, hood: Neighbourhood | None = None) -> MapProbe:
+        """This map probed with its own images (``decision.probe_map``; ``hood`` default: 25 m or +-2 ids): each
+        image's k-occurrence and the map's look-alike answers; measured once per generation and neighbourhood on
+        first use (a new generation is a new PlaceIndex)."""
+        hood = hood or Neighbourhood.default(self.coordinates())
+        key = (hood.radius_m, hood.frames)
+        if key not in self._probes:
+            self._probes[key] = probe_map(self.search_ids, self.rows_of, self.coordinates(), hood, len(self))
+        return self._probes[key]
+
+    def lookalikes(self, hood: Neighbourhood, length: int = 0) -> list[dict]:
+        """This map's look-alike answers: single frames (``probe``) or, with ``length`` L, sequences of L
+        (``decision.sequence_lookalikes``); measured once per generation, neighbourhood and L."""
+        if not length:
+            return self.probe(hood).lookalikes
+        key = (hood.radius_m, hood.frames, length)
+        if key not in self._probes:
+            self._probes[key] = sequence_lookalikes(lambda ids: self.similarities(self.rows_of(ids)), len(self),
+                                                    self.segments(), self.probe(hood).hubs, self.coordinates(), hood,
+                                                    length)
+        return self._probes[key]
 
     def descriptors(self) -> np.ndarray:
         """All stored descriptors in id order: [N, D] float32, or [N, D/8] uint8 sign bits for a binary index."""
