@@ -51,23 +51,22 @@ from edgevpr.data.datasets import open_dataset
 from edgevpr.data.images import load_image
 from edgevpr.deploy.decision import (
     DECISION_DEPTH,
+    EARLIER_FEATURES,
     EARLIER_SEQUENCE_FEATURES,
     FEATURES,
-    ORDER_GAIN_MIN,
     SEQUENCE_FEATURES,
     VERIFIED_FEATURES,
     Coordinates,
-    MapProbe,
     Neighbourhood,
     calibrate,
     evidence,
     expected_calibration_error,
-    probe_map,
-    sequence_lookalikes,
+    hubness,
     steadiness,
     verified_evidence,
 )
 from edgevpr.deploy.sequence import (
+    ORDER_GAIN_MIN,
     SEQSLAM_VELOCITIES,
     order_gain,
     row_z,
@@ -79,7 +78,7 @@ from edgevpr.eval.extract import extract
 from edgevpr.models.model import load_model
 from edgevpr.utils import default_cache_dir, write_json, write_text
 
-ESTIMATORS = {"top-1 cosine": "top1", "margin": "margin", "SUE (spread)": "log_spread", "SD (z-score)": "top1_z"}
+ESTIMATORS = {"margin": "margin", "SUE (spread)": "log_spread", "SD (z-score)": "top1_z", "hub": "hub"}
 BLOCK = 50  # answers per stretch of the ECE's block bootstrap
 NORDLAND_FOLD = 500  # places per held-out stretch of the Nordland route
 VERIFIED_ESTIMATORS = {**ESTIMATORS, "inliers": "log_inliers", "inlier margin": "inlier_margin"}
@@ -120,7 +119,7 @@ def answers(q: np.ndarray, db: np.ndarray, positives: list, hood: Neighbourhood,
     coords = Coordinates(nan, nan, nan, nan)
     names = names or (SEQUENCE_FEATURES if length else VERIFIED_FEATURES if verify else FEATURES)
     s = q @ db.T
-    hubs = map_probe(db, hood).hubs
+    hubs = map_hubs(db, hood)
     norm, seg = row_z(s), np.zeros(len(db), np.int64)
     lines = {t: trajectory_lines(len(db), t, SEQSLAM_VELOCITIES, seg) for t in range(1, length + 1)}
     feats, right, matches = [], [], []
@@ -152,14 +151,14 @@ def answers(q: np.ndarray, db: np.ndarray, positives: list, hood: Neighbourhood,
     return np.array(feats), np.array(right)
 
 
-_PROBES: dict = {}  # (database size, first row) -> MapProbe: once per map and run
+_HUBS: dict = {}  # (database size, first row, neighbourhood) -> hubs: once per map and run
 
 
-def map_probe(db: np.ndarray, hood: Neighbourhood) -> MapProbe:
-    """A map probed with its own images as ``PlaceIndex.probe`` does (``decision.probe_map``), by exact
-    inner-product search over ``db`` [N, D]."""
+def map_hubs(db: np.ndarray, hood: Neighbourhood) -> np.ndarray:
+    """A map's k-occurrence [N] as ``PlaceIndex.hubs`` measures it (``decision.hubness``), by exact inner-product
+    search over ``db`` [N, D]."""
     key = (len(db), db[0].tobytes(), hood.radius_m, hood.frames)
-    if key not in _PROBES:
+    if key not in _HUBS:
         nan = np.full(len(db), np.nan)
 
         def search(x, k):
@@ -167,8 +166,8 @@ def map_probe(db: np.ndarray, hood: Neighbourhood) -> MapProbe:
             ids = np.argsort(-sim, axis=1, kind="stable")[:, :k]
             return np.take_along_axis(sim, ids, 1), ids
 
-        _PROBES[key] = probe_map(search, lambda ids: db[ids], Coordinates(nan, nan, nan, nan), hood, len(db))
-    return _PROBES[key]
+        _HUBS[key] = hubness(search, lambda ids: db[ids], Coordinates(nan, nan, nan, nan), hood, len(db))
+    return _HUBS[key]
 
 
 def ece_interval(p: np.ndarray, right: np.ndarray, block: np.ndarray, draws: int = 1000) -> list[float]:
@@ -259,8 +258,8 @@ def evaluate(name: str, model, db_paths, folds: list, hood: Neighbourhood, targe
 
 #: Evidence sets the transfer protocol compares (single frames, sequences): the earlier sets, and the sets whose
 #: every piece carries its own null. The shipped sets are ``decision.FEATURES`` and ``decision.SEQUENCE_FEATURES``.
-TRANSFER_SETS = {0: {"shipped (margin, top-1, SD, SUE)": FEATURES,
-                     "without top-1 (margin, SD, SUE, hub)": ("margin", "top1_z", "log_spread", "hub"),
+TRANSFER_SETS = {0: {"earlier (margin, top-1, SD, SUE)": EARLIER_FEATURES,
+                     "shipped (margin, SD, SUE, hub)": FEATURES,
                      "null-carrying (margin z, hub)": ("margin_z", "hub")},
                  1: {"earlier (+ agree, steady)": EARLIER_SEQUENCE_FEATURES,
                      "shipped (margin z, order gain, hub)": SEQUENCE_FEATURES}}
@@ -275,27 +274,11 @@ def precision_interval(right: int, n: int, confidence: float = 0.9) -> list[floa
             float(beta.ppf(1 - a, right + 1, n - right)) if right < n else 1.0]
 
 
-def map_lookalikes(db: np.ndarray, hood: Neighbourhood, length: int) -> list[dict]:
-    """A map's look-alike answers as ``PlaceIndex.lookalikes`` makes them (single frames: ``length`` 0)."""
-    if not length:
-        return map_probe(db, hood).lookalikes
-    nan = np.full(len(db), np.nan)
-    return sequence_lookalikes(lambda ids: db[ids] @ db.T, len(db), np.zeros(len(db), np.int64),
-                               map_probe(db, hood).hubs, Coordinates(nan, nan, nan, nan), hood, length)
-
-
-def judge(cal, names: tuple[str, ...], parts: list, length: int, lookalikes: list[dict]) -> dict:
+def judge(cal, names: tuple[str, ...], parts: list, length: int) -> dict:
     """A calibration applied to test sets -> the figures of the decision as the runtime makes it: P, 'known' =
     ``Calibration.decide`` (P >= known_from, inside the calibration's range) and, for sequences, an order gain
-    above ``ORDER_GAIN_MIN``; answers on a map whose ``lookalikes`` the calibration does not apply to
-    (``Calibration.applies``) get no P and are never known (``Localizer.map_check``). parts: (label, kind "known"
-    or "foreign", evidence [A, F + 1] with order_gain last, right [A])."""
-    share = cal.lookalike_known(lookalikes)
-    if not cal.applies(share):
-        return {"refused": share, "answers": int(sum(len(y) for *_, y in parts)),
-                "right": int(sum(y.sum() for *_, y in parts)), "known": 0,
-                "sets": {lab: {"kind": kind, "answers": len(y), "right": int(y.sum()), "known": 0}
-                         for lab, kind, _, y in parts}}
+    above ``ORDER_GAIN_MIN``. parts: (label, kind "known" or "foreign", evidence [A, F + 1] with order_gain last,
+    right [A])."""
     p, known, right, rows, block = [], [], [], {}, []
     for k, (label, kind, x, y) in enumerate(parts):
         said = [cal.decide(dict(zip(names, r[:len(names)], strict=True))) for r in x]
@@ -315,7 +298,7 @@ def judge(cal, names: tuple[str, ...], parts: list, length: int, lookalikes: lis
         r["mean_p"] = float(np.mean(r.pop("p")))
         r["known_share"] = r["known"] / r["answers"]
     nk = int(known.sum())
-    return {"lookalike_known": share, "answers": int(len(right)), "right": int(right.sum()),
+    return {"answers": int(len(right)), "right": int(right.sum()),
             "ece": expected_calibration_error(p, right)[0],
             "ece_ci90": ece_interval(p, right, block), "brier": float(np.mean((p - right) ** 2)),
             "known": nk, "known_precision": float(right[known].mean()) if nk else None,
@@ -343,16 +326,10 @@ def transfer(model, maps: dict, scenarios: list, target: float, lengths: tuple[i
                 xc = np.concatenate([x[:, :len(names)] for _, _, x, _ in cp])
                 yc = np.concatenate([y for *_, y in cp])
                 uc = np.concatenate([np.full(len(y), kind == "foreign") for _, kind, _, y in cp])
-                own_look = map_lookalikes(descriptors(model, maps[cal_map][0]), maps[cal_map][1], length)
                 cal = calibrate(xc, yc, target, maps[cal_map][1], unknown=uc, names=names, refuse=False)
-                own = cal.lookalike_known(own_look)
-                cal.lookalike_known_share = float("nan") if own is None else own
-                db, hood = maps[test_map]
-                row = judge(cal, names, parts(test_map, test_sets), length,
-                            map_lookalikes(descriptors(model, db), hood, length))
+                row = judge(cal, names, parts(test_map, test_sets), length)
                 row["calibration"] = {"answers": int(len(yc)), "right": int(yc.sum()), "foreign": int(uc.sum()),
-                                      "target_reached": bool(np.isfinite(cal.threshold)),
-                                      "own_lookalikes_known": own}
+                                      "target_reached": bool(np.isfinite(cal.threshold))}
                 out.setdefault(f"L={length}", {}).setdefault(set_name, {})[sc_name] = row
                 print(model.name, f"L={length}", set_name, sc_name, {k: v for k, v in row.items() if k != "sets"},
                       flush=True)
@@ -370,13 +347,6 @@ def transfer_table(res: dict, target: float) -> list[str]:
                       "interval), count | per test set: share right / mean P / share 'known' |",
                       "|---|---:|---:|---|---|"]
             for sc, r in rows.items():
-                if "refused" in r:
-                    per = "; ".join(f"{lab}: {v['right'] / v['answers']:.2f} right, none known"
-                                    for lab, v in r["sets"].items())
-                    lines.append(f"| {sc} | {r['answers']} ({r['right']}) | - (no P: refused, the calibration "
-                                 f"would know {r['refused']:.0%} of this map's look-alikes) | nothing 'known' | "
-                                 f"{per} |")
-                    continue
                 if r["known_precision"] is None:
                     kp = "nothing 'known'" + ("" if r["calibration"]["target_reached"] else
                                                f" (target {target} not reached on calibration)")

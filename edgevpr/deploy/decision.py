@@ -179,16 +179,20 @@ def position(scores: np.ndarray, ids: np.ndarray, coords: Coordinates, hood: Nei
 
 
 #: The evidence a calibrated confidence is fitted on, all free at query time (one search DECISION_DEPTH deep).
-FEATURES = ("margin", "top1", "top1_z", "log_spread")
+FEATURES = ("margin", "top1_z", "log_spread", "hub")
+#: The single-frame evidence of calibrations made before the transfer protocol (still read and applied): with the
+#: raw top-1 cosine, whose level depends on the map and the conditions (a Gardens Point calibration on it called
+#: 2199 of 2725 Nordland answers 'known' at precision 0.04; without it and with ``hub``, 6: docs/methods.md).
+EARLIER_FEATURES = ("margin", "top1", "top1_z", "log_spread")
 #: The evidence a sequence calibration is fitted on, each carrying its own null: ``margin_z`` (the margin over the
 #: best trajectory outside the match's neighbourhood, in units of the spread of the top trajectory scores),
 #: ``order_gain`` (``sequence.order_gain``: the frames' own order against every other order of them) and ``hub``
-#: (log(1 + the match's k-occurrence on the map, ``probe_map``)). Chosen by the transfer protocol of
+#: (log(1 + the match's k-occurrence on the map, ``hubness``)). Chosen by the transfer protocol of
 #: benchmarks/confidence.py over the earlier set, whose ``agree`` and ``steady`` (still in every answer's evidence)
 #: scored a hub that stays put while the frames change as perfectly steady (docs/methods.md).
 SEQUENCE_FEATURES = ("margin_z", "order_gain", "hub")
 #: Sequence evidence of calibrations made before the transfer protocol (still read and applied).
-EARLIER_SEQUENCE_FEATURES = (*FEATURES, "agree", "steady")
+EARLIER_SEQUENCE_FEATURES = (*EARLIER_FEATURES, "agree", "steady")
 #: The evidence of a verified answer (``--verify K``): also ``log_inliers``, log(1 + the geometric inliers of the
 #: top-1 after re-ranking), and ``inlier_margin``, that minus log(1 + the most inliers of a candidate outside the
 #: top-1's neighbourhood); both 0 when the query had too few local features to verify (no geometric support).
@@ -239,7 +243,7 @@ ECE_BINS = 10
 
 def evidence(scores: np.ndarray, ids: np.ndarray, coords: Coordinates, hood: Neighbourhood,
              hubs: np.ndarray | None = None) -> dict[str, float]:
-    """One query's ranked scores [M] and ids [M] (and the map's k-occurrence ``hubs`` [N] from ``probe_map``, when
+    """One query's ranked scores [M] and ids [M] (and the map's k-occurrence ``hubs`` [N] from ``hubness``, when
     known) -> the features of ``FEATURES``, plus ``margin_z`` and ``hub`` (``SEQUENCE_FEATURES``):
 
     * ``margin``: top-1 minus the best score outside its neighbourhood (``margin``);
@@ -254,7 +258,7 @@ def evidence(scores: np.ndarray, ids: np.ndarray, coords: Coordinates, hood: Nei
     * ``hub``: log(1 + the top-1's k-occurrence ``hubs``; NaN without): a look-alike of much of the map.
     """
     if len(ids) == 0:
-        return {f: float("nan") for f in (*FEATURES, "margin_z", "hub")}
+        return {f: float("nan") for f in (*EARLIER_FEATURES, "margin_z", "hub")}
     s = np.asarray(scores, np.float64)
     z = float((s[0] - s.mean()) / (s.std() + 1e-6)) if len(s) > 1 else 0.0
     top_s, top_i = s[:SPREAD_K], np.asarray(ids[:SPREAD_K])
@@ -274,82 +278,32 @@ def evidence(scores: np.ndarray, ids: np.ndarray, coords: Coordinates, hood: Nei
             "hub": math.log1p(float(hubs[int(ids[0])])) if hubs is not None else float("nan")}
 
 
-#: A look-alike is searched with the probe's neighbourhood this many times as wide left out: just outside the
-#: neighbourhood itself the images still show the same place (Gardens Point frames 3 apart overlap), which a photo
-#: of a place missing from the map would not find.
-LOOKALIKE_GAP = 3
-#: Database images probed for ``probe_map`` (all of them on a smaller map; a seeded sample of a larger one).
+#: A probe of ``hubness`` is searched with its neighbourhood this many times as wide left out: just outside the
+#: neighbourhood itself the images still show the same place (Gardens Point frames 3 apart overlap), and counting
+#: them would make every image's neighbours its hubs.
+HUB_GAP = 3
+#: Database images probed for ``hubness`` (all of them on a smaller map; a seeded sample of a larger one).
 HUB_PROBES = 2000
 
 
-@dataclass
-class MapProbe:
-    """What a map's own images say about wrong answers on it, label-free (``probe_map``): ``hubs`` [N], each
-    image's k-occurrence (scaled by N / probes: mean 1), and ``lookalikes``, the evidence (``evidence``) of each
-    probe's answer with its own neighbourhood left out [P]: what an answer to a photo of a place missing from
-    the map looks like here."""
-
-    hubs: np.ndarray
-    lookalikes: list[dict]
-
-
-def probe_map(search, descriptors, coords: Coordinates, hood: Neighbourhood, n: int,
-              probes: int = HUB_PROBES, seed: int = 0) -> MapProbe:
-    """Probe a map with its own images: each probed database image [P of N] is searched as a query (``search(desc
-    [B, D], k) -> (scores [B, k], ids [B, k])``, ``descriptors(ids) -> [B, D]``) and answered as if its place were
-    not in the map (its neighbourhood, ``LOOKALIKE_GAP`` times as wide, left out). Its answer's top-1 gets one
-    count of k-occurrence: a hub, the top-1 of many unrelated images, is the usual answer of a foreign photo
-    (Radovanovic et al. 2010), and answers on it are discounted by their ``hub`` evidence. Its evidence is a
-    look-alike: a wrong answer of this very map, which a calibration must not call 'known'
-    (``Calibration.lookalike_known``)."""
+def hubness(search, descriptors, coords: Coordinates, hood: Neighbourhood, n: int, probes: int = HUB_PROBES,
+            seed: int = 0) -> np.ndarray:
+    """A map's hubs, label-free: each probed database image [P of N] is searched as a query (``search(desc [B, D],
+    k) -> (scores [B, k], ids [B, k])``, ``descriptors(ids) -> [B, D]``) as if its place were not in the map (its
+    neighbourhood, ``HUB_GAP`` times as wide, left out), and its top-1 gets one count -> per image its
+    k-occurrence, scaled by N / P (mean 1) [N]. A hub, the top-1 of many unrelated images, is the usual answer of a
+    foreign photo (Radovanovic et al. 2010): answers on it are discounted by their ``hub`` evidence."""
     probe = np.arange(n) if n <= probes else np.sort(np.random.default_rng(seed).choice(n, probes, replace=False))
-    counts, answers, gap = np.zeros(n), [], hood.widened(LOOKALIKE_GAP)
+    counts, gap = np.zeros(n), hood.widened(HUB_GAP)
     for a in range(0, len(probe), 256):
         batch = probe[a:a + 256]
-        scores, found = search(descriptors(batch), min(n, 2 * DECISION_DEPTH))
-        for i, sc, row in zip(batch, scores, found, strict=True):
-            sc, row = sc[row >= 0], row[row >= 0]
-            far = ~gap.near(coords, int(i), row)
-            sc, row = sc[far][:DECISION_DEPTH], row[far][:DECISION_DEPTH]
+        _, found = search(descriptors(batch), min(n, 2 * DECISION_DEPTH))
+        for i, row in zip(batch, found, strict=True):
+            row = row[row >= 0]
+            row = row[~gap.near(coords, int(i), row)]
             if len(row):
                 counts[int(row[0])] += 1
-                answers.append((sc, row))
-    hubs = counts * (n / len(probe))
-    return MapProbe(hubs, [evidence(sc, row, coords, hood, hubs) for sc, row in answers])
-
-
-#: Stretches of the map's own route probed for sequence look-alikes (``sequence_lookalikes``).
-LOOKALIKE_STRETCHES = 20
-
-
-def sequence_lookalikes(rows, n: int, seg: np.ndarray, hubs: np.ndarray, coords: Coordinates,
-                        hood: Neighbourhood, length: int, stretches: int = LOOKALIKE_STRETCHES) -> list[dict]:
-    """A map's sequence look-alikes, label-free: stretches of 2L of its own consecutive images (within one route
-    segment ``seg`` [N], evenly spaced) are streamed as a query sequence with the map around them left out (the
-    stretch and 2L images on each side: their answers can only be wrong), and each answer past the warm-up is
-    made as ``Tracker`` makes it -> its evidence (``SEQUENCE_FEATURES`` and the rest) [A]. ``rows(ids [B]) ->
-    similarities [B, N]`` as ``PlaceIndex.similarities`` gives them. Empty when the map is too short for one."""
-    from .sequence import SEQSLAM_VELOCITIES, order_gain, row_z, trajectory_lines, trajectory_scores
-
-    span = 2 * length
-    starts = [a for a in np.linspace(0, n - span, stretches).astype(int) if n - span >= 0
-              and seg[a] == seg[a + span - 1]] if n >= 3 * span else []
-    lines = {t: trajectory_lines(n, t, SEQSLAM_VELOCITIES, seg) for t in range(1, length + 1)} if starts else {}
-    out = []
-    for a in sorted(set(starts)):
-        away = (np.arange(n) < a - span) | (np.arange(n) >= a + 2 * span)
-        sim = np.asarray(rows(np.arange(a, a + span)), np.float64)
-        norm = row_z(np.where(away, sim, sim[:, away].min(1, keepdims=True)))
-        for k in range(length - 1, span):
-            r = norm[k - length + 1:k + 1]
-            t = np.where(away, trajectory_scores(r, length, SEQSLAM_VELOCITIES, seg, lines[length]), -np.inf)
-            ids = np.argsort(-t, kind="stable")[:DECISION_DEPTH]
-            ids = ids[np.isfinite(t[ids])]
-            if len(ids):
-                ev = evidence(t[ids], ids, coords, hood, hubs)
-                ev["order_gain"] = order_gain(r, float(t[ids[0]]), length, seg, lines[length])
-                out.append(ev)
-    return out
+    return counts * (n / len(probe))
 
 
 def expected_calibration_error(p: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> tuple[float, list]:
@@ -365,13 +319,6 @@ def expected_calibration_error(p: np.ndarray, correct: np.ndarray, bins: int = E
     return float(ece), table
 
 
-#: A sequence answer is 'known' only with an order gain above this (``sequence.order_gain``)
-ORDER_GAIN_MIN = 0.0
-#: A calibration that calls more of a map's look-alikes 'known' than this does not apply to that map
-#: (``Calibration.lookalike_known``): the issue's bound on foreign frames called 'known'.
-LOOKALIKE_KNOWN_MAX = 0.02
-#: ... nor more than this many times the share it knows of its own map's look-alikes.
-LOOKALIKE_RATIO = 3.0
 #: 'known' needs at least this P whatever the fitted threshold (``Calibration.known_from``)
 KNOWN_FLOOR = 0.5
 #: the extrapolation guard's slack: a feature may pass the calibration's range by this share of its width
@@ -410,7 +357,6 @@ class Calibration:
     unknown_rejected_bound: float = float("nan")  # its lower bound at REJECT_CONFIDENCE (``rejected_bound``)
     lo: list = field(default_factory=list)  # per feature, the lowest and highest value the calibration answers had:
     hi: list = field(default_factory=list)  # evidence outside [lo, hi] is an extrapolation, never 'known'
-    lookalike_known_share: float = float("nan")  # of its own map's look-alikes (``probe_map``), the share it knows
 
     def probability(self, ev: dict[str, float]) -> float:
         """Evidence of one answer (``evidence``) -> P(its top-1 is the right place)."""
@@ -450,29 +396,6 @@ class Calibration:
         return {"confidence": p, "known": bool(known), "threshold": self.known_from,
                 **({"reason": f"outside calibration: {', '.join(out)} beyond the range it was fitted on"}
                    if out and p >= self.known_from else {})}
-
-    def lookalike_known(self, lookalikes: list[dict]) -> float | None:
-        """The share of a map's look-alikes (wrong answers made from the map's own images: ``MapProbe.lookalikes``,
-        ``sequence_lookalikes``) this calibration calls 'known' (sequences: also an order gain above
-        ``sequence.ORDER_GAIN_MIN``); None when its evidence needs more than a look-alike has (verification) or
-        the map gave none.
-
-        A calibration applies to a map only when this is at most ``LOOKALIKE_KNOWN_MAX`` or at most
-        ``LOOKALIKE_RATIO`` times its share on its own map (``applies``): measured, a calibration on Gardens Point
-        knows 1% of that map's look-alikes and 99% of Nordland's (where it then called 2199 of 2725 answers 'known'
-        at precision 0.04); one on Nordland knows 0.1% of its own and 0% of Gardens Point's."""
-        if not lookalikes or not all(f in lookalikes[0] for f in self.features):
-            return None
-        return float(np.mean([self.decide(ev)["known"] and ev.get("order_gain", math.inf) > ORDER_GAIN_MIN
-                              for ev in lookalikes]))
-
-    def applies(self, share: float | None) -> bool:
-        """Whether a map on which this calibration knows ``share`` of the look-alikes (``lookalike_known``) is one
-        it applies to: at most ``LOOKALIKE_KNOWN_MAX``, or at most ``LOOKALIKE_RATIO`` times its own map's share
-        (a calibration that already knows many of its own map's look-alikes is warned of when made; it is refused
-        on maps where it knows many times more)."""
-        own = self.lookalike_known_share
-        return share is None or share <= max(LOOKALIKE_KNOWN_MAX, LOOKALIKE_RATIO * own if own == own else 0.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -527,9 +450,6 @@ class Calibration:
                 and (number(hood.get("radius_m")) and hood["radius_m"] > 0 or hood.get("radius_m") is None)
                 and (isinstance(hood.get("frames"), int) and hood["frames"] >= 0 or hood.get("frames") is None)):
             raise bad("neighbourhood", "must be {radius_m: metres > 0 or null, frames: whole number or null}")
-        v = self.lookalike_known_share
-        if not (isinstance(v, float) and (math.isnan(v) or 0.0 <= v <= 1.0)):
-            raise bad("lookalike_known_share", "must be a share in [0, 1] or NaN")
         for name in ("sequence_length", "verify", "queries", "unknown_queries"):
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):

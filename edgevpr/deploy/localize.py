@@ -21,8 +21,6 @@ from ..integrity import check_finite, warn
 from .decision import (
     DECISION_DEPTH,
     FEATURES,
-    LOOKALIKE_KNOWN_MAX,
-    ORDER_GAIN_MIN,
     REJECT_UNKNOWN,
     SEQUENCE_FEATURES,
     VERIFIED_FEATURES,
@@ -38,6 +36,7 @@ from .decision import (
 from .embed import embed, embed_with_local
 from .index import Match, PlaceIndex, check_model, match_dicts, update_manifest
 from .sequence import (
+    ORDER_GAIN_MIN,
     SEQSLAM_VELOCITIES,
     SequenceFilter,
     normalise,
@@ -96,7 +95,6 @@ class Localizer:
         check_model(rec, self.model.name, self.model.fingerprint(), str(self.index.root))
         self.knobs = rec["knobs"]
         self._calibration("calibration"), self._calibration("sequence_calibration")  # refused here, not mid-stream
-        self._map_checks: dict = {}  # (generation, calibration) -> None or why it does not apply (``map_check``)
         self.transform = self.model.transform(tuple(rec["image_size"]))
         self._lock = threading.Lock()
         if verify:
@@ -216,21 +214,6 @@ class Localizer:
                 self._warned = True
             return None
 
-    def map_check(self, index: PlaceIndex, cal: Calibration, hood: Neighbourhood) -> str | None:
-        """None when ``cal`` applies to this generation of the map, else why not (one line): it calls more than
-        ``LOOKALIKE_KNOWN_MAX`` of the map's look-alikes 'known' (``Calibration.lookalike_known``, label-free: a
-        calibration made on a map unlike this one; ``PlaceIndex.lookalikes``, of sequences for a seqslam sequence
-        calibration). Checked once per generation."""
-        key = (str(index.root), index.generation, hood.radius_m, hood.frames, cal.threshold, tuple(cal.coef))
-        if key not in self._map_checks:
-            length = cal.sequence_length if cal.sequence_method == "seqslam" else 0
-            share = None if cal.sequence_length and not length else \
-                cal.lookalike_known(index.lookalikes(hood, length))
-            self._map_checks[key] = None if cal.applies(share) else (
-                f"calibrated on a map unlike this one: it would call {share:.0%} of this map's look-alikes known "
-                f"({cal.lookalike_known_share:.0%} of its own map's): run `edgevpr calibrate` on this map")
-        return self._map_checks[key]
-
     def hood(self, hood: Neighbourhood | None = None) -> Neighbourhood:
         """The neighbourhood of a margin: ``hood``, else the calibration's, else 25 m or +-2 ids."""
         cal = self.calibration
@@ -272,13 +255,11 @@ class Localizer:
         out = []
         for matches, sq, iq, check in zip(top, scores, found, checks, strict=True):
             sq, iq = sq[iq >= 0], iq[iq >= 0]
-            ev = evidence(sq, iq, coords, hood, index.probe(hood).hubs)
+            ev = evidence(sq, iq, coords, hood, index.hubs(hood))
             if check is not None:
                 ev |= verified_evidence(check, iq, coords, hood)
             c = cal if cal and all(f in ev for f in cal.features) else None  # verified evidence needs images
             said = c.decide(ev) if c else {"confidence": None, "known": None, "threshold": None}
-            if c is not None and (off := self.map_check(index, c, hood)):
-                said = {"confidence": None, "known": False, "threshold": None, "reason": off}
             pos = position(sq, iq, coords, hood, max(k, DECISION_DEPTH)) if said["known"] is not False else None
             out.append(Answer(matches, {
                 "position": pos, "score": ev["margin"], **said, "evidence": ev,
@@ -329,7 +310,6 @@ class Localizer:
                 seq_unknown.append(not good)
         cal = calibrate(np.array(feats), np.array(right), precision, hood, unknown=np.array(unknown_answer),
                         names=names, reject_unknown=reject_unknown)
-        self._record_lookalikes(cal, hood, 0)
         seq = None
         if sequence:
             if not seq_feats:
@@ -338,25 +318,12 @@ class Localizer:
             seq = calibrate(np.array(seq_feats), np.array(seq_right), precision, hood, unknown=np.array(seq_unknown),
                             names=SEQUENCE_FEATURES, what="sequence", reject_unknown=reject_unknown)
             seq.sequence_length, seq.sequence_method = sequence, method
-            if method == "seqslam":
-                self._record_lookalikes(seq, hood, sequence)
         for c in (cal, seq) if self.verifier else ():  # read verified answers: log_inliers, a sequence's agree
             if c is not None:
                 c.verify, c.verify_features = self.verifier.k, self.verifier.kind
         self.index.manifest = update_manifest(self.index.root, calibration=cal.to_dict(),
                                               sequence_calibration=seq.to_dict() if seq else None)
         return cal, seq
-
-    def _record_lookalikes(self, cal: Calibration, hood: Neighbourhood, length: int) -> None:
-        """Record the share of this map's look-alikes ``cal`` knows (``Calibration.applies``), with a one-line
-        warning when it is above ``LOOKALIKE_KNOWN_MAX``."""
-        share = cal.lookalike_known(self.index.lookalikes(hood, length))
-        cal.lookalike_known_share = float("nan") if share is None else share
-        if share is not None and share > LOOKALIKE_KNOWN_MAX:
-            warn(f"{self.index.root}: this {'sequence ' if length else ''}calibration would call {share:.0%} of the "
-                 "map's own look-alikes (its images answered with their own place left out) known: a photo of a "
-                 "place missing from the map, taken in the map's own conditions, may be called known; calibrate "
-                 "with queries in those conditions too, or with --unknown photos of such places")
 
     def tracker(self, length: int, method: str = "seqslam", hood: Neighbourhood | None = None) -> Tracker:
         """A sequence tracker over this index (see ``Tracker``), with the index's sequence calibration when it was
@@ -369,10 +336,7 @@ class Localizer:
                      f"`edgevpr calibrate --sequence {length}`)")
                 self._warned_seq = True
             cal = None
-        index, allowed = self.refresh()
-        hood = self.hood(hood)
-        refused = self.map_check(index, cal, hood) if cal is not None else None
-        return Tracker(index, length, method, None if refused else cal, hood, allowed, refused)
+        return Tracker(self.index, length, method, cal, self.hood(hood), self.allowed)
 
     def stream(self, frames, k: int = 5, knobs: dict | None = None, prior: GeoPrior | None = None,
                sequence: int = 0, method: str = "seqslam", hood: Neighbourhood | None = None):
@@ -462,13 +426,12 @@ class Tracker:
 
     def __init__(self, index: PlaceIndex, length: int, method: str = "seqslam",
                  calibration: Calibration | None = None, hood: Neighbourhood | None = None,
-                 allowed: np.ndarray | None = None, refused: str | None = None) -> None:
+                 allowed: np.ndarray | None = None) -> None:
         if method not in self.METHODS:
             raise ValueError(f"sequence method {method!r}: choose from {', '.join(self.METHODS)}")
         if length < 1:
             raise ValueError(f"sequence length {length}: must be >= 1")
         self.index, self.length, self.method, self.calibration = index, length, method, calibration
-        self.refused = refused  # why the index's sequence calibration does not apply to this map (never known)
         self.blocked = None  # database frames answers may not come from (excluded sessions) [N] bool
         if allowed is not None:
             self.blocked = np.ones(len(index), bool)
@@ -508,7 +471,7 @@ class Tracker:
         ids = cand[np.lexsort((cand, -scores[cand]))][:DECISION_DEPTH]
         ids = ids[np.isfinite(scores[ids])]
         j = int(ids[0])
-        ev = evidence(scores[ids], ids, self.coords, self.hood, self.index.probe(self.hood).hubs)
+        ev = evidence(scores[ids], ids, self.coords, self.hood, self.index.hubs(self.hood))
         ev["agree"] = float(frame_top is not None and bool(self.hood.near(self.coords, j, np.array([frame_top]))[0]))
         self.answers.append(j)
         ev["steady"] = steadiness(list(self.answers), self.coords, self.hood, self.length)
@@ -521,8 +484,6 @@ class Tracker:
             said = {"confidence": None, "known": False, "threshold": cal.known_from if cal else None}
         elif cal is not None:
             said = cal.decide(ev)
-        elif self.refused:
-            said = {"confidence": None, "known": False, "threshold": None, "reason": self.refused}
         else:
             said = {"confidence": None, "known": None, "threshold": None}
         if not warming and self.filter is None and ev["order_gain"] <= ORDER_GAIN_MIN and said["known"] is not False:

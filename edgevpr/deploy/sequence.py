@@ -118,6 +118,9 @@ def trajectory_search(norm: np.ndarray, length: int, velocities: tuple[float, ..
     return j, float(score[j])
 
 
+#: A sequence answer is 'known' only when its best trajectory beats the best over every reordering of the same frames
+#: by more than this (mean row-normalised similarity; ``order_gain``): the frames' own order must be the best one.
+ORDER_GAIN_MIN = 0.0
 #: The reorderings of a sequence's frames the order test scores against: the reversal and fixed shuffles, this many
 #: in all (fewer when the frames have fewer distinct orders).
 ORDER_REORDERINGS = 10

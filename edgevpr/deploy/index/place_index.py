@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..decision import Coordinates, MapProbe, Neighbourhood, probe_map, sequence_lookalikes
+from ..decision import Coordinates, Neighbourhood, hubness
 from .backends import Backend, open_backend, storage_of
 from .store import (
     DB_FILE,
@@ -42,7 +42,7 @@ class PlaceIndex:
         self.root, self.manifest, self.backend, self.con = root, manifest, backend, con
         self._n = backend.ntotal  # counted once: a Qdrant count is a request
         self.stamp = stamp  # the manifest file's identity when this generation was opened (``changed``)
-        self._probes: dict = {}  # neighbourhood -> MapProbe (``probe``)
+        self._hubs: dict = {}  # neighbourhood -> k-occurrence [N] (``hubs``)
 
     @property
     def generation(self) -> int:
@@ -226,27 +226,14 @@ class PlaceIndex:
         x = np.asarray(out, np.float32).reshape(len(ids), self.manifest["dim"])
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
-    def probe(self, hood: Neighbourhood | None = None) -> MapProbe:
-        """This map probed with its own images (``decision.probe_map``; ``hood`` default: 25 m or +-2 ids): each
-        image's k-occurrence and the map's look-alike answers; measured once per generation and neighbourhood on
-        first use (a new generation is a new PlaceIndex)."""
+    def hubs(self, hood: Neighbourhood | None = None) -> np.ndarray:
+        """Each image's k-occurrence on this map [N] (``decision.hubness``; ``hood`` default: 25 m or +-2 ids),
+        measured once per generation and neighbourhood on first use (a new generation is a new PlaceIndex)."""
         hood = hood or Neighbourhood.default(self.coordinates())
         key = (hood.radius_m, hood.frames)
-        if key not in self._probes:
-            self._probes[key] = probe_map(self.search_ids, self.rows_of, self.coordinates(), hood, len(self))
-        return self._probes[key]
-
-    def lookalikes(self, hood: Neighbourhood, length: int = 0) -> list[dict]:
-        """This map's look-alike answers: single frames (``probe``) or, with ``length`` L, sequences of L
-        (``decision.sequence_lookalikes``); measured once per generation, neighbourhood and L."""
-        if not length:
-            return self.probe(hood).lookalikes
-        key = (hood.radius_m, hood.frames, length)
-        if key not in self._probes:
-            self._probes[key] = sequence_lookalikes(lambda ids: self.similarities(self.rows_of(ids)), len(self),
-                                                    self.segments(), self.probe(hood).hubs, self.coordinates(), hood,
-                                                    length)
-        return self._probes[key]
+        if key not in self._hubs:
+            self._hubs[key] = hubness(self.search_ids, self.rows_of, self.coordinates(), hood, len(self))
+        return self._hubs[key]
 
     def descriptors(self) -> np.ndarray:
         """All stored descriptors in id order: [N, D] float32, or [N, D/8] uint8 sign bits for a binary index."""
