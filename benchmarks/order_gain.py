@@ -97,7 +97,7 @@ def main() -> None:
                      " | ".join(f"{(base > t).mean():.2f}" for t in GRID) + " |")
     lines += ["", "Counts are small (96-196 answers a row, consecutive answers overlap): a share moves in steps of "
               "0.005-0.01, and neighbouring answers are not independent. Measured with one model on one map; "
-              "the transfer protocol of the decision (other maps, other models) is still to run."]
+              "the whole decision on other maps and models: benchmarks/results/confidence_transfer.md."]
     out = ROOT / "benchmarks" / "results"
     write_json(out / "order_gain.json", res)
     write_text(out / "order_gain.md", "\n".join(lines) + "\n")
