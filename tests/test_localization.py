@@ -187,7 +187,7 @@ def test_sequence_answers_headline_with_their_own_calibration_and_warm_up_never_
     assert gain[right].mean() > gain[~right].mean() + 0.2  # right matches follow the route
     # 'known' also needs the order test (a match as good in another order of its frames is refused): at L = 5, five
     # frames have few orders to tell apart, and against the reversal and nine shuffles it costs more than half of the
-    # night answers P alone would know (36 -> 23 of 46 against the reversal alone, 14 against ten orders,
+    # night answers P alone would know (36 -> 23 of 46 against the reversal alone, 14 against ten orders at gate 0,
     # measured), for no foreign answer known; at L = 10 see benchmarks/results/confidence_transfer.md
     assert right[known].mean() >= 0.9 and known[:46].mean() >= 0.25 and known[46:].mean() <= 0.05
     assert prob[right].mean() > 0.6 > 0.3 > prob[~right].mean()
