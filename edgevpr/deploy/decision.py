@@ -11,8 +11,9 @@
   right on 4% of Nordland queries). A place that looks like many others (repetitive corridors, rails) gets a low
   margin even when its top-1 cosine is high.
 * **Calibration** (``calibrate``): ``confidence`` is a calibrated probability that the top-1 is the right place:
-  a logistic model on evidence free at query time (``evidence``: margin, top-1 cosine, the top-1's standing in its
-  own ranking, the spatial spread of the top-10 poses) fitted on validation answers pooled over every query set
+  a logistic model on evidence free at query time (``evidence``: margin, the top-1's standing in its own ranking,
+  the spatial spread of the top-10 poses, the top-1's hubness on the map; chosen by the transfer protocol of
+  benchmarks/confidence.py, docs/methods.md) fitted on validation answers pooled over every query set
   given, plus photos of places the map does not hold (every answer to them counts as wrong). ``known`` is
   probability >= the lowest threshold at which the pooled answers reach the target precision; a target no
   threshold reaches is refused. ECE and Brier score of the fit are recorded with it.
