@@ -218,12 +218,11 @@ class PlaceIndex:
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Stored descriptors of ``ids`` [B] as queries [B, D] float32 (a binary index's sign bits as +-1 / sqrt(D))."""
         bits = storage_of(self.manifest["kind"]) == "bits"
-        out = []
-        for i in ids:
-            (blob,) = self.con.execute("SELECT descriptor FROM images WHERE id = ?", (int(i),)).fetchone()
-            v = np.frombuffer(blob, np.uint8 if bits else np.float32)
-            out.append(np.unpackbits(v).astype(np.float32) * 2 - 1 if bits else v)
-        x = np.asarray(out, np.float32).reshape(len(ids), self.manifest["dim"])
+        ids = [int(i) for i in ids]
+        blobs = dict(self.con.execute(f"SELECT id, descriptor FROM images WHERE id IN ({','.join('?' * len(ids))})",
+                                      ids))  # one query per batch of probes
+        x = np.stack([np.frombuffer(blobs[i], np.uint8 if bits else np.float32) for i in ids])
+        x = (np.unpackbits(x, axis=1).astype(np.float32) * 2 - 1) if bits else x.astype(np.float32)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
     def hubs(self, hood: Neighbourhood | None = None) -> np.ndarray:
