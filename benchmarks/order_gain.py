@@ -38,7 +38,7 @@ def gains(loc: Localizer, paths: list, truth: int | None, length: int, name: str
     foreign stream, -1 for ground truth = frame index, else that fixed database frame)."""
     frames = [Frame(str(p), load_image(p), name) for p in paths]
     g, r = [], []
-    for i, (_, a, _) in enumerate(loc.stream(frames, 3, sequence=length)):
+    for i, a in enumerate(loc.stream(frames, 3, sequence=length)):
         s = a.sequence
         if s["frames"] < length:
             continue

@@ -64,16 +64,8 @@ def worker(index: str, model: str, video: str, threads_n: int, cores: list[int],
     answered = sum(1 for _ in loop)
     throughput = answered / (time.perf_counter() - t0)
 
-    def released():  # the video as a live camera: each frame appears at its own timestamp
-        start = time.perf_counter()
-        for f in Stream([video]):
-            wait = start + f.time - time.perf_counter()
-            if wait > 0:
-                time.sleep(wait)
-            yield f
-
-    live = Pipeline(loc, released(), 1, sequence=10, live=True)
-    ms = [t for _, _, t in live]
+    live = Pipeline(loc, Stream([video]), 1, sequence=10, realtime=True)  # each frame read at its own timestamp
+    ms = [a.ms for a in live]
     return {"isolated_fps": isolated, "pipeline_fps": throughput, "pipeline_vs_isolated": throughput / isolated,
             "realtime": {**latency_percentiles(ms), **live.stats.to_dict(), "source_fps": fps}}
 

@@ -383,41 +383,63 @@ def _shard(text: str) -> tuple[int, int]:
     return int(i), int(n)
 
 
+def _compact_line(a) -> str:
+    """One answer on one line for people: frame, the headline decision and its P, the place, latency."""
+    h = a.headline()
+    d, m = h["decision"], h["match"]
+    clock = f" t={a.time:.2f}s" if a.time is not None else ""
+    where = "" if m is None else f" -> {Path(m['path']).name}" + (f" (place {m['place_id']})" if m["place_id"] else "")
+    pos = d.get("position")
+    at = "" if pos is None else f" at {pos['lat']:.6f},{pos['lon']:.6f}" if "lat" in pos else \
+        f" at E{pos['east']:.1f} N{pos['north']:.1f}"
+    state = _decision_line(d, h["source"]).split(": ", 1)[1].split(", margin")[0].split(" at ")[0]
+    return f"{a.name}{clock}  {state}{where}{at}  [{a.ms:.0f} ms]"
+
+
 def cmd_localize(args) -> int:
     from .deploy.inputs import Stream
-    from .deploy.localize import Localizer
-    from .deploy.pipeline import Pipeline, latency_percentiles
+    from .deploy.localize import SCHEMA_VERSION, Localizer
+    from .deploy.pipeline import latency_percentiles
 
+    if sum(map(bool, (args.json, args.json_lines, args.compact))) > 1:
+        raise ValueError("give one of --json, --json-lines and --compact")
     loc = Localizer(args.index, args.model, mmap=not args.no_mmap, device=args.device, verify=args.verify,
                     verify_with=args.verify_with,
                     exclude_sessions=args.exclude_session)
     stream = Stream(args.photos, args.stride, args.skip_bad, timeout=args.stream_timeout)
-    loop = Pipeline(loc, stream, args.top_k, _knobs(args) or None, _prior(args), args.sequence, args.sequence_method,
-                    live=True if args.live else None, max_fps=args.max_fps)
+    loop = loc.stream(stream, args.top_k, _knobs(args) or None, _prior(args), args.sequence, args.sequence_method,
+                      live=True if args.live else None, max_fps=args.max_fps, realtime=args.realtime)
     results, ms = [], []
-    for name, answer, t in loop:
-        ms.append(t)
-        if args.json:
-            results.append({"photo": name, "ms": t, **answer.to_dict()})
-            continue
-        _print_answer(name, answer, t)
+    for answer in loop:
+        ms.append(answer.ms)
+        if args.json_lines:  # one object per frame, out as soon as its decision exists
+            print(json.dumps(answer.to_record(), default=str), flush=True)
+        elif args.json:
+            results.append(answer.to_record())
+        elif args.compact:
+            print(_compact_line(answer), flush=True)
+        else:
+            _print_answer(answer.name, answer, answer.ms)
     for path, reason in stream.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if not ms:
-        raise ValueError("no photo could be localized" + (" (every input was skipped)" if stream.skipped else ""))
+        raise ValueError("no frame could be localized" + (" (every input was skipped)" if stream.skipped else ""))
     st = loop.stats
     if st.dropped or st.skipped_fps:
         print(f"dropped {st.dropped} frame(s) the loop could not keep up with (live source; first: "
               f"{', '.join(st.dropped_names[:3]) or '-'}) and skipped {st.skipped_fps} over --max-fps",
               file=sys.stderr)
-    if args.json:
-        print(json.dumps({"model": loc.index.model["name"], "fingerprint": loc.index.model["fingerprint"],
-                          "latency": latency_percentiles(ms), "stream": st.to_dict(), "results": results,
-                          "skipped": [{"path": p, "reason": r} for p, r in stream.skipped]}, indent=2))
+    summary = {"schema_version": SCHEMA_VERSION, "type": "summary", "model": loc.index.model["name"],
+               "fingerprint": loc.index.model["fingerprint"], "latency": latency_percentiles(ms),
+               "stream": st.to_dict(), "skipped": [{"path": p, "reason": r} for p, r in stream.skipped]}
+    if args.json_lines:
+        print(json.dumps(summary), flush=True)
+    elif args.json:
+        print(json.dumps({**summary, "results": results}, indent=2, default=str))
     elif len(ms) > 1:
         s = latency_percentiles(ms)
-        print(f"{s['frames']} photos: p50 {s['p50_ms']:.1f} ms, p95 {s['p95_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms "
-              "per photo (read to answer)")
+        print(f"{s['frames']} frames: p50 {s['p50_ms']:.1f} ms, p95 {s['p95_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms "
+              "per frame (read to answer)")
     return 0
 
 
@@ -846,7 +868,14 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--top-k", "-k", type=_bounded(1, 1000), default=5, help="matches per photo (default 5)")
     lo.add_argument("--device", default="auto", help="PyTorch models: auto, cpu, cuda (ONNX: cpu)")
     lo.add_argument("--no-mmap", action="store_true", help="read the FAISS file into memory instead of mapping it")
-    lo.add_argument("--json", action="store_true", help="print the matches and latency as JSON")
+    lo.add_argument("--json", action="store_true",
+                    help="print every answer and the latency as one JSON document when the stream ends (default: off)")
+    lo.add_argument("--json-lines", action="store_true",
+                    help="print one JSON object per frame as soon as its decision exists, and the run's summary as "
+                         "the last line (NDJSON; schema: edgevpr/schemas/localize.schema.json) (default: off)")
+    lo.add_argument("--compact", action="store_true",
+                    help="print one line per frame: the decision, its P, the place, the latency (default: off, a "
+                         "few lines per frame)")
     lo.add_argument("--skip-bad", action="store_true", help="skip and report unreadable photos instead of stopping")
     lo.add_argument("--stride", type=_bounded(1, 100000), default=1, help="videos: use every N-th frame (default 1)")
     lo.add_argument("--prior", metavar="LAT,LON,RADIUS_M",
@@ -872,6 +901,10 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--live", action="store_true",
                     help="treat the input as a live source: drop the oldest waiting frame rather than fall behind, "
                          "and report the drops (default: on for cameras and stream URLs, off for files)")
+    lo.add_argument("--realtime", action="store_true",
+                    help="replay a video or recording at its own clock (frame timestamps) as a live source: frames "
+                         "the loop cannot keep up with are dropped and counted, as they would be live (default: off, "
+                         "a file is read as fast as the model takes it)")
     lo.add_argument("--sequence-method", choices=["seqslam", "filter"], default="seqslam",
                     help="seqslam: SeqSLAM search over the last L frames; filter: online Bayes filter "
                          "(default seqslam)")

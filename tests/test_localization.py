@@ -176,7 +176,7 @@ def test_sequence_answers_headline_with_their_own_calibration_and_warm_up_never_
     held += [Frame(str(p), load_image(p), "nordland") for p in nl[100:130]]
     pos = [positives(i) for i in range(50, 100)] + [set()] * 30
     rows = []
-    for (_, a, _), good in zip(loc.stream(held, 3, sequence=5), pos, strict=True):
+    for a, good in zip(loc.stream(held, 3, sequence=5), pos, strict=True):
         head, d = a.headline(), a.sequence["decision"]
         assert head["source"] == "sequence" and head["match"] == a.sequence["match"] and a.to_dict()["headline"] == head
         if a.sequence["frames"] < 5:
@@ -310,7 +310,7 @@ def test_streams_of_folders_lists_manifests_and_video(gp_index, tmp_path, capsys
     assert [f.name.split("#")[1] for f in frames] == ["frame0", "frame3", "frame6", "frame9"]
     loc = Localizer(root)
     # each container is its own capture sequence: tracking starts afresh at the video
-    tracked = [a.sequence["frames"] for _, a, _ in loc.stream(Stream([tmp_path / "list.txt", video], stride=3), 1,
+    tracked = [a.sequence["frames"] for a in loc.stream(Stream([tmp_path / "list.txt", video], stride=3), 1,
                                                                sequence=5)]
     assert tracked == [1, 2, 1, 2, 3, 4]
     top = [loc.localize([f.image], 1)[0][0].place_id for f in frames]
@@ -343,8 +343,8 @@ def test_live_sequence_tracking_on_real_frames(gp_index, method):
     loc = Localizer(root)
     night = [data / "gardens_point" / "night_right" / f"Image{i:03d}.jpg" for i in range(60, 90)]
     answers = list(loc.stream(_frames(night), 1, sequence=5, method=method))
-    seq = np.array([a.sequence["match"]["id"] for _, a, _ in answers])
-    single = np.array([a.matches[0].id for _, a, _ in answers])
+    seq = np.array([a.sequence["match"]["id"] for a in answers])
+    single = np.array([a.matches[0].id for a in answers])
     truth = np.arange(60, 90)
     if method == "seqslam":
         desc = np.concatenate([loc.embed([load_image(p)]) for p in night])
@@ -487,11 +487,11 @@ def test_a_stream_whose_match_does_not_move_is_never_known(calibrated):
     loc = Localizer(index)
     gp, nl = data / "gardens_point", sorted((data / "nordland_64x32" / "winter").glob("*.png"))
     frozen = [Frame("f", load_image(gp / "night_right" / "Image060.jpg"), "frozen") for _ in range(12)]
-    seq = [a.sequence for _, a, _ in loc.stream(frozen, 3, sequence=5)][4:]
+    seq = [a.sequence for a in loc.stream(frozen, 3, sequence=5)][4:]
     assert all(s["decision"]["known"] is False and abs(s["decision"]["evidence"]["order_gain"]) < 1e-9 for s in seq)
     assert all("temporal order" in s["decision"]["reason"] for s in seq
                if s["decision"]["confidence"] >= s["decision"]["threshold"])  # refused by the order test alone
-    foreign = [a.sequence for _, a, _ in loc.stream(_frames(nl[500:620]), 3, sequence=5)][4:]
+    foreign = [a.sequence for a in loc.stream(_frames(nl[500:620]), 3, sequence=5)][4:]
     known = [s["decision"]["known"] for s in foreign]
     ids = [s["match"]["id"] for s in foreign]
     piled = [i for i in range(4, len(ids)) if len(set(ids[i - 4:i + 1])) == 1]  # one image for a whole window
@@ -513,11 +513,11 @@ def test_a_stream_whose_match_does_not_move_is_never_known(calibrated):
                             sequence_method="seqslam")
     loc.index.manifest["sequence_calibration"] = credulous.to_dict()
     for frames in (frozen, _frames(nl[500:620])):
-        seq = [a.sequence["decision"] for _, a, _ in loc.stream(frames, 3, sequence=5)][4:]
+        seq = [a.sequence["decision"] for a in loc.stream(frames, 3, sequence=5)][4:]
         steady = [d for d in seq if d["confidence"] >= 0.5]
         assert len(steady) >= 5 and not any(d["known"] for d in steady if d["evidence"]["order_gain"] <= ORDER_GAIN_MIN)
         assert all("temporal order" in d["reason"] for d in steady if d["evidence"]["order_gain"] <= ORDER_GAIN_MIN)
-    night = [a.sequence for _, a, _ in loc.stream(_frames([gp / "night_right" / f"Image{i:03d}.jpg"
+    night = [a.sequence for a in loc.stream(_frames([gp / "night_right" / f"Image{i:03d}.jpg"
                                                            for i in range(60, 80)]), 3, sequence=5)][4:]
     assert np.mean([s["decision"]["evidence"]["order_gain"] > ORDER_GAIN_MIN for s in night]) >= 0.5  # 0.625
 

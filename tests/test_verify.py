@@ -124,7 +124,7 @@ def test_a_cnn_verifies_a_nordland_thumbnail_on_its_own_feature_map(tmp_path):
     own, passes = loc.verifier.local, []
     loc.verifier.local = lambda img: passes.append(img) or own(img)
     one = loc.stream([Frame("winter 1829", photo, "w")], 3)
-    b = next(one)[1]
+    b = next(iter(one))
     assert passes == [] and b.decision["verification"] == check and b.matches == a.matches
 
 

@@ -10,7 +10,6 @@ import dataclasses
 import itertools
 import os
 import threading
-import time
 from collections import deque
 from dataclasses import asdict, dataclass
 
@@ -273,7 +272,7 @@ class Localizer:
         from .inputs import Stream
 
         answers = list(self.stream(Stream(list(paths)), k, knobs))
-        return [a.matches for _, a, _ in answers], [ms for _, _, ms in answers]
+        return [a.matches for a in answers], [a.ms for a in answers]
 
     def calibrate(self, frames, positives: list[set[str]], precision: float = 0.95,
                   hood: Neighbourhood | None = None, unknown_frames=(), sequence: int = 0,
@@ -299,7 +298,7 @@ class Localizer:
         names = VERIFIED_FEATURES if self.verifier else FEATURES
         self._warned_verify = True  # the calibration in place is being replaced: no word on whether it applies
         # one frame in memory at a time; answered as live queries are (verified when on)
-        for _, a, _ in self.stream(tagged(), 1, sequence=sequence, method=method, hood=hood):
+        for a in self.stream(tagged(), 1, sequence=sequence, method=method, hood=hood):
             good = pending.popleft()
             feats.append([a.decision["evidence"][name] for name in names])
             right.append(a.matches[0].path in good)
@@ -338,19 +337,26 @@ class Localizer:
             cal = None
         return Tracker(self.index, length, method, cal, self.hood(hood), self.allowed)
 
-    def stream(self, frames, k: int = 5, knobs: dict | None = None, prior: GeoPrior | None = None,
-               sequence: int = 0, method: str = "seqslam", hood: Neighbourhood | None = None):
-        """Frames (``inputs.Frame``, in capture order) -> per frame, as it arrives: (name, Answer, ms). With
-        ``sequence`` > 0 each answer also carries the sequence answer over the frames so far (causal), which
-        becomes its headline; a frame of another capture sequence (another video, folder or list) starts the
-        tracking afresh."""
-        tracks = Sequences(self, sequence, method, hood)
-        t0 = time.perf_counter()  # ms per frame: reading/decoding it, embedding and searching
-        for f in frames:
-            d, feats = self.embed_local(self.prepare(f.image)[None], knobs, [f.name])
-            a = tracks.push(f, d[0], self.answer(d, k, prior, [f.image], hood, feats)[0])
-            yield f.name, a, (time.perf_counter() - t0) * 1000
-            t0 = time.perf_counter()
+    def stream(self, source, k: int = 5, knobs: dict | None = None, prior: GeoPrior | None = None,
+               sequence: int = 0, method: str = "seqslam", hood: Neighbourhood | None = None,
+               live: bool | None = None, max_fps: float | None = None, realtime: bool = False):
+        """A source -> a ``pipeline.Pipeline``: iterate it for one ``Answer`` per frame, as soon as that frame's
+        decision exists (``name``, source ``time`` and latency ``ms`` set); its ``stats`` say what was read, answered
+        and dropped. ``source``: a path or URL, a list of them (``inputs.Stream``: folders, lists, manifests,
+        videos, cameras, streams) or any iterable of ``inputs.Frame`` in capture order (a generator that never ends
+        is fine). With ``sequence`` > 0 each answer also carries the sequence answer over the frames so far
+        (causal), which becomes its headline; a frame of another capture sequence starts the tracking afresh.
+        ``live``/``max_fps``/``realtime``: see ``Pipeline``. The one streaming loop behind ``localize``, ``serve``
+        and ``calibrate``."""
+        from .inputs import Stream
+        from .pipeline import Pipeline
+
+        if isinstance(source, (str, os.PathLike)):
+            source = Stream([source])
+        elif isinstance(source, (list, tuple)) and source and all(isinstance(s, (str, os.PathLike)) for s in source):
+            source = Stream(list(source))
+        return Pipeline(self, source, k, knobs, prior, sequence, method, live=live, max_fps=max_fps, hood=hood,
+                        realtime=realtime)
 
 
 def _names(images: list[Image.Image]) -> list[str]:
@@ -381,11 +387,16 @@ class Sequences:
 @dataclass
 class Answer:
     """One query's answer: ``matches`` (top-k, best first), ``decision`` (see ``Localizer.answer``) and, in a
-    sequence, ``sequence`` (see ``Tracker.push``), whose answer is then the headline."""
+    sequence, ``sequence`` (see ``Tracker.push``), whose answer is then the headline. From a stream also the
+    frame's ``name``, its ``time`` on the source's clock (None: the source has none) and the latency ``ms`` from
+    reading the frame to its answer."""
 
     matches: list[Match]
     decision: dict
     sequence: dict | None = None
+    name: str = ""
+    time: float | None = None
+    ms: float | None = None
 
     def headline(self) -> dict:
         """The answer to act on: {"source": "sequence" or "frame", "match" (a match dict, or None), "decision"}.
@@ -399,6 +410,33 @@ class Answer:
     def to_dict(self) -> dict:
         return {"headline": self.headline(), "matches": match_dicts(self.matches), "decision": self.decision,
                 **({"sequence": self.sequence} if self.sequence is not None else {})}
+
+    def to_record(self) -> dict:
+        """The answer as one line of ``localize --json-lines`` (``SCHEMA_VERSION``, the JSON Schema in
+        edgevpr/schemas/localize.schema.json): strict JSON, so a number that is not finite (an order gain the
+        filter does not measure) is null and numpy scalars are plain numbers."""
+        return _plain({"schema_version": SCHEMA_VERSION, "type": "frame", "frame": self.name, "time": self.time,
+                       "ms": self.ms, **self.to_dict()})
+
+
+#: the version of ``Answer.to_record`` and the summary line of ``localize --json-lines``: raised when a field
+#: changes meaning or goes away (new fields may appear within a version)
+SCHEMA_VERSION = 1
+
+
+def _plain(x):
+    """A nest of dicts, lists, numpy scalars and arrays -> the same in plain JSON types, non-finite floats -> None."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (np.bool_, bool)):
+        return bool(x)
+    if isinstance(x, (np.integer, int)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        return float(x) if np.isfinite(x) else None
+    return x if x is None or isinstance(x, str) else str(x)
 
 
 class Tracker:

@@ -21,6 +21,11 @@ waiting frame (the freshest is the one worth answering), and ``max_fps`` keeps a
 of the source's own clock (frame timestamps where the source has them, else arrival time). Every dropped frame is
 counted and named in ``stats`` (the first ``NAMES_KEPT``), so a robot knows what it did not see. Latency is
 measured per frame from the moment the reader had it to the moment its answer is ready.
+
+A **replay** (``realtime=True``: a video or a recording played at its own clock) reads each frame no earlier than
+its timestamp says, counted from the first frame's, and then behaves as a live source: the frames the loop cannot
+keep up with are dropped as a camera's would be, so a replay shows what a live run on this machine would miss.
+Frames without a timestamp (photos) are not paced.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ import numpy as np
 #: dropped frames named in the stats (their count is always exact)
 NAMES_KEPT = 100
 _END = object()
+_SWITCH = {"loops": 0, "saved": 0.005}  # loops running (the service runs several) and the interval to restore
+_SWITCH_LOCK = threading.Lock()
 
 
 @dataclass
@@ -73,18 +80,19 @@ class _Queue(queue.Queue):
 
 
 class Pipeline:
-    """``Pipeline(localizer, frames, ...)``; iterate it for (name, Answer, latency ms) per answered frame, in order;
-    ``stats`` says what was read, answered and dropped. Arguments as ``Localizer.stream``, plus ``live``,
-    ``max_fps`` and ``depth`` (queue size)."""
+    """``Pipeline(localizer, frames, ...)``; iterate it for one ``Answer`` per answered frame, in order (its
+    ``name``, source ``time`` and latency ``ms`` set); ``stats`` says what was read, answered and dropped. Arguments
+    as ``Localizer.stream``, plus ``live``, ``max_fps``, ``realtime`` and ``depth`` (queue size)."""
 
     def __init__(self, localizer, frames: Iterable, k: int = 5, knobs: dict | None = None, prior=None,
                  sequence: int = 0, method: str = "seqslam", live: bool | None = None, max_fps: float | None = None,
-                 depth: int | None = None) -> None:
+                 depth: int | None = None, hood=None, realtime: bool = False) -> None:
         if max_fps is not None and not max_fps > 0:
             raise ValueError(f"--max-fps {max_fps}: must be > 0")
         self.loc, self.frames, self.k, self.knobs, self.prior = localizer, frames, k, knobs, prior
-        self.sequence, self.method, self.max_fps = sequence, method, max_fps
-        self.live = bool(getattr(frames, "live", False)) if live is None else live
+        self.sequence, self.method, self.max_fps, self.hood = sequence, method, max_fps, hood
+        self.realtime = realtime
+        self.live = realtime or (bool(getattr(frames, "live", False)) if live is None else live)
         depth = depth if depth is not None else 1 if self.live else 2
         if depth < 1:
             raise ValueError(f"queue depth {depth}: must be >= 1")
@@ -111,11 +119,14 @@ class Pipeline:
         self.stats.max_queue[stage] = max(self.stats.max_queue[stage], q.qsize())
 
     def _read(self) -> None:
-        last = None
+        last = clock = None
         try:
             for f in self.frames:
                 if self._stop.is_set():
                     return
+                if self.realtime and getattr(f, "time", None) is not None:  # no earlier than the source's clock
+                    clock = clock or (time.perf_counter() - f.time)
+                    time.sleep(max(0.0, clock + f.time - time.perf_counter()))
                 t_in = time.perf_counter()
                 self.stats.read += 1
                 stamp = f.time if getattr(f, "time", None) is not None else t_in
@@ -145,28 +156,42 @@ class Pipeline:
         finally:
             self._put(1, _END)
 
+    def close(self) -> None:
+        """Stop reading (an endless source is left alone from here on); the threads end within 0.1 s."""
+        self._stop.set()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     #: the interpreter's thread switch interval while a loop runs (seconds; see the module notes)
     SWITCH_INTERVAL = 0.0005
 
     def __iter__(self) -> Iterator:
-        switch = sys.getswitchinterval()
-        sys.setswitchinterval(min(switch, self.SWITCH_INTERVAL))
-        workers = [threading.Thread(target=self._read, name="edgevpr-read", daemon=True),
-                   threading.Thread(target=self._embed, name="edgevpr-embed", daemon=True)]
+        with _SWITCH_LOCK:  # the first loop to start sets it, the last to end restores it
+            if _SWITCH["loops"] == 0:
+                _SWITCH["saved"] = sys.getswitchinterval()
+                sys.setswitchinterval(min(_SWITCH["saved"], self.SWITCH_INTERVAL))
+            _SWITCH["loops"] += 1
+        self._workers = workers = [threading.Thread(target=self._read, name="edgevpr-read", daemon=True),
+                                   threading.Thread(target=self._embed, name="edgevpr-embed", daemon=True)]
         for w in workers:
             w.start()
         from .localize import Sequences
 
-        tracks = Sequences(self.loc, self.sequence, self.method)
+        tracks = Sequences(self.loc, self.sequence, self.method, self.hood)
         try:
             while True:
                 item = self._q[1].get()
                 if item is _END:
                     break
                 f, d, feats, t_in = item
-                a = tracks.push(f, d[0], self.loc.answer(d, self.k, self.prior, [f.image], features=feats)[0])
+                a = tracks.push(f, d[0], self.loc.answer(d, self.k, self.prior, [f.image], self.hood, feats)[0])
+                a.name, a.time, a.ms = f.name, getattr(f, "time", None), (time.perf_counter() - t_in) * 1000
                 self.stats.answered += 1
-                yield f.name, a, (time.perf_counter() - t_in) * 1000
+                yield a
             if self._error is not None:
                 raise self._error
         finally:
@@ -176,7 +201,10 @@ class Pipeline:
                     q.get_nowait()
             for w in workers:
                 w.join(timeout=5)
-            sys.setswitchinterval(switch)
+            with _SWITCH_LOCK:
+                _SWITCH["loops"] -= 1
+                if _SWITCH["loops"] == 0:
+                    sys.setswitchinterval(_SWITCH["saved"])
 
 
 def latency_percentiles(ms: list[float]) -> dict:

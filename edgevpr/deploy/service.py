@@ -276,7 +276,7 @@ def create_app(localizer: Localizer, limits: ServiceLimits | None = None):
                     sizes.append(img.size)
                     yield Frame(u.filename or f"frame {i}", img)
 
-            out = run(lambda: [answered(a, name, sizes[i], ms) for i, (name, a, ms) in
+            out = run(lambda: [answered(a, a.name, sizes[i], a.ms) for i, a in
                                enumerate(localizer.stream(frames(), k, knobs, prior, length, method))])
         return {"k": k, "length": length, "method": method, "knobs": {**localizer.knobs, **knobs},
                 "prior": prior and asdict(prior), "frames": out}
