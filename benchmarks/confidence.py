@@ -68,7 +68,10 @@ from edgevpr.deploy.decision import (
 from edgevpr.deploy.sequence import (
     ORDER_GAIN_MIN,
     SEQSLAM_VELOCITIES,
+    map_normalisation,
+    normalise,
     order_gain,
+    route_coherence,
     row_z,
     trajectory_lines,
     trajectory_scores,
@@ -120,7 +123,11 @@ def answers(q: np.ndarray, db: np.ndarray, positives: list, hood: Neighbourhood,
     names = names or (SEQUENCE_FEATURES if length else VERIFIED_FEATURES if verify else FEATURES)
     s = q @ db.T
     hubs = map_hubs(db, hood)
-    norm, seg = row_z(s), np.zeros(len(db), np.int64)
+    seg = np.zeros(len(db), np.int64)
+    # as ``Tracker``: the search on the map's own normalisation, the order test on row z-scores
+    zs = row_z(s)
+    norm = zs if not length else normalise(s, map_normalisation(route_coherence(lambda x: x @ db.T,
+                                                                                lambda ids: db[ids], seg)[0]))
     lines = {t: trajectory_lines(len(db), t, SEQSLAM_VELOCITIES, seg) for t in range(1, length + 1)}
     feats, right, matches = [], [], []
     for i in range(len(q)):
@@ -145,7 +152,9 @@ def answers(q: np.ndarray, db: np.ndarray, positives: list, hood: Neighbourhood,
         ev = evidence(t[ids], ids, coords, hood, hubs)
         ev["agree"] = float(hood.near(coords, int(ids[0]), np.array([top[0]]))[0])
         ev["steady"] = steadiness(matches[-length:], coords, hood, length)
-        ev["order_gain"] = order_gain(rows, float(t[ids[0]]), length, seg, lines[len(rows)])
+        z_rows = zs[max(0, i - length + 1):i + 1]
+        own = float(np.max(trajectory_scores(z_rows, length, SEQSLAM_VELOCITIES, seg, lines[len(rows)])))
+        ev["order_gain"] = order_gain(z_rows, own, length, seg, lines[len(rows)])
         feats.append([ev[f] for f in names])
         right.append(int(ids[0]) in set(positives[i]))
     return np.array(feats), np.array(right)

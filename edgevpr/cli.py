@@ -198,6 +198,46 @@ def _print_answer(photo: str, answer, ms: float) -> None:
     print(_decision_line(answer.decision, "single-frame decision"))
 
 
+def _when(unix: float | None) -> str:
+    """Unix seconds -> ISO 8601 UTC to the second ("-" for none)."""
+    import datetime
+
+    return "-" if unix is None else datetime.datetime.fromtimestamp(unix, datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+def _index_table(root, manifest: dict, sessions: list[dict]) -> str:
+    """``index info`` for people: the model, the search, the files, the calibrations and a table of sessions."""
+    from .deploy.decision import KNOWN_FLOOR
+
+    m = manifest.get("model", {})
+    size = "x".join(str(s) for s in m.get("image_size", [])) or "?"
+    files = ", ".join(f"{name} {f.get('bytes', 0) / 1e6:.1f} MB" for name, f in manifest.get("files", {}).items())
+    lines = [f"{root}",
+             f"  model        {m.get('name')} (fingerprint {m.get('fingerprint')}, {m.get('runtime', '?')}, "
+             f"{manifest.get('dim')}-D, {size} px)",
+             f"  search       {manifest.get('kind')}, {manifest.get('count')} images "
+             f"({manifest.get('failed_images', 0)} unreadable), generation {manifest.get('generation', 1)}",
+             f"  written      created {manifest.get('created', '-')}, updated {manifest.get('updated', '-')}",
+             f"  files        {files or '-'} (sizes and changed files checked; --verify reads every byte)"]
+    for key, label in (("calibration", "single frames"), ("sequence_calibration", "sequences")):
+        c = manifest.get(key)
+        if isinstance(c, dict) and c.get("kind") == "logistic":
+            extra = f", L = {c.get('sequence_length')} {c.get('sequence_method')}" if key != "calibration" else ""
+            lines.append(f"  calibrated   {label}: known from P {max(c.get('threshold', 0), KNOWN_FLOOR):.2f} "
+                         f"(target precision {c.get('target_precision', 0):.2f}, {c.get('queries', '?')} "
+                         f"answers{extra})")
+    if not any(k in manifest for k in ("calibration", "sequence_calibration")):
+        lines.append("  calibrated   no (run `edgevpr calibrate`: answers have no P until then)")
+    lines += ["", "| session | images | with coordinates | route | first capture | last capture |",
+              "|---|---:|---:|---:|---|---|"]
+    for s in sessions:
+        route = "-" if s["route_m"] is None else f"{s['route_m']:,.0f} m"
+        lines.append(f"| {s['session']} | {s['images']} | {s['with_coordinates']} | {route} | "
+                     f"{_when(s['first_time'])} | {_when(s['last_time'])} |")
+    return "\n".join(lines)
+
+
 def cmd_index(args) -> int:
     from .deploy import index as idx
     from .deploy.localize import open_model
@@ -229,9 +269,14 @@ def cmd_index(args) -> int:
             from .deploy.coverage import coverage_plot
 
             coverage_plot(pi, Path(args.plot))
-        print(json.dumps({**pi.manifest, "sessions": sessions,
-                          "checked": "sizes, and sha256 of files changed since their last full check (--verify "
-                                     "reads every byte)", **({"plot": args.plot} if args.plot else {})}, indent=2))
+        if args.json:
+            print(json.dumps({**pi.manifest, "sessions": sessions,
+                              "checked": "sizes, and sha256 of files changed since their last full check (--verify "
+                                         "reads every byte)", **({"plot": args.plot} if args.plot else {})},
+                             indent=2))
+        else:
+            print(_index_table(args.index, pi.manifest, sessions) + (f"\ncoverage plot: {args.plot}" if args.plot
+                                                                    else ""))
         return 0
     if args.action == "snapshot":
         if args.manifest:
@@ -303,10 +348,13 @@ def _recorded(args, index: Path) -> str:
     """``--images`` as index build/add should read it: a video with ``--track``, or a folder of photos with EXIF
     GPS, becomes a manifest (frames extracted) under INDEX/recordings/; anything else is used as given."""
     from .deploy import recordings as rec
+    from .deploy.inputs import VIDEO_EXTS
 
     src = Path(args.images)
+    if not args.track and src.suffix.lower() in VIDEO_EXTS and src.is_file():
+        raise ValueError(f"{src}: a video needs its GNSS track to become a map: add --track FILE (GPX, NMEA 0183 "
+                         "or CSV of time,lat,lon)")
     if args.track:
-        from .deploy.inputs import VIDEO_EXTS
 
         if src.suffix.lower() not in VIDEO_EXTS or not src.is_file():
             raise ValueError(f"--track {args.track}: --images must be a video file ({', '.join(VIDEO_EXTS)}), not "
@@ -459,8 +507,10 @@ def cmd_calibrate(args) -> int:
               for f in Stream(list(ds.q_paths)))
     positives = [{os.path.abspath(ds.db_paths[j]) for j in pos} for ds in sets for pos in ds.positives]
     unknown = Stream(list(args.unknown)) if args.unknown else []
+    more = unknown.size() if args.unknown else 0
     cal, seq = loc.calibrate(frames, positives, args.precision, hood, unknown, args.sequence, args.sequence_method,
-                             args.reject_unknown)
+                             args.reject_unknown, progress=not args.quiet,
+                             total=None if more is None else len(positives) + more)
     plot = Path(args.plot) if args.plot else Path(args.index) / "reliability.png"
     wrote = _reliability_plot([(cal, "single frames")] + ([(seq, f"sequences of {args.sequence}")] if seq else []),
                               plot)
@@ -475,7 +525,7 @@ def cmd_calibrate(args) -> int:
                 f", {c.unknown_rejected:.3f} of {c.unknown_queries} unknown-place answers rejected " \
                 f"(target {c.reject_unknown}, lower bound at {REJECT_CONFIDENCE:.0%} confidence " \
                 f"{c.unknown_rejected_bound:.3f}{few})"
-            print(f"  {what}: {c.queries} answers, known when P(right) >= {c.threshold:.4g}, precision "
+            print(f"  {what}: {c.queries} answers, known from P(right) {c.known_from:.2f}, precision "
                   f"{c.precision:.3f} (target {c.target_precision}) at recall {c.recall:.3f}{rejected}; "
                   f"ECE {c.ece:.3f}, Brier {c.brier:.3f} (on these answers)")
     print(f"written to {loc.index.root}/manifest.json" + (f"; reliability diagram {plot}" if wrote else ""))
@@ -823,8 +873,10 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--device", default="auto", help="for --queries, PyTorch models: auto, cpu, cuda (default auto)")
     it.add_argument("--json", action="store_true", help="print every trial as JSON")
     it.add_argument("--quiet", action="store_true", help="no progress bar")
-    ii = isub.add_parser("info", help="print an index's manifest")
+    ii = isub.add_parser("info", help="describe an index: model, search, files, calibrations, sessions")
     ii.add_argument("index", help="index folder")
+    ii.add_argument("--json", action="store_true",
+                    help="print the whole manifest and the sessions as JSON (default: a summary and a table)")
     ii.add_argument("--verify", action="store_true",
                     help="read every byte: sha256 of each file against the manifest; prints {verified, problems} "
                          "and exits 1 when anything is broken (default: off)")
@@ -940,6 +992,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "opencv-python-headless); 10 was chosen on validation for SIFT, 25 for a model's own features "
                          "(default 0: off)")
     _verify_with_flag(ca)
+    ca.add_argument("--quiet", action="store_true", help="no progress bar (default: a bar with rate and ETA)")
     ca.add_argument("--unknown", action="append", metavar="DIR",
                     help="photos of places the map does not hold (a folder, list or video; repeat): every answer "
                          "to them counts as wrong (default: none)")

@@ -151,7 +151,11 @@ def test_sessions_are_listed_excluded_removed_and_drawn(video, tmp_path, capsys)
     assert main(["index", "add", "--images", str(second), "--track", str(_gpx(tmp_path / "t2.gpx", shift_s=day)),
                  "--index", str(index), "--quiet"]) == 0
     capsys.readouterr()
-    assert main(["index", "info", str(index), "--plot", str(tmp_path / "map.png")]) == 0
+    assert main(["index", "info", str(index)]) == 0  # for people: a table, ISO times, whole metres
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| walk")]
+    first = datetime.fromtimestamp(START.timestamp(), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert len(table) == 2 and table[0].startswith(f"| walk | 10 | 10 | 18 m | {first} |"), table
+    assert main(["index", "info", str(index), "--json", "--plot", str(tmp_path / "map.png")]) == 0
     info = json.loads(capsys.readouterr().out)
     s = {x["session"]: x for x in info["sessions"]}
     assert set(s) == {"walk", "walk2"} and s["walk"]["images"] == s["walk2"]["images"] == 10
@@ -241,3 +245,11 @@ def test_hostile_tracks_and_videos_are_refused_before_the_work(video, tmp_path, 
                     "</gpx>")
     with pytest.raises(ValueError, match="bomb.gpx: not a readable GPX file"):
         rec.read_track(bomb)
+
+
+def test_a_video_without_its_track_is_one_line_that_names_track_and_leaves_nothing(video, tmp_path, capsys):
+    assert main(["index", "build", "--model", "pixels-patchnorm", "--images", str(video), "--out",
+                 str(tmp_path / "map"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--track" in err[0] and video.name in err[0], err  # was: "give an image folder ..."
+    assert not (tmp_path / "map").exists()

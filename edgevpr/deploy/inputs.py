@@ -73,6 +73,29 @@ class Stream:
         """Whether any input is a live source (a camera or network stream)."""
         return any(is_live(i) for i in self.inputs)
 
+    def size(self) -> int | None:
+        """How many frames the stream holds, counted from the file lists without decoding anything (before
+        ``stride``; None when an input is a video, a camera or a stream, whose frames are known only by reading)."""
+        n = 0
+        for item in self.inputs:
+            p = Path(item) if not is_live(item) else None
+            if p is None or p.suffix.lower() in VIDEO_EXTS:
+                return None
+            try:
+                if p.is_dir():
+                    n += len(list_images(p))
+                elif p.suffix.lower() == ".txt":
+                    n += len(read_list(p))
+                elif p.suffix.lower() == ".csv":
+                    from ..data.datasets import read_manifest
+
+                    n += len(read_manifest(p)[0])
+                else:
+                    n += 1
+            except (OSError, ValueError, KeyError, ImageLoadError):
+                return None  # the stream itself will say what is wrong with it, in one line
+        return n
+
     def __iter__(self) -> Iterator[Frame]:
         for item in self.inputs:
             try:

@@ -35,6 +35,8 @@ from .decision import (
 from .embed import embed, embed_with_local
 from .index import Match, PlaceIndex, check_model, match_dicts, update_manifest
 from .sequence import (
+    DEFAULT_NORMALISATION,
+    NORMALISATIONS,
     ORDER_GAIN_MIN,
     SEQSLAM_VELOCITIES,
     SequenceFilter,
@@ -276,15 +278,18 @@ class Localizer:
 
     def calibrate(self, frames, positives: list[set[str]], precision: float = 0.95,
                   hood: Neighbourhood | None = None, unknown_frames=(), sequence: int = 0,
-                  method: str = "seqslam", reject_unknown: float = REJECT_UNKNOWN
-                  ) -> tuple[Calibration, Calibration | None]:
+                  method: str = "seqslam", reject_unknown: float = REJECT_UNKNOWN, progress: bool = False,
+                  total: int | None = None) -> tuple[Calibration, Calibration | None]:
         """Validation frames (``inputs.Frame``, in capture order, every query set pooled) and, per frame, the
         database paths that count as right, plus ``unknown_frames``: photos of places the map does not hold (every
         answer to them is wrong) -> (single-frame Calibration, sequence Calibration or None) at the target
         ``precision`` (and ``reject_unknown`` of the unknown-place answers rejected at 90% confidence), recorded in the
         index together. With ``sequence`` L > 0 the frames are also tracked as sequences (each capture sequence on
         its own) and the sequence answers of every frame past the warm-up are calibrated on ``SEQUENCE_FEATURES``.
-        Refused in one line (nothing written) when a target cannot be reached."""
+        Refused in one line (nothing written) when a target cannot be reached. ``progress``: a progress bar (rate;
+        ETA when the number of frames, ``total``, is known)."""
+        from tqdm.auto import tqdm
+
         hood = self.hood(hood)
         unknown = ((dataclasses.replace(f, sequence=f"unknown:{f.sequence}"), set()) for f in unknown_frames)
         pending: deque[set[str]] = deque()
@@ -298,7 +303,8 @@ class Localizer:
         names = VERIFIED_FEATURES if self.verifier else FEATURES
         self._warned_verify = True  # the calibration in place is being replaced: no word on whether it applies
         # one frame in memory at a time; answered as live queries are (verified when on)
-        for a in self.stream(tagged(), 1, sequence=sequence, method=method, hood=hood):
+        for a in tqdm(self.stream(tagged(), 1, sequence=sequence, method=method, hood=hood), desc="calibrate",
+                      unit="frame", total=total, disable=not progress):
             good = pending.popleft()
             feats.append([a.decision["evidence"][name] for name in names])
             right.append(a.matches[0].path in good)
@@ -464,7 +470,7 @@ class Tracker:
 
     def __init__(self, index: PlaceIndex, length: int, method: str = "seqslam",
                  calibration: Calibration | None = None, hood: Neighbourhood | None = None,
-                 allowed: np.ndarray | None = None) -> None:
+                 allowed: np.ndarray | None = None, normalisation: str | None = None) -> None:
         if method not in self.METHODS:
             raise ValueError(f"sequence method {method!r}: choose from {', '.join(self.METHODS)}")
         if length < 1:
@@ -477,7 +483,13 @@ class Tracker:
         self.coords = index.coordinates()
         self.hood = hood or Neighbourhood.default(self.coords)
         self.segments = index.segments()
+        # the search's normalisation: the map's own choice (``PlaceIndex.route_shape``) unless given; the order
+        # test's rows are always row z-scores, so its gain means the same on every map (and to a calibration)
+        self.normalisation = normalisation or index.route_shape()["normalisation"]
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"sequence normalisation {self.normalisation!r}: choose from {', '.join(NORMALISATIONS)}")
         self.rows: deque[np.ndarray] = deque(maxlen=length)  # a fixed-size ring: constant cost per frame
+        self.rows_z: deque[np.ndarray] = deque(maxlen=length)
         self.answers: deque[int] = deque(maxlen=length)  # the last sequence matches (``steady``)
         self.frames = 0
         self._lines: dict[int, list] = {}
@@ -494,7 +506,9 @@ class Tracker:
             self.filter.update(sim)
             scores = self.filter.belief
         else:  # rows are normalised once, as they arrive (the normalisation is per row)
-            self.rows.append(normalise(sim[None])[0])
+            self.rows_z.append(normalise(sim[None], DEFAULT_NORMALISATION)[0])
+            self.rows.append(self.rows_z[-1] if self.normalisation == DEFAULT_NORMALISATION else
+                             normalise(sim[None], self.normalisation)[0])
             steps = len(self.rows)
             if steps not in self._lines and len(self.index) * steps <= self.KEEP_LINES:
                 self._lines[steps] = trajectory_lines(len(self.index), steps, SEQSLAM_VELOCITIES, self.segments)
@@ -515,8 +529,10 @@ class Tracker:
         ev["steady"] = steadiness(list(self.answers), self.coords, self.hood, self.length)
         ev["order_gain"] = float("nan")
         if self.filter is None:
-            ev["order_gain"] = order_gain(np.stack(self.rows), float(scores[j]), self.length, self.segments,
-                                          self._lines.get(len(self.rows)))
+            zs, lines = np.stack(self.rows_z), self._lines.get(len(self.rows))
+            own = float(scores[j]) if self.normalisation == DEFAULT_NORMALISATION else float(np.max(
+                trajectory_scores(zs, self.length, SEQSLAM_VELOCITIES, self.segments, lines)))
+            ev["order_gain"] = order_gain(zs, own, self.length, self.segments, lines)
         warming, cal = self.frames < self.length, self.calibration
         if warming:
             said = {"confidence": None, "known": False, "threshold": cal.known_from if cal else None}
@@ -533,4 +549,5 @@ class Tracker:
         decision = {"position": pos, "score": ev["margin"], **said, "evidence": ev, "warming_up": warming}
         match = Match(1, j, float(sim[j]), *self.index.rows([j])[j])
         return {"method": self.method, "frames": min(self.frames, self.length), "length": self.length,
+                "normalisation": None if self.filter is not None else self.normalisation,
                 "match": asdict(match), "score": float(scores[j]), "decision": decision}

@@ -234,6 +234,18 @@ class PlaceIndex:
             self._hubs[key] = hubness(self.search_ids, self.rows_of, self.coordinates(), hood, len(self))
         return self._hubs[key]
 
+    def route_shape(self) -> dict:
+        """This map's sequence normalisation, chosen by its own route (``sequence.map_normalisation`` of
+        ``sequence.route_coherence``), measured once per generation on first use -> {"normalisation",
+        "coherence", "profile" (mean row-z similarity at 1..PROFILE_LAGS frames along the route, NaN: no pair)}."""
+        if getattr(self, "_route_shape", None) is None:
+            from ..sequence import map_normalisation, route_coherence
+
+            coherence, profile = route_coherence(self.similarities, self.rows_of, self.segments())
+            self._route_shape = {"normalisation": map_normalisation(coherence), "coherence": coherence,
+                                 "profile": profile}
+        return self._route_shape
+
     def descriptors(self) -> np.ndarray:
         """All stored descriptors in id order: [N, D] float32, or [N, D/8] uint8 sign bits for a binary index."""
         return _stored_descriptors(self.con, self.manifest["dim"], 0, storage_of(self.manifest["kind"]))
