@@ -348,14 +348,25 @@ def _recorded(args, index: Path) -> str:
     """``--images`` as index build/add should read it: a video with ``--track``, or a folder of photos with EXIF
     GPS, becomes a manifest (frames extracted) under INDEX/recordings/; anything else is used as given."""
     from .deploy import recordings as rec
+    from .deploy.bags import is_bag
     from .deploy.inputs import VIDEO_EXTS
 
     src = Path(args.images)
+    if is_bag(src):
+        if not (args.image_topic and args.gnss_topic):
+            raise ValueError(f"{src}: a ROS bag becomes a map from its camera and its GNSS: give --image-topic and "
+                             "--gnss-topic (sensor_msgs/NavSatFix)")
+        manifest, report = rec.manifest_from_bag(src, args.image_topic, args.gnss_topic, index / "recordings",
+                                                 args.every)
+        print(f"{src}: {report['kept']} of {report['frames']} frames of {args.image_topic} kept (every {args.every}; "
+              f"{report['outside_track']} outside the fixes; {report['fixes']} fixes of {args.gnss_topic}, "
+              f"{report['skipped_no_fix']} without a fix and {report['skipped_bad']} out of range skipped)",
+              file=sys.stderr)
+        return str(manifest)
     if not args.track and src.suffix.lower() in VIDEO_EXTS and src.is_file():
         raise ValueError(f"{src}: a video needs its GNSS track to become a map: add --track FILE (GPX, NMEA 0183 "
                          "or CSV of time,lat,lon)")
     if args.track:
-
         if src.suffix.lower() not in VIDEO_EXTS or not src.is_file():
             raise ValueError(f"--track {args.track}: --images must be a video file ({', '.join(VIDEO_EXTS)}), not "
                              f"{src}")
@@ -454,7 +465,7 @@ def cmd_localize(args) -> int:
     loc = Localizer(args.index, args.model, mmap=not args.no_mmap, device=args.device, verify=args.verify,
                     verify_with=args.verify_with,
                     exclude_sessions=args.exclude_session)
-    stream = Stream(args.photos, args.stride, args.skip_bad, timeout=args.stream_timeout)
+    stream = Stream(args.photos, args.stride, args.skip_bad, timeout=args.stream_timeout, topic=args.image_topic)
     loop = loc.stream(stream, args.top_k, _knobs(args) or None, _prior(args), args.sequence, args.sequence_method,
                       live=True if args.live else None, max_fps=args.max_fps, realtime=args.realtime)
     results, ms = [], []
@@ -800,13 +811,21 @@ def build_parser() -> argparse.ArgumentParser:
     ia = isub.add_parser("add", help="append images to an index (same model; resumes when interrupted)")
     for a in (ib, ia):
         a.add_argument("--images", required=True,
-                       help="image folder (EXIF GPS positions are read), CSV with path[,place_id][,lat,lon], or a "
-                            "video with --track")
+                       help="image folder (EXIF GPS positions are read), CSV with path[,place_id][,lat,lon], a "
+                            "video with --track, or a ROS bag (ROS 1 .bag, rosbag2 folder with SQLite3 or MCAP) with "
+                            "--image-topic and --gnss-topic")
+        a.add_argument("--image-topic", metavar="TOPIC",
+                       help="ROS bag: the camera topic (sensor_msgs/Image rgb8/bgr8/mono8 or CompressedImage "
+                            "JPEG/PNG) (default: none)")
+        a.add_argument("--gnss-topic", metavar="TOPIC",
+                       help="ROS bag: the sensor_msgs/NavSatFix topic; frames get positions interpolated at their "
+                            "message time, fixes without a fix are skipped and counted (default: none)")
         a.add_argument("--track", metavar="FILE",
                        help="the GNSS track of the --images video: GPX, NMEA 0183 (.nmea) or CSV (time + lat,lon or "
                             "east,north) (default: none)")
         a.add_argument("--every", default="2m", metavar="DIST|TIME",
-                       help="video with --track: keep a frame every '2m' travelled or every '0.5s' (default 2m)")
+                       help="video with --track, or a ROS bag: keep a frame every '2m' travelled or every '0.5s' "
+                            "(default 2m)")
         a.add_argument("--track-offset", type=_real(-1e9, 1e9), default=0.0, metavar="SECONDS",
                        help="added to the video's times to align them with the track (default 0)")
         a.add_argument("--require-gps", action="store_true",
@@ -913,8 +932,8 @@ def build_parser() -> argparse.ArgumentParser:
     lo = sub.add_parser("localize", help="top-K database matches of photos, with coordinates and scores")
     lo.add_argument("photos", nargs="+",
                     help="photos, folders (sorted), .txt lists, .csv manifests, videos (.mp4 .mov .avi .mkv "
-                         ".webm), cameras (/dev/video0) or stream URLs (rtsp://...), taken as one stream in the order "
-                         "given")
+                         ".webm), ROS bags (with --image-topic), cameras (/dev/video0) or stream URLs (rtsp://...), "
+                         "taken as one stream in the order given")
     lo.add_argument("--index", required=True, help="index folder")
     lo.add_argument("--model", help="default: the model the index records (an exported .onnx of it works too)")
     lo.add_argument("--top-k", "-k", type=_bounded(1, 1000), default=5, help="matches per photo (default 5)")
@@ -929,7 +948,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print one line per frame: the decision, its P, the place, the latency (default: off, a "
                          "few lines per frame)")
     lo.add_argument("--skip-bad", action="store_true", help="skip and report unreadable photos instead of stopping")
-    lo.add_argument("--stride", type=_bounded(1, 100000), default=1, help="videos: use every N-th frame (default 1)")
+    lo.add_argument("--stride", type=_bounded(1, 100000), default=1,
+                    help="videos and bags: use every N-th frame (default 1)")
+    lo.add_argument("--image-topic", metavar="TOPIC",
+                    help="ROS bags (ROS 1 .bag, rosbag2 folder with SQLite3 or MCAP): the camera topic, read as a "
+                         "stream whose clock is the message time (default: none)")
     lo.add_argument("--prior", metavar="LAT,LON,RADIUS_M",
                     help="GNSS prior: search only database images within RADIUS_M metres of LAT,LON (negative values: "
                          "--prior=-27.47,153.03,200)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -62,8 +63,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
-    """Load ``path`` as an upright 8-bit RGB image.
+def load_image(path: str | os.PathLike, max_pixels: int | None = None, data: bytes | None = None) -> Image.Image:
+    """Load ``path`` (or the encoded image ``data``, ``path`` then naming where it came from) as an upright 8-bit
+    RGB image.
 
     Applies the EXIF orientation; converts grayscale, RGBA, palette, 16-bit and CMYK to RGB.
     Raises ImageLoadError (one line, names the file) for missing, truncated, non-image or oversized files.
@@ -73,11 +75,12 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path if data is None else io.BytesIO(data)) as img:
                 w, h = img.size
                 if w * h > limit:
                     raise ImageLoadError(path, f"{w}x{h} = {w * h} pixels exceeds the limit of {limit}")
-                if img.format == "JPEG" and (why := decode_work_problem(img.format, path.read_bytes())):
+                if img.format == "JPEG" and (why := decode_work_problem(img.format, data if data is not None
+                                                                         else path.read_bytes())):
                     raise ImageLoadError(path, why)
                 img.load()
                 img = ImageOps.exif_transpose(img)

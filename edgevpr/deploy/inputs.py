@@ -27,6 +27,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..data.images import DEFAULT_MAX_PIXELS, ImageLoadError, list_images, load_image
+from .bags import bag_frames, is_bag
 
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 LIVE_PREFIXES = ("rtsp://", "rtmp://", "udp://", "http://", "https://", "srt://", "/dev/video")
@@ -61,6 +62,7 @@ class Stream:
     skip_bad: bool = False
     skipped: list[tuple[str, str]] = field(default_factory=list)
     timeout: float = STREAM_TIMEOUT_S  # a live source that sends nothing for this long ends in one line
+    topic: str | None = None  # robot recordings (``bags``): the image topic to read
 
     def __post_init__(self) -> None:
         if self.stride < 1:
@@ -79,7 +81,7 @@ class Stream:
         n = 0
         for item in self.inputs:
             p = Path(item) if not is_live(item) else None
-            if p is None or p.suffix.lower() in VIDEO_EXTS:
+            if p is None or p.suffix.lower() in VIDEO_EXTS or is_bag(p):
                 return None
             try:
                 if p.is_dir():
@@ -108,6 +110,10 @@ class Stream:
     def _expand(self, p: Path | str) -> Iterator[Frame]:
         if is_live(p):
             yield from video_frames(p, self.stride, live=True, timeout=self.timeout)
+        elif is_bag(p):
+            if not self.topic:
+                raise ValueError(f"{p}: a ROS bag holds many topics: give the camera's with --image-topic")
+            yield from bag_frames(p, self.topic, self.stride)
         elif p.is_dir():
             paths = list_images(p)
             if not paths:

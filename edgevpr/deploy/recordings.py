@@ -347,7 +347,7 @@ def manifest_from_video(video: str | os.PathLike, track: Track, out_dir: str | o
     import av
 
     video, out_dir = Path(video), Path(out_dir)
-    step, unit = parse_every(every)
+    parse_every(every)  # a bad --every is refused before the video is opened
     try:
         container = av.open(str(video))
     except (av.FFmpegError, OSError) as e:
@@ -367,34 +367,68 @@ def manifest_from_video(video: str | os.PathLike, track: Track, out_dir: str | o
             raise ValueError(f"{video}: the video ({_fmt(start)} to {_fmt(start + duration)}) and the track "
                              f"{track.source} ({_fmt(lo)} to {_fmt(hi)}) do not overlap in time; give --track-offset "
                              "SECONDS (added to the video's times)")
-        frames_dir = out_dir / video.stem
-        frames_dir.mkdir(parents=True, exist_ok=True)
-        rows, decoded, outside, last = [], 0, 0, None
-        for frame in container.decode(stream):
-            decoded += 1
-            t = start + float(frame.time or 0.0)
-            pos = track.at(t)
-            if pos is None:
-                outside += 1
-                continue
-            # a millimetre / microsecond of slack: a frame exactly `step` away is kept despite rounding
-            if last is not None and (track.metres(last[1], pos) < step - 1e-3 if unit == "m" else
-                                     t - last[0] < step - 1e-6):
-                continue
-            last = (t, pos)
-            name = frames_dir / f"{video.stem}_{int(round(float(frame.time or 0.0) * 1000)):09d}ms.jpg"
-            if not name.is_file():
-                img = frame.to_image().convert("RGB")
-                if max(img.size) > max_side:
-                    img.thumbnail((max_side, max_side), Image.BICUBIC)
-                atomic_write(name, lambda tmp, img=img: img.save(tmp, format="JPEG", quality=92))
-            rows.append({"path": os.path.abspath(name), **pos, "time": t, "session": video.stem})
+        frames = ((start + float(f.time or 0.0), float(f.time or 0.0), f.to_image) for f in container.decode(stream))
+        rows, decoded, outside = keep_frames(frames, track, every, out_dir / video.stem, video.stem, max_side)
     if not rows:
         raise ValueError(f"{video}: no frame falls inside the track {track.source} (check --track-offset)")
     return _write_manifest(out_dir / f"{video.stem}.csv", rows), {
         "frames_decoded": decoded, "kept": len(rows), "outside_track": outside,
         "video_span": [_fmt(start), _fmt(start + duration)], "track_span": [_fmt(lo), _fmt(hi)],
         "start_from": "creation_time" if created else "the track's first fix"}
+
+
+def keep_frames(frames, track: Track, every: str, frames_dir: Path, session: str,
+                max_side: int = 1280) -> tuple[list[dict], int, int]:
+    """Timed frames (absolute time s, time within the recording s, a function returning the image) and their
+    track -> the manifest rows of the frames kept every ``every`` (``parse_every``; positions interpolated at each
+    frame's time), their JPEGs written under ``frames_dir`` (longest side at most ``max_side`` px; a file already
+    there is kept: a resumed build), and the counts of frames seen and of frames outside the track."""
+    step, unit = parse_every(every)
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    rows, seen, outside, last = [], 0, 0, None
+    for t, rel, image in frames:
+        seen += 1
+        pos = track.at(t)
+        if pos is None:
+            outside += 1
+            continue
+        # a millimetre / microsecond of slack: a frame exactly `step` away is kept despite rounding
+        if last is not None and (track.metres(last[1], pos) < step - 1e-3 if unit == "m" else
+                                 t - last[0] < step - 1e-6):
+            continue
+        last = (t, pos)
+        name = frames_dir / f"{session}_{int(round(rel * 1000)):09d}ms.jpg"
+        if not name.is_file():
+            img = image().convert("RGB")
+            if max(img.size) > max_side:
+                img.thumbnail((max_side, max_side), Image.BICUBIC)
+            atomic_write(name, lambda tmp, img=img: img.save(tmp, format="JPEG", quality=92))
+        rows.append({"path": os.path.abspath(name), **pos, "time": t, "session": session})
+    return rows, seen, outside
+
+
+def manifest_from_bag(bag: str | os.PathLike, image_topic: str, gnss_topic: str, out_dir: str | os.PathLike,
+                      every: str = "2m", max_side: int = 1280) -> tuple[Path, dict]:
+    """A robot recording (``bags``) -> the frames of ``image_topic`` kept every ``every`` with positions from the
+    NavSatFix of ``gnss_topic`` at each message's time, written as ``manifest_from_video`` writes a video's; and a
+    report {"frames", "kept", "outside_track", "fixes", "skipped_no_fix", "skipped_bad"}."""
+    from .bags import bag_frames, bag_track
+
+    bag, out_dir = Path(bag), Path(out_dir)
+    track, fixes = bag_track(bag, gnss_topic)
+    stem = bag.stem if bag.is_file() else bag.name
+
+    def timed():  # (message time, time since the first frame, its image)
+        start = None
+        for f in bag_frames(bag, image_topic):
+            start = f.time if start is None else start
+            yield f.time, f.time - start, lambda im=f.image: im
+
+    rows, seen, outside = keep_frames(timed(), track, every, out_dir / stem, stem, max_side)
+    if not rows:
+        raise ValueError(f"{bag}: no frame of {image_topic} falls inside the fixes of {gnss_topic}")
+    return _write_manifest(out_dir / f"{stem}.csv", rows), {"frames": seen, "kept": len(rows),
+                                                            "outside_track": outside, **fixes}
 
 
 def _write_manifest(path: str | os.PathLike, rows: list[dict]) -> Path:
