@@ -206,7 +206,7 @@ def _when(unix: float | None) -> str:
         "%Y-%m-%dT%H:%M:%SZ")
 
 
-def _index_table(root, manifest: dict, sessions: list[dict]) -> str:
+def _index_table(root, manifest: dict, sessions: list[dict], shape: dict) -> str:
     """``index info`` for people: the model, the search, the files, the calibrations and a table of sessions."""
     from .deploy.decision import KNOWN_FLOOR
 
@@ -219,7 +219,9 @@ def _index_table(root, manifest: dict, sessions: list[dict]) -> str:
              f"  search       {manifest.get('kind')}, {manifest.get('count')} images "
              f"({manifest.get('failed_images', 0)} unreadable), generation {manifest.get('generation', 1)}",
              f"  written      created {manifest.get('created', '-')}, updated {manifest.get('updated', '-')}",
-             f"  files        {files or '-'} (sizes and changed files checked; --verify reads every byte)"]
+             f"  files        {files or '-'} (sizes and changed files checked; --verify reads every byte)",
+             f"  sequences    normalised by {shape['normalisation']} (route coherence {shape['coherence']:.2f}; "
+             "chosen by the map)"]
     for key, label in (("calibration", "single frames"), ("sequence_calibration", "sequences")):
         c = manifest.get(key)
         if isinstance(c, dict) and c.get("kind") == "logistic":
@@ -275,8 +277,9 @@ def cmd_index(args) -> int:
                                          "reads every byte)", **({"plot": args.plot} if args.plot else {})},
                              indent=2))
         else:
-            print(_index_table(args.index, pi.manifest, sessions) + (f"\ncoverage plot: {args.plot}" if args.plot
-                                                                    else ""))
+            shape = pi.route_shape()
+            print(_index_table(args.index, pi.manifest, sessions, shape) +
+                  (f"\ncoverage plot: {args.plot}" if args.plot else ""))
         return 0
     if args.action == "snapshot":
         if args.manifest:
