@@ -33,7 +33,7 @@ demo: setup
 
 test: setup browser
 	$(VENV)/bin/ruff check edgevpr tests benchmarks
-	$(PY) -m pytest -q --durations=10
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10
 
 bench: setup
 	$(PY) benchmarks/backbones.py
