@@ -469,8 +469,10 @@ def cmd_localize(args) -> int:
                     verify_with=args.verify_with,
                     exclude_sessions=args.exclude_session)
     stream = Stream(args.photos, args.stride, args.skip_bad, timeout=args.stream_timeout, topic=args.image_topic)
+    # --live on a file is a replay at the file's own clock (a camera's frames do not all arrive at once)
+    realtime = args.realtime or (args.live and not stream.live)
     loop = loc.stream(stream, args.top_k, _knobs(args) or None, _prior(args), args.sequence, args.sequence_method,
-                      live=True if args.live else None, max_fps=args.max_fps, realtime=args.realtime)
+                      live=True if args.live else None, max_fps=args.max_fps, realtime=realtime)
     results, ms = [], []
     for answer in loop:
         ms.append(answer.ms)
@@ -978,7 +980,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default 10)")
     lo.add_argument("--live", action="store_true",
                     help="treat the input as a live source: drop the oldest waiting frame rather than fall behind, "
-                         "and report the drops (default: on for cameras and stream URLs, off for files)")
+                         "and report the drops; a video or bag is then replayed at its own clock, as --realtime "
+                         "(default: on for cameras and stream URLs, off for files)")
     lo.add_argument("--realtime", action="store_true",
                     help="replay a video or recording at its own clock (frame timestamps) as a live source: frames "
                          "the loop cannot keep up with are dropped and counted, as they would be live (default: off, "

@@ -6,6 +6,7 @@ import json
 import os
 import queue
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -222,3 +223,33 @@ def test_localizer_stream_is_an_iterator_over_an_endless_source(gp):
     assert top[4:] == top[:2] and all(abs(t - (40 + i % 4)) <= 2 for i, t in enumerate(top))
     loop._workers[0].join(timeout=5)  # closed: the reader stopped pulling from the endless source
     assert not loop._workers[0].is_alive()
+
+
+def test_realtime_replays_a_file_at_its_own_clock_and_counts_what_it_drops(gp, tmp_path):
+    """A 5 fps file replayed with ``realtime``: no frame is read before its timestamp (0.2 s apart: far more than
+    decoding and preparing one takes, so a replay that did not wait would read them all at once), frames the loop
+    cannot keep up with are dropped and counted (read = answered + dropped), and the freshest frame is answered;
+    read as a file, the same video is answered whole with nothing dropped. `localize --live` on a file is such a
+    replay. (A 30 fps replay's drops against the loop's throughput: benchmarks/stream.py.)"""
+    root, _, data = gp
+    video = write_video(tmp_path / "walk5.mp4", [data / "day_left" / f"Image{i:03d}.jpg" for i in range(15)], fps=5)
+    loc = Localizer(root)
+    pulled = []
+
+    def source():  # when the loop asks for each frame: only after the previous one's time has come
+        for f in Stream([video]):
+            pulled.append(time.perf_counter())
+            yield f
+
+    with loc.stream(source(), 1, realtime=True) as replay:
+        names = [a.name for a in replay]
+    since = np.array(pulled) - pulled[0]
+    assert (since[1:] >= np.arange(14) / 5 - 0.005).all(), since  # not waiting: all 15 within ~0.5 s
+    st = replay.stats
+    assert st.read == 15 and st.answered == len(names) and st.answered + st.dropped == 15
+    assert names[-1].endswith("#frame14") and replay.live
+    whole = loc.stream(video, 1)
+    assert len(list(whole)) == 15 and whole.stats.dropped == 0 and not whole.live
+    t0 = time.perf_counter()
+    assert main(["localize", "--index", str(root), str(video), "--live", "--json-lines", "-k", "1"]) == 0
+    assert time.perf_counter() - t0 >= 14 / 5
