@@ -206,6 +206,14 @@ def _when(unix: float | None) -> str:
         "%Y-%m-%dT%H:%M:%SZ")
 
 
+def _where_images(manifest: dict) -> str:
+    r = manifest.get("image_root")
+    if not r:
+        return "all inside the index folder (the map travels with them)"
+    moved = f", relocated to {r['now']}" if r.get("now") else ""
+    return f"outside the index folder under {r['stored']}{moved} (`index relocate` moves them)"
+
+
 def _index_table(root, manifest: dict, sessions: list[dict], shape: dict) -> str:
     """``index info`` for people: the model, the search, the files, the calibrations and a table of sessions."""
     from .deploy.decision import KNOWN_FLOOR
@@ -221,7 +229,8 @@ def _index_table(root, manifest: dict, sessions: list[dict], shape: dict) -> str
              f"  written      created {manifest.get('created', '-')}, updated {manifest.get('updated', '-')}",
              f"  files        {files or '-'} (sizes and changed files checked; --verify reads every byte)",
              f"  sequences    normalised by {shape['normalisation']} (route coherence {shape['coherence']:.2f}; "
-             "chosen by the map)"]
+             "chosen by the map)",
+             f"  images       {_where_images(manifest)}"]
     for key, label in (("calibration", "single frames"), ("sequence_calibration", "sequences")):
         c = manifest.get(key)
         if isinstance(c, dict) and c.get("kind") == "logistic":
@@ -314,7 +323,14 @@ def cmd_index(args) -> int:
     if args.action == "remove":
         res = idx.remove(args.index, args.session, args.paths)
         print(json.dumps(res, indent=2) if args.json else
-              f"{args.index}: {res['removed']} images removed, {res['count']} left")
+              f"{args.index}: {res['removed']} images removed, {res['count']} left; {res['files_deleted']} file(s) "
+              "the map owned (recorded frames, their manifests) deleted")
+        return 0
+    if args.action == "relocate":
+        res = idx.relocate(args.index, args.root)
+        print(json.dumps(res, indent=2) if args.json else
+              f"{args.index}: its {res['images']} images outside the index folder are now read from {res['root']} "
+              "(every one found there)")
         return 0
     if args.action == "merge":
         res = idx.merge(args.parts, args.out, args.kind, _index_params(args))
@@ -932,6 +948,13 @@ def build_parser() -> argparse.ArgumentParser:
     ir.add_argument("paths", nargs="*", metavar="GLOB",
                     help="remove the images whose path or file name matches (quote globs: 'drive1/*')")
     ir.add_argument("--json", action="store_true", help="print the summary as JSON")
+    irl = isub.add_parser("relocate", help="point a map at its images' new folder (they moved, or the map is on "
+                                           "another machine); frames inside the index folder need nothing")
+    irl.add_argument("--index", required=True, help="index folder")
+    irl.add_argument("--root", required=True,
+                     help="the folder that now holds what the map's image root held (`index info` shows it); every "
+                          "image must be found there, else nothing changes")
+    irl.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.set_defaults(func=cmd_index)
 
     lo = sub.add_parser("localize", help="top-K database matches of photos, with coordinates and scores")

@@ -174,11 +174,14 @@ def test_sessions_are_listed_excluded_removed_and_drawn(video, tmp_path, capsys)
     res = json.loads(capsys.readouterr().out)["results"][0]
     assert all("/walk2/" in m["path"] for m in res["matches"]) and "/walk2/" in res["sequence"]["match"]["path"]
     assert main(["index", "remove", "--index", str(index), "--session", "walk2"]) == 0
-    capsys.readouterr()
+    assert "11 file(s) the map owned (recorded frames, their manifests) deleted" in capsys.readouterr().out
     assert main(["index", "info", str(index), "--verify"]) == 0
     assert json.loads(capsys.readouterr().out)["verified"] is True
     pi = idx.PlaceIndex.open(index)
     assert len(pi) == 10 and [x["session"] for x in pi.sessions()] == ["walk"]
+    # no orphans: the files under recordings/ are exactly the frames the map still holds, and walk's manifest
+    on_disk = {str(p) for p in (index / "recordings").rglob("*") if p.is_file()}
+    assert on_disk == {r[0] for r in pi.rows(list(range(10))).values()} | {str(index / "recordings" / "walk.csv")}
     assert main(["index", "remove", "--index", str(index), "--session", "nope"]) == 2
     assert "no session 'nope'" in capsys.readouterr().err
 
@@ -253,3 +256,59 @@ def test_a_video_without_its_track_is_one_line_that_names_track_and_leaves_nothi
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--track" in err[0] and video.name in err[0], err  # was: "give an image folder ..."
     assert not (tmp_path / "map").exists()
+
+
+def test_a_map_travels_a_moved_one_answers_verifies_and_serves_thumbnails(video, tmp_path, capsys):
+    """A map of a recording (frames inside its folder, stored relative to it) copied elsewhere and the original
+    deleted: it answers from the copy, verifies, and its thumbnails load. A map of images outside its folder whose
+    images moved: `--verify` says so in one line naming `index relocate`; a wrong `--root` changes nothing; the
+    right one makes it answer and verify again."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from edgevpr.deploy.localize import Localizer
+    from edgevpr.deploy.service import create_app
+
+    first = tmp_path / "a" / "map"
+    assert main(["index", "build", "--model", "pixels-patchnorm", "--images", str(video), "--track",
+                 str(_gpx(tmp_path / "t.gpx")), "--out", str(first), "--quiet"]) == 0
+    moved = tmp_path / "b" / "map"
+    shutil.copytree(first, moved)
+    shutil.rmtree(tmp_path / "a")
+    frame = sorted((moved / "recordings" / "walk").glob("*.jpg"))[4]
+    capsys.readouterr()
+    assert main(["localize", "--index", str(moved), str(frame), "-k", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["matches"][0]["path"] == str(frame)
+    assert main(["index", "info", str(moved), "--verify"]) == 0
+    client = TestClient(create_app(Localizer(moved)))
+    for i in range(3):
+        r = client.get(f"/api/thumb/{i}")
+        assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"
+    # images outside the map's folder, then moved
+    gp = shared_data() / "gardens_point" / "day_right"
+    photos = tmp_path / "photos" / "day_right"
+    photos.mkdir(parents=True)
+    for i in range(12):
+        shutil.copy(gp / f"Image{i:03d}.jpg", photos)
+    ext = tmp_path / "ext.index"
+    assert main(["index", "build", "--model", "pixels-patchnorm", "--images", str(photos), "--out", str(ext),
+                 "--quiet"]) == 0
+    assert idx.read_manifest(ext)["image_root"] == {"stored": str(photos), "now": None}
+    shutil.move(str(tmp_path / "photos"), str(tmp_path / "elsewhere"))
+    capsys.readouterr()
+    assert main(["index", "info", str(ext), "--verify"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert "12 database image(s) not found" in report["problems"][0] and "index relocate" in report["problems"][0]
+    before = (ext / "manifest.json").read_bytes()
+    assert main(["index", "relocate", "--index", str(ext), "--root", str(tmp_path / "elsewhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "12 of the map's 12 images are not there" in err[0], err
+    assert (ext / "manifest.json").read_bytes() == before
+    assert main(["index", "relocate", "--index", str(ext), "--root", str(tmp_path / "elsewhere" / "day_right")]) == 0
+    assert main(["index", "info", str(ext), "--verify"]) == 0
+    capsys.readouterr()
+    assert main(["localize", "--index", str(ext), str(gp / "Image005.jpg"), "-k", "1", "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)["results"][0]["matches"][0]["path"]
+    assert top == str(tmp_path / "elsewhere" / "day_right" / "Image005.jpg")
+    assert TestClient(create_app(Localizer(ext))).get("/api/thumb/5").status_code == 200

@@ -18,6 +18,7 @@ from .ops import (
     check_snapshot_manifest,
     merge,
     pull,
+    relocate,
     remove,
     search_settings,
     snapshot,
@@ -47,6 +48,7 @@ from .store import (
 __all__ = ["DB_FILE", "DEFAULT_RERANK", "FAISS_FILE", "KINDS", "LOCK_FILE", "MANIFEST_FILE", "MAX_K", "VECTORS_FILE",
            "Match", "PlaceIndex", "Row", "_connect", "_extract_into", "add", "build", "check_model",
            "check_snapshot_manifest", "match_dicts",
-           "merge", "model_record", "pack_bits", "pca_whitening", "pull", "read_manifest", "read_rows", "remove",
+           "merge", "model_record", "pack_bits", "pca_whitening", "pull", "read_manifest", "read_rows", "relocate",
+           "remove",
            "rows_digest", "search_settings", "snapshot", "snapshot_manifest", "storage_of", "tune", "update_manifest",
            "verify_index"]

@@ -43,9 +43,11 @@ from .store import (
     model_record,
     read_manifest,
     read_rows,
+    resolve_path,
     ro_connect,
     rows_digest,
     stage_next,
+    stored_path,
     verify_for_writing,
 )
 
@@ -114,7 +116,8 @@ def build(model, source: str | os.PathLike, out: str | os.PathLike, kind: str = 
     con = _open_for_writing(root, record, storage)
     t0 = time.perf_counter()
     counts = _extract_into(con, model, rows, record["knobs"], batch_size, skip_bad, progress, "index build", on_batch,
-                           storage)
+                           storage, root)
+    keep |= image_root(con, root, None)
     fault("rows")
     t_extract = time.perf_counter() - t0
     desc = _stored_descriptors(con, record["dim"], 0, storage)
@@ -190,7 +193,8 @@ def merge(parts: list[str | os.PathLike], out: str | os.PathLike, kind: str = "f
                     extra = ", session, time" if "session" in _columns(src) else ", NULL, NULL"
                     rows = src.execute(f"SELECT id, path, place_id, lat, lon, east, north, descriptor{extra} "
                                        "FROM images WHERE id < ? ORDER BY id", (man["count"],))
-                    con.executemany(_INSERT_IMAGE, ((next_id + r[0], *r[1:]) for r in rows))
+                    con.executemany(_INSERT_IMAGE, ((next_id + r[0], stored_path(
+                        root, resolve_path(p, r[1], man.get("image_root"))), *r[2:]) for r in rows))
                     next_id += man["count"]
                     con.executemany("INSERT OR REPLACE INTO failed VALUES (?, ?, ?, ?)",
                                     src.execute("SELECT path, reason, size, mtime_ns FROM failed"))
@@ -205,7 +209,8 @@ def merge(parts: list[str | os.PathLike], out: str | os.PathLike, kind: str = "f
     backend, used = backends.create(root, kind, record["dim"], desc, params or {}, con)
     manifest = _write(root, con, backend, kind, used, record, None,
                       {"merged_from": [{"path": str(p), "count": m["count"], **({"shard": m["shard"]}
-                                        if m.get("shard") else {})} for p, m in loaded]})
+                                        if m.get("shard") else {})} for p, m in loaded],
+                       **image_root(con, root, None)})
     con.close()
     return {"count": manifest["count"], "parts": len(loaded), "failed": manifest["failed_images"]}
 
@@ -228,17 +233,32 @@ def add(model, source: str | os.PathLike, root: str | os.PathLike, batch_size: i
     stage = stage_next(root, manifest, backends.folders(manifest["kind"], manifest["params"]), resume=True)
     con = _open_for_writing(stage, record, storage)
     counts = _extract_into(con, model, read_rows(source), record["knobs"], batch_size, skip_bad, progress,
-                           "index add", on_batch, storage)
+                           "index add", on_batch, storage, root)
     fault("rows")
     backend = backends.open_backend(stage, manifest, con, mmap=False)
     new = _stored_descriptors(con, record["dim"], backend.ntotal, storage)
     check_descriptors(new, str(root / DB_FILE), storage)
     backend.add(new)
     manifest = _write(stage, con, backend, manifest["kind"], manifest["params"], record, manifest["created"],
-                      {k: manifest[k] for k in KEPT_BY_WRITERS if k in manifest}, _next_generation(manifest))
+                      {**{k: manifest[k] for k in KEPT_BY_WRITERS if k in manifest},
+                       **image_root(con, root, manifest.get("image_root"))}, _next_generation(manifest))
     con.close()
     commit_next(root)
     return {**counts, "appended_to_faiss": len(new), "count": manifest["count"], "failed_paths": _failed(root)}
+
+
+def image_root(con: sqlite3.Connection, root: Path, old: dict | None) -> dict:
+    """The folder that holds every image stored by absolute path (outside the index folder), which
+    ``index relocate`` can move -> {"image_root": {"stored", "now"}} ({} when every image is inside the index).
+    Images added later outside it widen it (their common folder); a relocated root keeps its move."""
+    outside = [p for (p,) in con.execute("SELECT path FROM images") if os.path.isabs(p)]
+    if not outside:
+        return {"image_root": old} if old else {}
+    stored = os.path.commonpath([*outside, *([old["stored"]] if old else [])])
+    if os.path.isfile(stored) or (len(outside) == 1 and not old):
+        stored = os.path.dirname(stored)
+    now = old["now"] if old and old.get("now") and old["stored"] == stored else None
+    return {"image_root": {"stored": stored, "now": now}}
 
 
 
@@ -270,7 +290,8 @@ def remove(root: str | os.PathLike, sessions: list[str] = (), patterns: list[str
         if name not in set(of):
             raise ValueError(f"{root}: no session {name!r} (it has {', '.join(sorted(set(of)))})")
     want = set(sessions)
-    gone = [i for i, (path, session) in enumerate(zip(paths, of, strict=True))
+    where = [resolve_path(root, p, manifest.get("image_root")) for p in paths]
+    gone = [i for i, (path, session) in enumerate(zip(where, of, strict=True))
             if session in want or any(fnmatch.fnmatch(path, g) or fnmatch.fnmatch(Path(path).name, g)
                                       for g in patterns)]
     if not gone:
@@ -296,7 +317,44 @@ def remove(root: str | os.PathLike, sessions: list[str] = (), patterns: list[str
                  {k: manifest[k] for k in KEPT_BY_WRITERS if k in manifest}, _next_generation(manifest))
     con.close()
     commit_next(root)
-    return {"removed": len(gone), "count": new["count"], "sessions_removed": sorted(want)}
+    # the frames the map owned (stored inside its folder: a recording's) go with their rows, and so does a
+    # removed session's recording manifest; images outside the folder are the user's and stay
+    owned = [root / paths[i] for i in gone if not os.path.isabs(paths[i])]
+    owned += [root / "recordings" / f"{s}.csv" for s in want if (root / "recordings" / f"{s}.csv").is_file()]
+    for f in owned:
+        f.unlink(missing_ok=True)
+    for folder in {f.parent for f in owned}:
+        if folder != root and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return {"removed": len(gone), "count": new["count"], "sessions_removed": sorted(want),
+            "files_deleted": len(owned)}
+
+
+@_exclusive("root")
+def relocate(root: str | os.PathLike, new_root: str | os.PathLike) -> dict:
+    """Point the map's images stored outside its folder at ``new_root`` (their folder moved or the map is on
+    another machine): every such image must be found there, else nothing changes and one line says how many are
+    missing and which first. Frames inside the index folder need nothing (stored relative to it) ->
+    {"images", "root"}."""
+    root, new_root = Path(root), os.path.abspath(new_root)
+    manifest = read_manifest(root)
+    verify_for_writing(root, manifest)
+    old = manifest.get("image_root")
+    if not old:
+        raise ValueError(f"{root}: every image of this map is inside its folder; nothing to relocate")
+    con = ro_connect(root / DB_FILE)
+    try:
+        outside = [p for (p,) in con.execute("SELECT path FROM images WHERE id < ?", (manifest["count"],))
+                   if os.path.isabs(p)]
+    finally:
+        con.close()
+    moved = {**old, "now": new_root}
+    missing = [q for p in outside if not os.path.isfile(q := resolve_path(root, p, moved))]
+    if missing:
+        raise ValueError(f"--root {new_root}: {len(missing)} of the map's {len(outside)} images are not there "
+                         f"(first: {missing[0]}); the root replaces {old['stored']}")
+    _update_manifest(root, image_root=moved)
+    return {"images": len(outside), "root": new_root}
 
 
 

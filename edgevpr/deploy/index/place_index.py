@@ -22,6 +22,7 @@ from .store import (
     _stored_descriptors,
     check_files,
     read_manifest,
+    resolve_path,
     ro_connect,
 )
 
@@ -190,14 +191,25 @@ class PlaceIndex:
         return np.array([i for i, h in enumerate(have) if h in want], np.int64)
 
     def rows(self, ids: list[int]) -> dict[int, tuple]:
-        """id -> (path, place_id, lat, lon, east, north)."""
+        """id -> (path where the image is now: ``resolve``, place_id, lat, lon, east, north)."""
         out = {}
         for start in range(0, len(ids), 500):
             part = ids[start:start + 500]
             marks = ",".join("?" * len(part))
             q = f"SELECT id, path, place_id, lat, lon, east, north FROM images WHERE id IN ({marks})"
-            out.update({r[0]: r[1:] for r in self.con.execute(q, part)})
+            out.update({r[0]: (self.resolve(r[1]), *r[2:]) for r in self.con.execute(q, part)})
         return out
+
+    def resolve(self, stored: str) -> str:
+        """A stored image path -> where the image is now (``store.resolve_path``: frames inside the index folder
+        wherever it was copied; images outside it, after ``index relocate``, under their new root)."""
+        return resolve_path(self.root, stored, self.manifest.get("image_root"))
+
+    def missing_images(self) -> tuple[int, list[str]]:
+        """Database images whose file is not where ``resolve`` says -> (how many, the first five)."""
+        gone = [p for (s,) in self.con.execute("SELECT path FROM images WHERE id < ? ORDER BY id", (len(self),))
+                if not os.path.isfile(p := self.resolve(s))]
+        return len(gone), gone[:5]
 
     def positions(self, limit: int = 5000) -> dict:
         """Up to ``limit`` evenly spaced database positions for a map: {ids, east, north} or {ids} alone, and each
@@ -265,6 +277,14 @@ def verify_index(root: str | os.PathLike) -> dict:
             for key in ("calibration", "sequence_calibration"):  # the decision's records are valid
                 if isinstance(manifest.get(key), dict) and manifest[key].get("kind") == "logistic":
                     Calibration.from_dict(manifest[key], f"{root / MANIFEST_FILE}: field {key}")
+            pi = PlaceIndex.open(root)  # every database image is where the map says (thumbnails, verification)
+            try:
+                n, first = pi.missing_images()
+            finally:
+                pi.close()
+            if n:
+                problems.append(f"{root}: {n} database image(s) not found (first: {', '.join(first)}); if the images "
+                                "moved, `edgevpr index relocate --index INDEX --root NEW` points the map at them")
     except (OSError, ValueError, RuntimeError) as e:
         problems = [str(e).splitlines()[0]]
     return {"verified": not problems, "problems": problems}

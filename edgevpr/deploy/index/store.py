@@ -58,7 +58,7 @@ MAX_K = 1000
 
 
 #: manifest fields a writer that changes the rows carries over (``add``, ``remove``)
-KEPT_BY_WRITERS = ("calibration", "sequence_calibration", "tuned", "calibration_sha256")
+KEPT_BY_WRITERS = ("calibration", "sequence_calibration", "tuned", "calibration_sha256", "image_root")
 
 #: manifest fields whose content the manifest seals (``calibration_sha256``): the decision's fitted records
 SEALED = ("calibration", "sequence_calibration")
@@ -527,10 +527,34 @@ def _stored_descriptors(con: sqlite3.Connection, dim: int, start: int = 0, stora
     return out
 
 
+def stored_path(root: Path, path: str) -> str:
+    """How an image's path is stored: relative to the index folder ``root`` (POSIX separators) when the image is
+    inside it (a recording's frames: the map carries them wherever it is copied), else absolute as given."""
+    path, top = os.path.abspath(path), os.path.abspath(root)
+    if os.path.commonpath([path, top]) == top:
+        return Path(os.path.relpath(path, top)).as_posix()
+    return path
+
+
+def resolve_path(root: Path, stored: str, image_root: dict | None = None) -> str:
+    """A stored path -> where the image is now: a relative one inside the index folder ``root``; an absolute one
+    as stored, or moved by ``index relocate`` (``image_root`` {"stored": old prefix, "now": new prefix})."""
+    if not os.path.isabs(stored):
+        return str(Path(root) / stored)
+    if image_root and image_root.get("now") and _under(stored, image_root["stored"]):
+        return os.path.join(image_root["now"], os.path.relpath(stored, image_root["stored"]))
+    return stored
+
+
+def _under(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == os.path.normpath(folder)
+
+
 def _extract_into(con: sqlite3.Connection, model, rows: list[Row], knobs: dict, batch_size: int, skip_bad: bool,
                   progress: bool, desc: str, on_batch: Callable[[int], None] | None,
-                  storage: str = "float32") -> dict:
-    """Embed the rows not yet stored (or failed while unchanged) and insert them batch by batch -> counts.
+                  storage: str = "float32", root: Path | None = None) -> dict:
+    """Embed the rows not yet stored (or failed while unchanged) and insert them batch by batch -> counts. Paths
+    inside the index folder ``root`` are stored relative to it (``stored_path``).
 
     An image recorded as failed is tried again when its size or mtime changed (the user fixed the file).
     """
@@ -539,7 +563,8 @@ def _extract_into(con: sqlite3.Connection, model, rows: list[Row], knobs: dict, 
     with con:
         con.executemany("DELETE FROM failed WHERE path = ?", [(p,) for p in retry])
     done = {p for (p,) in con.execute("SELECT path FROM images UNION SELECT path FROM failed")}
-    todo = [r for r in rows if r.path not in done]
+    key = {r.path: stored_path(root, r.path) if root is not None else r.path for r in rows}
+    todo = [r for r in rows if key[r.path] not in done]
     seen: set[str] = set()
     todo = [r for r in todo if not (r.path in seen or seen.add(r.path))]  # a path listed twice is stored once
     batches = image_batches([Path(r.path) for r in todo], model.transform(), batch_size)
@@ -559,7 +584,7 @@ def _extract_into(con: sqlite3.Connection, model, rows: list[Row], knobs: dict, 
         with con:  # one transaction per batch: a kill keeps whole batches only
             for j, vec in zip(idx, d, strict=True):
                 r = todo[j]
-                con.execute(_INSERT_IMAGE, (next_id, r.path, r.place_id, r.lat, r.lon, r.east, r.north,
+                con.execute(_INSERT_IMAGE, (next_id, key[r.path], r.place_id, r.lat, r.lon, r.east, r.north,
                                             np.ascontiguousarray(vec).tobytes(), r.session, r.time))
                 next_id += 1
             con.executemany("INSERT INTO failed VALUES (?, ?, ?, ?)",
