@@ -524,9 +524,11 @@ def cmd_localize(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .deploy.decision import REJECT_CONFIDENCE, Neighbourhood
+    from .deploy.decision import REJECT_CONFIDENCE, Neighbourhood, require_fitting
     from .deploy.inputs import Stream
     from .deploy.localize import Localizer
+
+    require_fitting()
 
     if args.hood_m is not None and args.hood_frames is not None:
         raise ValueError("give --hood-m or --hood-frames, not both")
@@ -661,21 +663,29 @@ def cmd_export(args) -> int:
 
 
 def cmd_models(args) -> int:
+    import importlib.util
+
     from .catalogue import AGGREGATOR_NAMES, BACKBONE_NAMES, IMPORT_FORMATS, preset_config, preset_names, weights_status
     from .published.releases import RELEASES, describe
 
+    torch_here = importlib.util.find_spec("torch") is not None  # named models run on torch; exports (.onnx) do not
     rows = [{"name": n, "weights": weights_status(preset_config(n)), "source": "config (edgevpr/configs/models)"}
             for n in preset_names()]
     rows += [{**describe(n), "weights": "published VPR weights"} for n in RELEASES]
+    for r in rows:
+        r["runs_here"] = torch_here
     if args.json:
         print(json.dumps({"models": rows, "backbones": list(BACKBONE_NAMES), "aggregators": list(AGGREGATOR_NAMES),
-                          "import_formats": list(IMPORT_FORMATS)}, indent=2))
+                          "import_formats": list(IMPORT_FORMATS), "torch_installed": torch_here}, indent=2))
         return 0
+    if not torch_here:
+        print("This install has no torch (edgevpr[runtime]): none of the named models below runs here; export one to "
+              ".onnx on a full install (`edgevpr export --model NAME --out m.onnx`) and give --model m.onnx.\n")
     width = max(len(r["name"]) for r in rows)
-    print(f"{'named model':<{width}}  weights")
+    print(f"{'named model':<{width}}  runs here  weights")
     for r in rows:
         extra = f" [{r['about']}; {r['licence']}{'; cached' if r.get('cached') else ''}]" if "about" in r else ""
-        print(f"{r['name']:<{width}}  {r['weights']}{extra}")
+        print(f"{r['name']:<{width}}  {'yes' if torch_here else 'no':<9}  {r['weights']}{extra}")
     print("\nbackbones:      " + ", ".join(BACKBONE_NAMES))
     print("aggregators:    " + ", ".join(AGGREGATOR_NAMES))
     print("import formats: " + ", ".join(IMPORT_FORMATS) + "  (edgevpr import FORMAT CHECKPOINT --out DIR)")

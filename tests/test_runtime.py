@@ -1,5 +1,6 @@
 """The torch-free runtime: a fresh virtual environment with only ``edgevpr[runtime]`` builds an index with an
-exported model and localizes a Gardens Point night photo (its own frame first); torch cannot be imported there."""
+exported model and localizes a Gardens Point night photo (its own frame first); torch cannot be imported there;
+verification, calibration fitting and plots are named extras (one line each until installed)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,21 @@ def test_runtime_install_localizes_without_torch(data_root, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     top = json.loads(r.stdout)["results"][0]["matches"][0]
     assert top["path"].endswith("day_right/Image050.jpg") and top["rank"] == 1
+    # the base runtime is slim: verification, fitting a calibration and plots are extras, each one line naming it
+    for argv, extra in (([cli, "localize", "--index", tmp_path / "idx", "--model", onnx, "--verify", "10",
+                          gp / "night_right" / "Image068.jpg"], "edgevpr[verify]"),
+                        ([cli, "calibrate", "--index", tmp_path / "idx", "--model", onnx, "--db", gp / "day_right",
+                          "--queries", gp / "night_right", "--aligned", "2", "--quiet"], "edgevpr[calibrate]"),
+                        ([cli, "index", "info", tmp_path / "idx", "--plot", tmp_path / "c.png"], "edgevpr[plot]")):
+        r = subprocess.run(list(map(str, argv)), capture_output=True, text=True)
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(err) == 1 and extra in err[0], (argv[1], r.stderr[-1000:])
+    models = subprocess.run([str(cli), "models"], capture_output=True, text=True)
+    assert "none of the named models below runs here" in models.stdout
+    assert all(line.split()[1] == "no" for line in models.stdout.splitlines() if line.startswith("effnet-lite0-gem"))
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
+                          f"{ROOT}[runtime,verify]"], capture_output=True, text=True, timeout=1200)
+    assert pip.returncode == 0, pip.stderr[-2000:]
     # verification without torch, on the CNN export's own feature map: night 68, whose descriptor top-1 is place
     # 71 (wrong), comes out within +-2 frames
     r = subprocess.run([str(cli), "localize", "--index", str(tmp_path / "idx"), "--model", str(onnx), "--verify", "10",

@@ -20,8 +20,7 @@ def coverage_plot(index, path: Path, max_points: int = 200_000) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install 'edgevpr[full]' (or: pip install matplotlib)") \
-            from None
+        raise ValueError("--plot needs matplotlib, which this install lacks: pip install 'edgevpr[plot]'") from None
     c = index.coordinates()
     x, y = c.east.copy(), c.north.copy()
     geo = ~np.isfinite(x) & np.isfinite(c.lat)

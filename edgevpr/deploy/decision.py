@@ -493,11 +493,24 @@ REJECT_UNKNOWN = 0.95
 #: of them rejects about as often less as more of fresh ones (measured, Gardens Point sequences, two folds: 0.953 on
 #: the calibration answers, 0.911 and 0.969 held out; with the bound 0.974 -> 0.969 and 0.990).
 REJECT_CONFIDENCE = 0.9
+_NEEDS_CALIBRATE = ("fitting a calibration needs scikit-learn and scipy, which this install lacks: pip install "
+                    "'edgevpr[calibrate]' (using one needs numpy alone)")
+
+
+def require_fitting() -> None:
+    """Refuse in one line, before any work, when the libraries that fit a calibration are missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("sklearn") is None or importlib.util.find_spec("scipy") is None:
+        raise ValueError(_NEEDS_CALIBRATE)
 
 
 def rejected_bound(rejected: int, total: int, confidence: float = REJECT_CONFIDENCE) -> float:
     """The one-sided ``confidence`` Clopper-Pearson lower bound of a share from ``rejected`` of ``total``."""
-    from scipy.stats import beta
+    try:
+        from scipy.stats import beta
+    except ImportError:
+        raise ValueError(_NEEDS_CALIBRATE) from None
 
     return float(beta.ppf(1.0 - confidence, rejected, total - rejected + 1)) if rejected else 0.0
 
@@ -527,7 +540,10 @@ def calibrate(features: np.ndarray, correct: np.ndarray, target_precision: float
     target precision (nothing is written then); ``refuse=False`` (benchmarks) returns the fit with an infinite
     threshold (nothing 'known') and the best precision reached instead. ``what`` names the answers in errors
     ("calibration", "sequence")."""
-    from sklearn.linear_model import LogisticRegression
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError:
+        raise ValueError(_NEEDS_CALIBRATE) from None
 
     if not 0.0 < target_precision <= 1.0:
         raise ValueError(f"precision {target_precision}: must be in (0, 1]")

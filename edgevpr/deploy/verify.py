@@ -48,7 +48,8 @@ def _cv2():
     try:
         import cv2
     except ImportError:
-        raise ValueError("geometric verification needs OpenCV: pip install opencv-python-headless") from None
+        raise ValueError("geometric verification needs OpenCV, which this install lacks: pip install "
+                         "'edgevpr[verify]' (opencv-python-headless)") from None
     if threads.current():
         cv2.setNumThreads(threads.current())
     return cv2
