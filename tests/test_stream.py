@@ -253,3 +253,15 @@ def test_realtime_replays_a_file_at_its_own_clock_and_counts_what_it_drops(gp, t
     t0 = time.perf_counter()
     assert main(["localize", "--index", str(root), str(video), "--live", "--json-lines", "-k", "1"]) == 0
     assert time.perf_counter() - t0 >= 14 / 5
+
+
+def test_a_bad_entry_of_a_list_file_is_named_by_file_and_line(gp, tmp_path, capsys):
+    root, _, data = gp
+    listing = tmp_path / "frames.txt"
+    listing.write_text(f"# two frames\n{data / 'day_left' / 'Image000.jpg'}\nhello, I am not an image\n")
+    assert main(["localize", "--index", str(root), str(listing), "--compact"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"edgevpr: error: {listing}, line 3: {tmp_path / 'hello, I am not an image'}: file not found"], err
+    assert main(["localize", "--index", str(root), str(listing), "--json", "--skip-bad"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == [
+        {"path": f"{listing}, line 3: {tmp_path / 'hello, I am not an image'}", "reason": "file not found"}]

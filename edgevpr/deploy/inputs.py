@@ -122,7 +122,8 @@ class Stream:
         elif p.suffix.lower() in VIDEO_EXTS:
             yield from video_frames(p, self.stride)
         elif p.suffix.lower() == ".txt":
-            yield from self._files(read_list(p), str(p))
+            listed = read_list(p, lines=True)
+            yield from self._files([q for q, _ in listed], str(p), [f"{p}, line {n}" for _, n in listed])
         elif p.suffix.lower() == ".csv":
             from ..data.datasets import read_manifest
 
@@ -134,28 +135,32 @@ class Stream:
         else:
             yield from self._files([p], "")
 
-    def _files(self, paths: list[Path], sequence: str) -> Iterator[Frame]:
-        for path in paths:
+    def _files(self, paths: list[Path], sequence: str, where: list[str] | None = None) -> Iterator[Frame]:
+        """Load ``paths`` in order; ``where``: per path where it was listed ("LIST, line N"), named in errors."""
+        for i, path in enumerate(paths):
             try:
                 yield Frame(str(path), load_image(path), sequence)
             except ImageLoadError as e:
+                if where is not None:
+                    e = ImageLoadError(f"{where[i]}: {path}", e.reason)
                 if not self.skip_bad:
-                    raise
+                    raise e from None
                 self.skipped.append((e.path, e.reason))
 
 
-def read_list(path: Path) -> list[Path]:
-    """A ``.txt`` list -> its image paths (relative ones from the list's folder)."""
+def read_list(path: Path, lines: bool = False) -> list:
+    """A ``.txt`` list -> its image paths (relative ones from the list's folder); ``lines``: (path, line number)."""
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ImageLoadError(path, f"cannot read the list ({e})") from None
     out = []
-    for line in lines:
+    for n, line in enumerate(text, 1):
         line = line.split("#", 1)[0].strip()
         if line:
             q = Path(line)
-            out.append(q if q.is_absolute() else path.parent / q)
+            q = q if q.is_absolute() else path.parent / q
+            out.append((q, n) if lines else q)
     return out
 
 
