@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = ("runtime", "runtime,calibrate", "runtime,verify", "runtime,plot", "runtime,calibrate,verify,plot",
-          "runtime,qdrant", "full")
+EXTRAS = ("runtime", "runtime,video", "runtime,calibrate", "runtime,verify", "runtime,plot", "runtime,qdrant",
+          "runtime,video,calibrate,verify,plot", "full")
 TORCH = "torch==2.14.1 torchvision==0.29.1"
 
 

@@ -1,6 +1,6 @@
 """The torch-free runtime: a fresh virtual environment with only ``edgevpr[runtime]`` builds an index with an
 exported model and localizes a Gardens Point night photo (its own frame first); torch cannot be imported there;
-verification, calibration fitting and plots are named extras (one line each until installed)."""
+verification, calibration fitting, plots and video are named extras (one line each until installed)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 import time
 
 from edgevpr.deploy.export import export_onnx
+from edgevpr.deploy.inputs import write_video
 from edgevpr.models.model import load_model
 from tests.conftest import ROOT
 
@@ -47,7 +48,9 @@ def test_runtime_install_localizes_without_torch(data_root, tmp_path):
                           gp / "night_right" / "Image068.jpg"], "edgevpr[verify]"),
                         ([cli, "calibrate", "--index", tmp_path / "idx", "--model", onnx, "--db", gp / "day_right",
                           "--queries", gp / "night_right", "--aligned", "2", "--quiet"], "edgevpr[calibrate]"),
-                        ([cli, "index", "info", tmp_path / "idx", "--plot", tmp_path / "c.png"], "edgevpr[plot]")):
+                        ([cli, "index", "info", tmp_path / "idx", "--plot", tmp_path / "c.png"], "edgevpr[plot]"),
+                        ([cli, "localize", "--index", tmp_path / "idx", "--model", onnx, write_video(
+                            tmp_path / "w.mp4", [gp / "day_left" / "Image000.jpg"] * 3)], "edgevpr[video]")):
         r = subprocess.run(list(map(str, argv)), capture_output=True, text=True)
         err = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(err) == 1 and extra in err[0], (argv[1], r.stderr[-1000:])

@@ -172,8 +172,8 @@ def video_frames(path: Path | str, stride: int = 1, live: bool = False,
     try:
         import av
     except ImportError:
-        raise ImageLoadError(path, "reading video needs PyAV: pip install 'edgevpr[runtime]' (or: pip install av)") \
-            from None
+        raise ImageLoadError(path, "reading video, cameras and streams needs PyAV, which this install lacks: pip "
+                                   "install 'edgevpr[video]'") from None
     if not live and not Path(path).is_file():
         raise ImageLoadError(path, "no such file")
     stalled = (f"sent no data for {timeout:g} s (--stream-timeout, default {STREAM_TIMEOUT_S:g}, raises the "

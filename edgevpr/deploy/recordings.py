@@ -344,7 +344,11 @@ def manifest_from_video(video: str | os.PathLike, track: Track, out_dir: str | o
     """A video and its track -> frames kept every ``every`` (see ``parse_every``), written as JPEG under
     ``out_dir/<video stem>/`` (longest side at most ``max_side`` px), and a manifest CSV ``out_dir/<stem>.csv``;
     and a report {"frames_decoded", "kept", "outside_track", "video_span", "track_span", "start_from"}."""
-    import av
+    try:
+        import av
+    except ImportError:
+        raise ValueError(f"{video}: making a map from a video needs PyAV, which this install lacks: pip install "
+                         "'edgevpr[video]'") from None
 
     video, out_dir = Path(video), Path(out_dir)
     parse_every(every)  # a bad --every is refused before the video is opened
