@@ -539,8 +539,8 @@ def stored_path(root: Path, path: str) -> str:
 def resolve_path(root: Path, stored: str, image_root: dict | None = None) -> str:
     """A stored path -> where the image is now: a relative one inside the index folder ``root``; an absolute one
     as stored, or moved by ``index relocate`` (``image_root`` {"stored": old prefix, "now": new prefix})."""
-    if not os.path.isabs(stored):
-        return str(Path(root) / stored)
+    if not os.path.isabs(stored):  # never outside the folder (a pulled payload is data, not a path to follow)
+        return "" if ".." in Path(stored).parts else str(Path(root) / stored)
     if image_root and image_root.get("now") and _under(stored, image_root["stored"]):
         return os.path.join(image_root["now"], os.path.relpath(stored, image_root["stored"]))
     return stored
