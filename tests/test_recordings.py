@@ -281,6 +281,7 @@ def test_a_map_travels_a_moved_one_answers_verifies_and_serves_thumbnails(video,
     assert main(["localize", "--index", str(moved), str(frame), "-k", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["matches"][0]["path"] == str(frame)
     assert main(["index", "info", str(moved), "--verify"]) == 0
+    assert idx.PlaceIndex.open(moved).resolve("../../etc/passwd") == ""  # a stored path never leaves the folder
     client = TestClient(create_app(Localizer(moved)))
     for i in range(3):
         r = client.get(f"/api/thumb/{i}")
