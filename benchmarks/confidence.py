@@ -71,7 +71,6 @@ from edgevpr.deploy.sequence import (
     map_normalisation,
     normalise,
     order_gain,
-    ranking_with,
     route_coherence,
     row_z,
     trajectory_lines,
@@ -150,14 +149,12 @@ def answers(q: np.ndarray, db: np.ndarray, positives: list, hood: Neighbourhood,
         matches.append(int(ids[0]))
         if i < length - 1:  # warm-up: its matches feed ``steady`` only
             continue
-        # as ``Tracker``: the evidence and the order test read row z-scores whatever the search used
-        z_rows = zs[max(0, i - length + 1):i + 1]
-        zt = t if norm is zs else trajectory_scores(z_rows, length, SEQSLAM_VELOCITIES, seg, lines[len(rows)])
-        ev_ids = ids if norm is zs else ranking_with(zt, int(ids[0]), DECISION_DEPTH)
-        ev = evidence(zt[ev_ids], ev_ids, coords, hood, hubs)
+        ev = evidence(t[ids], ids, coords, hood, hubs)
         ev["agree"] = float(hood.near(coords, int(ids[0]), np.array([top[0]]))[0])
         ev["steady"] = steadiness(matches[-length:], coords, hood, length)
-        ev["order_gain"] = order_gain(z_rows, float(np.max(zt[np.isfinite(zt)])), length, seg, lines[len(rows)])
+        z_rows = zs[max(0, i - length + 1):i + 1]
+        own = float(np.max(trajectory_scores(z_rows, length, SEQSLAM_VELOCITIES, seg, lines[len(rows)])))
+        ev["order_gain"] = order_gain(z_rows, own, length, seg, lines[len(rows)])
         feats.append([ev[f] for f in names])
         right.append(int(ids[0]) in set(positives[i]))
     return np.array(feats), np.array(right)

@@ -42,7 +42,6 @@ from .sequence import (
     SequenceFilter,
     normalise,
     order_gain,
-    ranking_with,
     trajectory_lines,
     trajectory_scores,
 )
@@ -524,25 +523,16 @@ class Tracker:
         ids = cand[np.lexsort((cand, -scores[cand]))][:DECISION_DEPTH]
         ids = ids[np.isfinite(scores[ids])]
         j = int(ids[0])
-        ev_scores, ev_ids, zt = scores[ids], ids, None
-        if self.filter is None and self.normalisation != DEFAULT_NORMALISATION:
-            # the evidence is read on row z-scores whatever the search used (the answer j is the map's choice's),
-            # so a calibration made on one map means the same on another
-            zt = trajectory_scores(np.stack(self.rows_z), self.length, SEQSLAM_VELOCITIES, self.segments,
-                                   self._lines.get(len(self.rows)))
-            if self.blocked is not None:
-                zt = np.where(self.blocked, -np.inf, zt)
-            ev_ids = ranking_with(zt, j, DECISION_DEPTH)
-            ev_scores = zt[ev_ids]
-        ev = evidence(ev_scores, ev_ids, self.coords, self.hood, self.index.hubs(self.hood))
+        ev = evidence(scores[ids], ids, self.coords, self.hood, self.index.hubs(self.hood))
         ev["agree"] = float(frame_top is not None and bool(self.hood.near(self.coords, j, np.array([frame_top]))[0]))
         self.answers.append(j)
         ev["steady"] = steadiness(list(self.answers), self.coords, self.hood, self.length)
         ev["order_gain"] = float("nan")
         if self.filter is None:
-            own = float(scores[j]) if zt is None else float(np.max(zt[np.isfinite(zt)]))
-            ev["order_gain"] = order_gain(np.stack(self.rows_z), own, self.length, self.segments,
-                                          self._lines.get(len(self.rows)))
+            zs, lines = np.stack(self.rows_z), self._lines.get(len(self.rows))
+            own = float(scores[j]) if self.normalisation == DEFAULT_NORMALISATION else float(np.max(
+                trajectory_scores(zs, self.length, SEQSLAM_VELOCITIES, self.segments, lines)))
+            ev["order_gain"] = order_gain(zs, own, self.length, self.segments, lines)
         warming, cal = self.frames < self.length, self.calibration
         if warming:
             said = {"confidence": None, "known": False, "threshold": cal.known_from if cal else None}

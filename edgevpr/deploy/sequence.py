@@ -172,14 +172,6 @@ def trajectory_search(norm: np.ndarray, length: int, velocities: tuple[float, ..
     return j, float(score[j])
 
 
-def ranking_with(scores: np.ndarray, j: int, depth: int) -> np.ndarray:
-    """Trajectory scores [N] and an answer ``j`` -> ids [<= depth]: ``j`` first, then the best-scoring others
-    (finite, ties by id). How the decision reads one normalisation's evidence about the answer another chose."""
-    order = np.argsort(-scores, kind="stable")
-    order = order[np.isfinite(scores[order]) & (order != j)][:depth - 1]
-    return np.r_[j, order].astype(np.int64)
-
-
 #: A sequence answer is 'known' only when its best trajectory beats the best over every reordering of the same frames
 #: by more than this (mean row-normalised similarity; ``order_gain``): the frames' own order must be the best one,
 #: by a little. Chosen by benchmarks/order_gain.py on tuning streams (the smallest value passing at most 5% of a
