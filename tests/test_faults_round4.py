@@ -631,7 +631,7 @@ def test_minor_round4_flags_service_and_prior(tiny, tmp_path, capsys):
 
     root = _build(tiny, tmp_path)
     capsys.readouterr()
-    assert main(["index", "info", str(root), "--threads", "1"]) == 0
+    assert main(["index", "info", str(root), "--json", "--threads", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["count"] == 6
     for flag, value in (("--sizes", "0"), ("--sizes", "-1"), ("--dims", "-5")):
         with pytest.raises(SystemExit):
