@@ -125,8 +125,9 @@ class Pipeline:
                 if self._stop.is_set():
                     return
                 if self.realtime and getattr(f, "time", None) is not None:  # no earlier than the source's clock
-                    clock = clock or (time.perf_counter() - f.time)
-                    time.sleep(max(0.0, clock + f.time - time.perf_counter()))
+                    clock = time.perf_counter() - f.time if clock is None else clock
+                    if self._stop.wait(max(0.0, clock + f.time - time.perf_counter())):  # closed while waiting
+                        return
                 t_in = time.perf_counter()
                 self.stats.read += 1
                 stamp = f.time if getattr(f, "time", None) is not None else t_in
