@@ -367,7 +367,7 @@ def _recorded(args, index: Path) -> str:
     """``--images`` as index build/add should read it: a video with ``--track``, or a folder of photos with EXIF
     GPS, becomes a manifest (frames extracted) under INDEX/recordings/; anything else is used as given."""
     from .deploy import recordings as rec
-    from .deploy.bags import is_bag
+    from .deploy.bags import MAX_FIX_STD_M, is_bag
     from .deploy.inputs import VIDEO_EXTS
 
     src = Path(args.images)
@@ -379,7 +379,8 @@ def _recorded(args, index: Path) -> str:
                                                  args.every)
         print(f"{src}: {report['kept']} of {report['frames']} frames of {args.image_topic} kept (every {args.every}; "
               f"{report['outside_track']} outside the fixes; {report['fixes']} fixes of {args.gnss_topic}, "
-              f"{report['skipped_no_fix']} without a fix and {report['skipped_bad']} out of range skipped)",
+              f"{report['skipped_no_fix']} without a fix, {report['skipped_imprecise']} less precise than "
+              f"{MAX_FIX_STD_M:g} m and {report['skipped_bad']} out of range skipped)",
               file=sys.stderr)
         return str(manifest)
     if not args.track and src.suffix.lower() in VIDEO_EXTS and src.is_file():

@@ -34,7 +34,8 @@ def _north(t: float) -> float:
 def _write_bag(path, kind: str, encoding: str) -> None:
     """A bag of day_left Image000-019 on /cam (1 s apart, ``encoding``: jpeg = the files' own bytes as
     CompressedImage, else a raw Image) and NavSatFix on /fix every 0.5 s from T0 - 1 s (every fifth one NO_FIX at
-    a wrong position: skipped), each message recorded LATENCY[topic] after its stamp."""
+    a wrong position, and five others with a +-50 m covariance 111 m off: skipped), each message recorded
+    LATENCY[topic] after its stamp."""
     from rosbags.typesys import Stores, get_typestore
 
     ts = get_typestore(Stores.ROS1_NOETIC if kind == "ros1" else Stores.ROS2_HUMBLE)
@@ -63,11 +64,13 @@ def _write_bag(path, kind: str, encoding: str) -> None:
     status = T["sensor_msgs/msg/NavSatStatus"]
     for k in range(2 * FRAMES + 4):
         t = T0 - 1.0 + 0.5 * k
-        bad = k % 5 == 3
+        bad = k % 5 == 3  # NO_FIX
+        vague = k % 7 == 5 and not bad  # a fix whose own covariance says +-50 m
+        cov = np.diag([2500.0 if vague else 0.25] * 3).reshape(-1)
         fix = T["sensor_msgs/msg/NavSatFix"](
             header=header(t), status=status(status=-1 if bad else 0, service=1),
-            latitude=_north(t) + (1.0 if bad else 0.0), longitude=LON0, altitude=20.0,
-            position_covariance=np.zeros(9), position_covariance_type=0)
+            latitude=_north(t) + (1.0 if bad else 0.001 if vague else 0.0), longitude=LON0, altitude=20.0,
+            position_covariance=cov, position_covariance_type=2)
         msgs.append(("/fix", "sensor_msgs/msg/NavSatFix", t, fix))
     msgs.sort(key=lambda m: m[2] + LATENCY[m[0]])
     if kind == "ros1":
@@ -111,7 +114,7 @@ def test_a_map_built_from_a_bag_has_the_tracks_positions_at_each_frames_stamp(ba
     assert main(["index", "build", "--model", "pixels-patchnorm", "--images", str(bag), "--image-topic", "/cam",
                  "--gnss-topic", "/fix", "--out", str(tmp_path / "m"), "--quiet"]) == 0
     err = capsys.readouterr().err
-    assert f"{FRAMES} of {FRAMES} frames of /cam kept" in err and "9 without a fix" in err, err
+    assert f"{FRAMES} of {FRAMES} frames of /cam kept" in err and "9 without a fix, 5 less precise" in err, err
     pi = idx.PlaceIndex.open(tmp_path / "m")
     c = pi.coordinates()
     assert len(pi) == FRAMES
@@ -141,7 +144,7 @@ def test_localize_on_a_bag_answers_as_on_the_same_frames_in_a_folder(bags, kind,
 def test_fixes_without_a_fix_are_skipped_and_bad_input_is_one_line(bags, tmp_path, capsys):
     paths, index, _ = bags
     track, report = bag_track(paths["mcap"], "/fix")
-    assert report == {"fixes": 35, "skipped_no_fix": 9, "skipped_bad": 0}
+    assert report == {"fixes": 30, "skipped_no_fix": 9, "skipped_imprecise": 5, "skipped_bad": 0}
     assert np.abs(track.lat - np.array([_north(t) for t in track.time])).max() < 1e-9
     # a topic the bag lacks, a topic of another type, a bag without --image-topic: one line each
     for argv, words in (

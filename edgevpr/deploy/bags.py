@@ -9,7 +9,8 @@ Python, no ROS install; ``pip install rosbags``, in ``edgevpr[runtime]``).
   Anything else is one line naming the topic and the encoding.
 * ``bag_track``: ``sensor_msgs/NavSatFix`` messages of one topic -> a ``recordings.Track`` (the map builder
   interpolates each kept frame's position from it by message time, as for a video and its GPX). Fixes whose status
-  is NO_FIX (-1), or whose latitude/longitude are not finite numbers in range, are skipped and counted.
+  is NO_FIX (-1), whose covariance says they are off by more than ``MAX_FIX_STD_M`` (25 m;
+  ``EDGEVPR_MAX_FIX_STD_M``), or whose latitude/longitude are not finite numbers in range, are skipped and counted.
 
 A bag is a ROS 1 ``.bag`` file, a rosbag2 folder (with its ``metadata.yaml``) or a rosbag2 storage file (``.db3``,
 ``.mcap``) inside such a folder.
@@ -32,6 +33,9 @@ RAW_ENCODINGS = {"rgb8": (3, False), "bgr8": (3, True), "mono8": (1, False)}
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 FIX_TYPE = "sensor_msgs/msg/NavSatFix"
 NO_FIX = -1
+#: a fix whose own covariance (when its type is not UNKNOWN) says its horizontal standard deviation exceeds this
+#: many metres is skipped and counted: interpolating frames between such fixes would place them anywhere
+MAX_FIX_STD_M = float(os.environ.get("EDGEVPR_MAX_FIX_STD_M", "25"))
 
 
 def is_bag(path: str | os.PathLike) -> bool:
@@ -130,14 +134,20 @@ def bag_frames(path: str | os.PathLike, topic: str, stride: int = 1) -> Iterator
 
 
 def bag_track(path: str | os.PathLike, topic: str) -> tuple:
-    """``sensor_msgs/NavSatFix`` of ``topic`` -> (recordings.Track, {"fixes", "skipped_no_fix", "skipped_bad"})."""
+    """``sensor_msgs/NavSatFix`` of ``topic`` -> (recordings.Track, {"fixes", "skipped_no_fix",
+    "skipped_imprecise", "skipped_bad"})."""
     from .recordings import Track
 
-    times, lat, lon, no_fix, bad = [], [], [], 0, 0
+    times, lat, lon, no_fix, vague, bad = [], [], [], 0, 0, 0
     with _Reader(path) as r:
         for t, msg in r.messages(r.connections(topic, (FIX_TYPE,), "--gnss-topic")):
             if int(msg.status.status) <= NO_FIX:
                 no_fix += 1
+                continue
+            cov = np.asarray(msg.position_covariance, np.float64)
+            if int(msg.position_covariance_type) != 0 and len(cov) == 9 and \
+                    not max(cov[0], cov[4]) <= MAX_FIX_STD_M ** 2:  # east and north variances (NaN: unusable too)
+                vague += 1
                 continue
             a, b = float(msg.latitude), float(msg.longitude)
             if not (math.isfinite(a) and math.isfinite(b) and abs(a) <= 90 and abs(b) <= 180):
@@ -148,4 +158,4 @@ def bag_track(path: str | os.PathLike, topic: str) -> tuple:
             lon.append(b)
     nan = np.full(len(times), np.nan)
     track = Track(np.array(times), np.array(lat), np.array(lon), nan, nan.copy(), f"{path}:{topic}")
-    return track, {"fixes": len(times), "skipped_no_fix": no_fix, "skipped_bad": bad}
+    return track, {"fixes": len(times), "skipped_no_fix": no_fix, "skipped_imprecise": vague, "skipped_bad": bad}
