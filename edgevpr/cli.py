@@ -1146,9 +1146,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--quiet", action="store_true", help="no progress bars")
     cp.set_defaults(func=cmd_compress)
 
-    x = sub.add_parser("export", help="export a model to ONNX (runtime knobs baked in; optional int8)",
-                       description="Example: edgevpr export --model effnet-lite0-gem --out m.onnx --int8 "
-                                   "--calibration db_images/")
+    x = sub.add_parser("export", help="export a model to ONNX (runtime knobs baked in; optional int8)")
     x.add_argument("--model", required=True, help="named model, config or saved model folder")
     x.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
     x.add_argument("--out", required=True, help="output .onnx file")
