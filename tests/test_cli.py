@@ -95,3 +95,19 @@ def test_every_option_states_its_default_and_every_command_has_an_example():
 
     walk(_with_examples(build_parser()), "edgevpr")
     assert problems == []
+
+
+def test_every_help_shows_its_example_once():
+    """`export --help` printed its example twice (a description and the epilog)."""
+    import contextlib
+    import io
+
+    import pytest
+
+    from edgevpr.cli import main
+
+    for argv in (["export", "--help"], ["localize", "--help"], ["index", "relocate", "--help"]):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            main(argv)
+        assert out.getvalue().lower().count("example") <= 1, argv

@@ -266,14 +266,3 @@ def test_a_bad_entry_of_a_list_file_is_named_by_file_and_line(gp, tmp_path, caps
     assert json.loads(capsys.readouterr().out)["skipped"] == [
         {"path": f"{listing}, line 3: {tmp_path / 'hello, I am not an image'}", "reason": "file not found"}]
 
-
-def test_every_help_shows_its_example_once():
-    """`export --help` printed its example twice (a description and the epilog)."""
-    import contextlib
-    import io
-
-    for argv in (["export", "--help"], ["localize", "--help"], ["index", "relocate", "--help"]):
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
-            main(argv)
-        assert out.getvalue().lower().count("example") <= 1, argv
