@@ -747,6 +747,7 @@ EXAMPLES = {
     "index add": "edgevpr index add --index my.index --images more_db/",
     "index info": "edgevpr index info my.index --verify",
     "index remove": "edgevpr index remove --index my.index --session drive2",
+    "index relocate": "edgevpr index relocate --index my.index --root /mnt/photos",
     "index snapshot": "edgevpr index snapshot --index map.index --out map.snapshot",
     "index pull": "edgevpr index pull --index robot.index map.snapshot",
     "index tune": "edgevpr index tune --index my.index --target 0.95",
