@@ -186,3 +186,17 @@ def test_bag_frames_are_read_one_at_a_time(bags):
     first = next(frames)
     assert first.name.endswith(":/cam#0") and first.time == pytest.approx(T0) and first.image.size == (960, 540)
     assert [f.name.rsplit("#", 1)[1] for f in frames] == ["5", "10", "15"]
+
+
+def test_a_damaged_bag_is_one_line_naming_it(bags, tmp_path):
+    """Garbage with a bag's name, and a real ROS 1 bag cut in half: one ValueError naming the file, no traceback
+    from the parser, nothing half-read taken as frames."""
+    paths, _, _ = bags
+    junk = tmp_path / "junk.bag"
+    junk.write_bytes(b"not a bag at all" * 100)
+    cut = tmp_path / "cut.bag"
+    data = paths["ros1"].read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    for bag in (junk, cut):
+        with pytest.raises(ValueError, match=f"{bag.name}: not a readable ROS bag"):
+            list(bag_frames(bag, "/cam"))
