@@ -126,8 +126,7 @@ def answers(q: np.ndarray, db: np.ndarray, positives: list, hood: Neighbourhood,
     seg = np.zeros(len(db), np.int64)
     # as ``Tracker``: the search on the map's own normalisation, the order test on row z-scores
     zs = row_z(s)
-    norm = zs if not length else normalise(s, map_normalisation(route_coherence(lambda x: x @ db.T,
-                                                                                lambda ids: db[ids], seg)[0]))
+    norm = zs if not length else normalise(s, map_choice(db))
     lines = {t: trajectory_lines(len(db), t, SEQSLAM_VELOCITIES, seg) for t in range(1, length + 1)}
     feats, right, matches = [], [], []
     for i in range(len(q)):
@@ -158,6 +157,18 @@ def answers(q: np.ndarray, db: np.ndarray, positives: list, hood: Neighbourhood,
         feats.append([ev[f] for f in names])
         right.append(int(ids[0]) in set(positives[i]))
     return np.array(feats), np.array(right)
+
+
+_CHOICES: dict = {}  # (database size, first row) -> the map's sequence normalisation: once per map and run
+
+
+def map_choice(db: np.ndarray) -> str:
+    """A map's sequence normalisation as ``PlaceIndex.route_shape`` chooses it, over ``db`` [N, D]."""
+    key = (len(db), db[0].tobytes())
+    if key not in _CHOICES:
+        coherence, _ = route_coherence(lambda x: x @ db.T, lambda ids: db[ids], np.zeros(len(db), np.int64))
+        _CHOICES[key] = map_normalisation(coherence)
+    return _CHOICES[key]
 
 
 _HUBS: dict = {}  # (database size, first row, neighbourhood) -> hubs: once per map and run
