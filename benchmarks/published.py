@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from edgevpr.compress.ternary import to_int8
 from edgevpr.deploy.export import OnnxModel, export_onnx
 from edgevpr.eval.efficiency import count_params, gflops, latency
 from edgevpr.models.model import build_model
+from edgevpr.models.ternary import to_int8
 from edgevpr.published import convert
 from edgevpr.utils import write_json, write_text
 

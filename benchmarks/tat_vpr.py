@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from heldout import ROOT, data_root, held_out_sets, recall1
 
-from edgevpr.compress.ternary import to_int8
 from edgevpr.eval.report import line_plot
 from edgevpr.models.model import load_model
+from edgevpr.models.ternary import to_int8
 from edgevpr.utils import write_json, write_text
 
 OUT = ROOT / "benchmarks" / "results"

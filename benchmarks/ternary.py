@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from heldout import data_root
 
-from edgevpr.compress.ternary import TernaryLinear, to_int8
 from edgevpr.data.images import list_images, load_image
 from edgevpr.deploy.export import OnnxModel, export_onnx
 from edgevpr.eval.efficiency import gflops, latency
 from edgevpr.models.model import load_model, save_model
+from edgevpr.models.ternary import TernaryLinear, to_int8
 from edgevpr.utils import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]

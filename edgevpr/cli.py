@@ -332,6 +332,9 @@ def cmd_index(args) -> int:
               f"{args.index}: its {res['images']} images outside the index folder are now read from {res['root']} "
               "(every one found there)")
         return 0
+    if args.action == "features":
+        return _index_features(args.index, args.with_, args.max_keypoints, args.max_side, args.max_mb, args.quiet,
+                               args.json)
     if args.action == "merge":
         res = idx.merge(args.parts, args.out, args.kind, _index_params(args))
         print(json.dumps(res, indent=2) if args.json else
@@ -360,6 +363,22 @@ def cmd_index(args) -> int:
     print(json.dumps(res, indent=2) if args.json else
           f"{where}: {res['count']} images indexed ({res['added']} new, {res['already_stored']} already there, "
           f"{res['failed']} unreadable)")
+    if getattr(args, "local_features", None):
+        return _index_features(where, args.local_features, 1024, 640, 4096.0, args.quiet, args.json)
+    return 0
+
+
+def _index_features(index: str, kind: str, max_keypoints: int, max_side: int, max_mb: float, quiet: bool,
+                    as_json: bool) -> int:
+    """``index features`` (and ``index build --local-features``): the database's learned features, stored."""
+    from .deploy import index as idx
+    from .deploy.learned import LearnedLocal
+
+    learned = LearnedLocal(kind, max_keypoints, max_side)
+    res = idx.store_local_features(index, learned.key, learned.extract, max_mb, progress=not quiet)
+    print(json.dumps({**res, "kind": learned.key, "provenance": learned.provenance}, indent=2) if as_json else
+          f"{index}: local features {learned.key} of {res['images']} images kept ({res['stored']} new, "
+          f"{res['mb']:.1f} MB; {res['skipped_over_budget']} over --max-mb, {res['unreadable']} unreadable)")
     return 0
 
 
@@ -483,7 +502,7 @@ def cmd_localize(args) -> int:
     if sum(map(bool, (args.json, args.json_lines, args.compact))) > 1:
         raise ValueError("give one of --json, --json-lines and --compact")
     loc = Localizer(args.index, args.model, mmap=not args.no_mmap, device=args.device, verify=args.verify,
-                    verify_with=args.verify_with,
+                    verify_with=args.verify_with, verify_below=_gate(args),
                     exclude_sessions=args.exclude_session)
     stream = Stream(args.photos, args.stride, args.skip_bad, timeout=args.stream_timeout, topic=args.image_topic)
     # --live on a file is a replay at the file's own clock (a camera's frames do not all arrive at once)
@@ -533,7 +552,8 @@ def cmd_calibrate(args) -> int:
 
     if args.hood_m is not None and args.hood_frames is not None:
         raise ValueError("give --hood-m or --hood-frames, not both")
-    loc = Localizer(args.index, args.model, device=args.device, verify=args.verify, verify_with=args.verify_with)
+    loc = Localizer(args.index, args.model, device=args.device, verify=args.verify, verify_with=args.verify_with,
+                    verify_below=_gate(args))
     hood = Neighbourhood(args.hood_m, None) if args.hood_m is not None else \
         Neighbourhood(None, args.hood_frames) if args.hood_frames is not None else None
     sets = _datasets(args)  # every query set is pooled into one calibration; frames are read as they are used
@@ -607,7 +627,8 @@ def cmd_serve(args) -> int:
     from .deploy.localize import Localizer
     from .deploy.service import ServiceLimits, create_app
 
-    loc = Localizer(args.index, args.model, device=args.device, verify=args.verify, verify_with=args.verify_with)
+    loc = Localizer(args.index, args.model, device=args.device, verify=args.verify, verify_with=args.verify_with,
+                    verify_below=_gate(args))
     app = create_app(loc, ServiceLimits(args.max_upload_mb * 2**20, args.max_pixels, args.max_k, args.max_frames,
                                         args.max_request_pixels, args.concurrency))
     from .integrity import warn
@@ -748,6 +769,7 @@ EXAMPLES = {
     "index info": "edgevpr index info my.index --verify",
     "index remove": "edgevpr index remove --index my.index --session drive2",
     "index relocate": "edgevpr index relocate --index my.index --root /mnt/photos",
+    "index features": "edgevpr index features --index my.index --with aliked",
     "index snapshot": "edgevpr index snapshot --index map.index --out map.snapshot",
     "index pull": "edgevpr index pull --index robot.index map.snapshot",
     "index tune": "edgevpr index tune --index my.index --target 0.95",
@@ -763,11 +785,25 @@ EXAMPLES = {
 }
 
 
-def _verify_with_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--verify-with", choices=["auto", "sift", "tokens"], default="auto",
+def _gate(args) -> float | None:
+    """``--verify-below``, refused without ``--verify``."""
+    if args.verify_below is not None and not args.verify:
+        raise ValueError("--verify-below needs --verify K (it gates verification)")
+    return args.verify_below
+
+
+def _verify_with_flag(p: argparse.ArgumentParser, gate: bool = True) -> None:
+    p.add_argument("--verify-with", choices=["auto", "sift", "tokens", "aliked", "disk"], default="auto",
                    help="--verify's local features: the model's own (tokens: a torch ViT's patch tokens, a CNN's "
-                        "stride-16 feature map, in torch or its ONNX export), SIFT (sift), or tokens when the model "
-                        "has them, else SIFT (a ViT's ONNX export, SeqSLAM pixels) (default auto)")
+                        "stride-16 feature map, in torch or its ONNX export), SIFT (sift), learned keypoints matched "
+                        "by LightGlue (aliked, disk: edgevpr[learned], torch; best at night and across seasons), or "
+                        "tokens when the model has them, else SIFT (a ViT's ONNX export, SeqSLAM pixels) "
+                        "(default auto)")
+    if gate:
+        p.add_argument("--verify-below", type=float, default=None, metavar="Z",
+                       help="verify only answers whose unverified margin_z is below Z, so a stream pays for "
+                            "verification on the frames that need it (default: verify every answer; the level "
+                            "chosen on validation per verifier: benchmarks/results/verification_learned.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -808,7 +844,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-rank each query's top K candidates by geometric verification (local features + "
                         "MAGSAC++, as localize --verify); recall is then the verified one, beside the unverified "
                         "(default 0: off)")
-    _verify_with_flag(e)
+    _verify_with_flag(e, gate=False)
     e.add_argument("--top-k", type=_bounded(1, 1000), default=20, help="matches per query in the CSV (default 20)")
     e.add_argument("--plot", action="store_true", help="write recall@N and PR curves as PNG")
     e.add_argument("--show-failures", type=_bounded(0, 1000), default=0, metavar="N",
@@ -842,6 +878,9 @@ def build_parser() -> argparse.ArgumentParser:
     isub = i.add_subparsers(dest="action", required=True, parser_class=_Parser)
     ib = isub.add_parser("build", help="index the images of a folder or CSV manifest (resumes when interrupted)")
     ia = isub.add_parser("add", help="append images to an index (same model; resumes when interrupted)")
+    ib.add_argument("--local-features", choices=["aliked", "disk"], default=None,
+                    help="also compute and keep each image's learned local features for --verify-with aliked/disk "
+                         "(as `index features`, 1024 keypoints at 640 px) (default: none)")
     for a in (ib, ia):
         a.add_argument("--images", required=True,
                        help="image folder (EXIF GPS positions are read), CSV with path[,place_id][,lat,lon], a "
@@ -967,6 +1006,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the folder that now holds what the map's image root held (`index info` shows it); every "
                           "image must be found there, else nothing changes")
     irl.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ife = isub.add_parser("features", help="compute and keep the database's learned local features, so "
+                                           "--verify-with aliked/disk reads them instead of recomputing (resumes)")
+    ife.add_argument("--index", required=True, help="index folder")
+    ife.add_argument("--with", dest="with_", choices=["aliked", "disk"], default="aliked",
+                     help="learned features (default aliked)")
+    ife.add_argument("--max-keypoints", type=int, default=1024, help="keypoints per image (default 1024)")
+    ife.add_argument("--max-side", type=int, default=640, help="long side of the image they are found in, px "
+                                                               "(default 640)")
+    ife.add_argument("--max-mb", type=float, default=4096.0,
+                     help="keep at most this many MB (about 0.13 MB an image at 512 keypoints); images past it are "
+                          "computed on first use (default 4096)")
+    ife.add_argument("--quiet", action="store_true", help="no progress bar (default: shown)")
+    ife.add_argument("--json", action="store_true", help="print the summary as JSON (default: one line)")
     i.set_defaults(func=cmd_index)
 
     lo = sub.add_parser("localize", help="top-K database matches of photos, with coordinates and scores")

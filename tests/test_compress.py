@@ -11,10 +11,10 @@ import torch
 
 from edgevpr.cli import main
 from edgevpr.compress.budget import accuracy, compress, split
-from edgevpr.compress.ternary import TernaryLinear
 from edgevpr.data.images import load_image
 from edgevpr.eval.extract import extract
 from edgevpr.models.model import load_model, save_model
+from edgevpr.models.ternary import TernaryLinear
 from tests.conftest import TINY_MODEL, shared_data
 
 

@@ -222,8 +222,8 @@ def test_weitop_target_is_the_heads_importance_on_the_unpruned_tokens():
 def test_every_forward_of_a_step_runs_at_the_steps_knobs():
     """A loss term's own forward (WeiToP's unpruned target) runs at the step's sampled sparsity, not at 0.
     Break: evaluate the terms after leaving the knob context."""
-    from edgevpr.compress.ternary import TernaryLinear
     from edgevpr.models.model import load_model
+    from edgevpr.models.ternary import TernaryLinear
     from edgevpr.train.loop import TrainStep
     from edgevpr.train.losses import WeiToPDistill
 

@@ -25,7 +25,7 @@ def test_cls_to_prompt_attention_equals_the_blocks_own_attention(sparsity):
     """Also on a ternary ViT at activation sparsity 0.5: the scores see what the block's qkv layer computes."""
     bb = _vit("scene")
     if sparsity is not None:
-        from edgevpr.compress.ternary import TernaryLinear, apply_ternary
+        from edgevpr.models.ternary import TernaryLinear, apply_ternary
 
         apply_ternary(bb)
         for m in bb.modules():

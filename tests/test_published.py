@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from edgevpr.cli import main
-from edgevpr.compress.ternary import TernaryLinear, to_int8
 from edgevpr.deploy.index import pack_bits
 from edgevpr.models.model import build_model, load_model
+from edgevpr.models.ternary import TernaryLinear, to_int8
 from edgevpr.published import CheckpointError, convert, import_checkpoint, read_checkpoint
 from edgevpr.published import releases as rel
 from tests.conftest import ROOT, serve_folder

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgevpr.compress.ternary import (
+from edgevpr.models.model import load_model, save_model
+from edgevpr.models.ternary import (
     Int8TernaryLinear,
     TernaryLinear,
     apply_ternary,
@@ -15,7 +16,6 @@ from edgevpr.compress.ternary import (
     topk_mask,
     unpack,
 )
-from edgevpr.models.model import load_model, save_model
 
 # A DINOv2-S-shaped ViT (patch 14, 384 wide), 4 blocks to keep the test fast, random weights.
 TERNARY_VIT = {"backbone": {"name": "dinov2_vits14", "weights": None, "depth": 4, "init_values": 1.0},

@@ -212,7 +212,7 @@ def ternary_start(tm, folder: Path) -> str | None:
     """The teacher with TAT-VPR ternary linears (``ternary: {}``: attention and FFN linears of every block, the last
     FFN full precision), its latent weights the teacher's (TernaryLinear keeps nn.Linear's keys), saved in
     ``folder`` once -> the folder; None when the teacher has no such linear (a CNN) or is ternary already."""
-    from ..compress.ternary import target_layers
+    from ..models.ternary import target_layers
 
     if tm.config.get("ternary") is not None or not target_layers(tm.backbone):
         return None

@@ -99,7 +99,7 @@ class _WithLocal(torch.nn.Module):
 
 def _frozen_copy(model: VPRModel) -> VPRModel:
     """A CPU copy in eval mode whose ternary layers compute with their quantised weights as constants."""
-    from ..compress.ternary import Int8TernaryLinear, TernaryLinear
+    from ..models.ternary import Int8TernaryLinear, TernaryLinear
 
     if any(isinstance(m, Int8TernaryLinear) for m in model.modules()):
         raise ValueError(f"model {model.name}: export the ternary model, not its int8 PyTorch twin "

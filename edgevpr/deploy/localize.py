@@ -7,6 +7,7 @@ onnxruntime and faiss alone (``pip install "edgevpr[runtime]"``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import threading
@@ -65,7 +66,7 @@ def open_model(spec: str | os.PathLike, device="cpu", int8: bool = False):
 
     model = load_model(spec, pick_device(device))
     if int8:
-        from ..compress.ternary import TernaryLinear, to_int8
+        from ..models.ternary import TernaryLinear, to_int8
 
         if not any(isinstance(m, TernaryLinear) for m in model.modules()):
             raise ValueError(f"--int8: model {model.name} has no ternary layers")
@@ -77,11 +78,14 @@ class Localizer:
     """Index + model, checked to belong together. Thread-safe (one forward at a time)."""
 
     def __init__(self, index: str | os.PathLike | PlaceIndex, model=None, mmap: bool = True,
-                 device="cpu", verify: int = 0, exclude_sessions: list[str] = (), verify_with: str = "auto") -> None:
+                 device="cpu", verify: int = 0, exclude_sessions: list[str] = (), verify_with: str = "auto",
+                 verify_below: float | None = None) -> None:
         """``verify`` > 0: geometric verification re-ranks each answer's top ``verify`` candidates
         (``deploy.verify``; needs the query images, so ``stream`` and ``localize`` apply it), on ``verify_with``
         local features: "sift", "tokens" (the torch model's own: a ViT's patch tokens, a CNN's stride-16 feature
-        map) or "auto" (tokens when the model has them, else SIFT).
+        map), "aliked" or "disk" (learned, LightGlue; the database's features stored by ``index features`` are
+        read, not recomputed) or "auto" (tokens when the model has them, else SIFT). ``verify_below``: verify only
+        the answers whose unverified ``margin_z`` is below it (the adaptive gate; None: every answer).
         ``exclude_sessions``: answers come from the other sessions only (single frames and sequences)."""
         self.index = index if isinstance(index, PlaceIndex) else PlaceIndex.open(index, mmap=mmap)
         self.mmap, self.exclude_sessions = mmap, list(exclude_sessions)
@@ -102,6 +106,7 @@ class Localizer:
             from .verify import verifier_for
 
             self.verifier = verifier_for(self.model, self.transform, verify, verify_with, self.knobs, self._lock)
+            self.verifier.gate = verify_below
         else:
             self.verifier = None
 
@@ -241,18 +246,29 @@ class Localizer:
         geo = (prior.lat, prior.lon, prior.radius_m) if prior is not None and prior.lat is not None else None
         scores, found = index.search_ids(desc, max(k, DECISION_DEPTH), ids, geo)
         checks: list[dict | None] = [None] * len(desc)
+        coords, hood = index.coordinates(), self.hood(hood)
         if self.verifier is not None and images is not None:
+            gate, kind = self.verifier.gate, self.verifier.store_kind
+            if kind is not None:  # this generation's stored database features
+                self.verifier.store = functools.partial(index.local_features, kind)
             for q, img in enumerate(images):
+                if gate is not None:  # verify only the answers whose margin is not already clear
+                    ok = found[q] >= 0
+                    z = evidence(scores[q][ok], found[q][ok], coords, hood)["margin_z"]
+                    if z >= gate:
+                        checks[q] = {"verified": False, "reason": f"margin_z {z:.2f} >= --verify-below {gate:g}: "
+                                     "clear without verification"}
+                        continue
                 n = int(min(self.verifier.k, (found[q] >= 0).sum()))
                 rows = index.rows([int(i) for i in found[q, :n]])
                 order, checks[q] = self.verifier.rerank(img, scores[q, :n], [rows[int(i)][0] for i in found[q, :n]],
-                                                        features[q] if features else None)
+                                                        features[q] if features else None, found[q, :n].tolist())
                 scores[q, :n], found[q, :n] = scores[q, :n][order], found[q, :n][order]
         top = index.matches(scores[:, :k], found[:, :k])
         for matches, check in zip(top, checks, strict=True):  # verified candidates come in verified order
             for m, n in zip(matches, (check or {}).get("inliers", ()), strict=False):
                 m.inliers = int(n)
-        coords, cal, hood = index.coordinates(), self.frame_calibration(), self.hood(hood)
+        cal = self.frame_calibration()
         out = []
         for matches, sq, iq, check in zip(top, scores, found, checks, strict=True):
             sq, iq = sq[iq >= 0], iq[iq >= 0]

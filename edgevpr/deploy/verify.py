@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ DEFAULT_WEIGHT = 0.05
 #: best (w 1.0): one setting for both.
 TOKEN_K = 25
 TOKEN_WEIGHT = 0.5
+#: With learned features and LightGlue (benchmarks/verification_learned.py): the fusion weight
+LEARNED_WEIGHT = 0.05
 
 
 def _cv2():
@@ -58,10 +61,12 @@ def _cv2():
 @dataclass
 class Features:
     """Keypoints [N, 2] (pixels of the resized image) and descriptors [N, C] float32 (RootSIFT: C = 128; a model's
-    own local features: their cells, ``patch_features``)."""
+    own local features: their cells, ``patch_features``; learned: ``learned.LearnedLocal``), and the (width, height)
+    they were found in where a matcher needs it (LightGlue normalises keypoints by it)."""
 
     xy: np.ndarray
     desc: np.ndarray
+    size: tuple[int, int] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -112,21 +117,33 @@ def mutual_matches(a: np.ndarray, b: np.ndarray, ratio: float = RATIO) -> tuple[
     return i, nn[i]
 
 
-def inliers(a: Features, b: Features, threshold_px: float = 3.0, ratio: float = RATIO) -> int:
-    """Mutual nearest-neighbour matches of two images (passing the ratio test) that a MAGSAC++ fundamental matrix
-    explains."""
-    cv2 = _cv2()
+def matches(a: Features, b: Features, ratio: float = RATIO,
+            matcher: Callable[[Features, Features], tuple[np.ndarray, np.ndarray]] | None = None,
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Two images' features -> matched indices (into a [M], into b [M]): mutual nearest neighbours passing the ratio
+    test, or ``matcher``'s (a learned matcher: ``learned.LearnedLocal.match``). None when either has < 8."""
     if len(a.desc) < 8 or len(b.desc) < 8:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return mutual_matches(a.desc, b.desc, ratio) if matcher is None else matcher(a, b)
+
+
+def fit(p1: np.ndarray, p2: np.ndarray, threshold_px: float = 3.0) -> int:
+    """Matched points p1 [M, 2], p2 [M, 2] -> how many a MAGSAC++ fundamental matrix explains (0 below 8)."""
+    cv2 = _cv2()
+    if len(p1) < 8:
         return 0
-    i, j = mutual_matches(a.desc, b.desc, ratio)
-    if len(i) < 8:
-        return 0
-    p1, p2 = a.xy[i], b.xy[j]
     try:
         _, mask = cv2.findFundamentalMat(p1, p2, cv2.USAC_MAGSAC, threshold_px, 0.999, 2000)
     except cv2.error:  # degenerate correspondences (e.g. all on a grid line): no model, no inliers
         return 0
     return 0 if mask is None else int(mask.sum())
+
+
+def inliers(a: Features, b: Features, threshold_px: float = 3.0, ratio: float = RATIO,
+            matcher: Callable[[Features, Features], tuple[np.ndarray, np.ndarray]] | None = None) -> int:
+    """Matches of two images (``matches``) that a MAGSAC++ fundamental matrix explains (``fit``)."""
+    i, j = matches(a, b, ratio, matcher)
+    return fit(a.xy[i], b.xy[j], threshold_px)
 
 
 @dataclass
@@ -148,6 +165,15 @@ class Verifier:
     local_name: str = "patch tokens"
     ratio: float = RATIO
     threshold_px: float = 3.0
+    #: verify only answers whose unverified ``margin_z`` is below this (None: every answer; ``--verify-below``)
+    gate: float | None = None
+    #: a learned matcher (features -> matched index pairs) in place of mutual nearest neighbours
+    matcher: Callable[[Features, Features], tuple[np.ndarray, np.ndarray]] | None = None
+    #: the database's stored features (``index features``): image id -> (xy, desc, size) or None, and their key
+    store: Callable[[int], tuple | None] | None = None
+    store_kind: str | None = None
+    #: seconds spent on the query's and the candidates' features, on matching + fitting, and counts
+    timing: dict = field(default_factory=lambda: {"features_s": 0.0, "match_fit_s": 0.0, "queries": 0, "pairs": 0})
     _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _cached_bytes: int = field(default=0, repr=False)
 
@@ -159,6 +185,14 @@ class Verifier:
         return cls(k=k, weight=TOKEN_WEIGHT, min_features=8, local=tokens, local_name=name, ratio=1.0,
                    threshold_px=0.5)
 
+    @classmethod
+    def with_learned(cls, learned, k: int = DEFAULT_K, weight: float | None = None) -> Verifier:
+        """A verifier on learned features and LightGlue (``learned.LearnedLocal``), with the settings chosen for
+        them (``LEARNED_WEIGHT``)."""
+        return cls(k=k, weight=LEARNED_WEIGHT if weight is None else weight, max_side=learned.max_side,
+                   features=learned.max_keypoints, min_features=8, local=learned.extract, local_name=learned.name,
+                   ratio=1.0, matcher=learned.match, store_kind=learned.key)
+
     @property
     def kind(self) -> str:
         return "sift" if self.local is None else self.local_name
@@ -167,6 +201,7 @@ class Verifier:
     def method(self) -> str:
         """What it does, in one line (for reports)."""
         features = "SIFT (RootSIFT) + mutual NN + ratio 0.8" if self.local is None else \
+            f"{self.local_name} ({self.features} keypoints at {self.max_side} px)" if self.matcher is not None else \
             f"the model's {self.local_name} + mutual NN{'' if self.ratio >= 1 else f' + ratio {self.ratio}'}"
         return f"{features} + MAGSAC++ F; similarity + {self.weight} log(1 + inliers)"
 
@@ -180,13 +215,16 @@ class Verifier:
             raise ValueError(f"verification cache {self.cache_mb} MB: must be >= 0")
         _cv2()
 
-    def db_features(self, path: str) -> Features:
+    def db_features(self, path: str, image_id: int | None = None) -> Features:
+        """A database image's features: cached, else stored in the index (``store``, by ``image_id``), else
+        computed from the image at ``path``."""
         if path in self._cache:
             self._cache.move_to_end(path)
             return self._cache[path]
         from ..data.images import load_image
 
-        f = self.features_of(load_image(path))
+        got = self.store(image_id) if self.store is not None and image_id is not None else None
+        f = Features(*got) if got is not None else self.features_of(load_image(path))
         self._cache[path] = f
         self._cached_bytes += f.nbytes
         while self._cached_bytes > self.cache_mb * 2**20 and len(self._cache) > 1:
@@ -194,16 +232,25 @@ class Verifier:
         return f
 
     def rerank(self, query: Image.Image, scores: np.ndarray, paths: list[str],
-               features: Features | None = None) -> tuple[np.ndarray, dict]:
+               features: Features | None = None, ids: list[int] | None = None) -> tuple[np.ndarray, dict]:
         """The similarity-ranked candidates (scores [M], database paths [M]) -> (new order [M]: the first
         min(k, M) re-ranked by fused score, the rest as they were; a record of what was done). ``features``: the
-        query's, when its descriptor's pass already gave them (``Localizer.embed_local``); else computed here."""
+        query's, when its descriptor's pass already gave them (``Localizer.embed_local``); else computed here.
+        ``ids``: the candidates' index ids [M], to read their stored features (``store``)."""
         n = min(self.k, len(paths))
+        t0 = time.perf_counter()
         q = self.features_of(query) if features is None else features
+        self.timing["queries"] += 1
         if len(q.desc) < self.min_features:
+            self.timing["features_s"] += time.perf_counter() - t0
             return np.arange(len(paths)), {"verified": False, "reason": f"the query has {len(q.desc)} local "
                                            f"features (< {self.min_features}): too small or plain to verify"}
-        counts = np.array([inliers(q, self.db_features(p), self.threshold_px, self.ratio) for p in paths[:n]])
+        cands = [self.db_features(p, None if ids is None else ids[c]) for c, p in enumerate(paths[:n])]
+        t1 = time.perf_counter()
+        counts = np.array([inliers(q, c, self.threshold_px, self.ratio, self.matcher) for c in cands])
+        self.timing["features_s"] += t1 - t0
+        self.timing["match_fit_s"] += time.perf_counter() - t1
+        self.timing["pairs"] += n
         fused = np.asarray(scores[:n], np.float64) + self.weight * np.log1p(counts)
         top = np.argsort(-fused, kind="stable")
         order = np.r_[top, np.arange(n, len(paths))]
@@ -211,19 +258,28 @@ class Verifier:
                        "fused": fused[top].tolist(), "moved": bool(top[0] != 0)}
 
 
+#: what ``--verify-with`` accepts
+KINDS = ("auto", "sift", "tokens", "aliked", "disk")
+
+
 def verifier_for(model, transform, k: int, kind: str = "auto", knobs: dict | None = None,
                  lock: threading.Lock | None = None) -> Verifier:
     """A verifier of the top ``k`` for ``model`` (whose input ``transform`` makes [3, H, W] arrays) on ``kind``
     local features: "sift", "tokens" (the torch model's own: a ViT's patch tokens at every patch, a CNN's stride-16
-    feature map) or "auto" (tokens when the model has them, else SIFT: measured better with a trained ViT and with
-    the ImageNet CNN, benchmarks/results/verification_tokens.md and verification_cnn.md). ``lock``: held around the
+    feature map), "aliked" or "disk" (learned features matched by LightGlue: ``learned``; needs torch) or "auto"
+    (tokens when the model has them, else SIFT: measured better with a trained ViT and with the ImageNet CNN,
+    benchmarks/results/verification_tokens.md and verification_cnn.md). ``lock``: held around the
     model's forward passes (a model shared between threads)."""
     from .embed import patch_tokens
 
-    if kind not in ("auto", "sift", "tokens"):
-        raise ValueError(f"--verify-with {kind}: must be auto, sift or tokens")
+    if kind not in KINDS:
+        raise ValueError(f"--verify-with {kind}: must be one of {', '.join(KINDS)}")
     if kind == "sift":
         return Verifier(k=k)
+    if kind in ("aliked", "disk"):
+        from .learned import LearnedLocal
+
+        return Verifier.with_learned(LearnedLocal(kind), k=k)
 
     def tokens(img: Image.Image) -> Features:
         with lock or contextlib.nullcontext():

@@ -36,7 +36,7 @@ def main(argv: list[str]) -> None:
     base = _rss_mb()
     model = load_model(model_dir)
     if "int8" in argv[5:]:
-        from edgevpr.compress.ternary import to_int8
+        from edgevpr.models.ternary import to_int8
 
         to_int8(model)
     loaded = _rss_mb()

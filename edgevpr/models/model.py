@@ -65,7 +65,7 @@ class VPRModel(nn.Module):
         bcfg = dict(self.config["backbone"])
         self.backbone: Backbone = BACKBONES.get(bcfg.pop("name"))(**bcfg)
         if self.config.get("ternary") is not None:
-            from ..compress.ternary import apply_ternary
+            from .ternary import apply_ternary
 
             apply_ternary(self.backbone, **self.config["ternary"])
         acfg = dict(self.config["aggregator"])
@@ -206,7 +206,7 @@ def save_model(model: VPRModel, path: str | os.PathLike, packed: bool = False) -
     path = Path(path)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     cfg = copy.deepcopy(model.config)
-    from ..compress.ternary import Int8TernaryLinear, TernaryLinear, pack
+    from .ternary import Int8TernaryLinear, TernaryLinear, pack
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (TernaryLinear, Int8TernaryLinear))}
     if not packed and any(isinstance(m, Int8TernaryLinear) for m in layers.values()):
@@ -230,7 +230,7 @@ def save_model(model: VPRModel, path: str | os.PathLike, packed: bool = False) -
 
 def _load_packed(model: VPRModel, sd: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
     """Set the ternary layers of ``model`` from 2-bit codes in ``sd``; returns the remaining tensors."""
-    from ..compress.ternary import TernaryLinear, unpack
+    from .ternary import TernaryLinear, unpack
 
     sd = dict(sd)
     for n, m in model.named_modules():

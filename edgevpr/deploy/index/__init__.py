@@ -23,6 +23,7 @@ from .ops import (
     search_settings,
     snapshot,
     snapshot_manifest,
+    store_local_features,
     tune,
 )
 from .place_index import PlaceIndex, verify_index
@@ -50,5 +51,7 @@ __all__ = ["DB_FILE", "DEFAULT_RERANK", "FAISS_FILE", "KINDS", "LOCK_FILE", "MAN
            "check_snapshot_manifest", "match_dicts",
            "merge", "model_record", "pack_bits", "pca_whitening", "pull", "read_manifest", "read_rows", "relocate",
            "remove",
-           "rows_digest", "search_settings", "snapshot", "snapshot_manifest", "storage_of", "tune", "update_manifest",
+           "rows_digest", "search_settings", "snapshot", "snapshot_manifest", "storage_of",
+           "store_local_features", "tune",
+           "update_manifest",
            "verify_index"]

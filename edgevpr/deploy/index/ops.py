@@ -41,6 +41,7 @@ from .store import (
     commit_next,
     fault,
     model_record,
+    put_local,
     read_manifest,
     read_rows,
     resolve_path,
@@ -247,6 +248,64 @@ def add(model, source: str | os.PathLike, root: str | os.PathLike, batch_size: i
     return {**counts, "appended_to_faiss": len(new), "count": manifest["count"], "failed_paths": _failed(root)}
 
 
+@_exclusive("root")
+def store_local_features(root: str | os.PathLike, kind: str, extract: Callable, max_mb: float = 4096.0,
+                         progress: bool = True) -> dict:
+    """Compute and keep every database image's local features for verification (``extract``: image -> ``Features``,
+    e.g. ``learned.LearnedLocal.extract``; ``kind``: its settings, the key the verifier reads them by) in the row
+    store (``store.put_local``), as a new generation like ``add``: a kill keeps the finished images (the same command
+    resumes) and readers answer meanwhile. At most ``max_mb`` MB are kept; images past it are computed on first use
+    instead -> {"stored", "skipped_over_budget", "unreadable", "mb"}."""
+    from tqdm.auto import tqdm
+
+    from ...data.images import load_image
+
+    root = Path(root)
+    manifest = read_manifest(root)
+    verify_for_writing(root, manifest)
+    if not max_mb > 0:
+        raise ValueError(f"--max-mb {max_mb}: must be > 0")
+    record, storage = {**manifest["model"]}, storage_of(manifest["kind"])
+    stage = stage_next(root, manifest, backends.folders(manifest["kind"], manifest["params"]), resume=True)
+    con = _open_for_writing(stage, record, storage)
+    have = {p for (p,) in con.execute("SELECT path FROM local_features WHERE kind = ?", (kind,))}
+    used = sum(n for (n,) in con.execute("SELECT LENGTH(xy) + LENGTH(descriptors) FROM local_features WHERE "
+                                         "kind = ?", (kind,)))
+    todo = [p for (p,) in con.execute("SELECT path FROM images WHERE id < ? ORDER BY id", (manifest["count"],))
+            if p not in have]
+    stored = skipped = unreadable = 0
+    bar = tqdm(total=len(todo), desc=f"local features ({kind})", unit="img", disable=not progress,
+               dynamic_ncols=True)
+    for n, path in enumerate(todo):
+        bar.update(1)
+        if used > max_mb * 2**20:
+            skipped += 1
+            continue
+        try:
+            img = load_image(resolve_path(root, path, manifest.get("image_root")))
+        except (OSError, ValueError):
+            unreadable += 1
+            continue
+        f = extract(img)
+        used += put_local(con, kind, path, f.xy, f.desc, f.size)
+        stored += 1
+        if n % 16 == 15:
+            con.commit()  # a kill keeps what is done
+    bar.close()
+    con.commit()
+    fault("rows")
+    backend = backends.open_backend(stage, manifest, con, mmap=False)
+    kept = {k: manifest[k] for k in KEPT_BY_WRITERS if k in manifest}
+    total = con.execute("SELECT COUNT(*) FROM local_features WHERE kind = ?", (kind,)).fetchone()[0]
+    kept["local_features"] = {**manifest.get("local_features", {}), kind: {"images": total, "bytes": used}}
+    _write(stage, con, backend, manifest["kind"], manifest["params"], record, manifest["created"], kept,
+           _next_generation(manifest))
+    con.close()
+    commit_next(root)
+    return {"stored": stored, "skipped_over_budget": skipped, "unreadable": unreadable, "images": total,
+            "mb": used / 2**20}
+
+
 def image_root(con: sqlite3.Connection, root: Path, old: dict | None) -> dict:
     """The folder that holds every image stored by absolute path (outside the index folder), which
     ``index relocate`` can move -> {"image_root": {"stored", "now"}} ({} when every image is inside the index).
@@ -308,6 +367,7 @@ def remove(root: str | os.PathLike, sessions: list[str] = (), patterns: list[str
         left = [i for (i,) in con.execute("SELECT id FROM images ORDER BY id")]
         con.executemany("UPDATE images SET id = ? WHERE id = ?", [(new, old) for new, old in enumerate(left)
                                                                   if new != old])
+        con.execute("DELETE FROM local_features WHERE path NOT IN (SELECT path FROM images)")
     fault("rows")
     desc = _stored_descriptors(con, record["dim"], 0, storage)
     check_descriptors(desc, str(root / DB_FILE), storage)

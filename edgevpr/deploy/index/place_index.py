@@ -21,6 +21,7 @@ from .store import (
     _sessions_of,
     _stored_descriptors,
     check_files,
+    get_local,
     read_manifest,
     resolve_path,
     ro_connect,
@@ -199,6 +200,12 @@ class PlaceIndex:
             q = f"SELECT id, path, place_id, lat, lon, east, north FROM images WHERE id IN ({marks})"
             out.update({r[0]: (self.resolve(r[1]), *r[2:]) for r in self.con.execute(q, part)})
         return out
+
+    def local_features(self, kind: str, image_id: int) -> tuple | None:
+        """The stored local features of ``kind`` of one database image (``store.get_local``), or None."""
+        if kind not in self.manifest.get("local_features", {}):
+            return None
+        return get_local(self.con, kind, image_id)
 
     def resolve(self, stored: str) -> str:
         """A stored image path -> where the image is now (``store.resolve_path``: frames inside the index folder

@@ -58,7 +58,8 @@ MAX_K = 1000
 
 
 #: manifest fields a writer that changes the rows carries over (``add``, ``remove``)
-KEPT_BY_WRITERS = ("calibration", "sequence_calibration", "tuned", "calibration_sha256", "image_root")
+KEPT_BY_WRITERS = ("calibration", "sequence_calibration", "tuned", "calibration_sha256", "image_root",
+                   "local_features")
 
 #: manifest fields whose content the manifest seals (``calibration_sha256``): the decision's fitted records
 SEALED = ("calibration", "sequence_calibration")
@@ -206,6 +207,8 @@ def _connect(path: Path) -> sqlite3.Connection:
             CREATE TABLE IF NOT EXISTS failed (path TEXT PRIMARY KEY, reason TEXT NOT NULL, size INTEGER,
                 mtime_ns INTEGER);
             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS local_features (path TEXT NOT NULL, kind TEXT NOT NULL, width INTEGER,
+                height INTEGER, xy BLOB NOT NULL, descriptors BLOB NOT NULL, PRIMARY KEY (path, kind));
         """)
         cols = {r[1] for r in con.execute("PRAGMA table_info(failed)")}
         for col in ("size", "mtime_ns"):  # indexes made before failed images were retried on change
@@ -664,6 +667,39 @@ def _failed(root: Path) -> list[tuple[str, str]]:
         return [tuple(r) for r in con.execute("SELECT path, reason FROM failed ORDER BY path")]
     finally:
         con.close()
+
+
+# ------------------------------------------------------------------------------- local features for verification
+#: A database image's local features (``index features``, ``deploy.verify``) are rows of ``local_features`` in the
+#: row store, keyed by the image's stored path and the extractor's settings (``kind``, e.g. "aliked-n16@640/1024"):
+#: keypoints float32 [N, 2], descriptors float16 [N, C] (half the bytes; measured to change no re-ranking,
+#: tests/test_learned.py). Inside ``places.sqlite`` they share its checksum in the manifest, travel with every
+#: generation (``add`` copies the rows, ``remove`` drops those of removed images) and are read by a join on the
+#: image's id.
+
+
+def put_local(con: sqlite3.Connection, kind: str, path: str, xy: np.ndarray, desc: np.ndarray,
+              size: tuple[int, int] | None) -> int:
+    """Store one image's features (``path`` as stored in ``images``) -> bytes written."""
+    xy, desc = np.ascontiguousarray(xy, np.float32), np.ascontiguousarray(desc, np.float16)
+    w, h = size or (None, None)
+    con.execute("INSERT OR REPLACE INTO local_features VALUES (?, ?, ?, ?, ?, ?)",
+                (path, kind, w, h, xy.tobytes(), desc.tobytes()))
+    return xy.nbytes + desc.nbytes
+
+
+def get_local(con: sqlite3.Connection, kind: str, image_id: int) -> tuple | None:
+    """The stored features of the image with ``image_id`` -> (xy [N, 2] float32, desc [N, C] float32, (w, h) or
+    None), or None when not stored."""
+    row = con.execute("SELECT l.width, l.height, l.xy, l.descriptors FROM images i JOIN local_features l ON "
+                      "l.path = i.path AND l.kind = ? WHERE i.id = ?", (kind, int(image_id))).fetchone()
+    if row is None:
+        return None
+    w, h, xy, desc = row
+    xy = np.frombuffer(xy, np.float32).reshape(-1, 2)
+    n = max(1, len(xy))
+    desc = np.frombuffer(desc, np.float16).reshape(len(xy), len(desc) // 2 // n).astype(np.float32)
+    return xy, desc, (None if w is None else (int(w), int(h)))
 
 
 def match_dicts(matches: list[Match]) -> list[dict]:

