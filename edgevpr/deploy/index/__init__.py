@@ -27,11 +27,11 @@ from .ops import (
     tune,
 )
 from .place_index import PlaceIndex, verify_index
+from .rows import MAX_K, pack_bits
 from .store import (
     DB_FILE,
     LOCK_FILE,
     MANIFEST_FILE,
-    MAX_K,
     Match,
     Row,
     _connect,
@@ -39,7 +39,6 @@ from .store import (
     check_model,
     match_dicts,
     model_record,
-    pack_bits,
     read_manifest,
     read_rows,
     rows_digest,

@@ -12,10 +12,10 @@ import numpy as np
 
 from ..decision import Coordinates, Neighbourhood, hubness
 from .backends import Backend, open_backend, storage_of
+from .rows import MAX_K
 from .store import (
     DB_FILE,
     MANIFEST_FILE,
-    MAX_K,
     Match,
     _columns,
     _sessions_of,

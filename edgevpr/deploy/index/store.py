@@ -47,14 +47,13 @@ from ...data.images import ImageLoadError, list_images
 from ...integrity import StampCache, check_finite, sha256_file
 from ...utils import parse_time, write_json
 from ..embed import embed, image_batches
+from .rows import pack_bits
 
 DB_FILE, MANIFEST_FILE = "places.sqlite", "manifest.json"
 
 FORMAT_VERSION = 1
 
 
-#: The most matches one query may ask for.
-MAX_K = 1000
 
 
 #: manifest fields a writer that changes the rows carries over (``add``, ``remove``)
@@ -477,11 +476,6 @@ def check_model(record: dict, name: str, fingerprint: str, where: str) -> None:
                          "(use the index's model or build a new index)")
 
 
-def pack_bits(desc: np.ndarray) -> np.ndarray:
-    """descriptors [N, D] -> sign bits packed [N, D/8] uint8 (bit = value > 0, most significant bit first)."""
-    return np.packbits(np.asarray(desc) > 0, axis=1)
-
-
 def rows_digest(con: sqlite3.Connection, count: int) -> str:
     """sha256 over the rows with id < ``count`` (every column, descriptor bytes included), in id order: what a
     finished index holds, independent of rows an interrupted ``add`` appended after them."""
@@ -507,18 +501,6 @@ def check_descriptors(desc: np.ndarray, where: str, storage: str = "float32") ->
         raise ValueError(f"{where}: {int(bad.sum())} stored descriptor(s) are not unit-length finite vectors (first: "
                          f"row {int(np.argmax(bad))}, norm {norms[int(np.argmax(bad))]:.4g}): damaged {DB_FILE}; "
                          "rebuild the index")
-
-
-def _stored_rows(con: sqlite3.Connection, ids: np.ndarray, dim: int) -> np.ndarray:
-    """Stored float32 descriptors of ``ids`` [M] (in that order) -> [M, D]."""
-    out = np.empty((len(ids), dim), np.float32)
-    pos = {int(i): n for n, i in enumerate(ids)}
-    for start in range(0, len(ids), 500):
-        part = [int(i) for i in ids[start:start + 500]]
-        for i, blob in con.execute(f"SELECT id, descriptor FROM images WHERE id IN ({','.join('?' * len(part))})",
-                                   part):
-            out[pos[i]] = np.frombuffer(blob, np.float32)
-    return out
 
 
 def _stored_descriptors(con: sqlite3.Connection, dim: int, start: int = 0, storage: str = "float32") -> np.ndarray:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import Backend
+from .base import Backend
 
 UPLOAD_BATCH = 256
 #: points compared with their SQLite rows at every open (all of them with ``full=True``)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from ....utils import atomic_write
-from ..store import MAX_K, _stored_rows, pack_bits
-from . import Backend
+from ..rows import MAX_K, _stored_rows, pack_bits
+from .base import Backend
 
 FAISS_FILE = "index.faiss"
 #: IVF-PQ's exact re-ranking: every descriptor as float16 in id order, a plain .npy memory-mapped at search.
