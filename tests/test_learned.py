@@ -148,3 +148,31 @@ def test_the_gate_verifies_only_answers_below_its_level(gp_part):
     every = Localizer(root, verify=5, verify_with="sift").answer(desc, 3, None, photos)
     assert all(a.decision["verification"]["verified"] for a in every)
     assert main(["localize", "--index", str(root), "--verify-below", "1", str(gp / NIGHT.format(0))]) == 2
+
+
+def test_the_early_stop_matches_candidates_in_order_until_one_is_certain(gp_part):
+    """Verifier.certain: candidates are matched in similarity order and the rest skipped once one has that many
+    inliers; that one is the answer (no skipped candidate's fused score can reach it) and it shows the place full
+    verification finds (a neighbouring frame may have had more inliers). An unsafe level (weight * log(1 +
+    certain) <= 2) is refused."""
+    from edgevpr.deploy.verify import Verifier
+
+    root, gp = gp_part
+    loc = Localizer(root)
+    photos = [load_image(gp / "day_left" / f"Image{i:03d}.jpg") for i in (5, 20, 33)]
+    scores, found = loc.index.search_ids(loc.embed(photos), 10)
+    paths = [[loc.index.rows([int(i)])[int(i)][0] for i in f] for f in found]
+    full, early = Verifier(k=10, weight=0.5), Verifier(k=10, weight=0.5, certain=60)
+    stops = []
+    for img, s, p, q in zip(photos, scores, paths, (5, 20, 33), strict=True):
+        order, check = full.rerank(img, s, p)
+        order_e, check_e = early.rerank(img, s, p)
+        n = check_e.get("stopped_after", 10)
+        stops.append(n)
+        if n < 10:  # stopped: the answer is the candidate that reached the level, the last one matched
+            assert order_e[0] == n - 1 and check_e["inliers"][0] >= 60
+        assert abs(int(p[order_e[0]][-7:-4]) - int(p[order[0]][-7:-4])) <= 2  # the same place as full verification
+        assert abs(int(p[order_e[0]][-7:-4]) - q) <= 2
+    assert early.timing["pairs"] == sum(stops) < full.timing["pairs"] == 30  # it did skip work
+    with pytest.raises(ValueError, match="early stop at 20 inliers needs weight"):
+        Verifier(k=10, weight=0.5, certain=20)

@@ -167,6 +167,10 @@ class Verifier:
     threshold_px: float = 3.0
     #: verify only answers whose unverified ``margin_z`` is below this (None: every answer; ``--verify-below``)
     gate: float | None = None
+    #: stop verifying the candidates (taken in similarity order) once one has this many inliers: no look-alike on
+    #: validation had as many (None: verify all K). Safe when weight * log(1 + certain) exceeds any similarity gap
+    #: (cosines differ by < 2), which ``__post_init__`` checks.
+    certain: int | None = None
     #: a learned matcher (features -> matched index pairs) in place of mutual nearest neighbours
     matcher: Callable[[Features, Features], tuple[np.ndarray, np.ndarray]] | None = None
     #: the database's stored features (``index features``): image id -> (xy, desc, size) or None, and their key
@@ -209,6 +213,9 @@ class Verifier:
         return local_features(img, self.max_side, self.features) if self.local is None else self.local(img)
 
     def __post_init__(self) -> None:
+        if self.certain is not None and not self.weight * np.log1p(self.certain) > 2.0:
+            raise ValueError(f"verification: an early stop at {self.certain} inliers needs weight * log(1 + "
+                             f"{self.certain}) > 2 (weight {self.weight}): an unverified candidate could overtake it")
         if not 1 <= self.k <= 1000:
             raise ValueError(f"--verify {self.k}: must be between 1 and 1000 candidates")
         if not self.cache_mb >= 0:
@@ -245,17 +252,25 @@ class Verifier:
             self.timing["features_s"] += time.perf_counter() - t0
             return np.arange(len(paths)), {"verified": False, "reason": f"the query has {len(q.desc)} local "
                                            f"features (< {self.min_features}): too small or plain to verify"}
-        cands = [self.db_features(p, None if ids is None else ids[c]) for c, p in enumerate(paths[:n])]
-        t1 = time.perf_counter()
-        counts = np.array([inliers(q, c, self.threshold_px, self.ratio, self.matcher) for c in cands])
-        self.timing["features_s"] += t1 - t0
-        self.timing["match_fit_s"] += time.perf_counter() - t1
-        self.timing["pairs"] += n
+        self.timing["features_s"] += time.perf_counter() - t0
+        counts, done = np.zeros(n, np.int64), n
+        for c, p in enumerate(paths[:n]):  # in similarity order
+            t0 = time.perf_counter()
+            d = self.db_features(p, None if ids is None else ids[c])
+            t1 = time.perf_counter()
+            counts[c] = inliers(q, d, self.threshold_px, self.ratio, self.matcher)
+            self.timing["features_s"] += t1 - t0
+            self.timing["match_fit_s"] += time.perf_counter() - t1
+            self.timing["pairs"] += 1
+            if self.certain is not None and counts[c] >= self.certain:
+                done = c + 1  # the rest keep 0 inliers: their fused score cannot reach this one's
+                break
         fused = np.asarray(scores[:n], np.float64) + self.weight * np.log1p(counts)
         top = np.argsort(-fused, kind="stable")
         order = np.r_[top, np.arange(n, len(paths))]
         return order, {"verified": True, "features": self.kind, "candidates": n, "inliers": counts[top].tolist(),
-                       "fused": fused[top].tolist(), "moved": bool(top[0] != 0)}
+                       "fused": fused[top].tolist(), "moved": bool(top[0] != 0),
+                       **({"stopped_after": done} if done < n else {})}
 
 
 #: what ``--verify-with`` accepts
