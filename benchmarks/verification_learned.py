@@ -287,14 +287,14 @@ def write_report(res: dict) -> None:
              "Each query's top 25 by similarity verified once; R@1 re-ranking its first K by similarity + w "
              "log(1 + inliers), w and the gate chosen on validation (night 0-49) per method. Database Gardens Point "
              "day_right 0-99 / Nordland summer.", "",
-             "| method | set | verifiable | R@1 K=0 | K=5 | K=10 | K=25 | gate: share verified / R@1 | early stop: "
-             "share of pairs / R@1 |",
-             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+             "| method | set | queries | verifiable | R@1 K=0 | K=5 | K=10 | K=25 | gate: share verified / R@1 | "
+             "early stop: share of pairs / R@1 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for m, out in res["methods"].items():
         for name in names:
             r = out["sets"][name]
             g = r.get("gate")
-            lines.append(f"| {m} | {name} | {r['verifiable']:.2f} | " + " | ".join(
+            lines.append(f"| {m} | {name} | {len(r['counts'])} | {r['verifiable']:.2f} | " + " | ".join(
                 f"{r['r1'][f'K={k}']:.2f}" for k in (0, *KS)) + " | " +
                 (f"{g['share_verified']:.2f} / {g['r1']:.2f}" if g else "no level reaches the full gain") + " | " +
                 (f"{r['early_stop']['share_of_pairs']:.2f} / {r['early_stop']['r1']:.2f}" if out.get("certain")
