@@ -29,14 +29,15 @@ def learned():
 
 @pytest.fixture(scope="module")
 def gp_part(tmp_path_factory):
-    """An index of Gardens Point day_right 0-39 (default model, torch)."""
+    """An index of Gardens Point day_right 10-33 (default model, torch): small, because learned features of each
+    image cost about a second here."""
     from edgevpr.models.model import load_model
 
     gp = shared_data() / "gardens_point"
     folder = tmp_path_factory.mktemp("learned")
     listing = folder / "db.csv"
     listing.write_text("path,place_id\n" + "".join(f"{gp / 'day_right' / f'Image{i:03d}.jpg'},{i}\n"
-                                                   for i in range(40)))
+                                                   for i in range(10, 34)))
     root = folder / "index"
     idx.build(load_model("effnet-lite0-gem"), listing, root, spec="effnet-lite0-gem", progress=False)
     return root, gp
@@ -88,10 +89,12 @@ def test_learned_matches_tell_the_same_place_at_night(learned):
         "aliked_lightglue.pth"
 
 
-def test_learned_verification_fixes_a_night_query_the_model_ranks_wrong_and_reads_stored_features(gp_part, capsys):
-    """Night query 21: the model's top-1 is place 17 (4 frames off), the true place third. SIFT verification of the
-    top 10 leaves it wrong; ALIKED + LightGlue puts the true place first. With the database's features stored by
-    `index features`, verification reads them (only the query is extracted) and answers the same."""
+def test_learned_verification_fixes_a_night_query_the_model_ranks_wrong_and_reads_stored_features(gp_part, capsys,
+                                                                                                    tmp_path):
+    """Night query 21: the model's top-1 is place 17 (4 frames off). SIFT verification of the top 10 leaves it
+    wrong; ALIKED + LightGlue puts the true place first. With the database's features stored by `index features`,
+    verification reads them (only the query is extracted) and answers the same. (About a minute here: learned
+    features of 24 database images and 20 LightGlue pairs, on a CPU.)"""
     root, gp = gp_part
     photo = load_image(gp / NIGHT.format(21))
     plain = Localizer(root).localize([photo], 3)[0]
@@ -108,7 +111,7 @@ def test_learned_verification_fixes_a_night_query_the_model_ranks_wrong_and_read
     # the database's features, stored: read back, not recomputed, and the same answer
     assert main(["index", "features", "--index", str(root), "--with", "aliked", "--quiet", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["images"] == 40 and out["kind"] == "aliked-n16@640/1024" and out["provenance"]["matcher"]["sha256"]
+    assert out["images"] == 24 and out["kind"] == "aliked-n16@640/1024" and out["provenance"]["matcher"]["sha256"]
     stored = Localizer(root, verify=10, verify_with="aliked")
     extractor = stored.verifier.local.__self__  # the LearnedLocal whose extract() the verifier calls
     b = stored.answer(stored.embed([photo]), 3, None, [photo])[0]
@@ -116,7 +119,11 @@ def test_learned_verification_fixes_a_night_query_the_model_ranks_wrong_and_read
     assert [m.path for m in b.matches] == [m.path for m in a.matches]
     got, want = np.array(b.decision["verification"]["inliers"]), np.array(check["inliers"])
     assert np.abs(got - want).max() <= max(3, 0.05 * want.max()), (got, want)  # float16 descriptors
-    # stored features are part of the row store: a changed one fails the index's checksum
+    # stored features are part of the row store: a changed one fails the index's checksum (on a copy: the index is
+    # shared with the other tests of this module)
+    import shutil
+
+    root = shutil.copytree(root, tmp_path / "copy")
     con = sqlite3.connect(root / idx.DB_FILE)
     with con:
         con.execute("UPDATE local_features SET descriptors = zeroblob(LENGTH(descriptors)) WHERE rowid = 1")
@@ -131,7 +138,7 @@ def test_the_gate_verifies_only_answers_below_its_level(gp_part):
     from edgevpr.deploy.decision import Neighbourhood, evidence
 
     root, gp = gp_part
-    photos = [load_image(gp / NIGHT.format(i)) for i in range(0, 40, 3)]
+    photos = [load_image(gp / NIGHT.format(i)) for i in range(10, 34, 2)]
     plain = Localizer(root)
     index = plain.index
     desc = plain.embed(photos)
@@ -159,18 +166,18 @@ def test_the_early_stop_matches_candidates_in_order_until_one_is_certain(gp_part
 
     root, gp = gp_part
     loc = Localizer(root)
-    photos = [load_image(gp / "day_left" / f"Image{i:03d}.jpg") for i in (5, 20, 33)]
+    photos = [load_image(gp / "day_left" / f"Image{i:03d}.jpg") for i in (14, 28, 32)]
     scores, found = loc.index.search_ids(loc.embed(photos), 10)
     paths = [[loc.index.rows([int(i)])[int(i)][0] for i in f] for f in found]
-    full, early = Verifier(k=10, weight=0.5), Verifier(k=10, weight=0.5, certain=60)
+    full, early = Verifier(k=10, weight=1.0), Verifier(k=10, weight=1.0, certain=40)
     stops = []
-    for img, s, p, q in zip(photos, scores, paths, (5, 20, 33), strict=True):
+    for img, s, p, q in zip(photos, scores, paths, (14, 28, 32), strict=True):
         order, check = full.rerank(img, s, p)
         order_e, check_e = early.rerank(img, s, p)
         n = check_e.get("stopped_after", 10)
         stops.append(n)
         if n < 10:  # stopped: the answer is the candidate that reached the level, the last one matched
-            assert order_e[0] == n - 1 and check_e["inliers"][0] >= 60
+            assert order_e[0] == n - 1 and check_e["inliers"][0] >= 40
         assert abs(int(p[order_e[0]][-7:-4]) - int(p[order[0]][-7:-4])) <= 2  # the same place as full verification
         assert abs(int(p[order_e[0]][-7:-4]) - q) <= 2
     assert early.timing["pairs"] == sum(stops) < full.timing["pairs"] == 30  # it did skip work
