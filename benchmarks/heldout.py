@@ -24,6 +24,15 @@ def data_root() -> Path:
     return data
 
 
+def gardens_point_queries(data: Path, folder: str, start: int, stop: int) -> VPRDataset:
+    """Gardens Point ``folder`` queries start..stop-1 against the whole day_right database (+-2 frames): the
+    database keeps every place, so look-alikes outside the query range still compete."""
+    gp = data / "gardens_point"
+    ds = open_dataset(gp / "day_right", gp / folder, aligned_tolerance=2)
+    ds.q_paths, ds.positives = ds.q_paths[start:stop], ds.positives[start:stop]
+    return ds
+
+
 def held_out_sets(data: Path, day_left: bool = True) -> list[VPRDataset]:
     gp, nl = data / "gardens_point", data / "nordland_64x32"
     sets = [open_dataset(gp / "day_right", gp / "night_right", aligned_tolerance=2, frames=(70, 100))]

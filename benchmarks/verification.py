@@ -19,7 +19,7 @@ import argparse
 import time
 
 import numpy as np
-from heldout import ROOT, data_root
+from heldout import ROOT, data_root, gardens_point_queries
 from sequence import similarities
 
 from edgevpr.data.datasets import open_dataset
@@ -81,18 +81,13 @@ def main() -> None:
     ap.add_argument("--model", default="effnet-lite0-gem", help="model (default effnet-lite0-gem)")
     args = ap.parse_args()
     data = data_root()
-    gp, nl = data / "gardens_point", data / "nordland_64x32"
+    nl = data / "nordland_64x32"
     model = load_model(args.model).eval()
     v = Verifier()
 
-    def gp_set(folder, a, b):
-        ds = open_dataset(gp / "day_right", gp / folder, aligned_tolerance=2)
-        ds.q_paths, ds.positives = ds.q_paths[a:b], ds.positives[a:b]
-        return ds
-
-    sets = {"validation: gardens_point night 0-69": gp_set("night_right", 0, 70),
-            "gardens_point night 70-99": gp_set("night_right", 70, 100),
-            "gardens_point day_left 0-99": gp_set("day_left", 0, 100),
+    sets = {"validation: gardens_point night 0-69": gardens_point_queries(data, "night_right", 0, 70),
+            "gardens_point night 70-99": gardens_point_queries(data, "night_right", 70, 100),
+            "gardens_point day_left 0-99": gardens_point_queries(data, "day_left", 0, 100),
             "nordland 2000-2499": open_dataset(nl / "summer", nl / "winter", aligned_tolerance=1,
                                                frames=(2000, 2500), drop_dark=10)}
     tables = {}

@@ -27,7 +27,7 @@ import json
 import time
 
 import numpy as np
-from heldout import ROOT, data_root
+from heldout import ROOT, data_root, gardens_point_queries
 from sequence import similarities
 
 from edgevpr import threads
@@ -200,18 +200,13 @@ def main() -> None:
     args = ap.parse_args()
     KEYPOINTS["n"] = args.max_keypoints
     data = data_root()
-    gp, nl = data / "gardens_point", data / "nordland_64x32"
+    nl = data / "nordland_64x32"
     model = load_model(args.model).eval()
     threads.configure(2)
 
-    def gp_set(folder, a, b):
-        ds = open_dataset(gp / "day_right", gp / folder, aligned_tolerance=2)
-        ds.q_paths, ds.positives = ds.q_paths[a:b], ds.positives[a:b]
-        return ds
-
-    sets = {"validation: gardens_point night 0-49": gp_set("night_right", 0, 50),
-            "gardens_point night 50-99": gp_set("night_right", 50, 100),
-            "gardens_point day_left 0-99": gp_set("day_left", 0, 100),
+    sets = {"validation: gardens_point night 0-49": gardens_point_queries(data, "night_right", 0, 50),
+            "gardens_point night 50-99": gardens_point_queries(data, "night_right", 50, 100),
+            "gardens_point day_left 0-99": gardens_point_queries(data, "day_left", 0, 100),
             "nordland winter 2000-2099 (64x32)": open_dataset(nl / "summer", nl / "winter", aligned_tolerance=1,
                                                               frames=(2000, 2100))}
     if args.limit:
