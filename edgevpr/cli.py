@@ -231,6 +231,9 @@ def _index_table(root, manifest: dict, sessions: list[dict], shape: dict) -> str
              f"  sequences    normalised by {shape['normalisation']} (route coherence {shape['coherence']:.2f}; "
              "chosen by the map)",
              f"  images       {_where_images(manifest)}"]
+    for kind, rec in manifest.get("local_features", {}).items():
+        lines.append(f"  verification {kind} features of {rec.get('images')} images kept "
+                     f"({rec.get('bytes', 0) / 2**20:.1f} MB; --verify-with reads them)")
     for key, label in (("calibration", "single frames"), ("sequence_calibration", "sequences")):
         c = manifest.get(key)
         if isinstance(c, dict) and c.get("kind") == "logistic":

@@ -112,6 +112,8 @@ def test_learned_verification_fixes_a_night_query_the_model_ranks_wrong_and_read
     assert main(["index", "features", "--index", str(root), "--with", "aliked", "--quiet", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["images"] == 24 and out["kind"] == "aliked-n16@640/1024" and out["provenance"]["matcher"]["sha256"]
+    assert main(["index", "info", str(root)]) == 0
+    assert "verification aliked-n16@640/1024 features of 24 images kept" in capsys.readouterr().out
     stored = Localizer(root, verify=10, verify_with="aliked")
     extractor = stored.verifier.local.__self__  # the LearnedLocal whose extract() the verifier calls
     b = stored.answer(stored.embed([photo]), 3, None, [photo])[0]
