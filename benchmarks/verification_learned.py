@@ -316,7 +316,8 @@ def write_report(res: dict) -> None:
                          f"{t['query_features'] + t['match_k10'] + t['fit_k10']:.0f} | {db:.0f} | " +
                          " / ".join(f"{adaptive_ms(out, t, name):.0f}" for name in ADAPTIVE_SETS) + " |")
     if "disk" not in res["methods"]:
-        lines += ["", "DISK + LightGlue: not in this file yet. A run over the same sets did not finish within a working "
+        lines += ["", "DISK + LightGlue: not in this file yet. A run over the same sets did not finish within a "
+                  "working "
                   "session on this shared 2-core machine: DISK took 1.5 s per 640 px image and LightGlue 0.5-1.0 s "
                   "per pair at 1024 keypoints in a first measurement (`--methods disk --keep` adds it)."]
     write_text(ROOT / "benchmarks" / "results" / "verification_learned.md", "\n".join(lines) + "\n")
