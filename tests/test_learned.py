@@ -185,3 +185,18 @@ def test_the_early_stop_matches_candidates_in_order_until_one_is_certain(gp_part
     assert early.timing["pairs"] == sum(stops) < full.timing["pairs"] == 30  # it did skip work
     with pytest.raises(ValueError, match="early stop at 20 inliers needs weight"):
         Verifier(k=10, weight=0.5, certain=20)
+
+
+def test_a_stored_feature_row_of_the_wrong_length_is_one_line_naming_it(tmp_path):
+    """The row store's local features are read back by their byte lengths: a row whose lengths no keypoint and
+    descriptor pair makes is refused in one line, not reshaped into garbage."""
+    from edgevpr.deploy.index.store import _connect, get_local, put_local
+
+    con = _connect(tmp_path / "places.sqlite")
+    con.execute("INSERT INTO images (id, path, descriptor) VALUES (0, 'a.jpg', x'00')")
+    put_local(con, "k", "a.jpg", np.ones((3, 2)), np.ones((3, 4)), (64, 32))
+    xy, desc, size = get_local(con, "k", 0)
+    assert xy.shape == (3, 2) and desc.shape == (3, 4) and size == (64, 32)
+    con.execute("UPDATE local_features SET descriptors = x'0000000000'")
+    with pytest.raises(ValueError, match=r"places\.sqlite: local features of image 0 \(k\) have 24 keypoint bytes"):
+        get_local(con, "k", 0)

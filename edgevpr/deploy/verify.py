@@ -124,7 +124,7 @@ def matches(a: Features, b: Features, ratio: float = RATIO,
             matcher: Callable[[Features, Features], tuple[np.ndarray, np.ndarray]] | None = None,
             ) -> tuple[np.ndarray, np.ndarray]:
     """Two images' features -> matched indices (into a [M], into b [M]): mutual nearest neighbours passing the ratio
-    test, or ``matcher``'s (a learned matcher: ``learned.LearnedLocal.match``). None when either has < 8."""
+    test, or ``matcher``'s (a learned matcher: ``learned.LearnedLocal.match``). Empty when either has < 8."""
     if len(a.desc) < 8 or len(b.desc) < 8:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return mutual_matches(a.desc, b.desc, ratio) if matcher is None else matcher(a, b)

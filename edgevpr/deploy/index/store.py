@@ -678,9 +678,12 @@ def get_local(con: sqlite3.Connection, kind: str, image_id: int) -> tuple | None
     if row is None:
         return None
     w, h, xy, desc = row
-    xy = np.frombuffer(xy, np.float32).reshape(-1, 2)
-    n = max(1, len(xy))
-    desc = np.frombuffer(desc, np.float16).reshape(len(xy), len(desc) // 2 // n).astype(np.float32)
+    n = len(xy) // 8
+    if len(xy) % 8 or len(desc) % 2 or (n and len(desc) % (2 * n)) or (not n and desc):
+        raise ValueError(f"{DB_FILE}: local features of image {image_id} ({kind}) have {len(xy)} keypoint bytes and "
+                         f"{len(desc)} descriptor bytes, which no [N, 2] float32 + [N, C] float16 pair makes")
+    xy = np.frombuffer(xy, np.float32).reshape(n, 2)
+    desc = np.frombuffer(desc, np.float16).reshape(n, len(desc) // 2 // max(1, n)).astype(np.float32)
     return xy, desc, (None if w is None else (int(w), int(h)))
 
 
